@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine, as root:
+#   bash deploy/setup.sh demo    install, then run the main job (ipsecstack demo)
+#   bash deploy/setup.sh test    install everything the tests need, then lint, type-check and test
+# Idempotent: a second run reuses the virtualenv in .venv and skips installed packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${IPSECSTACK_VENV:-$ROOT/.venv}
+what=${1:-}
+shift || true
+
+log() { printf '\n== %s\n' "$*"; }
+
+apt_install() {
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: need root to apt-get install ${missing[*]}" >&2
+        return 1
+    fi
+    log "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+
+ensure_venv() {
+    local py=${PYTHON:-python3}
+    if ! command -v "$py" >/dev/null || ! python_ok "$py"; then
+        apt_install python3 python3-venv python3-dev
+        py=python3
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtualenv $VENV"
+        "$py" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; "$py" -m venv "$VENV"; }
+    fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+}
+
+install_pkg() {
+    local extras=$1
+    log "pip install -e .[$extras]"
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+}
+
+case "$what" in
+demo)
+    ensure_venv
+    install_pkg ""
+    log "ipsecstack demo $*"
+    exec "$VENV/bin/ipsecstack" demo "$@"
+    ;;
+test)
+    apt_install gcc
+    ensure_venv
+    install_pkg "test"
+    log "ruff"
+    "$VENV/bin/ruff" check ipsecstack backends tests bench
+    "$VENV/bin/ruff" format --check ipsecstack backends tests bench
+    log "mypy --strict ipsecstack"
+    "$VENV/bin/mypy"
+    log "pytest"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+*)
+    echo "usage: bash deploy/setup.sh demo|test [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,5 @@
+import sys
+
+from ipsecstack.cli import main
+
+sys.exit(main())

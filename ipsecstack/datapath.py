@@ -1,0 +1,273 @@
+"""The sans-IO datapath: SPD + SAD + transforms over batches of packets.
+
+Theory of operation
+-------------------
+``outbound(packets, now)`` takes plaintext IP packets from the inner side. For each, the selector
+fields are read (``wire.ip.flow_of``) and the SPD-O is consulted (first match, flow-cached):
+BYPASS sends it on unchanged, DISCARD drops it, PROTECT finds the outbound SA through the policy's
+template and applies ESP/AH. A PROTECT policy with no SA yet produces one :class:`Acquire` for the
+key manager (like xfrm's acquire) and drops the packet (``no_sa``); further packets for that
+policy are dropped without a new acquire until ``acquire_timeout`` passes or an SA is installed.
+
+``inbound(packets, now)`` takes IP packets from the outer side. ESP (protocol 50), AH (51) and
+ESP-in-UDP (UDP to an encapsulation port, RFC 3948) are looked up in the SAD by SPI and unprotected;
+IKE messages on the encapsulation port (non-ESP marker) are handed back in ``to_ike``; NAT keepalives
+are dropped silently. After decapsulation the packet must match the SA's selectors or, when the SA
+has none, the SPD-I policy that covers it must be a PROTECT policy bound to that SA (RFC 4301 §5.2).
+Plaintext that matches an SPD-I PROTECT policy is dropped (``policy_requires_protection``).
+
+Nothing raises out of a batch call: each rejected packet is a ``(reason, packet)`` entry in
+``dropped`` and a count in ``drops`` (and in the SA's ``drops`` when the SA is known). Lifetime
+events (soft: rekey; hard: the SA was removed) come back in ``events``. Time passes only through
+``now``; ``handle_timer(now)`` fires time-based lifetimes and ``get_timer()`` says when it is next due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from ipsecstack.errors import Dropped, Reason
+from ipsecstack.sa import SAEvent, SecurityAssociation
+from ipsecstack.sad import SAD
+from ipsecstack.spd import SPD, Action, Policy
+from ipsecstack.wire import ip
+from ipsecstack.wire.udp_encap import ENCAP_PORT, KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER_LEN, classify
+from ipsecstack.xform import ah as ah_xform
+from ipsecstack.xform import esp as esp_xform
+from ipsecstack.xform import mode, protect
+
+Flow = tuple[int, int, int, int, int, int]
+DEFAULT_ACQUIRE_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """A packet matched a PROTECT policy that has no SA: the key manager should negotiate one."""
+
+    policy: Policy
+    flow: Flow
+    packet: bytes
+
+
+class IkeDatagram(NamedTuple):
+    """An IKE message that arrived on the encapsulation port (non-ESP marker stripped)."""
+
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    message: bytes
+
+
+class Result:
+    """What one batch call produced."""
+
+    __slots__ = ("acquires", "dropped", "events", "to_ike", "to_inner", "to_network")
+
+    def __init__(self) -> None:
+        self.to_network: list[bytes] = []
+        self.to_inner: list[bytes] = []
+        self.to_ike: list[IkeDatagram] = []
+        self.dropped: list[tuple[str, bytes]] = []
+        self.acquires: list[Acquire] = []
+        self.events: list[SAEvent] = []
+
+
+class Datapath:
+    def __init__(
+        self,
+        spd: SPD | None = None,
+        *,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        encap_ports: Iterable[int] = (ENCAP_PORT,),
+    ) -> None:
+        self.spd = spd if spd is not None else SPD()
+        self.sad = SAD()
+        self.acquire_timeout = acquire_timeout
+        self.encap_ports = frozenset(encap_ports)
+        self.drops: dict[str, int] = {}
+        self.out_packets = 0
+        self.in_packets = 0
+        self._acquiring: dict[Policy, float] = {}
+
+    # --- SA management ---------------------------------------------------------------------------
+
+    def install(self, sa: SecurityAssociation, now: float) -> None:
+        """Add an SA to the SAD; its time lifetimes count from ``now``."""
+        self.sad.add(sa)
+        if sa.added_at is None:
+            sa.added_at = now
+        if sa.direction == "out" and self._acquiring:
+            for pol in list(self._acquiring):
+                t = pol.template
+                if t is not None and (t.spi == sa.spi or (t.reqid is not None and t.reqid == sa.reqid)):
+                    del self._acquiring[pol]
+
+    def remove(self, sa: SecurityAssociation) -> None:
+        self.sad.remove(sa)
+
+    def handle_timer(self, now: float) -> list[SAEvent]:
+        """Fire time-based lifetimes due at ``now``; hard-expired SAs are removed."""
+        events: list[SAEvent] = []
+        for sa in self.sad:
+            sa.check_time(now)
+            if sa.pending:
+                events.extend(self._take_events(sa))
+        for pol, until in list(self._acquiring.items()):
+            if until <= now:
+                del self._acquiring[pol]
+        return events
+
+    def get_timer(self) -> float | None:
+        """The next time ``handle_timer`` has work, or ``None``."""
+        best: float | None = None
+        for sa in self.sad:
+            for t in sa.deadlines():
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
+
+    def _take_events(self, sa: SecurityAssociation) -> list[SAEvent]:
+        events = sa.take_events()
+        if sa.dead:
+            self.sad.remove(sa)
+        return events
+
+    def _drop(self, res: Result, reason: str, pkt: bytes, sa: SecurityAssociation | None = None) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        res.dropped.append((reason, pkt))
+        if sa is not None:
+            sa.drops[reason] = sa.drops.get(reason, 0) + 1
+
+    # --- outbound --------------------------------------------------------------------------------
+
+    def outbound(self, packets: Sequence[bytes], now: float) -> Result:
+        res = Result()
+        lookup = self.spd.lookup
+        lookup_sa = self.sad.lookup_outbound
+        to_network = res.to_network
+        for pkt in packets:
+            sa = None
+            try:
+                flow = ip.flow_of(pkt)
+                pol = lookup("out", flow)
+                if pol is None:
+                    raise Dropped(Reason.NO_POLICY)
+                action = pol.action
+                if action is Action.PROTECT:
+                    assert pol.template is not None
+                    sa = lookup_sa(pol.template)
+                    if sa is None:
+                        self._acquire(res, pol, flow, pkt, now)
+                        continue
+                    to_network.append(protect(sa, pkt))
+                    if sa.pending:
+                        res.events.extend(self._take_events(sa))
+                elif action is Action.BYPASS:
+                    to_network.append(pkt)
+                else:
+                    raise Dropped(Reason.POLICY_DISCARD)
+            except Dropped as e:
+                self._drop(res, e.reason, pkt, sa)
+                if sa is not None and sa.pending:
+                    res.events.extend(self._take_events(sa))
+        self.out_packets += len(packets)
+        return res
+
+    def _acquire(self, res: Result, pol: Policy, flow: Flow, pkt: bytes, now: float) -> None:
+        until = self._acquiring.get(pol)
+        if until is None or now >= until:
+            self._acquiring[pol] = now + self.acquire_timeout
+            res.acquires.append(Acquire(pol, flow, pkt))
+        self._drop(res, Reason.NO_SA, pkt)
+
+    # --- inbound ---------------------------------------------------------------------------------
+
+    def inbound(self, packets: Sequence[bytes], now: float) -> Result:
+        res = Result()
+        lookup_sa = self.sad.lookup_inbound
+        to_inner = res.to_inner
+        for pkt in packets:
+            sa = None
+            try:
+                version, off, nh_field, end = mode.parse_outer(pkt)
+                proto = pkt[nh_field]
+                dst = pkt[16:20] if version == 4 else pkt[24:40]
+                if proto == ip.PROTO_ESP:
+                    if end - off < 8:
+                        raise Dropped(Reason.TRUNCATED, "ESP header")
+                    sa = lookup_sa(int.from_bytes(pkt[off : off + 4], "big"), ip.PROTO_ESP, dst)
+                    if sa is None:
+                        raise Dropped(Reason.UNKNOWN_SPI)
+                    inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, False)
+                elif (
+                    proto == ip.PROTO_UDP
+                    and end - off >= UDP_HEADER_LEN
+                    and ((pkt[off + 2] << 8) | pkt[off + 3]) in self.encap_ports
+                ):
+                    body = pkt[off + UDP_HEADER_LEN : end]
+                    kind = classify(body)
+                    if kind == KIND_ESP:
+                        sa = lookup_sa(int.from_bytes(body[:4], "big"), ip.PROTO_ESP, dst)
+                        if sa is None:
+                            raise Dropped(Reason.UNKNOWN_SPI)
+                        inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, True)
+                    elif kind == KIND_IKE:
+                        src = pkt[12:16] if version == 4 else pkt[8:24]
+                        sport = (pkt[off] << 8) | pkt[off + 1]
+                        dport = (pkt[off + 2] << 8) | pkt[off + 3]
+                        res.to_ike.append(IkeDatagram(src, dst, sport, dport, body[4:]))
+                        continue
+                    elif kind == KIND_KEEPALIVE:
+                        raise Dropped(Reason.NAT_KEEPALIVE)
+                    else:
+                        raise Dropped(Reason.TRUNCATED, "ESP-in-UDP payload")
+                elif proto == ip.PROTO_AH:
+                    if end - off < 12:
+                        raise Dropped(Reason.TRUNCATED, "AH header")
+                    sa = lookup_sa(int.from_bytes(pkt[off + 4 : off + 8], "big"), ip.PROTO_AH, dst)
+                    if sa is None:
+                        raise Dropped(Reason.UNKNOWN_SPI)
+                    inner = ah_xform.unprotect(sa, pkt)
+                else:
+                    self._plaintext_in(res, pkt)
+                    continue
+                if not sa.selectors:
+                    self._check_inbound_policy(sa, inner)
+                to_inner.append(inner)
+                if sa.pending:
+                    res.events.extend(self._take_events(sa))
+            except Dropped as e:
+                self._drop(res, e.reason, pkt, sa)
+                if sa is not None and sa.pending:
+                    res.events.extend(self._take_events(sa))
+        self.in_packets += len(packets)
+        return res
+
+    def _plaintext_in(self, res: Result, pkt: bytes) -> None:
+        """Unprotected traffic from the outer side: allowed only where SPD-I says BYPASS."""
+        pol = self.spd.lookup("in", ip.flow_of(pkt))
+        if pol is None:
+            raise Dropped(Reason.NO_POLICY)
+        if pol.action is Action.BYPASS:
+            res.to_inner.append(pkt)
+        elif pol.action is Action.PROTECT:
+            raise Dropped(Reason.POLICY_REQUIRES_PROTECTION)
+        else:
+            raise Dropped(Reason.POLICY_DISCARD)
+
+    def _check_inbound_policy(self, sa: SecurityAssociation, inner: bytes) -> None:
+        """RFC 4301 §5.2: the decapsulated packet must be one this SA may carry."""
+        pol = self.spd.lookup("in", ip.flow_of(inner))
+        if pol is None:
+            return  # an SA without selectors and no SPD-I entry: the SA's selectors are "any"
+        t = pol.template
+        if (
+            pol.action is not Action.PROTECT
+            or t is None
+            or t.protocol != sa.protocol
+            or not (t.spi == sa.spi or (t.reqid is not None and t.reqid == sa.reqid))
+        ):
+            raise Dropped(Reason.POLICY_MISMATCH, f"SPD-I entry {pol.name or pol.selector} does not allow {sa!r}")

@@ -1,0 +1,68 @@
+"""Errors and drop reasons shared by the whole core.
+
+A packet the datapath refuses is never an exception escaping to the caller of a batch call: it is a
+``(reason, packet)`` entry in the batch result and a counter. The single-packet API (``protect`` /
+``unprotect``) raises :class:`Dropped` carrying the same reason, so scripts can tell why.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Reason:
+    """Drop reasons. Stable strings: they are metric labels and log fields."""
+
+    # parsing
+    TRUNCATED: Final = "truncated"
+    MALFORMED: Final = "malformed"
+    BAD_IP_VERSION: Final = "bad_ip_version"
+    FRAGMENT: Final = "fragment"
+    # SA lookup / state
+    UNKNOWN_SPI: Final = "unknown_spi"
+    SA_EXPIRED: Final = "sa_expired"
+    SEQ_EXHAUSTED: Final = "seq_exhausted"
+    ENCAP_MISMATCH: Final = "encap_mismatch"
+    # anti-replay (RFC 4303 §3.4.3, RFC 4302 §3.4.3)
+    REPLAY: Final = "replay"
+    TOO_OLD: Final = "too_old"
+    # integrity / decryption
+    BAD_ICV: Final = "bad_icv"
+    BAD_PADDING: Final = "bad_padding"
+    BAD_LENGTH: Final = "bad_length"
+    BAD_NEXT_HEADER: Final = "bad_next_header"
+    # RFC 4303 §2.6: dummy packets are discarded silently (counted, never logged)
+    DUMMY: Final = "dummy"
+    # RFC 3948 §2.2: NAT-keepalive, discarded silently
+    NAT_KEEPALIVE: Final = "nat_keepalive"
+    # policy (RFC 4301 §5)
+    POLICY_DISCARD: Final = "policy_discard"
+    POLICY_MISMATCH: Final = "policy_mismatch"
+    POLICY_REQUIRES_PROTECTION: Final = "policy_requires_protection"
+    NO_POLICY: Final = "no_policy"
+    NO_SA: Final = "no_sa"
+    ECN_DROP: Final = "ecn_drop"
+
+
+#: Reasons that are normal protocol behaviour, counted but never logged as anomalies.
+SILENT_REASONS: Final = frozenset({Reason.DUMMY, Reason.NAT_KEEPALIVE})
+
+
+class Dropped(Exception):
+    """A packet was rejected; ``reason`` is one of :class:`Reason`'s strings."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class ConfigError(ValueError):
+    """Bad configuration. The message names the field, the value and the fix."""
+
+    def __init__(self, field: str, value: object, fix: str) -> None:
+        super().__init__(f"{field} = {value!r}: {fix}")
+        self.field = field
+        self.value = value
+        self.fix = fix

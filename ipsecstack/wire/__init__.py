@@ -1,0 +1,1 @@
+"""Stateless wire codecs: one module per format. Nothing here keeps state between calls."""

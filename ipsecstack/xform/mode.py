@@ -1,0 +1,178 @@
+"""Transport- and tunnel-mode header rules shared by ESP and AH.
+
+Tunnel mode (RFC 4301 §5.1.2): the outer header is built fresh from the SA's endpoints; TTL/hop
+limit is the SA's (default 64); DSCP is copied from the inner header unless disabled; ECN follows
+RFC 6040 (normal mode copies the inner ECN field, compatibility mode sends Not-ECT; decapsulation
+applies the §4.2 table); DF is copied from an inner IPv4 header, set for inner IPv6, or forced
+(RFC 4301 §8.1). The outer IPv4 Identification is taken from the sequence number (atomic datagrams,
+RFC 6864). Transport mode keeps the original header and only rewrites protocol/next header, length
+and checksum.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ipsecstack.errors import Dropped, Reason
+from ipsecstack.sa import SecurityAssociation
+from ipsecstack.wire import ip
+from ipsecstack.wire.udp_encap import UDP_HEADER_LEN
+from ipsecstack.wire.udp_encap import build_header as build_udp_header
+
+_H = struct.Struct("!H")
+
+
+def outer_header(sa: SecurityAssociation, inner: bytes, payload_len: int, proto: int, seq: int) -> bytes:
+    """The tunnel-mode outer IP header for an inner packet and ``payload_len`` bytes after it."""
+    tc = ip.traffic_class(inner)
+    tos = (tc & 0xFC if sa.copy_dscp else 0) | (tc & 0x03 if sa.ecn == "normal" else 0)
+    assert sa.outer_src is not None and sa.outer_dst is not None
+    if sa.outer_version == 4:
+        if sa.df == "copy":
+            df = bool(inner[6] & 0x40) if inner[0] >> 4 == 4 else True
+        else:
+            df = sa.df == "set"
+        return ip.build_ipv4(tos, 20 + payload_len, seq, df, sa.ttl, proto, sa.outer_src, sa.outer_dst)
+    return ip.build_ipv6(tos, 0, payload_len, proto, sa.ttl, sa.outer_src, sa.outer_dst)
+
+
+def udp_encap_header(sa: SecurityAssociation, esp_len: int, src: bytes, dst: bytes, esp: bytes) -> bytes:
+    """UDP header for ESP-in-UDP (RFC 3948 §2.1): zero checksum over IPv4, a real one over IPv6."""
+    assert sa.udp_encap is not None
+    sport, dport = sa.udp_encap
+    if len(src) == 4:
+        return build_udp_header(sport, dport, esp_len)
+    hdr = build_udp_header(sport, dport, esp_len)
+    length = UDP_HEADER_LEN + esp_len
+    csum = ip.internet_checksum(hdr + esp, ip.pseudo_header_sum(6, src, dst, ip.PROTO_UDP, length))
+    return build_udp_header(sport, dport, esp_len, csum or 0xFFFF)
+
+
+def ecn_decapsulate(outer_tc: int, inner: bytes) -> bytes:
+    """Apply RFC 6040 §4.2 to the inner packet given the outer header's DS byte."""
+    o = outer_tc & 3
+    if o == 0:
+        return inner
+    tc = ip.traffic_class(inner)
+    i = tc & 3
+    if i == 0:
+        if o == 3:
+            raise Dropped(Reason.ECN_DROP, "outer CE on a Not-ECT inner packet (RFC 6040 §4.2)")
+        return inner
+    if o == 3 and i != 3:
+        new = 3
+    elif o == 1 and i == 2:
+        new = 1
+    else:
+        return inner
+    out = bytearray(inner)
+    ip.set_traffic_class(out, (tc & 0xFC) | new)
+    return bytes(out)
+
+
+def parse_outer(pkt: bytes) -> tuple[int, int, int, int]:
+    """Locate the IPsec payload of a received packet.
+
+    Returns ``(version, insert_off, nh_field, end)``: the IPsec (or UDP) header starts at
+    ``insert_off``, ``pkt[nh_field]`` is the protocol byte that names it, and ``end`` is the end of
+    the datagram per the IP header (link-layer padding beyond it is ignored). Fragments are dropped:
+    IPsec processes reassembled datagrams (RFC 4303 §3.4.1).
+    """
+    n = len(pkt)
+    if n < 20:
+        raise Dropped(Reason.TRUNCATED, "IP header")
+    version = pkt[0] >> 4
+    if version == 4:
+        ihl = (pkt[0] & 0x0F) * 4
+        end = (pkt[2] << 8) | pkt[3]
+        if ihl < 20 or end < ihl or end > n:
+            raise Dropped(Reason.MALFORMED, "IPv4 header lengths")
+        if ip.ipv4_is_fragment(pkt):
+            raise Dropped(Reason.FRAGMENT, "IPsec needs the reassembled datagram")
+        return 4, ihl, 9, end
+    if version == 6:
+        if n < 40:
+            raise Dropped(Reason.TRUNCATED, "IPv6 header")
+        end = 40 + ((pkt[4] << 8) | pkt[5])
+        if end > n:
+            raise Dropped(Reason.MALFORMED, "IPv6 payload length")
+        off, nh_field = ip.ipv6_transport_split(pkt[:end])
+        if _has_fragment_header(pkt, off):
+            raise Dropped(Reason.FRAGMENT, "IPsec needs the reassembled datagram")
+        return 6, off, nh_field, end
+    raise Dropped(Reason.BAD_IP_VERSION, str(version))
+
+
+def _has_fragment_header(pkt: bytes, stop: int) -> bool:
+    nh = pkt[6]
+    off = 40
+    while off < stop:
+        if nh == ip.PROTO_FRAGMENT:
+            return True
+        ext = 8 if nh == ip.PROTO_FRAGMENT else (pkt[off + 1] + 1) * 8
+        nh = pkt[off]
+        off += ext
+    return False
+
+
+def transport_header(pkt: bytes, version: int, off: int, nh_field: int, payload_len: int, proto: int) -> bytes:
+    """The first ``off`` bytes of ``pkt`` with the protocol byte at ``nh_field`` set to ``proto`` and
+    the length fields fixed for ``payload_len`` bytes following them."""
+    hdr = bytearray(pkt[:off])
+    if version == 4:
+        ip.fix_ipv4_header(hdr, off + payload_len, proto)
+    else:
+        hdr[nh_field] = proto
+        _H.pack_into(hdr, 4, off - 40 + payload_len)
+    return bytes(hdr)
+
+
+def fix_l4_checksum(pkt: bytearray, version: int, off: int, proto: int) -> None:
+    """Recompute a TCP/UDP checksum after NAT-T transport-mode decapsulation (RFC 3948 §3.1.2).
+
+    A NAT between the peers rewrote the outer addresses the upper-layer checksum was computed over;
+    the receiver recomputes it over the addresses the packet now carries.
+    """
+    if proto == ip.PROTO_TCP:
+        cks_off = off + 16
+    elif proto == ip.PROTO_UDP:
+        cks_off = off + 6
+        if version == 4 and len(pkt) >= off + 8 and pkt[cks_off] == 0 and pkt[cks_off + 1] == 0:
+            return  # IPv4 UDP without checksum stays without one
+    else:
+        return
+    if len(pkt) < cks_off + 2:
+        return
+    src, dst = (pkt[12:16], pkt[16:20]) if version == 4 else (pkt[8:24], pkt[24:40])
+    pkt[cks_off] = pkt[cks_off + 1] = 0
+    seg = pkt[off:]
+    csum = ip.internet_checksum(seg, ip.pseudo_header_sum(version, bytes(src), bytes(dst), proto, len(seg)))
+    if proto == ip.PROTO_UDP and csum == 0:
+        csum = 0xFFFF
+    _H.pack_into(pkt, cks_off, csum)
+
+
+def tunnel_inner(payload: bytes, nh: int) -> bytes:
+    """The inner packet of a tunnel-mode payload, with TFC padding (RFC 4303 §2.4) trimmed."""
+    if nh == ip.PROTO_IPIP:
+        want = 4
+    elif nh == ip.PROTO_IPV6:
+        want = 6
+    else:
+        raise Dropped(Reason.BAD_NEXT_HEADER, f"{nh} in tunnel mode")
+    minimum = 20 if want == 4 else 40
+    if len(payload) < minimum or payload[0] >> 4 != want:
+        raise Dropped(Reason.MALFORMED, "inner header does not match next header")
+    length = ip.packet_length(payload)
+    if length > len(payload) or length < minimum:
+        raise Dropped(Reason.BAD_LENGTH, "inner length field")
+    return payload if length == len(payload) else payload[:length]
+
+
+def check_selectors(sa: SecurityAssociation, inner: bytes) -> None:
+    """RFC 4301 §5.2 step 4: a packet that arrived through an SA must match the SA's selectors."""
+    flow = ip.flow_of(inner)
+    for sel in sa.selectors:
+        if sel.matches(flow):
+            return
+    raise Dropped(Reason.POLICY_MISMATCH, "inner packet outside the SA's traffic selectors")
