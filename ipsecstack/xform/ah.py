@@ -93,7 +93,7 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
         version = sa.outer_version
         payload = pkt
     else:
-        version, off, nh_field, end = mode.parse_outer(pkt)
+        version, off, nh_field, end = mode.parse_outer(pkt, inbound=False)
         payload = pkt[off:end]
         seq = sa.next_seq()
         ah = build_header(pkt[nh_field], sa.spi, seq & _M32, icv_field_len(ctx.icv_len, version == 6))

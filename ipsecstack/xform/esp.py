@@ -42,7 +42,7 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
             # RFC 4303 §2.4: random-length TFC padding after the inner packet, inside the encryption.
             payload = pkt + bytes(int.from_bytes(sa.rng(2), "big") % (sa.tfc_padding + 1))
     else:
-        version, off, nh_field, end = mode.parse_outer(pkt)
+        version, off, nh_field, end = mode.parse_outer(pkt, inbound=False)
         nh = pkt[nh_field]
         payload = pkt[off:end]
     seq = sa.next_seq()

@@ -70,13 +70,16 @@ def ecn_decapsulate(outer_tc: int, inner: bytes) -> bytes:
     return bytes(out)
 
 
-def parse_outer(pkt: bytes) -> tuple[int, int, int, int]:
-    """Locate the IPsec payload of a received packet.
+def parse_outer(pkt: bytes, inbound: bool = True) -> tuple[int, int, int, int]:
+    """Locate the IPsec payload of a packet.
 
-    Returns ``(version, insert_off, nh_field, end)``: the IPsec (or UDP) header starts at
-    ``insert_off``, ``pkt[nh_field]`` is the protocol byte that names it, and ``end`` is the end of
-    the datagram per the IP header (link-layer padding beyond it is ignored). Fragments are dropped:
-    IPsec processes reassembled datagrams (RFC 4303 §3.4.1).
+    Returns ``(version, off, nh_field, end)``: the IPsec (or UDP) header starts (inbound) or is to be
+    inserted (outbound transport mode) at ``off``, ``pkt[nh_field]`` is the protocol byte naming it,
+    and ``end`` is the end of the datagram per the IP header (link-layer padding beyond it is
+    ignored). Over IPv6, a received ESP/AH header may follow destination options (RFC 4303 §3.1.1),
+    so inbound parsing walks every extension header; outbound insertion goes after hop-by-hop,
+    routing and fragment headers. Fragments are dropped: IPsec processes whole datagrams
+    (RFC 4303 §3.4.1; transport mode applies to whole datagrams only, §3.3.4).
     """
     n = len(pkt)
     if n < 20:
@@ -96,23 +99,40 @@ def parse_outer(pkt: bytes) -> tuple[int, int, int, int]:
         end = 40 + ((pkt[4] << 8) | pkt[5])
         if end > n:
             raise Dropped(Reason.MALFORMED, "IPv6 payload length")
-        off, nh_field = ip.ipv6_transport_split(pkt[:end])
-        if _has_fragment_header(pkt, off):
+        if inbound:
+            off, nh_field, frag = _ipv6_walk(pkt, end)
+        else:
+            off, nh_field = ip.ipv6_transport_split(pkt[:end])
+            frag = _ipv6_walk(pkt, off)[2]
+        if frag:
             raise Dropped(Reason.FRAGMENT, "IPsec needs the reassembled datagram")
         return 6, off, nh_field, end
     raise Dropped(Reason.BAD_IP_VERSION, str(version))
 
 
-def _has_fragment_header(pkt: bytes, stop: int) -> bool:
+_V6_EXT = (ip.PROTO_HOPOPTS, ip.PROTO_ROUTING, ip.PROTO_FRAGMENT, ip.PROTO_DSTOPTS)
+
+
+def _ipv6_walk(pkt: bytes, stop: int) -> tuple[int, int, bool]:
+    """Walk IPv6 extension headers up to ``stop``: ``(upper_off, nh_field, saw_fragment_header)``."""
+    nh_field = 6
     nh = pkt[6]
     off = 40
-    while off < stop:
+    frag = False
+    while nh in _V6_EXT and off < stop:
+        if off + 8 > stop:
+            raise Dropped(Reason.TRUNCATED, "IPv6 extension header")
         if nh == ip.PROTO_FRAGMENT:
-            return True
-        ext = 8 if nh == ip.PROTO_FRAGMENT else (pkt[off + 1] + 1) * 8
+            frag = True
+            ext = 8
+        else:
+            ext = (pkt[off + 1] + 1) * 8
+        nh_field = off
         nh = pkt[off]
         off += ext
-    return False
+    if off > stop:
+        raise Dropped(Reason.TRUNCATED, "IPv6 extension header")
+    return off, nh_field, frag
 
 
 def transport_header(pkt: bytes, version: int, off: int, nh_field: int, payload_len: int, proto: int) -> bytes:
