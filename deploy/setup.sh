@@ -44,7 +44,8 @@ ensure_venv() {
 install_pkg() {
     local extras=$1
     log "pip install -e .[$extras]"
-    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    # -qq: quiet, but errors still print
+    "$VENV/bin/python" -m pip install -qq -e ".[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
 case "$what" in
@@ -59,8 +60,10 @@ test)
     ensure_venv
     install_pkg "test"
     log "ruff"
-    "$VENV/bin/ruff" check ipsecstack backends tests bench
-    "$VENV/bin/ruff" format --check ipsecstack backends tests bench
+    lint_dirs=()
+    for d in ipsecstack backends tests bench; do [ -d "$d" ] && lint_dirs+=("$d"); done
+    "$VENV/bin/ruff" check "${lint_dirs[@]}"
+    "$VENV/bin/ruff" format --check "${lint_dirs[@]}"
     log "mypy --strict ipsecstack"
     "$VENV/bin/mypy"
     log "pytest"
