@@ -16,6 +16,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from ipsecstack import Action, Datapath, Policy, SecurityAssociation, Selector, Template
 from ipsecstack.errors import Reason
@@ -60,13 +61,10 @@ def run(
     if mode == "transport":
         host_a, host_b = gw_a, gw_b
         net_a, net_b = gw_a + "/32", gw_b + "/32"
-    tm = "tunnel" if mode == "tunnel" else "transport"
+    tm: Literal["tunnel", "transport"] = "tunnel" if mode == "tunnel" else "transport"
 
-    def sa(spi: int, key: bytes, src: str, dst: str, direction: str) -> SecurityAssociation:
-        return SecurityAssociation(
-            spi, "esp", tm, transform, key, tunnel_src=src, tunnel_dst=dst,
-            direction=direction,  # type: ignore[arg-type]
-        )  # fmt: skip
+    def sa(spi: int, key: bytes, src: str, dst: str, direction: Literal["in", "out"]) -> SecurityAssociation:
+        return SecurityAssociation(spi, "esp", tm, transform, key, tunnel_src=src, tunnel_dst=dst, direction=direction)
 
     a = Datapath()
     b = Datapath()
