@@ -81,8 +81,6 @@ class SecurityAssociation:
     """One direction of an IPsec SA. See the module docstring for the model."""
 
     __slots__ = (
-        "_next_bytes",
-        "_next_packets",
         "added_at",
         "ah_ctx",
         "bytes",
@@ -90,6 +88,7 @@ class SecurityAssociation:
         "ctx",
         "dead",
         "df",
+        "df_flags",
         "direction",
         "drops",
         "ecn",
@@ -97,7 +96,10 @@ class SecurityAssociation:
         "hard",
         "mode",
         "name",
+        "next_bytes",
+        "next_packets",
         "outer_dst",
+        "outer_proto",
         "outer_src",
         "outer_version",
         "packets",
@@ -110,18 +112,22 @@ class SecurityAssociation:
         "selectors",
         "seq",
         "seq_max",
+        "seq_soft",
         "soft",
         "soft_fired",
         "spi",
         "spi_bytes",
         "suite",
         "tfc_padding",
+        "tos_mask",
         "transform",
         "ttl",
+        "tunnel",
         "tunnel_dst",
         "tunnel_src",
         "udp_encap",
-    )  # fmt: skip
+        "v4_sum_base",
+)  # fmt: skip
 
     def __init__(
         self,
@@ -215,6 +221,20 @@ class SecurityAssociation:
         self.rng = rng
         self.spi_bytes = spi.to_bytes(4, "big")
         self.proto_num = 50 if protocol == "esp" else 51
+        self.tunnel = mode == "tunnel"
+        # Tunnel-mode outer header: protocol, and the checksum contribution of its constant words
+        # (version/IHL, TTL/protocol, addresses) so each packet adds only the variable ones.
+        self.outer_proto = 17 if udp_encap is not None else self.proto_num
+        # RFC 4301 §5.1.2.1 / RFC 6040 §4.1: which bits of the inner DS byte reach the outer header
+        self.tos_mask = (0xFC if copy_dscp else 0) | (0x03 if ecn == "normal" else 0)
+        # RFC 4301 §8.1: -1 = copy DF from the inner IPv4 header (set for inner IPv6)
+        self.df_flags = -1 if df == "copy" else (0x4000 if df == "set" else 0)
+        self.v4_sum_base = 0
+        if self.outer_version == 4 and self.outer_src is not None and self.outer_dst is not None:
+            words = self.outer_src + self.outer_dst
+            self.v4_sum_base = (
+                0x4500 + (ttl << 8 | self.outer_proto) + sum((words[i] << 8) | words[i + 1] for i in range(0, 8, 2))
+            )
         key_bytes = _key(key, suite, self.transform)
         self.ctx: EspContext | None = None
         self.ah_ctx: AhContext | None = None
@@ -225,6 +245,7 @@ class SecurityAssociation:
         # outbound state
         self.seq = 0
         self.seq_max = (1 << 64) - 1 if self.esn else (1 << 32) - 1
+        self.seq_soft = self.seq_max - SEQ_SOFT_MARGIN
         # inbound state
         self.replay = ReplayWindow(replay_window)
         # counters and lifetime state
@@ -263,7 +284,7 @@ class SecurityAssociation:
         if seq > self.seq_max:
             raise Dropped(Reason.SEQ_EXHAUSTED, "rekey: the sequence number would wrap")
         self.seq = seq
-        if seq == self.seq_max - SEQ_SOFT_MARGIN:
+        if seq == self.seq_soft:
             self.expire_soft("seq")
         return seq
 
@@ -294,17 +315,18 @@ class SecurityAssociation:
         soft, hard = self.soft, self.hard
         cand_p = [x for x in (None if self.soft_fired else soft.packets, hard.packets) if x is not None]
         cand_b = [x for x in (None if self.soft_fired else soft.bytes, hard.bytes) if x is not None]
-        self._next_packets = min(cand_p) if cand_p else _INF
-        self._next_bytes = min(cand_b) if cand_b else _INF
+        self.next_packets = min(cand_p) if cand_p else _INF
+        self.next_bytes = min(cand_b) if cand_b else _INF
 
     def charge(self, nbytes: int) -> None:
         """Count one packet of ``nbytes`` and fire byte/packet lifetime events it crosses."""
         self.packets += 1
         self.bytes += nbytes
-        if self.packets >= self._next_packets or self.bytes >= self._next_bytes:
-            self._limits_crossed()
+        if self.packets >= self.next_packets or self.bytes >= self.next_bytes:
+            self.limits_crossed()
 
-    def _limits_crossed(self) -> None:
+    def limits_crossed(self) -> None:
+        """A byte or packet counter reached ``next_bytes``/``next_packets``: fire what is due."""
         hard = self.hard
         if (hard.packets is not None and self.packets >= hard.packets) or (
             hard.bytes is not None and self.bytes >= hard.bytes
@@ -332,7 +354,7 @@ class SecurityAssociation:
         if self.dead:
             return
         self.dead = True
-        self._next_packets = self._next_bytes = _INF
+        self.next_packets = self.next_bytes = _INF
         self.pending.append(SAEvent("hard", self, trigger))
 
     def deadlines(self) -> tuple[float | None, float | None]:

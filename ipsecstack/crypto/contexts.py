@@ -4,10 +4,13 @@ Theory of operation
 -------------------
 A context is built once per SA from its key and exposes two calls:
 
-- ``seal(header, seq, seq_hi, plaintext)`` returns IV || ciphertext || ICV for an ESP packet whose
-  8-byte header (SPI, low sequence number) is ``header``;
-- ``open(header, seq_hi, body)`` takes IV || ciphertext || ICV, checks the ICV and returns the
-  plaintext, or raises :class:`Dropped` with ``bad_icv`` / ``bad_length``.
+- ``seal_packet(prefix, header, seq, seq_hi, plaintext)`` returns prefix || header || IV ||
+  ciphertext || ICV for an ESP packet whose 8-byte header (SPI, low sequence number) is ``header``;
+  the prefix (outer IP and UDP headers) rides along so the packet is assembled with a single copy;
+  ``seal(header, seq, seq_hi, plaintext)`` is the same without prefix and header (IV || ct || ICV);
+- ``open(header, seq_hi, body)`` takes IV || ciphertext || ICV (any bytes-like object, a memoryview
+  avoids a copy), checks the ICV and returns the plaintext, or raises :class:`Dropped` with
+  ``bad_icv`` / ``bad_length`` / ``truncated``.
 
 ``seq_hi`` is the high 32 bits of an extended sequence number as 4 bytes, or ``b""`` without ESN.
 
@@ -38,18 +41,34 @@ from ipsecstack.crypto.registry import AhSuite, EspSuite
 from ipsecstack.entropy import Rng
 from ipsecstack.errors import Dropped, Reason
 
+Buffer = bytes | bytearray | memoryview
+
 
 class EspContext(Protocol):
     iv_len: int
     icv_len: int
     block: int
 
+    def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes: ...
+
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes: ...
 
-    def open(self, header: bytes, seq_hi: bytes, body: bytes) -> bytes: ...
+    def open(self, header: bytes, seq_hi: bytes, body: Buffer) -> bytes: ...
 
 
-class AeadContext:
+class _SealMixin:
+    """``seal`` in terms of ``seal_packet`` (the datapath uses the latter)."""
+
+    __slots__ = ()
+
+    def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        raise NotImplementedError  # pragma: no cover - every context defines it
+
+    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        return self.seal_packet(b"", header, seq, seq_hi, plaintext)[len(header) :]
+
+
+class AeadContext(_SealMixin):
     __slots__ = ("_aead", "_salt", "block", "icv_len", "iv_len")
 
     def __init__(self, aead: AESGCM | ChaCha20Poly1305, salt: bytes) -> None:
@@ -59,12 +78,12 @@ class AeadContext:
         self.icv_len = 16
         self.block = 4
 
-    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+    def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         iv = seq.to_bytes(8, "big")
         aad = header[:4] + seq_hi + header[4:] if seq_hi else header
-        return iv + self._aead.encrypt(self._salt + iv, plaintext, aad)
+        return b"".join((prefix, header, iv, self._aead.encrypt(self._salt + iv, plaintext, aad)))
 
-    def open(self, header: bytes, seq_hi: bytes, body: bytes) -> bytes:
+    def open(self, header: bytes, seq_hi: bytes, body: Buffer) -> bytes:
         if len(body) < 8 + 16 + 2:
             raise Dropped(Reason.TRUNCATED, "ESP payload shorter than IV + tag")
         aad = header[:4] + seq_hi + header[4:] if seq_hi else header
@@ -74,14 +93,14 @@ class AeadContext:
             raise Dropped(Reason.BAD_ICV) from None
 
 
-class _HmacIcv:
+class _HmacIcv(_SealMixin):
     """The ESP ICV of encrypt-then-MAC suites: HMAC over header || body (|| ESN high bits)."""
 
     __slots__ = ("_mac", "icv_len")
     _mac: hmac.HMAC
     icv_len: int
 
-    def _icv(self, header: bytes, body: bytes, seq_hi: bytes) -> bytes:
+    def _icv(self, header: bytes, body: Buffer, seq_hi: bytes) -> bytes:
         h = self._mac.copy()
         h.update(header)
         h.update(body)
@@ -103,11 +122,11 @@ class CbcHmacContext(_HmacIcv):
         self.icv_len = icv_len
         self.block = 16
 
-    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+    def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         out = self._enc.update(self._rng(16) + plaintext)
-        return out + self._icv(header, out, seq_hi)
+        return b"".join((prefix, header, out, self._icv(header, out, seq_hi)))
 
-    def open(self, header: bytes, seq_hi: bytes, body: bytes) -> bytes:
+    def open(self, header: bytes, seq_hi: bytes, body: Buffer) -> bytes:
         icv_len = self.icv_len
         n = len(body) - icv_len
         if n < 32:
@@ -131,17 +150,17 @@ class NullHmacContext(_HmacIcv):
         self.icv_len = icv_len
         self.block = 4
 
-    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
-        return plaintext + self._icv(header, plaintext, seq_hi)
+    def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        return b"".join((prefix, header, plaintext, self._icv(header, plaintext, seq_hi)))
 
-    def open(self, header: bytes, seq_hi: bytes, body: bytes) -> bytes:
+    def open(self, header: bytes, seq_hi: bytes, body: Buffer) -> bytes:
         n = len(body) - self.icv_len
         if n < 2:
             raise Dropped(Reason.TRUNCATED, "ESP payload shorter than trailer + ICV")
         data = body[:n]
         if not hmac.compare_digest(self._icv(header, data, seq_hi), body[n:]):
             raise Dropped(Reason.BAD_ICV)
-        return data
+        return bytes(data)
 
 
 def esp_context(suite: EspSuite, key: bytes, rng: Rng) -> EspContext:

@@ -39,6 +39,8 @@ _V4WORDS = struct.Struct("!10H")
 _V6HDR = struct.Struct("!IHBB16s16s")
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
+_II = struct.Struct("!II")
+_QQQQ = struct.Struct("!QQQQ")
 
 
 def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -133,8 +135,7 @@ def flow_of(pkt: bytes | bytearray | memoryview) -> tuple[int, int, int, int, in
         ihl = (pkt[0] & 0x0F) * 4
         if ihl < 20 or n < ihl:
             raise Dropped(Reason.MALFORMED, "IPv4 IHL")
-        src = int.from_bytes(pkt[12:16], "big")
-        dst = int.from_bytes(pkt[16:20], "big")
+        src, dst = _II.unpack_from(pkt, 12)
         proto = pkt[9]
         off = ihl
         if ((pkt[6] << 8) | pkt[7]) & 0x1FFF:
@@ -142,8 +143,9 @@ def flow_of(pkt: bytes | bytearray | memoryview) -> tuple[int, int, int, int, in
     elif version == 6:
         if n < 40:
             raise Dropped(Reason.TRUNCATED, "IPv6 header")
-        src = int.from_bytes(pkt[8:24], "big")
-        dst = int.from_bytes(pkt[24:40], "big")
+        s1, s2, d1, d2 = _QQQQ.unpack_from(pkt, 8)
+        src = (s1 << 64) | s2
+        dst = (d1 << 64) | d2
         proto = pkt[6]
         off = 40
         while proto in _IPV6_EXT:

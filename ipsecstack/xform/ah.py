@@ -89,7 +89,7 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
         seq = sa.next_seq()
         ah = build_header(ip.PROTO_IPIP if v == 4 else ip.PROTO_IPV6, sa.spi, seq & _M32,
                           icv_field_len(ctx.icv_len, sa.outer_version == 6))  # fmt: skip
-        hdr = mode.outer_header(sa, pkt, len(ah) + len(pkt), ip.PROTO_AH, seq)
+        hdr = mode.outer_header(sa, pkt, len(ah) + len(pkt), seq)
         version = sa.outer_version
         payload = pkt
     else:

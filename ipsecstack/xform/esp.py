@@ -17,7 +17,7 @@ from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.wire import ip
 from ipsecstack.wire.esp import PAD
-from ipsecstack.wire.udp_encap import KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER_LEN, classify
+from ipsecstack.wire.udp_encap import KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER, UDP_HEADER_LEN, classify
 from ipsecstack.xform import mode
 
 _M32 = 0xFFFFFFFF
@@ -26,16 +26,18 @@ _M32 = 0xFFFFFFFF
 def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
     ctx = sa.ctx
     assert ctx is not None
-    version = pkt[0] >> 4 if pkt else 0
-    tunnel = sa.mode == "tunnel"
-    if tunnel:
+    n = len(pkt)
+    version = pkt[0] >> 4 if n else 0
+    if sa.tunnel:
         if version == 4:
             nh = ip.PROTO_IPIP
+            ok = n >= 20 and (pkt[2] << 8 | pkt[3]) == n
         elif version == 6:
             nh = ip.PROTO_IPV6
+            ok = n >= 40 and 40 + (pkt[4] << 8 | pkt[5]) == n
         else:
             raise Dropped(Reason.BAD_IP_VERSION, str(version))
-        if len(pkt) < 20 or ip.packet_length(pkt) != len(pkt):
+        if not ok:
             raise Dropped(Reason.MALFORMED, "inner packet length does not match its header")
         payload = pkt
         if sa.tfc_padding:
@@ -45,25 +47,64 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
         version, off, nh_field, end = mode.parse_outer(pkt, inbound=False)
         nh = pkt[nh_field]
         payload = pkt[off:end]
-    seq = sa.next_seq()
+    # RFC 4303 §3.3.3: the counter never wraps (SecurityAssociation.next_seq, inlined: hot path)
+    if sa.dead:
+        raise Dropped(Reason.SA_EXPIRED)
+    seq = sa.seq + 1
+    if seq > sa.seq_max:
+        raise Dropped(Reason.SEQ_EXHAUSTED, "rekey: the sequence number would wrap")
+    sa.seq = seq
+    if seq == sa.seq_soft:
+        sa.expire_soft("seq")
     padlen = (-(len(payload) + 2)) % ctx.block
-    plaintext = payload + PAD[padlen] + bytes((padlen, nh))
+    plaintext = b"".join((payload, PAD[padlen], bytes((padlen, nh))))
     header = sa.spi_bytes + (seq & _M32).to_bytes(4, "big")
-    esp = header + ctx.seal(header, seq, (seq >> 32).to_bytes(4, "big") if sa.esn else b"", plaintext)
-    if sa.udp_encap is not None:
-        src, dst = _outer_addrs(sa, pkt, tunnel, version)
-        esp = mode.udp_encap_header(sa, len(esp), src, dst, esp) + esp
+    seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
+    esp_len = 8 + ctx.iv_len + len(plaintext) + ctx.icv_len
+    encap = sa.udp_encap
+    if encap is not None:
+        src, dst = _outer_addrs(sa, pkt, version)
+        if len(src) == 16:
+            return _protect_udp6(sa, pkt, version, header, seq, seq_hi, plaintext, esp_len, src, dst)
+        after_ip = UDP_HEADER.pack(encap[0], encap[1], UDP_HEADER_LEN + esp_len, 0) if encap else b""
+        ip_payload_len = UDP_HEADER_LEN + esp_len
         proto = ip.PROTO_UDP
     else:
+        after_ip = b""
+        ip_payload_len = esp_len
         proto = ip.PROTO_ESP
+    # byte/packet lifetimes (SecurityAssociation.charge, inlined)
+    sa.packets += 1
+    sa.bytes += n
+    if sa.packets >= sa.next_packets or sa.bytes >= sa.next_bytes:
+        sa.limits_crossed()
+    if sa.tunnel:
+        prefix = mode.outer_header(sa, pkt, ip_payload_len, seq)
+    else:
+        prefix = mode.transport_header(pkt, version, off, nh_field, ip_payload_len, proto)
+    if after_ip:
+        prefix += after_ip
+    return ctx.seal_packet(prefix, header, seq, seq_hi, plaintext)
+
+
+def _protect_udp6(
+    sa: SecurityAssociation, pkt: bytes, version: int, header: bytes, seq: int, seq_hi: bytes,
+    plaintext: bytes, esp_len: int, src: bytes, dst: bytes,
+) -> bytes:  # fmt: skip
+    """ESP-in-UDP over IPv6: the UDP checksum covers the ESP bytes, so it is filled in afterwards."""
+    ctx = sa.ctx
+    assert ctx is not None
+    esp = ctx.seal_packet(b"", header, seq, seq_hi, plaintext)
     sa.charge(len(pkt))
-    if tunnel:
-        return mode.outer_header(sa, pkt, len(esp), proto, seq) + esp
-    return mode.transport_header(pkt, version, off, nh_field, len(esp), proto) + esp
+    udp = mode.udp_encap_header(sa, esp_len, src, dst, esp)
+    if sa.tunnel:
+        return mode.outer_header(sa, pkt, UDP_HEADER_LEN + esp_len, seq) + udp + esp
+    _v, off, nh_field, _end = mode.parse_outer(pkt, inbound=False)
+    return mode.transport_header(pkt, version, off, nh_field, UDP_HEADER_LEN + esp_len, ip.PROTO_UDP) + udp + esp
 
 
-def _outer_addrs(sa: SecurityAssociation, pkt: bytes, tunnel: bool, version: int) -> tuple[bytes, bytes]:
-    if tunnel:
+def _outer_addrs(sa: SecurityAssociation, pkt: bytes, version: int) -> tuple[bytes, bytes]:
+    if sa.tunnel:
         assert sa.outer_src is not None and sa.outer_dst is not None
         return sa.outer_src, sa.outer_dst
     if version == 4:
@@ -106,8 +147,6 @@ def unprotect_located(
     """Unprotect a packet whose ESP header was found by :func:`locate` (the datapath's entry)."""
     ctx = sa.ctx
     assert ctx is not None
-    if sa.dead:
-        raise Dropped(Reason.SA_EXPIRED)
     if udp != (sa.udp_encap is not None):
         raise Dropped(Reason.ENCAP_MISMATCH, "SA is UDP-encapsulated" if sa.udp_encap else "SA is not UDP-encapsulated")
     esp_off = off + UDP_HEADER_LEN if udp else off
@@ -116,9 +155,8 @@ def unprotect_located(
     header = pkt[esp_off : esp_off + 8]
     if header[:4] != sa.spi_bytes:
         raise Dropped(Reason.UNKNOWN_SPI, f"0x{header[:4].hex()}")
-    seq_low = int.from_bytes(header[4:8], "big")
-    seq, seq_hi = sa.inbound_seq(seq_low)
-    plaintext = ctx.open(header, seq_hi, pkt[esp_off + 8 : end])
+    seq, seq_hi = sa.inbound_seq(int.from_bytes(header[4:8], "big"))
+    plaintext = ctx.open(header, seq_hi, memoryview(pkt)[esp_off + 8 : end])
     # RFC 4303 §3.4.3: the window moves only for packets whose ICV verified.
     sa.replay.update(seq)
     n = len(plaintext)
@@ -128,15 +166,34 @@ def unprotect_located(
         raise Dropped(Reason.BAD_PADDING, "pad length exceeds payload")
     if padlen and plaintext[n - 2 - padlen : n - 2] != PAD[padlen]:
         raise Dropped(Reason.BAD_PADDING, "padding bytes are not 1, 2, 3, ... (RFC 4303 §2.4)")
-    payload = plaintext[: n - 2 - padlen]
-    sa.charge(len(payload))
+    plen = n - 2 - padlen
+    sa.packets += 1
+    sa.bytes += plen
+    if sa.packets >= sa.next_packets or sa.bytes >= sa.next_bytes:
+        sa.limits_crossed()
     if nh == ip.PROTO_NONE:
         raise Dropped(Reason.DUMMY)
-    if sa.mode == "tunnel":
-        inner = mode.tunnel_inner(payload, nh)
-        inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
+    if sa.tunnel:
+        # The inner packet's own length trims TFC padding (RFC 4303 §2.4).
+        if nh == ip.PROTO_IPIP and plen >= 20 and plaintext[0] >> 4 == 4:
+            length = (plaintext[2] << 8) | plaintext[3]
+            minimum = 20
+        elif nh == ip.PROTO_IPV6 and plen >= 40 and plaintext[0] >> 4 == 6:
+            length = 40 + ((plaintext[4] << 8) | plaintext[5])
+            minimum = 40
+        else:
+            raise Dropped(
+                Reason.BAD_NEXT_HEADER if nh not in (ip.PROTO_IPIP, ip.PROTO_IPV6) else Reason.MALFORMED,
+                f"next header {nh} / inner header in tunnel mode",
+            )
+        if length > plen or length < minimum:
+            raise Dropped(Reason.BAD_LENGTH, "inner length field")
+        inner = plaintext[:length] if length != n else plaintext
+        if pkt[1] & 3 if version == 4 else pkt[1] & 0x30:
+            inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
     else:
-        inner = mode.transport_header(pkt, version, off, nh_field, len(payload), nh) + payload
+        payload = plaintext[:plen]
+        inner = mode.transport_header(pkt, version, off, nh_field, plen, nh) + payload
         if udp and nh in (ip.PROTO_TCP, ip.PROTO_UDP):
             buf = bytearray(inner)
             mode.fix_l4_checksum(buf, version, off, nh)

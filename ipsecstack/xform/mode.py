@@ -20,20 +20,28 @@ from ipsecstack.wire.udp_encap import UDP_HEADER_LEN
 from ipsecstack.wire.udp_encap import build_header as build_udp_header
 
 _H = struct.Struct("!H")
+_V4HDR = struct.Struct("!BBHHHBBH4s4s")
 
 
-def outer_header(sa: SecurityAssociation, inner: bytes, payload_len: int, proto: int, seq: int) -> bytes:
+def outer_header(sa: SecurityAssociation, inner: bytes, payload_len: int, seq: int) -> bytes:
     """The tunnel-mode outer IP header for an inner packet and ``payload_len`` bytes after it."""
-    tc = ip.traffic_class(inner)
-    tos = (tc & 0xFC if sa.copy_dscp else 0) | (tc & 0x03 if sa.ecn == "normal" else 0)
-    assert sa.outer_src is not None and sa.outer_dst is not None
+    if inner[0] >> 4 == 4:
+        tos = inner[1] & sa.tos_mask
+        flags = (inner[6] & 0x40) << 8 if sa.df_flags < 0 else sa.df_flags
+    else:
+        tos = (((inner[0] & 0x0F) << 4) | (inner[1] >> 4)) & sa.tos_mask
+        flags = 0x4000 if sa.df_flags < 0 else sa.df_flags
     if sa.outer_version == 4:
-        if sa.df == "copy":
-            df = bool(inner[6] & 0x40) if inner[0] >> 4 == 4 else True
-        else:
-            df = sa.df == "set"
-        return ip.build_ipv4(tos, 20 + payload_len, seq, df, sa.ttl, proto, sa.outer_src, sa.outer_dst)
-    return ip.build_ipv6(tos, 0, payload_len, proto, sa.ttl, sa.outer_src, sa.outer_dst)
+        total = 20 + payload_len
+        ident = seq & 0xFFFF
+        # RFC 1071: the constant words were summed once per SA (sa.v4_sum_base)
+        s = sa.v4_sum_base + tos + total + ident + flags
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        return _V4HDR.pack(
+            0x45, tos, total, ident, flags, sa.ttl, sa.outer_proto, ~s & 0xFFFF, sa.outer_src, sa.outer_dst
+        )
+    return ip.build_ipv6(tos, 0, payload_len, sa.outer_proto, sa.ttl, sa.outer_src, sa.outer_dst)  # type: ignore[arg-type]
 
 
 def udp_encap_header(sa: SecurityAssociation, esp_len: int, src: bytes, dst: bytes, esp: bytes) -> bytes:
