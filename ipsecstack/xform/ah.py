@@ -68,6 +68,8 @@ def mutable_zeroed(hdr: bytes, version: int) -> bytearray:
                 if i + 1 >= end:
                     raise Dropped(Reason.MALFORMED, "IPv6 option")
                 olen = z[i + 1]
+                if i + 2 + olen > end:
+                    raise Dropped(Reason.MALFORMED, "IPv6 option runs past its extension header")
                 if t & 0x20:
                     z[i + 2 : i + 2 + olen] = bytes(olen)
                 i += 2 + olen
