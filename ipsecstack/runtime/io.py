@@ -1,0 +1,90 @@
+"""Batched packet I/O protocols that backends implement (DESIGN.md §3).
+
+Two planes, as in wireguard-go: the *inner* plane carries plaintext IP packets (TUN, memory pipes),
+the *outer* plane protected ones (raw IP sockets for ESP/AH, UDP sockets for ESP-in-UDP, memory
+pipes). Both move whole IP packets as ``bytes``: a UDP outer port rebuilds/strips the IP and UDP
+headers so the datapath always sees the same thing.
+
+A port is readiness-driven, never awaited per packet: the runtime calls ``attach(loop, callback)``
+once and the port arranges for ``callback()`` to run when packets may be waiting (for a file
+descriptor, ``loop.add_reader``). The callback drains with ``read_batch(limit)`` (non-blocking, at
+most ``limit`` packets per call; a full batch means "call me again") and answers with
+``write_batch(packets)`` (non-blocking; what the kernel refuses is dropped and counted, never
+queued without bound). ``close()`` detaches and releases what the port created.
+
+NFQUEUE does not fit read/write: each queued packet needs a verdict, so it has its own
+:class:`QueuePort` protocol (read a batch of queued packets, then hand back one verdict each).
+
+Optional capabilities are separate small protocols checked with ``isinstance`` (see
+:class:`SupportsMark`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+
+class BackendError(RuntimeError):
+    """A backend cannot start. The message says what is missing and how to get it."""
+
+
+@runtime_checkable
+class PacketPort(Protocol):
+    name: str
+    mtu: int
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None: ...
+
+    def read_batch(self, limit: int) -> list[bytes]: ...
+
+    def write_batch(self, packets: Sequence[bytes]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class QueuedPacket(Protocol):
+    """One packet held by a verdict-based queue (NFQUEUE)."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+@runtime_checkable
+class QueuePort(Protocol):
+    name: str
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None: ...
+
+    def read_batch(self, limit: int) -> list[QueuedPacket]: ...
+
+    def verdicts(self, packets: Sequence[QueuedPacket], replacements: Sequence[bytes | None]) -> None:
+        """Accept each packet with its replacement payload, or drop it where the replacement is None."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsMark(Protocol):
+    """A port that can set a firewall mark on what it sends (SO_MARK)."""
+
+    def set_mark(self, mark: int) -> None: ...
+
+
+class PortStats:
+    """Counters every port keeps; the node reports them."""
+
+    __slots__ = ("rx_bytes", "rx_errors", "rx_packets", "tx_bytes", "tx_dropped", "tx_packets")
+
+    def __init__(self) -> None:
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.tx_dropped = 0
+        self.rx_errors = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}

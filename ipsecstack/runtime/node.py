@@ -1,0 +1,257 @@
+"""A Node: one Datapath driven by asyncio between an inner and an outer packet port.
+
+Theory of operation
+-------------------
+Two readiness callbacks, one per direction, and no per-packet awaits (DESIGN.md §4). When the inner
+port is readable the node reads up to ``batch_size`` plaintext packets, runs ``Datapath.outbound``
+on the batch with the current time, writes what comes out to the outer port, and hands drops,
+acquires and lifetime events to their handlers. The outer port mirrors this with
+``Datapath.inbound``. A full batch means more may be waiting, so the callback re-schedules itself
+with ``call_soon`` (fairness between the directions) instead of looping without bound.
+
+Exactly one timer is armed, at ``Datapath.get_timer()``; it runs ``handle_timer`` and re-arms.
+Nothing queues between stages: a port that cannot take a packet drops and counts it.
+
+For NFQUEUE (a :class:`QueuePort`), each queued packet gets a verdict: the outbound queue's packets
+are replaced by their protected form, the inbound queue's by the plaintext (transport mode on the
+host's own traffic), and packets the datapath refuses are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from ipsecstack.datapath import Acquire, Datapath, IkeDatagram, Result
+from ipsecstack.runtime.io import PacketPort, QueuePort
+from ipsecstack.runtime.logs import DropReporter
+from ipsecstack.sa import SAEvent
+
+DEFAULT_BATCH = 64
+
+
+class Node:
+    def __init__(
+        self,
+        datapath: Datapath,
+        inner: PacketPort | None = None,
+        outer: PacketPort | None = None,
+        *,
+        queue_out: QueuePort | None = None,
+        queue_in: QueuePort | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "node",
+        log: Any = None,
+    ) -> None:
+        if (inner is None) != (outer is None):
+            raise ValueError("give both an inner and an outer port, or neither")
+        if inner is None and queue_out is None and queue_in is None:
+            raise ValueError("a node needs ports: inner+outer, or NFQUEUE queues")
+        self.datapath = datapath
+        self.inner = inner
+        self.outer = outer
+        self.queue_out = queue_out
+        self.queue_in = queue_in
+        self.batch_size = batch_size
+        self.clock = clock
+        self.name = name
+        self.log = log or structlog.get_logger("ipsecstack").bind(node=name)
+        self.drops = DropReporter(self.log)
+        self.on_event: Callable[[SAEvent], None] | None = None
+        self.on_acquire: Callable[[Acquire], None] | None = None
+        self.on_ike: Callable[[IkeDatagram], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped: asyncio.Event | None = None
+        self._pending: set[str] = set()
+        self.batches = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Attach to the ports and begin processing (call from inside the running loop)."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        if self.inner is not None and self.outer is not None:
+            self.inner.attach(self._loop, self._inner_readable)
+            self.outer.attach(self._loop, self._outer_readable)
+        if self.queue_out is not None:
+            self.queue_out.attach(self._loop, self._queue_out_readable)
+        if self.queue_in is not None:
+            self.queue_in.attach(self._loop, self._queue_in_readable)
+        self._arm_timer()
+        self.log.info("node started", batch=self.batch_size)
+
+    def stop(self) -> None:
+        """Detach and close every port; idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for port in (self.inner, self.outer, self.queue_out, self.queue_in):
+            if port is not None:
+                with contextlib.suppress(Exception):
+                    port.close()
+        if self._stopped is not None and not self._stopped.is_set():
+            self._stopped.set()
+            self.log.info("node stopped", **self.counters())
+
+    async def run_until_signal(self) -> None:
+        """Start, then run until SIGINT/SIGTERM (or ``stop()``), then clean up."""
+        self.start()
+        loop = self._loop
+        assert loop is not None and self._stopped is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._stopped.wait()
+        finally:
+            self.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    # --- the two directions ----------------------------------------------------------------------
+
+    def _again(self, key: str, fn: Callable[[], None]) -> None:
+        if key not in self._pending and self._loop is not None:
+            self._pending.add(key)
+
+            def run() -> None:
+                self._pending.discard(key)
+                fn()
+
+            self._loop.call_soon(run)
+
+    def _inner_readable(self) -> None:
+        assert self.inner is not None and self.outer is not None
+        pkts = self.inner.read_batch(self.batch_size)
+        if not pkts:
+            return
+        res = self.datapath.outbound(pkts, self.clock())
+        if res.to_network:
+            self.outer.write_batch(res.to_network)
+        self._after(res, "out")
+        if len(pkts) >= self.batch_size:
+            self._again("inner", self._inner_readable)
+
+    def _outer_readable(self) -> None:
+        assert self.inner is not None and self.outer is not None
+        pkts = self.outer.read_batch(self.batch_size)
+        if not pkts:
+            return
+        res = self.datapath.inbound(pkts, self.clock())
+        if res.to_inner:
+            self.inner.write_batch(res.to_inner)
+        self._after(res, "in")
+        if len(pkts) >= self.batch_size:
+            self._again("outer", self._outer_readable)
+
+    def _queue_out_readable(self) -> None:
+        assert self.queue_out is not None
+        self._queue_round(self.queue_out, "out")
+
+    def _queue_in_readable(self) -> None:
+        assert self.queue_in is not None
+        self._queue_round(self.queue_in, "in")
+
+    def _queue_round(self, port: QueuePort, direction: str) -> None:
+        held = port.read_batch(self.batch_size)
+        if not held:
+            return
+        now = self.clock()
+        replacements: list[bytes | None] = []
+        results: list[Result] = []
+        # one packet at a time: each queued packet needs its own verdict
+        for qp in held:
+            res = (self.datapath.outbound if direction == "out" else self.datapath.inbound)([qp.payload], now)
+            out = res.to_network if direction == "out" else res.to_inner
+            replacements.append(out[0] if out else None)
+            results.append(res)
+        port.verdicts(held, replacements)
+        for res in results:
+            self._after(res, direction)
+        if len(held) >= self.batch_size:
+            self._again("q" + direction, lambda: self._queue_round(port, direction))
+
+    def _after(self, res: Result, direction: str) -> None:
+        self.batches += 1
+        if res.dropped:
+            self.drops.report(direction, res.dropped)
+        if res.events:
+            for ev in res.events:
+                self._event(ev)
+            self._arm_timer()
+        if res.acquires and self.on_acquire is not None:
+            for acq in res.acquires:
+                self.on_acquire(acq)
+        if res.to_ike and self.on_ike is not None:
+            for dgram in res.to_ike:
+                self.on_ike(dgram)
+
+    def _event(self, ev: SAEvent) -> None:
+        self.log.info("sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}", sa=ev.sa.name)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    # --- timer -----------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.datapath.get_timer()
+        if when is not None:
+            delay = max(0.0, when - self.clock())
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        for ev in self.datapath.handle_timer(self.clock()):
+            self._event(ev)
+        self._arm_timer()
+
+    def notify_sas_changed(self) -> None:
+        """Call after installing or removing SAs so the lifetime timer is re-armed."""
+        self._arm_timer()
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        dp = self.datapath
+        out: dict[str, Any] = {
+            "out_packets": dp.out_packets,
+            "in_packets": dp.in_packets,
+            "drops": dict(dp.drops),
+            "sas": len(dp.sad),
+        }
+        for label, port in (("inner", self.inner), ("outer", self.outer)):
+            stats = getattr(port, "stats", None)
+            if stats is not None:
+                out[label] = stats.as_dict()
+        return out
+
+    def sa_counters(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": sa.name,
+                "spi": f"0x{sa.spi:08x}",
+                "direction": sa.direction,
+                "protocol": sa.protocol,
+                "mode": sa.mode,
+                "transform": sa.transform,
+                "packets": sa.packets,
+                "bytes": sa.bytes,
+                "drops": dict(sa.drops),
+            }
+            for sa in self.datapath.sad
+        ]
