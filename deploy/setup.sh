@@ -56,9 +56,11 @@ demo)
     exec "$VENV/bin/ipsecstack" demo "$@"
     ;;
 test)
-    apt_install gcc
+    # kernel-facing tests: namespaces, firewall, captures, throughput; NFQUEUE bindings build from source
+    apt_install gcc python3-dev iproute2 iptables iputils-ping tcpdump tshark iperf3 \
+        libnetfilter-queue-dev libnfnetlink-dev
     ensure_venv
-    install_pkg "test"
+    install_pkg "test,nfqueue"
     log "ruff"
     lint_dirs=()
     for d in ipsecstack backends tests bench; do [ -d "$d" ] && lint_dirs+=("$d"); done

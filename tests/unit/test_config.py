@@ -124,3 +124,14 @@ def test_units() -> None:
     assert sel.proto == 17 and sel.dport == (1000, 2000)
     with pytest.raises(ConfigError):
         parse_ts("dynamic", "x")
+
+
+def test_shipped_examples_are_valid() -> None:
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[2] / "deploy" / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        cfg = parse(path.read_text(), read_file=lambda p: "ab" * 36, env={"IPSECSTACK_KEY_IN": "ab" * 20,
+                                                                          "IPSECSTACK_KEY_OUT": "cd" * 20})  # fmt: skip
+        assert cfg.manual, path
