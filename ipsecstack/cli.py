@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from ipsecstack import __version__
+from ipsecstack.config import Config, parse
 from ipsecstack.crypto.registry import ENCR, INTEG
+from ipsecstack.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,20 +24,73 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
         c.add_argument("--packets", type=int, default=200, help="packets each way (default 200)")
     sub.add_parser("transforms", help="list the ESP/AH transforms this build supports")
+    for name, text in (
+        ("run", "run the daemon in the foreground with the given configuration (SIGINT/SIGTERM stop it)"),
+        ("check", "validate a configuration file and exit (0: valid, 2: invalid)"),
+    ):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
     return p
+
+
+def _load(path: str) -> Config:
+    import os
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    return parse(text, read_file=lambda p: Path(p).read_text(), env=os.environ)
+
+
+def _run(cfg: Config) -> int:
+    import structlog
+
+    from ipsecstack.runtime import logs
+    from ipsecstack.runtime.agent import build_node
+    from ipsecstack.runtime.io import BackendError
+    from ipsecstack.runtime.loop import loop_name, run
+
+    logs.configure(cfg.agent.log_format, cfg.agent.log_level)
+    log = structlog.get_logger("ipsecstack")
+
+    async def main() -> None:
+        node = build_node(cfg, log=log)
+        log.info(
+            "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
+            connections=[c.name for c in cfg.manual],
+        )  # fmt: skip
+        await node.run_until_signal()
+
+    try:
+        run(main())
+    except BackendError as e:
+        print(f"ipsecstack: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("selfcheck", "demo"):
         from ipsecstack import selfcheck
-        from ipsecstack.errors import ConfigError
 
         try:
             return selfcheck.run(args.proposal, args.mode, count=max(2, args.packets))
         except ConfigError as e:
             print(f"ipsecstack: {e}", file=sys.stderr)
             return 2
+    if args.command in ("run", "check"):
+        try:
+            cfg = _load(args.config)
+        except OSError as e:
+            print(f"ipsecstack: cannot read {args.config}: {e.strerror}", file=sys.stderr)
+            return 2
+        except ConfigError as e:
+            print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
+            return 2
+        if args.command == "check":
+            print(f"{args.config}: ok ({len(cfg.manual)} manual connection(s))")
+            return 0
+        return _run(cfg)
     if args.command == "transforms":
         print("ESP encryption: " + ", ".join(ENCR))
         print("ESP/AH integrity: " + ", ".join(INTEG))

@@ -1,0 +1,295 @@
+"""The outer plane on a UDP socket: ESP-in-UDP (RFC 3948), IPv4 or IPv6 by the local address.
+
+Theory of operation
+-------------------
+The datapath reads and writes whole IP packets (outer IP header, UDP header, ESP); the kernel's
+UDP socket takes and gives only the payload. This port converts between the two.
+
+Receiving: ``recvmsg`` on a socket bound to ``(local_addr, port)``, with ancillary data switched on
+for the header fields the payload lost: the local destination address (``IP_PKTINFO`` /
+``IPV6_PKTINFO``, right even for a wildcard bind), the TOS / traffic class (its ECN bits matter to
+RFC 6040 decapsulation) and the TTL / hop limit. From these and the sender's address the port
+rebuilds ``IP header + UDP header + payload``: an IPv4 header with a valid header checksum, or a
+40-byte IPv6 header, and a UDP header whose destination port is the bound port. The UDP checksum
+is left zero: the kernel has verified the real one already and neither ``Datapath.inbound`` nor
+``xform.esp`` reads the field (zero is also what RFC 3948 §2.1 sends over IPv4). NAT keepalives
+(one 0xFF byte) and IKE messages (non-ESP marker) pass through the same way; the datapath sorts them.
+
+Sending: each packet from the datapath is parsed just enough to find the destination address
+(outer IP header) and destination port (UDP header); the bytes after the UDP header go out with
+``sendto``. A non-zero TOS / traffic class is carried over per packet with an ``IP_TOS`` /
+``IPV6_TCLASS`` control message, so DSCP and ECN survive encapsulation. The source address and
+port are the socket's (the SA's encapsulation source port is expected to be the bound port).
+Whatever the kernel refuses (``EAGAIN``, ``ENOBUFS``, no route, ...) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Sequence
+
+from ipsecstack.errors import Dropped
+from ipsecstack.runtime.io import BackendError, PortStats
+from ipsecstack.wire.ip import PROTO_UDP, build_ipv4, build_ipv6
+from ipsecstack.wire.udp_encap import NAT_KEEPALIVE, UDP_HEADER, UDP_HEADER_LEN
+from ipsecstack.xform.mode import parse_outer
+
+RECV_SIZE = 65535
+SOCKBUF = 4 << 20
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux values; not every Python names them
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_INT = struct.Struct("@i")
+_ANC = socket.CMSG_SPACE(20) + 2 * socket.CMSG_SPACE(4)
+_ADDR_CACHE_MAX = 4096
+
+
+class UdpEncapPort:
+    """A UDP socket for ESP-in-UDP as a :class:`~ipsecstack.runtime.io.PacketPort` (the outer plane)."""
+
+    def __init__(self, local_addr: str, port: int = 4500, *, mtu: int = 1500) -> None:
+        try:
+            addr = ipaddress.ip_address(local_addr)
+        except ValueError:
+            raise BackendError(f"udp backend: local address {local_addr!r} is not an IP address") from None
+        if not 0 <= port <= 0xFFFF:
+            raise BackendError(f"udp backend: port {port} is not a UDP port (0..65535)")
+        self.version = addr.version
+        self.af = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        self.local_addr = str(addr)
+        self.mtu = mtu
+        self.stats = PortStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._dst_cache: dict[tuple[bytes, int], tuple[str, int]] = {}
+        self._src_cache: dict[str, bytes] = {}
+        try:
+            self._sock = socket.socket(self.af, socket.SOCK_DGRAM)
+        except OSError as e:
+            raise BackendError(f"cannot open a UDP/IPv{self.version} socket: {e.strerror}") from None
+        s = self._sock
+        try:
+            s.setblocking(False)
+            if self.version == 4:
+                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+                s.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                for opt in (socket.IPV6_RECVPKTINFO, socket.IPV6_RECVTCLASS, socket.IPV6_RECVHOPLIMIT):
+                    s.setsockopt(socket.IPPROTO_IPV6, opt, 1)
+            for opt, fallback in (
+                (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+            ):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, SOCKBUF)
+                except OSError:  # not CAP_NET_ADMIN: the ordinary option, capped by net.core.*mem_max
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, fallback, SOCKBUF)
+            self._bind(s, self.local_addr, port)
+        except BaseException:
+            s.close()
+            raise
+        self.port = int(s.getsockname()[1])
+        self.name = (
+            f"udp:[{self.local_addr}]:{self.port}" if self.version == 6 else f"udp:{self.local_addr}:{self.port}"
+        )
+        self._local_bytes = addr.packed
+
+    @staticmethod
+    def _bind(s: socket.socket, host: str, port: int) -> None:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise BackendError(
+                    f"cannot bind UDP {where}: that address is not on this machine; check local_addrs (ip addr show)"
+                ) from None
+            if e.errno == errno.EADDRINUSE:
+                raise BackendError(
+                    f"cannot bind UDP {where}: the port is in use (another IKE daemon such as charon, "
+                    "or another ipsecstack?); stop it or set agent.encap_port"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise BackendError(f"cannot bind UDP {where}: permission denied; ports below 1024 need root") from None
+            raise BackendError(f"cannot bind UDP {where}: {e.strerror}") from None
+
+    # --- extras -----------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def set_mark(self, mark: int) -> None:
+        """Firewall mark on everything sent (SO_MARK)."""
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as e:
+            raise BackendError(f"cannot set SO_MARK {mark}: {e.strerror} (needs CAP_NET_ADMIN)") from None
+
+    def send_keepalive(self, addr: str, port: int = 4500) -> bool:
+        """Send one NAT-keepalive (a single 0xFF byte, RFC 3948 §2.3); False if the kernel refused it."""
+        if self._closed:
+            return False
+        try:
+            self._sock.sendto(NAT_KEEPALIVE, (addr, port))
+        except OSError:
+            self.stats.tx_dropped += 1
+            return False
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += 1
+        return True
+
+    # --- PacketPort -------------------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+        if self._closed:
+            raise BackendError(f"{self.name} is closed")
+        self._loop = loop
+        loop.add_reader(self._sock.fileno(), on_readable)
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        out: list[bytes] = []
+        if self._closed:
+            return out
+        recvmsg = self._sock.recvmsg
+        v4 = self.version == 4
+        af = self.af
+        dport = self.port
+        default_dst = self._local_bytes
+        src_cache = self._src_cache
+        nbytes = 0
+        while len(out) < limit:
+            try:
+                data, anc, flags, addr = recvmsg(RECV_SIZE, _ANC)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:  # e.g. ECONNREFUSED reported from an earlier ICMP error: keep going
+                self.stats.rx_errors += 1
+                continue
+            if flags & socket.MSG_TRUNC:
+                self.stats.rx_errors += 1
+                continue
+            dst = default_dst
+            tos = 0
+            ttl = 64
+            for level, kind, value in anc:
+                if v4:
+                    if level != socket.IPPROTO_IP:
+                        continue
+                    if kind == IP_PKTINFO:
+                        dst = value[8:12]  # struct in_pktinfo: ifindex, spec_dst, addr (header destination)
+                    elif kind == socket.IP_TOS:
+                        tos = value[0]
+                    elif kind == socket.IP_TTL:
+                        ttl = _INT.unpack_from(value)[0] & 0xFF
+                else:
+                    if level != socket.IPPROTO_IPV6:
+                        continue
+                    if kind == socket.IPV6_PKTINFO:
+                        dst = value[:16]  # struct in6_pktinfo: addr, ifindex
+                    elif kind == socket.IPV6_TCLASS:
+                        tos = _INT.unpack_from(value)[0] & 0xFF
+                    elif kind == socket.IPV6_HOPLIMIT:
+                        ttl = _INT.unpack_from(value)[0] & 0xFF
+            host = addr[0]
+            src = src_cache.get(host)
+            if src is None:
+                src = socket.inet_pton(af, host.split("%", 1)[0])
+                if len(src_cache) >= _ADDR_CACHE_MAX:
+                    src_cache.clear()
+                src_cache[host] = src
+            n = len(data)
+            udp = UDP_HEADER.pack(addr[1], dport, UDP_HEADER_LEN + n, 0)
+            if v4:
+                hdr = build_ipv4(tos, 20 + UDP_HEADER_LEN + n, 0, False, ttl, PROTO_UDP, src, dst)
+            else:
+                hdr = build_ipv6(tos, 0, UDP_HEADER_LEN + n, PROTO_UDP, ttl, src, dst)
+            out.append(b"".join((hdr, udp, data)))
+            nbytes += n
+        self.stats.rx_packets += len(out)
+        self.stats.rx_bytes += nbytes
+        return out
+
+    def write_batch(self, packets: Sequence[bytes]) -> int:
+        stats = self.stats
+        if self._closed:
+            stats.tx_dropped += len(packets)
+            return 0
+        sock = self._sock
+        sendto = sock.sendto
+        cache = self._dst_cache
+        v4 = self.version == 4
+        af = self.af
+        sent = 0
+        nbytes = 0
+        for pkt in packets:
+            try:
+                n = len(pkt)
+                if v4:
+                    if n < 28 or pkt[0] >> 4 != 4 or pkt[9] != PROTO_UDP:
+                        raise ValueError
+                    off = (pkt[0] & 0x0F) * 4
+                    end = (pkt[2] << 8) | pkt[3]
+                    dst = pkt[16:20]
+                else:
+                    if n < 48 or pkt[0] >> 4 != 6:
+                        raise ValueError
+                    if pkt[6] == PROTO_UDP:
+                        off = 40
+                        end = 40 + ((pkt[4] << 8) | pkt[5])
+                    else:  # extension headers before UDP (transport mode may keep them)
+                        _v, off, nh_field, end = parse_outer(pkt)
+                        if pkt[nh_field] != PROTO_UDP:
+                            raise ValueError
+                    dst = pkt[24:40]
+                if end > n or end < off + UDP_HEADER_LEN:
+                    raise ValueError
+                key = (dst, (pkt[off + 2] << 8) | pkt[off + 3])
+                sa = cache.get(key)
+                if sa is None:
+                    sa = (socket.inet_ntop(af, dst), key[1])
+                    if len(cache) >= _ADDR_CACHE_MAX:
+                        cache.clear()
+                    cache[key] = sa
+                payload = memoryview(pkt)[off + UDP_HEADER_LEN : end]
+                tos = pkt[1] if v4 else ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
+                if tos:
+                    if v4:
+                        sock.sendmsg((payload,), ((socket.IPPROTO_IP, socket.IP_TOS, _INT.pack(tos)),), 0, sa)
+                    else:
+                        sock.sendmsg((payload,), ((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT.pack(tos)),), 0, sa)
+                else:
+                    sendto(payload, sa)
+            except (OSError, ValueError, IndexError, Dropped):  # refused by the kernel or not ESP-in-UDP: drop
+                stats.tx_dropped += 1
+                continue
+            sent += 1
+            nbytes += end - off - UDP_HEADER_LEN
+        stats.tx_packets += sent
+        stats.tx_bytes += nbytes
+        return sent
+
+    def close(self) -> None:
+        """Remove the reader and close the socket; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        return f"UdpEncapPort({self.local_addr!r}, {self.port})"
