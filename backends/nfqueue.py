@@ -1,0 +1,624 @@
+"""Transport mode on the host's own traffic through NFQUEUE (DESIGN.md §3: inner and outer plane in one).
+
+Theory of operation
+-------------------
+The kernel keeps routing and sending the host's packets; netfilter hands the ones the SPD protects
+to this process and takes back a replacement:
+
+- **outbound queue** (``agent.nfqueue_out``, filter ``OUTPUT`` -> chain ``IPSECSTACK-OUT``): plaintext
+  packets matching an SPD-O PROTECT selector are queued; the node runs ``Datapath.outbound`` and the
+  packet is accepted with its protected form (ESP/AH, transport mode) as the new payload.
+- **inbound queue** (``agent.nfqueue_in``, filter ``INPUT`` -> chain ``IPSECSTACK-IN``): ESP (protocol
+  50), AH (51) and, where a connection uses encapsulation, UDP to the encapsulation port, from the
+  peer to the local address, are queued and replaced by the plaintext ``Datapath.inbound`` returns;
+  what the datapath refuses is dropped. Plaintext that matches an SPD-I PROTECT selector but arrived
+  unprotected is queued too, after those rules: the datapath drops and counts it (RFC 4301 §5.2).
+
+The rules are generated from the SPD in policy order (BYPASS -> ``RETURN``, DISCARD -> ``DROP``,
+PROTECT -> ``NFQUEUE``), behind rules that return ESP/AH (and our ESP-in-UDP) at the top of
+``IPSECSTACK-OUT`` so protected packets are never queued twice, and ICMPv6 neighbour discovery for
+IPv6 so the link keeps working. A queued packet that is accepted continues at the next netfilter hook,
+not at the next rule: firewall rules after ours in ``OUTPUT``/``INPUT`` of the filter table do not see
+it. Chains are created complete and only then jumped to (inserted first in ``OUTPUT``/``INPUT``); on
+``close()`` exactly those jumps and chains are removed. Chains found already present at start are the
+leftovers of a run that did not stop cleanly (``kill -9``, a crash): they are logged and removed
+before the new rules are installed. The queues are bound *before* that, so a second agent on the same
+queue numbers fails with a clear error instead of tearing down the rules of a running one.
+Limitation: a selector with ports does not match non-first IPv4/IPv6 fragments in iptables, so such
+fragments of unprotected plaintext are not refused in the kernel (selectors without ports, the
+transport-mode default, match every fragment).
+
+Fail closed
+-----------
+By default the NFQUEUE rules have no ``--queue-bypass``: while the rules are in place and no process
+listens on the queue (agent crashed, killed, hung with a full queue), protected traffic is *dropped*,
+never sent in clear. ``queue_bypass = true`` in ``[agent]`` adds ``--queue-bypass`` (fail open: with no
+listener the kernel lets the plaintext through, both ways), for hosts where availability beats
+confidentiality.
+A clean stop (SIGTERM) first unbinds the queues (in-flight packets are dropped), then removes the
+rules: from then on the host sends what it sends with no IPsec policy at all, as after
+``ip xfrm policy flush``; a peer that still runs drops that plaintext (its inbound queue rule).
+
+Batching
+--------
+``attach`` registers the queue's netlink socket with ``loop.add_reader``. ``read_batch(limit)`` reads
+the socket without blocking until it is empty or ``limit`` packets are held (NetfilterQueue >= 1.0
+lets a packet outlive its callback: we copy the payload and keep the ``Packet`` for its verdict);
+``verdicts`` then sets each verdict after the datapath ran. Every held packet gets a verdict: one
+without a replacement is dropped. Per-packet problems are counted, never raised.
+
+MTU
+---
+The kernel sizes the host's packets for the link; the replacement is bigger by the SA's overhead and a
+packet that no longer fits the path MTU (DF set) is lost silently. With ``mss_clamp = true`` (the
+default) a ``TCPMSS --set-mss`` rule in the mangle table (chain ``IPSECSTACK-MSS`` from ``OUTPUT``)
+clamps the MSS of TCP SYNs (ours and our SYN-ACKs) to the protected peers to
+``link MTU - IP header - 20 - worst-case SA overhead``, so both ends send segments whose protected form
+fits. NetfilterQueue does not ask for GSO packets (``NFQA_CFG_F_GSO``), so the kernel segments before
+queueing and each queued packet is one wire-sized packet. NetfilterQueue copies at most 4016 bytes of a
+packet: longer ones (jumbo frames) are dropped and counted, and the clamp never allows more. Non-TCP
+datagrams within the overhead of the MTU are not covered (IPv4 without DF gets fragmented by the kernel
+after the replacement). A lower-MTU route is no substitute: its MTU applies to the replaced packet too
+(checked: with a 1400-byte route MTU to the peer and no clamp, a TCP transfer stalls all the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+
+from ipsecstack.config import Config
+from ipsecstack.datapath import Datapath
+from ipsecstack.runtime.io import BackendError, PortStats, QueuedPacket
+from ipsecstack.spd import Action, Policy, Selector
+
+CHAIN_OUT = "IPSECSTACK-OUT"
+CHAIN_IN = "IPSECSTACK-IN"
+CHAIN_MSS = "IPSECSTACK-MSS"
+# (table, our chain, the built-in chain that jumps to it)
+CHAINS: tuple[tuple[str, str, str], ...] = (
+    ("filter", CHAIN_OUT, "OUTPUT"),
+    ("filter", CHAIN_IN, "INPUT"),
+    ("mangle", CHAIN_MSS, "OUTPUT"),
+)
+TOOLS = {4: "iptables", 6: "ip6tables"}
+QUEUE_MAXLEN = 4096
+MAX_COPY = 4096 - 80  # NetfilterQueue's copy range: its 4 KiB receive buffer less the netlink metadata
+IPTABLES_TIMEOUT = 20.0
+MAX_JUMP_DELETES = 64
+DEFAULT_LINK_MTU = 1500
+TCP_HEADER = 20
+_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 51: "ah", 58: "icmpv6", 132: "sctp"}
+_PORT_PROTOS = (6, 17, 132)
+_ND_TYPES = ("router-solicitation", "router-advertisement", "neighbour-solicitation", "neighbour-advertisement")
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=IPTABLES_TIMEOUT, check=False)
+
+
+# --- rule planning (pure: no system access) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``-A chain ...`` rule for one address family."""
+
+    family: int
+    table: str
+    chain: str
+    args: tuple[str, ...]
+
+
+def _families(sel: Selector) -> tuple[int, ...]:
+    net = sel.src or sel.dst
+    return (net.version,) if net is not None else (4, 6)
+
+
+def _proto_arg(proto: int, family: int) -> list[str]:
+    if proto == 51 and family == 6:
+        return ["-m", "ah"]  # ip6tables' -p skips AH as an extension header; the ah match finds it
+    if proto in (1, 58) and (proto == 58) != (family == 6):
+        raise BackendError(f"protocol {proto} in an IPv{family} selector cannot be expressed for {TOOLS[family]}")
+    return ["-p", _PROTO_NAMES.get(proto, str(proto))]
+
+
+def _ports_arg(opt: str, ports: tuple[int, int] | None) -> list[str]:
+    if ports is None:
+        return []
+    lo, hi = ports
+    return [opt, str(lo) if lo == hi else f"{lo}:{hi}"]
+
+
+def selector_matches(sel: Selector, family: int) -> list[list[str]]:
+    """iptables match arguments for a selector (several rules when ports come without a protocol)."""
+    base: list[str] = []
+    if sel.src is not None:
+        base += ["-s", str(sel.src)]
+    if sel.dst is not None:
+        base += ["-d", str(sel.dst)]
+    has_ports = sel.sport is not None or sel.dport is not None
+    if sel.proto is None:
+        if not has_ports:
+            return [base]
+        protos: tuple[int, ...] = _PORT_PROTOS
+    else:
+        protos = (sel.proto,)
+    out: list[list[str]] = []
+    for proto in protos:
+        args = base + _proto_arg(proto, family)
+        if has_ports:
+            if proto in (1, 58):
+                # xfrm convention: for ICMP the "ports" are type (sport) and code (dport)
+                t, c = sel.sport, sel.dport
+                if t is None or t[0] != t[1] or (c is not None and c[0] != c[1]):
+                    raise BackendError(f"selector {sel}: ICMP type/code ranges cannot be expressed in iptables")
+                kind = "--icmpv6-type" if family == 6 else "--icmp-type"
+                args += [kind, str(t[0]) if c is None else f"{t[0]}/{c[0]}"]
+            elif proto in _PORT_PROTOS:
+                args += _ports_arg("--sport", sel.sport) + _ports_arg("--dport", sel.dport)
+            else:
+                raise BackendError(f"selector {sel}: ports are only supported for tcp, udp, sctp and icmp")
+        out.append(args)
+    return out
+
+
+def _queue_target(num: int, bypass: bool) -> list[str]:
+    return ["-j", "NFQUEUE", "--queue-num", str(num), *(["--queue-bypass"] if bypass else [])]
+
+
+def plan_rules(
+    policies_out: Sequence[Policy],
+    policies_in: Sequence[Policy],
+    *,
+    queue_out: int,
+    queue_in: int,
+    bypass: bool = False,
+    encap_ports: Iterable[int] = (),
+    mss: Callable[[Policy, int], int | None] | None = None,
+) -> list[Rule]:
+    """All rules for these SPD lists, in order. ``mss(policy, family)`` gives the clamp value (None: none)."""
+    encap = sorted(set(encap_ports))
+    families = sorted({f for p in [*policies_out, *policies_in] for f in _families(p.selector)})
+    rules: list[Rule] = []
+    for fam in families:
+
+        def add(table: str, chain: str, *args: str, fam: int = fam) -> None:
+            rules.append(Rule(fam, table, chain, tuple(args)))
+
+        # outbound: never queue what is already protected, nor neighbour discovery
+        add("filter", CHAIN_OUT, "-p", "esp", "-j", "RETURN")
+        add("filter", CHAIN_OUT, *_proto_arg(51, fam), "-j", "RETURN")
+        for port in encap:
+            add("filter", CHAIN_OUT, "-p", "udp", "--sport", str(port), "--dport", str(port), "-j", "RETURN")
+        if fam == 6:
+            for nd in _ND_TYPES:
+                add("filter", CHAIN_OUT, "-p", "icmpv6", "--icmpv6-type", nd, "-j", "RETURN")
+                add("filter", CHAIN_IN, "-p", "icmpv6", "--icmpv6-type", nd, "-j", "RETURN")
+        # inbound: protected packets from the peers to us go to the inbound queue
+        seen: set[tuple[str, ...]] = set()
+        for pol in policies_in:
+            t = pol.template
+            if pol.action is not Action.PROTECT or t is None or fam not in _families(pol.selector):
+                continue
+            if t.tunnel_src is not None and ipaddress.ip_address(t.tunnel_src).version != fam:
+                continue
+            ends = [*(["-s", t.tunnel_src] if t.tunnel_src else []), *(["-d", t.tunnel_dst] if t.tunnel_dst else [])]
+            matches = [_proto_arg(50 if t.protocol == "esp" else 51, fam)]
+            if t.protocol == "esp":
+                matches += [["-p", "udp", "--dport", str(port)] for port in encap]
+            for m in matches:
+                key = (*ends, *m)
+                if key not in seen:
+                    seen.add(key)
+                    add("filter", CHAIN_IN, *ends, *m, *_queue_target(queue_in, bypass))
+        # the SPDs in order
+        for direction, chain, pols in (("out", CHAIN_OUT, policies_out), ("in", CHAIN_IN, policies_in)):
+            for pol in pols:
+                if fam not in _families(pol.selector):
+                    continue
+                if pol.action is Action.BYPASS:
+                    target = ["-j", "RETURN"]
+                elif pol.action is Action.DISCARD:
+                    target = ["-j", "DROP"]
+                else:
+                    # inbound PROTECT: plaintext that should have been protected goes to the datapath, which
+                    # drops and counts it (and with --queue-bypass and no agent, it passes like the rest)
+                    target = _queue_target(queue_out if direction == "out" else queue_in, bypass)
+                for m in selector_matches(pol.selector, fam):
+                    add("filter", chain, *m, *target)
+        # MSS clamp for TCP SYNs we send to protected destinations
+        if mss is not None:
+            for pol in policies_out:
+                sel = pol.selector
+                if pol.action is not Action.PROTECT or fam not in _families(sel) or sel.proto not in (None, 6):
+                    continue
+                value = mss(pol, fam)
+                if value is None:
+                    continue
+                tcp_sel = Selector(
+                    str(sel.src) if sel.src else None, str(sel.dst) if sel.dst else None, 6, sel.sport, sel.dport
+                )
+                for m in selector_matches(tcp_sel, fam):
+                    add(
+                        "mangle",
+                        CHAIN_MSS,
+                        *m,
+                        "--tcp-flags",
+                        "SYN,RST",
+                        "SYN",
+                        "-j",
+                        "TCPMSS",
+                        "--set-mss",
+                        str(value),
+                    )
+    return rules
+
+
+# --- the queue ports -----------------------------------------------------------------------------
+
+
+class _Held:
+    """A queued packet kept past its callback: the payload copy and the handle for the verdict."""
+
+    __slots__ = ("packet", "payload")
+
+    def __init__(self, packet: Any, payload: bytes) -> None:
+        self.packet = packet
+        self.payload = payload
+
+
+class _BatchReader:
+    """What ``NetfilterQueue.run_socket`` reads from: non-blocking, and "empty" once the batch is full."""
+
+    __slots__ = ("fd", "held", "limit")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.held: list[QueuedPacket] = []
+        self.limit = 0
+
+    def recv(self, size: int) -> bytes:
+        if len(self.held) >= self.limit:
+            raise BlockingIOError(errno.EAGAIN, "batch full")
+        return os.read(self.fd, size)
+
+
+class NfqueuePort:
+    """One bound NFQUEUE number as a :class:`~ipsecstack.runtime.io.QueuePort`."""
+
+    def __init__(self, name: str, queue_num: int, on_close: Callable[[NfqueuePort], None], log: Any) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        self.name = name
+        self.queue_num = queue_num
+        self.stats = PortStats()
+        self.verdict_errors = 0
+        self._log = log
+        self._on_close = on_close
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        try:
+            self._nfq: Any = NetfilterQueue()
+        except OSError as e:
+            raise BackendError(
+                f"cannot open an NFQUEUE netlink socket ({e}): this needs root (CAP_NET_ADMIN) and the kernel's "
+                "nfnetlink_queue module (modprobe nfnetlink_queue)"
+            ) from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # receive buffer smaller than asked: still works
+                self._nfq.bind(queue_num, self._on_packet, max_len=QUEUE_MAXLEN)
+        except OSError:
+            self._nfq = None
+            raise BackendError(
+                f"NFQUEUE {queue_num} is already bound by another process (another ipsecstack agent?): stop it, "
+                "or choose other numbers with agent.nfqueue_out / agent.nfqueue_in"
+            ) from None
+        self._fd: int = self._nfq.get_fd()
+        os.set_blocking(self._fd, False)
+        self._reader = _BatchReader(self._fd)
+
+    def _on_packet(self, pkt: Any) -> None:
+        try:
+            payload = pkt.get_payload()
+            # NetfilterQueue copies at most MAX_COPY bytes: a longer packet arrives cut short. Never process
+            # (or let through) a partial packet.
+            if len(payload) < 20 or len(payload) < (
+                40 + int.from_bytes(payload[4:6], "big")
+                if payload[0] >> 4 == 6
+                else int.from_bytes(payload[2:4], "big")
+            ):
+                raise ValueError("truncated")
+            self._reader.held.append(_Held(pkt, payload))
+        except Exception:  # a packet we cannot read in full cannot be processed: never let it through
+            self.stats.rx_errors += 1
+            with contextlib.suppress(Exception):
+                pkt.drop()
+
+    # QueuePort ------------------------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+        if self._closed:
+            return
+        self._loop = loop
+        loop.add_reader(self._fd, on_readable)
+
+    def read_batch(self, limit: int) -> list[QueuedPacket]:
+        if self._closed:
+            return []
+        reader = self._reader
+        reader.limit = limit
+        try:
+            self._nfq.run_socket(reader)
+        except OSError as e:
+            n = self.stats.rx_errors = self.stats.rx_errors + 1
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th... error: the log is never flooded
+                self._log.warning("nfqueue receive failed", queue=self.queue_num, error=str(e), errors=n)
+        held, reader.held = reader.held, []
+        self.stats.rx_packets += len(held)
+        self.stats.rx_bytes += sum(len(h.payload) for h in held)
+        return held
+
+    def verdicts(self, packets: Sequence[QueuedPacket], replacements: Sequence[bytes | None]) -> None:
+        stats = self.stats
+        n = len(replacements)
+        for i, qp in enumerate(packets):
+            rep = replacements[i] if i < n else None
+            try:
+                pkt = cast(_Held, qp).packet
+                if rep is None:
+                    pkt.drop()
+                    stats.tx_dropped += 1
+                    continue
+                if rep is not qp.payload:
+                    pkt.set_payload(rep if type(rep) is bytes else bytes(rep))
+                pkt.accept()
+                stats.tx_packets += 1
+                stats.tx_bytes += len(rep)
+            except Exception:  # verdict already given, queue gone, bad replacement type: count, go on
+                self.verdict_errors += 1
+                stats.tx_dropped += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+        if self._nfq is not None:
+            with contextlib.suppress(Exception):
+                self._nfq.unbind()  # the kernel drops what is still queued: fail closed
+            self._nfq = None  # the netlink socket is closed when the object goes
+        self._on_close(self)
+
+
+# --- the transport: queues + rules ---------------------------------------------------------------
+
+
+def link_mtu(addr: str, runner: Runner = _run_tool) -> int:
+    """MTU towards ``addr``: the route's ``mtu`` if it has one, else the outgoing device's."""
+    try:
+        res = runner(["ip", "-o", "route", "get", addr])
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_LINK_MTU
+    if res.returncode != 0:
+        return DEFAULT_LINK_MTU
+    m = re.search(r"\bmtu (?:lock )?(\d+)", res.stdout)
+    if m:
+        return int(m.group(1))
+    dev = re.search(r"\bdev (\S+)", res.stdout)
+    if dev:
+        with contextlib.suppress(OSError, ValueError), open(f"/sys/class/net/{dev.group(1)}/mtu") as f:
+            return int(f.read().strip())
+    return DEFAULT_LINK_MTU
+
+
+class NfqueueTransport:
+    """Both queues of a transport-mode host and the firewall rules that feed them."""
+
+    def __init__(
+        self,
+        dp: Datapath,
+        *,
+        queue_out: int = 10,
+        queue_in: int = 11,
+        bypass: bool = False,
+        mss_clamp: bool = True,
+        encap_ports: Iterable[int] = (),
+        log: Any = None,
+        runner: Runner = _run_tool,
+    ) -> None:
+        self.log = log or structlog.get_logger("ipsecstack").bind(backend="nfqueue")
+        self._run = runner
+        self._installed: list[tuple[int, str, str, str]] = []  # (family, table, chain, parent)
+        self._open_ports = 0
+        self._closed = False
+        if queue_out == queue_in:
+            raise BackendError(f"agent.nfqueue_out and agent.nfqueue_in are both {queue_out}: give two numbers")
+        _preflight()
+        self.rules = plan_rules(
+            dp.spd.policies("out"),
+            dp.spd.policies("in"),
+            queue_out=queue_out,
+            queue_in=queue_in,
+            bypass=bypass,
+            encap_ports=encap_ports,
+            mss=(lambda pol, fam: self._mss(dp, pol, fam)) if mss_clamp else None,
+        )
+        for fam in sorted({r.family for r in self.rules}):
+            if shutil.which(TOOLS[fam]) is None:
+                raise BackendError(
+                    f"{TOOLS[fam]} not found: the nfqueue backend installs firewall rules with it "
+                    "(apt-get install iptables)"
+                )
+        self.out_port = NfqueuePort("nfqueue-out", queue_out, self._port_closed, self.log)
+        try:
+            self.in_port = NfqueuePort("nfqueue-in", queue_in, self._port_closed, self.log)
+        except BaseException:
+            self.out_port.close()
+            raise
+        self._open_ports = 2
+        try:
+            self._clean_stale()
+            self._install()
+        except BaseException:
+            self.close()
+            raise
+        self.log.info(
+            "nfqueue rules installed", rules=len(self.rules), queue_out=queue_out, queue_in=queue_in,
+            fail="open (queue_bypass)" if bypass else "closed",
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, cfg: Config, dp: Datapath, *, log: Any = None) -> NfqueueTransport:
+        a = cfg.agent
+        for c in cfg.manual:
+            if c.mode != "transport":
+                raise BackendError(
+                    f"manual.{c.name}: the nfqueue backend does transport mode only; tunnel mode uses "
+                    "inner_backend = 'tun'"
+                )
+        encap = {c.encap_port for c in cfg.manual if c.encap}
+        return cls(
+            dp, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, bypass=a.queue_bypass, mss_clamp=a.mss_clamp,
+            encap_ports=encap, log=log,
+        )  # fmt: skip
+
+    # --- MSS ---------------------------------------------------------------------------------------
+
+    def _mss(self, dp: Datapath, pol: Policy, fam: int) -> int | None:
+        t = pol.template
+        sa = dp.sad.lookup_outbound(t) if t is not None else None
+        overhead = sa.overhead if sa is not None else max((s.overhead for s in dp.sad), default=0)
+        peer = t.tunnel_dst if t is not None and t.tunnel_dst else None
+        if peer is None and pol.selector.dst is not None:
+            peer = str(pol.selector.dst.network_address)
+        # never above what NetfilterQueue copies to us whole (jumbo frames)
+        mtu = min(link_mtu(peer, self._run) if peer else DEFAULT_LINK_MTU, MAX_COPY)
+        value = mtu - (40 if fam == 6 else 20) - TCP_HEADER - overhead
+        return value if value >= 536 else 536
+
+    # --- rules -------------------------------------------------------------------------------------
+
+    def _ipt(self, fam: int, table: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._run([TOOLS[fam], "-w", "5", "-t", table, *args])
+
+    def _must(self, fam: int, table: str, *args: str) -> None:
+        try:
+            res = self._ipt(fam, table, *args)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise BackendError(f"{TOOLS[fam]} -t {table} {' '.join(args)} failed: {e}") from None
+        if res.returncode != 0:
+            raise BackendError(
+                f"{TOOLS[fam]} -t {table} {' '.join(args)} failed (exit {res.returncode}): {res.stderr.strip()}"
+            )
+
+    def _chains(self) -> list[tuple[int, str, str, str]]:
+        fams = sorted({r.family for r in self.rules})
+        used = {(r.family, r.table, r.chain) for r in self.rules}
+        return [(f, t, c, p) for f in fams for (t, c, p) in CHAINS if (f, t, c) in used or c != CHAIN_MSS]
+
+    def _exists(self, fam: int, table: str, chain: str) -> bool:
+        try:
+            return self._ipt(fam, table, "-S", chain).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+    def _remove_chain(self, fam: int, table: str, chain: str, parent: str) -> None:
+        for _ in range(MAX_JUMP_DELETES):
+            try:
+                if self._ipt(fam, table, "-D", parent, "-j", chain).returncode != 0:
+                    break
+            except (OSError, subprocess.SubprocessError):
+                break
+        for args in (("-F", chain), ("-X", chain)):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                self._ipt(fam, table, *args)
+
+    def _clean_stale(self) -> None:
+        for fam in (4, 6):
+            if shutil.which(TOOLS[fam]) is None:
+                continue
+            for table, chain, parent in CHAINS:
+                if self._exists(fam, table, chain):
+                    self.log.warning(
+                        "removing stale rules left by an earlier run that did not stop cleanly",
+                        tool=TOOLS[fam], table=table, chain=chain,
+                    )  # fmt: skip
+                    self._remove_chain(fam, table, chain, parent)
+                    if self._exists(fam, table, chain):
+                        raise BackendError(
+                            f"cannot remove the stale chain {chain} ({TOOLS[fam]} -t {table}); remove it by hand: "
+                            f"{TOOLS[fam]} -t {table} -D {parent} -j {chain}; {TOOLS[fam]} -t {table} -F {chain}; "
+                            f"{TOOLS[fam]} -t {table} -X {chain}"
+                        )
+
+    def _install(self) -> None:
+        # build each chain completely, then jump to it: traffic never sees a half-built chain
+        for fam, table, chain, parent in self._chains():
+            self._must(fam, table, "-N", chain)
+            self._installed.append((fam, table, chain, parent))
+            for r in self.rules:
+                if (r.family, r.table, r.chain) == (fam, table, chain):
+                    self._must(fam, table, "-A", chain, *r.args)
+        for fam, table, chain, parent in self._installed:
+            self._must(fam, table, "-I", parent, "1", "-j", chain)
+
+    def remove_rules(self) -> None:
+        """Remove exactly the jumps and chains this instance created (idempotent)."""
+        while self._installed:
+            fam, table, chain, parent = self._installed.pop()
+            self._remove_chain(fam, table, chain, parent)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def _port_closed(self, port: NfqueuePort) -> None:
+        self._open_ports -= 1
+        if self._open_ports <= 0:
+            self.remove_rules()
+            self.log.info("nfqueue rules removed")
+
+    def close(self) -> None:
+        """Unbind both queues (queued packets are dropped), then remove the rules."""
+        if self._closed:
+            return
+        self._closed = True
+        for port in (getattr(self, "out_port", None), getattr(self, "in_port", None)):
+            if port is not None:
+                port.close()
+        self.remove_rules()
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise BackendError(
+            "the nfqueue backend needs root (CAP_NET_ADMIN) to bind NFQUEUE and install iptables rules: "
+            "run ipsecstack as root"
+        )
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        raise BackendError(
+            "the nfqueue backend needs the NetfilterQueue package: pip install 'ipsecstack[nfqueue]' "
+            "(it builds against libnetfilter-queue-dev and libnfnetlink-dev)"
+        ) from None
+    if shutil.which("iptables") is None:
+        raise BackendError(
+            "iptables not found: the nfqueue backend installs firewall rules with it (apt-get install iptables)"
+        )
