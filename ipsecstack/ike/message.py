@@ -173,6 +173,7 @@ class Message:
     flags: int
     message_id: int
     payloads: list[AnyPayload] = field(default_factory=list)
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def is_response(self) -> bool:
@@ -276,7 +277,7 @@ def decode(data: bytes) -> Message:
         raise ParseError("bad_version", f"major version {version >> 4}")
     if length != len(data):
         raise ParseError("bad_length", f"header says {length}, datagram has {len(data)}")
-    msg = Message(spi_i, spi_r, exchange, flags, mid)
+    msg = Message(spi_i, spi_r, exchange, flags, mid, raw=data)
     msg.payloads = decode_payloads(data, HEADER_LEN, first)
     return msg
 

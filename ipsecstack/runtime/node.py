@@ -234,7 +234,13 @@ class Node:
             "drops": dict(dp.drops),
             "sas": len(dp.sad),
         }
-        for label, port in (("inner", self.inner), ("outer", self.outer)):
+        ports = (
+            ("inner", self.inner),
+            ("outer", self.outer),
+            ("queue_out", self.queue_out),
+            ("queue_in", self.queue_in),
+        )
+        for label, port in ports:
             stats = getattr(port, "stats", None)
             if stats is not None:
                 out[label] = stats.as_dict()

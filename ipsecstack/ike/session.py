@@ -1,0 +1,696 @@
+"""One IKE SA as a sans-IO state machine (RFC 7296): IKE_SA_INIT, IKE_AUTH with PSK, INFORMATIONAL.
+
+Theory of operation
+-------------------
+An :class:`IkeSa` never touches a socket or a clock. ``receive(data, src, src_port, dst_port, now)``
+feeds it a datagram addressed to it (the manager demultiplexes by SPI), ``handle_timer(now)`` lets
+it retransmit or give up, and the caller collects what it produced with ``datagrams()`` and
+``events()``; ``get_timer()`` says when it next needs the clock. Randomness (SPIs, nonces, DH
+private values, CBC IVs) comes from the injected ``rng``.
+
+States: initiator ``init_sent`` -> ``auth_sent`` -> ``established``; responder ``init_done`` ->
+``established``; either -> ``deleting`` -> ``closed``. A message that does not fit the state is
+dropped and counted (§2.21); nothing is answered before it authenticates, except the unprotected
+IKE_SA_INIT error notifies §2.21.1 allows.
+
+Message IDs (§2.2): one outstanding request per direction (window 1). Our request is retransmitted
+with exponential back-off until a response with the same Message ID arrives or the tries run out
+(§2.4: then the IKE SA is declared dead). A retransmitted peer request (Message ID one below the
+next expected) gets the cached response again, byte for byte, and is not processed twice.
+
+NAT traversal (§2.23): both sides send NAT_DETECTION_*_IP in IKE_SA_INIT; if either hash differs
+the SA moves to port 4500 for everything after IKE_SA_INIT and the child SAs are UDP-encapsulated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipsecstack.entropy import Rng
+from ipsecstack.ike import message as m
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike import sk
+from ipsecstack.ike.const import AuthMethod, Exchange, Flag, IdType, Notify, Protocol
+from ipsecstack.ike.groups import Group, KeyExchangeError
+from ipsecstack.ike.keymat import IkeKeys, child_keymat, ike_sa_keys
+from ipsecstack.ike.ts import Range, narrow
+
+KEY_PAD = b"Key Pad for IKEv2"
+NAT_T_PORT = 4500
+
+
+@dataclass
+class ChildConfig:
+    name: str
+    local_ts: list[Range]
+    remote_ts: list[Range]
+    proposals: list[props.Algorithms]
+    mode: str = "tunnel"
+
+
+@dataclass
+class PeerConfig:
+    """What an IKE SA needs to know about its peer (built from ``[connections.<name>]``)."""
+
+    name: str
+    local_addr: str
+    remote_addr: str | None
+    proposals: list[props.Algorithms]
+    local_id: tuple[int, bytes]
+    remote_id: tuple[int, bytes] | None
+    psk: bytes = field(repr=False)
+    children: list[ChildConfig] = field(default_factory=list)
+    local_port: int = 500
+    remote_port: int = 500
+    retransmit_timeout: float = 2.0
+    retransmit_base: float = 1.8
+    retransmit_tries: int = 5
+    half_open_timeout: float = 30.0
+
+
+@dataclass
+class Datagram:
+    data: bytes
+    dst: str
+    dst_port: int
+    src_port: int  # 4500: the caller prepends the non-ESP marker (RFC 3948 §2.2)
+
+
+@dataclass
+class IkeUp:
+    sa: IkeSa
+
+
+@dataclass
+class IkeDown:
+    sa: IkeSa
+    reason: str
+
+
+@dataclass
+class ChildUp:
+    sa: IkeSa
+    child: ChildConfig
+    mode: str
+    transform: str
+    esn: bool
+    spi_in: int
+    spi_out: int
+    key_in: bytes = field(repr=False)
+    key_out: bytes = field(repr=False)
+    local_ts: list[Range]
+    remote_ts: list[Range]
+    encap: tuple[int, int] | None
+
+
+@dataclass
+class ChildDown:
+    sa: IkeSa
+    spi_in: int
+    spi_out: int
+
+
+Event = IkeUp | IkeDown | ChildUp | ChildDown
+
+
+def identity(text: str) -> tuple[int, bytes]:
+    """An IKE identity from strongSwan-style text: an IP address, an FQDN, user@fqdn, or keyid:..."""
+    if text.startswith("keyid:"):
+        return IdType.ID_KEY_ID, text[6:].encode()
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return (IdType.ID_IPV4_ADDR if addr.version == 4 else IdType.ID_IPV6_ADDR), addr.packed
+    if "@" in text:
+        return IdType.ID_RFC822_ADDR, text.encode()
+    return IdType.ID_FQDN, text.encode()
+
+
+def id_text(id_type: int, data: bytes) -> str:
+    if id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
+        try:
+            return str(ipaddress.ip_address(data))
+        except ValueError:
+            return data.hex()
+    if id_type == IdType.ID_KEY_ID:
+        return "keyid:" + data.decode(errors="replace")
+    return data.decode(errors="replace")
+
+
+def nat_hash(spi_i: bytes, spi_r: bytes, addr: str, port: int) -> bytes:
+    """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP | Port)."""
+    return hashlib.sha1(spi_i + spi_r + ipaddress.ip_address(addr).packed + port.to_bytes(2, "big")).digest()
+
+
+class IkeSa:
+    def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
+                 remote_port: int | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.initiator = initiator
+        self.rng = rng
+        self.created = now
+        self.remote = remote or cfg.remote_addr or ""
+        self.remote_port = remote_port or cfg.remote_port
+        self.local_port = cfg.local_port
+        self.state = "new"
+        self.spi_i = b""
+        self.spi_r = bytes(8)
+        self.chosen: props.Chosen | None = None
+        self.keys: IkeKeys | None = None
+        self.tx: sk.SkKeys | None = None
+        self.rx: sk.SkKeys | None = None
+        self.nat = False
+        self.peer_id: tuple[int, bytes] | None = None
+        self.stats: dict[str, int] = {}
+        self._group: Group | None = None
+        self._dh: Any = None
+        self._ni = b""
+        self._nr = b""
+        self._init_request = b""
+        self._init_response = b""
+        self._next_mid = 0
+        self._peer_mid = 0
+        self._outstanding: tuple[int, bytes, int, float] | None = None  # mid, data, tries, next retransmit
+        self._cached_response: tuple[int, bytes] | None = None
+        self._out: list[Datagram] = []
+        self._events: list[Event] = []
+        self._child_spi = 0
+        self._child: ChildConfig | None = None
+        self._cookie = b""
+        self._ke_retries = 0
+        self.children: list[ChildUp] = []
+
+    def __repr__(self) -> str:
+        return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
+
+    # --- the caller's side ---------------------------------------------------------------------
+
+    def datagrams(self) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        ev, self._events = self._events, []
+        return ev
+
+    def get_timer(self) -> float | None:
+        if self.state == "closed":
+            return None
+        if self._outstanding is not None:
+            return self._outstanding[3]
+        if self.state == "init_done":
+            return self.created + self.cfg.half_open_timeout
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        if self.state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
+            self._close("half-open IKE SA timed out (no IKE_AUTH)")
+            return
+        if self._outstanding is None or now < self._outstanding[3]:
+            return
+        mid, data, tries, _ = self._outstanding
+        if tries >= self.cfg.retransmit_tries:
+            self._close(f"peer did not answer after {tries + 1} transmissions")
+            return
+        self._count("retransmissions")
+        delay = self.cfg.retransmit_timeout * self.cfg.retransmit_base ** (tries + 1)
+        self._outstanding = (mid, data, tries + 1, now + delay)
+        self._emit(data)
+
+    @property
+    def established(self) -> bool:
+        return self.state == "established"
+
+    # --- initiator ---------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Initiator: send IKE_SA_INIT."""
+        assert self.initiator and self.state == "new"
+        self.spi_i = self.rng(8)
+        self._group = self.cfg.proposals[0].dh[0]
+        self._send_init(now)
+
+    def _send_init(self, now: float) -> None:
+        assert self._group is not None
+        self._dh, pub = self._group.generate(self.rng)
+        self._ni = self.rng(32)
+        payloads: list[m.AnyPayload] = []
+        if self._cookie:
+            payloads.append(m.Notify(Notify.COOKIE, self._cookie))
+        sa = m.SA([p.to_payload(i + 1, b"") for i, p in enumerate(self.cfg.proposals)])
+        payloads += [sa, m.KE(self._group.number, pub), m.Nonce(self._ni), *self._nat_notifies()]
+        msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, payloads)
+        self._init_request = msg.encode()
+        self.state = "init_sent"
+        self._next_mid = 1
+        self._request(0, self._init_request, now)
+
+    def _nat_notifies(self) -> list[m.AnyPayload]:
+        local = self.cfg.local_addr
+        return [
+            m.Notify(Notify.NAT_DETECTION_SOURCE_IP, nat_hash(self.spi_i, self.spi_r, local, self.local_port)),
+            m.Notify(
+                Notify.NAT_DETECTION_DESTINATION_IP, nat_hash(self.spi_i, self.spi_r, self.remote, self.remote_port)
+            ),
+        ]
+
+    def _on_init_response(self, msg: m.Message, now: float) -> None:
+        for n in msg.notifies():
+            if n.notify_type == Notify.COOKIE and not self._cookie:
+                self._cookie = n.data
+                self._outstanding = None
+                self._send_init(now)
+                return
+            if n.notify_type == Notify.INVALID_KE_PAYLOAD and len(n.data) == 2 and self._ke_retries < 2:
+                want = int.from_bytes(n.data, "big")
+                group = next((g for p in self.cfg.proposals for g in p.dh if g.number == want), None)
+                if group is None:
+                    self._close(f"peer wants key exchange group {want}, which we do not propose")
+                    return
+                self._ke_retries += 1
+                self._group = group
+                self._outstanding = None
+                self._send_init(now)
+                return
+            if n.notify_type < 16384:
+                self._close(f"peer refused IKE_SA_INIT: {_notify_name(n.notify_type)}")
+                return
+        sas = msg.get(m.SA)
+        kes = msg.get(m.KE)
+        nonces = msg.get(m.Nonce)
+        if len(sas) != 1 or len(kes) != 1 or len(nonces) != 1 or len(sas[0].proposals) != 1:  # type: ignore[union-attr]
+            self._drop("init_response_incomplete")
+            return
+        chosen = props.check_choice(self.cfg.proposals, sas[0].proposals[0], Protocol.IKE)  # type: ignore[union-attr]
+        ke = kes[0]
+        assert isinstance(ke, m.KE)
+        if chosen is None or chosen.dh is None or chosen.dh.number != ke.group or ke.group != self._group.number:  # type: ignore[union-attr]
+            self._close("peer chose a proposal we did not offer")
+            return
+        self.spi_r = msg.spi_r
+        self._nr = nonces[0].data  # type: ignore[union-attr]
+        self._init_response = msg.raw
+        if not self._derive(chosen, ke.data):
+            return
+        self._detect_nat(msg)
+        self._send_auth(now)
+
+    def _send_auth(self, now: float) -> None:
+        child = self.cfg.children[0] if self.cfg.children else None
+        idi = m.Identification(*self.cfg.local_id, initiator=True)
+        inner: list[m.AnyPayload] = [idi]
+        if self.cfg.remote_id is not None:
+            inner.append(m.Identification(*self.cfg.remote_id, initiator=False))
+        inner.append(m.Auth(AuthMethod.PSK, self._psk_auth(True, idi)))
+        if child is not None:
+            self._child = child
+            self._child_spi = self._new_child_spi()
+            spi = self._child_spi.to_bytes(4, "big")
+            inner.append(m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
+            inner.append(m.TS([r.to_payload() for r in child.local_ts], initiator=True))
+            inner.append(m.TS([r.to_payload() for r in child.remote_ts], initiator=False))
+            if child.mode == "transport":
+                inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        inner.append(m.Notify(Notify.INITIAL_CONTACT))
+        self.state = "auth_sent"
+        self._send_request(Exchange.IKE_AUTH, inner, now)
+
+    def _on_auth_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
+        notes = [p for p in inner if isinstance(p, m.Notify)]
+        for n in notes:
+            if n.notify_type == Notify.AUTHENTICATION_FAILED:
+                self._close("peer says AUTHENTICATION_FAILED: check the PSK and the identities on both sides")
+                return
+        idr = next((p for p in inner if isinstance(p, m.Identification) and not p.initiator), None)
+        auth = next((p for p in inner if isinstance(p, m.Auth)), None)
+        if idr is None or auth is None:
+            self._close("IKE_AUTH response without IDr/AUTH")
+            return
+        if auth.method != AuthMethod.PSK or not hmac.compare_digest(auth.data, self._psk_auth(False, idr)):
+            self._count("auth_failed")
+            self._close("responder's AUTH does not verify: the PSK differs")
+            return
+        if self.cfg.remote_id is not None and (idr.id_type, idr.data) != self.cfg.remote_id:
+            self._close(f"responder identified as {id_text(idr.id_type, idr.data)!r}, expected "
+                        f"{id_text(*self.cfg.remote_id)!r}")  # fmt: skip
+            return
+        self.peer_id = (idr.id_type, idr.data)
+        self._established()
+        child = self._child
+        if child is None:
+            return
+        errors = [n for n in notes if n.notify_type < 16384]
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        if errors or len(sas) != 1 or len(sas[0].proposals) != 1:
+            why = _notify_name(errors[0].notify_type) if errors else "no SA payload"
+            self._child_failed(f"child SA {child.name} refused: {why}")
+            return
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP)
+        tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
+        if chosen is None or tsi is None or tsr is None or len(chosen.spi) != 4:
+            self._child_failed(f"child SA {child.name}: malformed or unoffered reply")
+            return
+        transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
+        local = [Range.from_payload(t) for t in tsi.selectors]
+        remote = [Range.from_payload(t) for t in tsr.selectors]
+        self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
+                       spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"))  # fmt: skip
+
+    # --- responder ---------------------------------------------------------------------------
+
+    def respond_init(self, msg: m.Message, now: float) -> bool:
+        """Responder: answer an IKE_SA_INIT request. Returns False if no state should be kept."""
+        self.spi_i = msg.spi_i
+        self._init_request = msg.raw
+        sas, kes, nonces = msg.get(m.SA), msg.get(m.KE), msg.get(m.Nonce)
+        if len(sas) != 1 or len(kes) != 1 or len(nonces) != 1:
+            self._reply_plain(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+            return False
+        chosen = props.select(self.cfg.proposals, sas[0].proposals, Protocol.IKE)  # type: ignore[union-attr]
+        if chosen is None:
+            self._count("no_proposal_chosen")
+            self._reply_plain(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
+            self.failure = "no IKE proposal in common: ours " + ", ".join(p.text for p in self.cfg.proposals)
+            return False
+        ke = kes[0]
+        assert isinstance(ke, m.KE) and chosen.dh is not None
+        if ke.group != chosen.dh.number:
+            self._reply_plain(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+            return False
+        self._ni = nonces[0].data  # type: ignore[union-attr]
+        self._nr = self.rng(32)
+        self.spi_r = self.rng(8)
+        self._group = chosen.dh
+        self._dh, pub = chosen.dh.generate(self.rng)
+        if not self._derive(chosen, ke.data):
+            return False
+        self._detect_nat(msg)
+        payloads: list[m.AnyPayload] = [m.SA([chosen.to_payload()]), m.KE(chosen.dh.number, pub), m.Nonce(self._nr)]
+        payloads += self._nat_notifies()
+        resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, payloads)
+        self._init_response = resp.encode()
+        self._peer_mid = 1
+        self._cached_response = (0, self._init_response)
+        self._emit(self._init_response, port=self.local_port)
+        self.state = "init_done"
+        return True
+
+    def _on_auth_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
+        idi = next((p for p in inner if isinstance(p, m.Identification) and p.initiator), None)
+        auth = next((p for p in inner if isinstance(p, m.Auth)), None)
+        if idi is None or auth is None:
+            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+            self._close("IKE_AUTH request without IDi/AUTH")
+            return
+        ok_id = self.cfg.remote_id is None or (idi.id_type, idi.data) == self.cfg.remote_id
+        if auth.method != AuthMethod.PSK or not ok_id or not hmac.compare_digest(auth.data, self._psk_auth(True, idi)):
+            self._count("auth_failed")
+            self._respond(msg, [m.Notify(Notify.AUTHENTICATION_FAILED)])
+            why = "identity mismatch" if not ok_id else "AUTH does not verify: the PSK differs"
+            self._close(f"authentication of {id_text(idi.id_type, idi.data)!r} failed: {why}")
+            return
+        self.peer_id = (idi.id_type, idi.data)
+        idr = m.Identification(*self.cfg.local_id, initiator=False)
+        out: list[m.AnyPayload] = [idr, m.Auth(AuthMethod.PSK, self._psk_auth(False, idr))]
+        child_result = self._negotiate_child(inner)
+        if isinstance(child_result, int):
+            out.append(m.Notify(child_result))
+            self._respond(msg, out)
+            self._established()
+            return
+        child, chosen, mode, tsi, tsr = child_result
+        spi_in = self._new_child_spi()
+        reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, None, chosen.esn, chosen.number,
+                             spi_in.to_bytes(4, "big"))  # fmt: skip
+        out += [m.SA([reply.to_payload()]), m.TS([r.to_payload() for r in tsi], True),
+                m.TS([r.to_payload() for r in tsr], False)]  # fmt: skip
+        if mode == "transport":
+            out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        self._respond(msg, out)
+        self._established()
+        self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"))
+
+    def _negotiate_child(
+        self, inner: list[m.AnyPayload]
+    ) -> int | tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]:
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
+        if len(sas) != 1 or tsi is None or tsr is None:
+            return Notify.NO_PROPOSAL_CHOSEN
+        transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
+        offered_i = [Range.from_payload(t) for t in tsi.selectors]
+        offered_r = [Range.from_payload(t) for t in tsr.selectors]
+        any_proposal = False
+        for child in self.cfg.children:
+            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP)
+            if chosen is None or len(chosen.spi) != 4:
+                continue
+            any_proposal = True
+            if (child.mode == "transport") != transport:
+                continue
+            ni = narrow(offered_i, child.remote_ts)
+            nr = narrow(offered_r, child.local_ts)
+            if ni and nr:
+                return child, chosen, child.mode, ni, nr
+        return Notify.TS_UNACCEPTABLE if any_proposal else Notify.NO_PROPOSAL_CHOSEN
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
+        """A datagram for this SA (non-ESP marker already removed)."""
+        try:
+            msg = m.decode(data)
+        except m.ParseError as e:
+            self._drop(f"parse_{e.reason}")
+            return
+        msg.raw = data
+        if msg.is_response:
+            self._on_response(msg, now)
+        else:
+            self._on_request(msg, src, src_port, dst_port, now)
+
+    def _on_response(self, msg: m.Message, now: float) -> None:
+        out = self._outstanding
+        if out is None or msg.message_id != out[0]:
+            self._drop("unexpected_response")
+            return
+        if msg.exchange == Exchange.IKE_SA_INIT:
+            if self.state != "init_sent":
+                self._drop("unexpected_response")
+                return
+            self._outstanding = None
+            self._on_init_response(msg, now)
+            return
+        inner = self._open(msg)
+        if inner is None:
+            return
+        self._outstanding = None
+        if msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
+            self._on_auth_response(msg, inner, now)
+        elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
+            self._close("deleted")
+
+    def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
+        if msg.exchange == Exchange.IKE_SA_INIT:
+            if self._cached_response and self._cached_response[0] == 0 and msg.raw == self._init_request:
+                self._emit(self._cached_response[1])
+            else:
+                self._drop("unexpected_request")
+            return
+        if self.rx is None:
+            self._drop("unexpected_request")
+            return
+        if self._cached_response is not None and msg.message_id == self._cached_response[0]:
+            if self._open(msg) is not None:  # only an authentic retransmission gets the cached answer
+                self._count("retransmitted_requests")
+                self._emit(self._cached_response[1])
+            return
+        if msg.message_id != self._peer_mid:
+            self._drop("bad_message_id")
+            return
+        inner = self._open(msg)
+        if inner is None:
+            return
+        # §2.23: follow the peer's address/port once a message authenticates (NAT mapping changed)
+        if src_port != self.remote_port or src != self.remote:
+            self.remote, self.remote_port = src, src_port
+        self.local_port = dst_port
+        self._peer_mid += 1
+        if msg.exchange == Exchange.IKE_AUTH and self.state == "init_done":
+            self._on_auth_request(msg, inner, now)
+        elif msg.exchange == Exchange.INFORMATIONAL and self.state in ("established", "deleting"):
+            self._on_informational(msg, inner, now)
+        else:
+            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)] if msg.exchange != Exchange.CREATE_CHILD_SA
+                          else [m.Notify(Notify.NO_ADDITIONAL_SAS)])  # fmt: skip
+
+    def _on_informational(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
+        reply: list[m.AnyPayload] = []
+        closing = False
+        for p in inner:
+            if isinstance(p, m.Delete):
+                if p.protocol == Protocol.IKE:
+                    closing = True
+                elif p.protocol == Protocol.ESP:
+                    ours = []
+                    for spi in p.spis:
+                        for c in list(self.children):
+                            if c.spi_out == int.from_bytes(spi, "big"):
+                                ours.append(c.spi_in.to_bytes(4, "big"))
+                                self.children.remove(c)
+                                self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+                    if ours:
+                        reply.append(m.Delete(Protocol.ESP, ours))
+        self._respond(msg, reply)
+        if closing:
+            self._close("peer deleted the IKE SA")
+
+    def delete(self, now: float) -> None:
+        """Start deleting the IKE SA (its children go with it, §1.4.1)."""
+        if self.state != "established":
+            self._close("deleted before establishment")
+            return
+        self.state = "deleting"
+        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
+
+    def _send_request(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
+        assert self.tx is not None
+        flags = Flag.INITIATOR if self.initiator else 0
+        msg = m.Message(self.spi_i, self.spi_r, exchange, flags, self._next_mid)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        mid = self._next_mid
+        self._next_mid += 1
+        self._request(mid, data, now)
+
+    def _request(self, mid: int, data: bytes, now: float) -> None:
+        self._outstanding = (mid, data, 0, now + self.cfg.retransmit_timeout)
+        self._emit(data)
+
+    def _respond(self, req: m.Message, inner: list[m.AnyPayload]) -> None:
+        assert self.tx is not None
+        flags = Flag.RESPONSE | (Flag.INITIATOR if self.initiator else 0)
+        msg = m.Message(self.spi_i, self.spi_r, req.exchange, flags, req.message_id)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        self._cached_response = (req.message_id, data)
+        self._emit(data)
+
+    def _reply_plain(self, req: m.Message, payloads: list[m.AnyPayload]) -> None:
+        """Unprotected IKE_SA_INIT error response (§2.21.1); no state is kept."""
+        resp = m.Message(req.spi_i, bytes(8), req.exchange, Flag.RESPONSE, req.message_id, payloads)
+        self._emit(resp.encode())
+
+    def _open(self, msg: m.Message) -> list[m.AnyPayload] | None:
+        assert self.rx is not None
+        try:
+            return sk.open_(msg.raw, msg, self.rx)
+        except sk.SkError:
+            self._drop("sk_invalid")
+            return None
+
+    def _emit(self, data: bytes, port: int | None = None) -> None:
+        src = port if port is not None else (NAT_T_PORT if self.nat else self.local_port)
+        dst_port = NAT_T_PORT if self.nat and self.remote_port == 500 else self.remote_port
+        self._out.append(Datagram(data, self.remote, dst_port, src))
+
+    def _derive(self, chosen: props.Chosen, peer_ke: bytes) -> bool:
+        assert chosen.dh is not None and chosen.prf is not None
+        try:
+            shared = chosen.dh.shared(self._dh, peer_ke)
+        except KeyExchangeError as e:
+            self._close(f"unusable key exchange data: {e}")
+            return False
+        self.chosen = chosen
+        encr_len = chosen.encr.key_len + chosen.encr.salt_len
+        integ_len = 0 if chosen.encr.aead or chosen.integ is None else chosen.integ.key_len
+        _, keys = ike_sa_keys(chosen.prf, shared, self._ni, self._nr, self.spi_i, self.spi_r, encr_len, integ_len)
+        self.keys = keys
+        integ = None if chosen.encr.aead else chosen.integ
+        i_keys = sk.SkKeys(chosen.encr, integ, keys.sk_ei, keys.sk_ai)
+        r_keys = sk.SkKeys(chosen.encr, integ, keys.sk_er, keys.sk_ar)
+        self.tx, self.rx = (i_keys, r_keys) if self.initiator else (r_keys, i_keys)
+        return True
+
+    def _detect_nat(self, msg: m.Message) -> None:
+        src = msg.notify(Notify.NAT_DETECTION_SOURCE_IP)
+        dst = msg.notify(Notify.NAT_DETECTION_DESTINATION_IP)
+        if src is None or dst is None:
+            return
+        # the peer's view: its source is (remote, remote_port); our address is its destination
+        want_src = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.remote, self.remote_port)
+        want_dst = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.cfg.local_addr,
+                            self.local_port)  # fmt: skip
+        if src.data != want_src or dst.data != want_dst:
+            self.nat = True
+            if self.initiator:
+                self.local_port = NAT_T_PORT
+                self.remote_port = NAT_T_PORT
+
+    def _psk_auth(self, initiator_side: bool, ident: m.Identification) -> bytes:
+        """RFC 7296 §2.15: prf(prf(PSK, "Key Pad for IKEv2"), <SignedOctets>)."""
+        assert self.chosen is not None and self.chosen.prf is not None and self.keys is not None
+        prf = self.chosen.prf
+        body = bytes((ident.id_type, 0, 0, 0)) + ident.data
+        if initiator_side:
+            octets = self._init_request + self._nr + prf(self.keys.sk_pi, body)
+        else:
+            octets = self._init_response + self._ni + prf(self.keys.sk_pr, body)
+        return prf(prf(self.cfg.psk, KEY_PAD), octets)
+
+    def _new_child_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256:
+                return spi
+
+    def _established(self) -> None:
+        self.state = "established"
+        self._events.append(IkeUp(self))
+
+    def _child_up(self, child: ChildConfig, chosen: props.Chosen, mode: str, local: list[Range],
+                  remote: list[Range], *, spi_in: int, spi_out: int) -> None:  # fmt: skip
+        assert self.chosen is not None and self.chosen.prf is not None and self.keys is not None
+        suite = chosen.esp_suite
+        i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, self._ni, self._nr, suite)
+        key_in, key_out = (r2i, i2r) if self.initiator else (i2r, r2i)
+        encap = (NAT_T_PORT, NAT_T_PORT) if self.nat else None
+        up = ChildUp(self, child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote,
+                     encap)  # fmt: skip
+        self.children.append(up)
+        self._events.append(up)
+
+    def _child_failed(self, reason: str) -> None:
+        self._count("child_failed")
+        self.failure = reason
+
+    def _close(self, reason: str) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self._outstanding = None
+        for c in self.children:
+            self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+        self.children.clear()
+        self._events.append(IkeDown(self, reason))
+
+    def _drop(self, reason: str) -> None:
+        self._count(f"dropped_{reason}")
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    failure: str = ""
+
+
+def _notify_name(n: int) -> str:
+    try:
+        return Notify(n).name
+    except ValueError:
+        return str(n)

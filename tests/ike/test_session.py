@@ -1,0 +1,242 @@
+"""Two IKE SAs in one process, seeded rng, fake clock, datagrams moved by hand (DESIGN.md §6 layer 2)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipsecstack import SecurityAssociation, protect, unprotect
+from ipsecstack.entropy import seeded_rng
+from ipsecstack.ike import message as m
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike.const import Protocol
+from ipsecstack.ike.session import ChildConfig, ChildUp, Datagram, IkeDown, IkeSa, IkeUp, PeerConfig, identity
+from ipsecstack.ike.ts import Range
+from tests.packets import tcp4
+
+A, B = "172.31.0.1", "172.31.0.2"
+
+
+def _range(cidr: str) -> Range:
+    n = ipaddress.ip_network(cidr)
+    return Range(n.network_address, n.broadcast_address)
+
+
+def _cfg(local: str, remote: str, lnet: str, rnet: str, *, ike: str = "aes128gcm16-prfsha256-x25519",
+         esp: str = "aes128gcm16", psk: bytes = b"correct horse", mode: str = "tunnel",
+         remote_id: str | None = None) -> PeerConfig:  # fmt: skip
+    child = ChildConfig("net", [_range(lnet)], [_range(rnet)], [props.parse(esp, Protocol.ESP)], mode)
+    return PeerConfig(
+        "conn", local, remote, [props.parse(p, Protocol.IKE) for p in ike.split(",")], identity(local),
+        identity(remote_id) if remote_id else None, psk, [child],
+    )  # fmt: skip
+
+
+class Wire:
+    """Moves datagrams between an initiator and a responder, creating the responder on first contact."""
+
+    def __init__(self, cfg_i: PeerConfig, cfg_r: PeerConfig, seed: int = 1) -> None:
+        self.cfg_r = cfg_r
+        self.i = IkeSa(cfg_i, initiator=True, rng=seeded_rng(seed), now=0.0)
+        self.r: IkeSa | None = None
+        self.rng_r = seeded_rng(seed + 1000)
+        self.src_seen_by_r = A
+        self.log: list[tuple[str, Datagram]] = []
+
+    def to_responder(self, dgs: list[Datagram], now: float) -> None:
+        for d in dgs:
+            self.log.append(("i->r", d))
+            msg = m.decode(d.data)
+            if self.r is None or (msg.exchange == 34 and not msg.is_response and self.r.state == "new"):
+                self.r = IkeSa(self.cfg_r, initiator=False, rng=self.rng_r, now=now, remote=self.src_seen_by_r,
+                               remote_port=d.src_port)  # fmt: skip
+                if not self.r.respond_init(msg, now):
+                    pass
+            else:
+                self.r.receive(d.data, self.src_seen_by_r, d.src_port, d.dst_port, now)
+
+    def to_initiator(self, dgs: list[Datagram], now: float) -> None:
+        for d in dgs:
+            self.log.append(("r->i", d))
+            self.i.receive(d.data, B, d.src_port, d.dst_port, now)
+
+    def run(self, now: float = 0.0, rounds: int = 10) -> None:
+        if self.i.state == "new":
+            self.i.start(now)
+        for _ in range(rounds):
+            out_i = self.i.datagrams()
+            self.to_responder(out_i, now)
+            out_r = self.r.datagrams() if self.r else []
+            self.to_initiator(out_r, now)
+            if not out_i and not out_r:
+                return
+
+
+def _events(sa: IkeSa | None) -> list[object]:
+    return sa.events() if sa else []
+
+
+@pytest.mark.parametrize(
+    ("ike", "esp", "chosen"),
+    [
+        ("aes128gcm16-prfsha256-x25519", "aes128gcm16", "aes128gcm16-prfsha256-curve25519"),
+        ("aes256-sha256-modp2048", "aes256-sha256", "aes256-sha256-prfsha256-modp2048"),
+        ("chacha20poly1305-prfsha512-ecp256", "chacha20poly1305", "chacha20poly1305-prfsha512-ecp256"),
+        ("aes256gcm16-prfsha384-ecp384", "aes256gcm16-esn", "aes256gcm16-prfsha384-ecp384"),
+    ],
+)
+def test_handshake_installs_matching_child_sas(ike: str, esp: str, chosen: str) -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp),
+             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp))  # fmt: skip
+    w.run()
+    ev_i, ev_r = _events(w.i), _events(w.r)
+    assert [type(e) for e in ev_i] == [IkeUp, ChildUp] and [type(e) for e in ev_r] == [IkeUp, ChildUp]
+    ci, cr = ev_i[1], ev_r[1]
+    assert isinstance(ci, ChildUp) and isinstance(cr, ChildUp)
+    assert (ci.spi_out, ci.spi_in) == (cr.spi_in, cr.spi_out)
+    assert ci.key_out == cr.key_in and ci.key_in == cr.key_out and ci.key_in != ci.key_out
+    assert ci.transform == cr.transform and ci.esn == cr.esn == esp.endswith("esn")
+    assert [str(r) for r in ci.local_ts] == ["10.1.0.0/16"] and [str(r) for r in cr.local_ts] == ["10.2.0.0/16"]
+    assert w.i.chosen is not None and w.i.chosen.describe() == chosen
+    # the negotiated keys really carry traffic: A protects, B unprotects
+    sa_out = SecurityAssociation(ci.spi_out, "esp", "tunnel", ci.transform, ci.key_out, tunnel_src=A, tunnel_dst=B,
+                                 esn=ci.esn)  # fmt: skip
+    sa_in = SecurityAssociation(cr.spi_in, "esp", "tunnel", cr.transform, cr.key_in, tunnel_src=A, tunnel_dst=B,
+                                esn=cr.esn)  # fmt: skip
+    pkt = tcp4("10.1.0.5", "10.2.0.9")
+    assert unprotect(sa_in, protect(sa_out, pkt)) == pkt
+
+
+def test_responder_narrows_traffic_selectors() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.0.0.0/8"), _cfg(B, A, "10.2.0.0/24", "10.1.0.0/16"))
+    w.run()
+    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    assert [str(r) for r in ci.remote_ts] == ["10.2.0.0/24"]
+
+
+def test_wrong_psk_fails_on_both_sides() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", psk=b"one"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", psk=b"two"))
+    w.run()
+    down_i = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    down_r = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    assert down_i and "AUTHENTICATION_FAILED" in down_i[0].reason
+    assert down_r and "PSK" in down_r[0].reason
+    assert w.r is not None and w.r.stats.get("auth_failed") == 1
+
+
+def test_identity_mismatch() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"),
+             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", remote_id="someone@else.example"))  # fmt: skip
+    w.run()
+    assert any(isinstance(e, IkeDown) and "identity" in e.reason for e in _events(w.r))
+
+
+def test_no_proposal_chosen() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519"),
+             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes256-sha512-modp4096"))  # fmt: skip
+    w.run()
+    downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    assert downs and "NO_PROPOSAL_CHOSEN" in downs[0].reason
+    assert w.r is not None and "no IKE proposal in common" in w.r.failure
+
+
+def test_invalid_ke_payload_retry() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519-ecp256"),
+             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-ecp256"))  # fmt: skip
+    w.run()
+    assert any(isinstance(e, ChildUp) for e in _events(w.i))
+    assert w.i.chosen is not None and w.i.chosen.dh is not None and w.i.chosen.dh.number == 19
+    assert len([d for way, d in w.log if way == "i->r" and m.decode(d.data).exchange == 34]) == 2
+
+
+def test_transport_mode_child() -> None:
+    w = Wire(_cfg(A, B, A + "/32", B + "/32", mode="transport"), _cfg(B, A, B + "/32", A + "/32", mode="transport"))
+    w.run()
+    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    assert ci.mode == "transport"
+
+
+def test_retransmission_and_cached_response() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.i.start(0.0)
+    w.to_responder(w.i.datagrams(), 0.0)
+    w.to_initiator(w.r.datagrams(), 0.0)  # type: ignore[union-attr]
+    auth_req = w.i.datagrams()
+    w.to_responder(auth_req, 0.1)
+    lost = w.r.datagrams()  # type: ignore[union-attr]  # the IKE_AUTH response is lost
+    assert w.i.get_timer() == pytest.approx(2.0)
+    w.i.handle_timer(2.0)
+    again = w.i.datagrams()
+    assert [d.data for d in again] == [d.data for d in auth_req]
+    w.to_responder(again, 2.0)
+    resent = w.r.datagrams()  # type: ignore[union-attr]
+    assert [d.data for d in resent] == [d.data for d in lost]  # byte-identical cached response
+    assert [type(e) for e in _events(w.r)].count(ChildUp) == 1  # processed once
+    w.to_initiator(resent, 2.1)
+    assert any(isinstance(e, ChildUp) for e in _events(w.i))
+    assert w.i.stats["retransmissions"] == 1
+
+
+def test_gives_up_when_the_peer_is_silent() -> None:
+    sa = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(5), now=0.0)
+    sa.start(0.0)
+    sent = len(sa.datagrams())
+    for _ in range(20):
+        t = sa.get_timer()
+        if t is None:
+            break
+        sa.handle_timer(t)
+        sent += len(sa.datagrams())
+    assert sent == 6  # first transmission + 5 retransmissions, with exponential back-off
+    downs = [e for e in sa.events() if isinstance(e, IkeDown)]
+    assert downs and "did not answer" in downs[0].reason
+
+
+def test_half_open_responder_times_out() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.i.start(0.0)
+    w.to_responder(w.i.datagrams(), 0.0)
+    assert w.r is not None and w.r.get_timer() == 30.0
+    w.r.handle_timer(30.0)
+    assert any(isinstance(e, IkeDown) and "half-open" in e.reason for e in _events(w.r))
+
+
+def test_delete_closes_both_sides() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.run()
+    _events(w.i), _events(w.r)
+    w.i.delete(5.0)
+    w.run(5.0)
+    assert w.i.state == "closed" and w.r is not None and w.r.state == "closed"
+    kinds_r = [type(e).__name__ for e in _events(w.r)]
+    assert kinds_r == ["ChildDown", "IkeDown"]
+
+
+def test_nat_moves_to_port_4500_and_encapsulates() -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.src_seen_by_r = "198.51.100.7"  # a NAT rewrote the initiator's address
+    w.cfg_r.remote_addr = None
+    w.run()
+    auth = [d for way, d in w.log if m.decode(d.data).exchange == 35]
+    assert auth and all(d.src_port == 4500 and d.dst_port == 4500 for d in auth)
+    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    assert ci.encap == (4500, 4500)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 400), st.binary(max_size=12)), max_size=6))
+def test_garbage_in_any_state_never_raises(mutations: list[tuple[int, int, bytes]]) -> None:
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.run()
+    pool = [d.data for _, d in w.log]
+    for idx, cut, noise in mutations:
+        base = pool[idx % len(pool)]
+        bad = base[:cut] + noise + base[cut + len(noise) :]
+        for sa in (w.i, w.r):
+            assert sa is not None
+            sa.receive(bad, B, 500, 500, 1.0)
+            sa.datagrams()
+    assert w.i.state in ("established", "closed")
