@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from ipsecstack.errors import Dropped
 from ipsecstack.runtime.io import BackendError, PortStats
 from ipsecstack.wire.ip import PROTO_UDP, build_ipv4, build_ipv6
-from ipsecstack.wire.udp_encap import NAT_KEEPALIVE, UDP_HEADER, UDP_HEADER_LEN
+from ipsecstack.wire.udp_encap import NAT_KEEPALIVE, NON_ESP_MARKER, UDP_HEADER, UDP_HEADER_LEN
 from ipsecstack.xform.mode import parse_outer
 
 RECV_SIZE = 65535
@@ -134,6 +134,19 @@ class UdpEncapPort:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         except OSError as e:
             raise BackendError(f"cannot set SO_MARK {mark}: {e.strerror} (needs CAP_NET_ADMIN)") from None
+
+    def send_ike(self, message: bytes, addr: str, port: int) -> bool:
+        """Send an IKE message on the encapsulation port, behind the non-ESP marker (RFC 3948 §2.2)."""
+        if self._closed:
+            return False
+        try:
+            self._sock.sendto(NON_ESP_MARKER + message, (addr, port))
+        except OSError:
+            self.stats.tx_dropped += 1
+            return False
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += 4 + len(message)
+        return True
 
     def send_keepalive(self, addr: str, port: int = 4500) -> bool:
         """Send one NAT-keepalive (a single 0xFF byte, RFC 3948 §2.3); False if the kernel refused it."""

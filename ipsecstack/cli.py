@@ -45,7 +45,7 @@ def _run(cfg: Config) -> int:
     import structlog
 
     from ipsecstack.runtime import logs
-    from ipsecstack.runtime.agent import build_node
+    from ipsecstack.runtime.agent import attach_ike, build_node
     from ipsecstack.runtime.io import BackendError
     from ipsecstack.runtime.loop import loop_name, run
 
@@ -54,9 +54,14 @@ def _run(cfg: Config) -> int:
 
     async def main() -> None:
         node = build_node(cfg, log=log)
+        try:
+            attach_ike(cfg, node, log=log)
+        except BackendError:
+            node.stop()
+            raise
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
-            connections=[c.name for c in cfg.manual],
+            connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],
         )  # fmt: skip
         await node.run_until_signal()
 
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
             return 2
         if args.command == "check":
-            print(f"{args.config}: ok ({len(cfg.manual)} manual connection(s))")
+            print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg)
     if args.command == "transforms":

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from ipsecstack.datapath import Datapath
 from ipsecstack.errors import ConfigError
+from ipsecstack.ike.session import PeerConfig
 from ipsecstack.sa import Lifetime, SecurityAssociation
 from ipsecstack.spd import Action, Policy, Selector, Template
 
@@ -82,6 +83,8 @@ class ManualConnection:
 class Config:
     agent: AgentConfig
     manual: list[ManualConnection]
+    connections: list[PeerConfig] = field(default_factory=list)
+    start: list[str] = field(default_factory=list)
 
 
 def _type(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
@@ -282,11 +285,8 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("<file>", "<toml>", f"not valid TOML: {e}") from None
     _unknown("<top>", doc, {"agent", "manual", "connections", "secrets", "pools"})
-    for later in ("connections", "secrets", "pools"):
-        if later in doc:
-            raise ConfigError(
-                later, "...", "IKE connections are not supported by this version yet; use [manual.<name>]"
-            )
+    if "pools" in doc:
+        raise ConfigError("pools", "...", "virtual IP pools are not supported yet; remove [pools]")
     agent = _agent(doc.get("agent", {}))
 
     def no_files(p: str) -> str:
@@ -296,9 +296,12 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
         _manual(name, t, read_file or no_files, env if env is not None else {})
         for name, t in doc.get("manual", {}).items()
     ]
-    if not manual:
-        raise ConfigError("manual", "<missing>", "define at least one [manual.<name>] connection")
-    return Config(agent, manual)
+    from ipsecstack.connections import parse_connections
+
+    ike = parse_connections(doc, read_file or no_files, env if env is not None else {})
+    if not manual and not ike.peers:
+        raise ConfigError("connections", "<missing>", "define a [connections.<name>] or a [manual.<name>] connection")
+    return Config(agent, manual, ike.peers, ike.start)
 
 
 def manual_sas(c: ManualConnection) -> tuple[SecurityAssociation, SecurityAssociation]:

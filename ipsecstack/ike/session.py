@@ -70,6 +70,7 @@ class PeerConfig:
     retransmit_base: float = 1.8
     retransmit_tries: int = 5
     half_open_timeout: float = 30.0
+    encap: bool = False  # force UDP encapsulation: announce a NAT (as strongSwan's encap = yes does)
 
 
 @dataclass
@@ -253,8 +254,14 @@ class IkeSa:
 
     def _nat_notifies(self) -> list[m.AnyPayload]:
         local = self.cfg.local_addr
+        if self.cfg.encap:
+            # RFC 7296 §2.23 allows faking the source hash to force UDP encapsulation
+            self.nat = True
+            src_hash = self.rng(20)
+        else:
+            src_hash = nat_hash(self.spi_i, self.spi_r, local, self.local_port)
         return [
-            m.Notify(Notify.NAT_DETECTION_SOURCE_IP, nat_hash(self.spi_i, self.spi_r, local, self.local_port)),
+            m.Notify(Notify.NAT_DETECTION_SOURCE_IP, src_hash),
             m.Notify(
                 Notify.NAT_DETECTION_DESTINATION_IP, nat_hash(self.spi_i, self.spi_r, self.remote, self.remote_port)
             ),
@@ -596,9 +603,8 @@ class IkeSa:
             return None
 
     def _emit(self, data: bytes, port: int | None = None) -> None:
-        src = port if port is not None else (NAT_T_PORT if self.nat else self.local_port)
-        dst_port = NAT_T_PORT if self.nat and self.remote_port == 500 else self.remote_port
-        self._out.append(Datagram(data, self.remote, dst_port, src))
+        # Only the initiator moves to port 4500 (§2.23); the responder answers wherever requests come from.
+        self._out.append(Datagram(data, self.remote, self.remote_port, port if port is not None else self.local_port))
 
     def _derive(self, chosen: props.Chosen, peer_ke: bytes) -> bool:
         assert chosen.dh is not None and chosen.prf is not None
@@ -627,7 +633,7 @@ class IkeSa:
         want_src = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.remote, self.remote_port)
         want_dst = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.cfg.local_addr,
                             self.local_port)  # fmt: skip
-        if src.data != want_src or dst.data != want_dst:
+        if src.data != want_src or dst.data != want_dst or self.nat:
             self.nat = True
             if self.initiator:
                 self.local_port = NAT_T_PORT
@@ -660,7 +666,7 @@ class IkeSa:
         suite = chosen.esp_suite
         i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, self._ni, self._nr, suite)
         key_in, key_out = (r2i, i2r) if self.initiator else (i2r, r2i)
-        encap = (NAT_T_PORT, NAT_T_PORT) if self.nat else None
+        encap = (self.local_port, self.remote_port) if self.nat else None
         up = ChildUp(self, child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote,
                      encap)  # fmt: skip
         self.children.append(up)

@@ -11,22 +11,51 @@ from ipsecstack.runtime.io import BackendError, PacketPort
 from ipsecstack.runtime.node import Node
 
 DEFAULT_LINK_MTU = 1500
+IKE_OVERHEAD = 100  # IPv4 + UDP + ESP header + CBC IV + padding + trailer + 256-bit ICV, rounded up
 
 
 def tunnel_routes(cfg: Config) -> list[str]:
-    """Remote subnets of tunnel-mode connections: routed into the TUN device."""
+    """Remote subnets of tunnel-mode connections (manual and IKE): routed into the TUN device."""
     routes: list[str] = []
     for c in cfg.manual:
         if c.mode == "tunnel":
             routes += [str(ts.dst) for ts in c.remote_ts if ts.dst is not None]
+    for peer in cfg.connections:
+        for child in peer.children:
+            if child.mode == "tunnel":
+                routes += [n for r in child.remote_ts for n in r.networks() if n not in routes]
     return routes
+
+
+def local_address(cfg: Config) -> str:
+    if cfg.manual:
+        return cfg.manual[0].local_addr
+    return cfg.connections[0].local_addr
+
+
+def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
+    """Create the IKE endpoint for ``[connections]`` (None without any) and hook it to the node."""
+    if not cfg.connections:
+        return None
+    from ipsecstack.runtime.ike import IkeEndpoint
+
+    encap = node.outer if hasattr(node.outer, "send_ike") else None
+    if encap is not None:
+        # ESP leaves through the UDP socket only: make every IKE SA negotiate UDP encapsulation
+        for peer in cfg.connections:
+            peer.encap = True
+    ike = IkeEndpoint(node, cfg.connections, cfg.start, encap=encap, log=log or node.log)
+    node.on_start.append(ike.start)
+    node.on_stop.append(ike.close)
+    return ike
 
 
 def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Node:
     """Create the datapath and the configured backends (this needs root for real backends)."""
     dp = build_datapath(cfg, time.monotonic() if now is None else now)
     a = cfg.agent
-    overhead = max((sa.overhead for sa in dp.sad), default=0)
+    # IKE-negotiated SAs do not exist yet: assume the worst case of the transforms we support
+    overhead = max((sa.overhead for sa in dp.sad), default=IKE_OVERHEAD if cfg.connections else 0)
     if a.inner_backend == "nfqueue":
         from backends.nfqueue import NfqueueTransport
 
@@ -40,7 +69,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         inner = TunPort(a.tun_name, mtu=mtu, addresses=a.tun_addrs, routes=tunnel_routes(cfg))
     else:
         raise BackendError("inner_backend = 'memory' is for tests and the demo; it cannot be run as a daemon")
-    local = cfg.manual[0].local_addr
+    local = local_address(cfg)
     family = ipaddress.ip_address(local).version
     outer: PacketPort
     try:

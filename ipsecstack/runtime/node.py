@@ -72,6 +72,8 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._pending: set[str] = set()
         self.batches = 0
+        self.on_start: list[Callable[[], None]] = []  # e.g. the IKE endpoint, after the ports attach
+        self.on_stop: list[Callable[[], None]] = []  # run before the ports close
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -88,9 +90,15 @@ class Node:
             self.queue_in.attach(self._loop, self._queue_in_readable)
         self._arm_timer()
         self.log.info("node started", batch=self.batch_size)
+        for hook in self.on_start:
+            hook()
 
     def stop(self) -> None:
         """Detach and close every port; idempotent."""
+        hooks, self.on_stop = self.on_stop, []
+        for hook in hooks:
+            with contextlib.suppress(Exception):
+                hook()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -113,8 +113,10 @@ def test_not_toml_and_missing_sections() -> None:
         parse("[manual")
     with pytest.raises(ConfigError, match="manual"):
         parse("[agent]\n")
-    with pytest.raises(ConfigError, match="not supported by this version yet"):
+    with pytest.raises(ConfigError, match="local_addrs"):
         parse("[connections.x]\n")
+    with pytest.raises(ConfigError, match="pools"):
+        parse("[pools.p]\n")
 
 
 def test_units() -> None:

@@ -1,0 +1,192 @@
+"""``[connections.<name>]`` and ``[secrets.ike.<name>]``: IKEv2 peers, shaped like swanctl.conf.
+
+    [connections.site-b]
+    local_addrs = ["172.31.0.1"]
+    remote_addrs = ["172.31.0.2"]
+    proposals = ["aes128gcm16-prfsha256-x25519"]
+    local = { auth = "psk", id = "a.example" }
+    remote = { auth = "psk", id = "b.example" }
+
+    [connections.site-b.children.net]
+    local_ts = ["10.1.0.0/16"]
+    remote_ts = ["10.2.0.0/16"]
+    esp_proposals = ["aes128gcm16"]
+    mode = "tunnel"
+    start_action = "start"
+
+    [secrets.ike.site-b]
+    id = ["a.example", "b.example"]
+    secret = "..."          # or secret_file / secret_env
+
+Theory of operation: parsing only; every error names the key path. The result is a list of
+:class:`ipsecstack.ike.session.PeerConfig` plus the children to start at launch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ipsecstack.errors import ConfigError
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike.const import Protocol
+from ipsecstack.ike.session import ChildConfig, PeerConfig, identity
+from ipsecstack.ike.ts import Range
+
+_CONN_KEYS = {
+    "local_addrs", "remote_addrs", "proposals", "local", "remote", "children", "version", "dpd_delay",
+    "rekey_time", "reauth_time", "over_time", "encap", "mobike", "pools", "send_certreq", "unique", "local_port",
+    "remote_port",
+}  # fmt: skip
+_CHILD_KEYS = {
+    "local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "close_action", "dpd_action",
+    "rekey_time", "life_time", "rekey_bytes", "rekey_packets", "replay_window", "updown",
+}  # fmt: skip
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
+_DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
+_DEFAULT_ESP = "aes128gcm16"
+
+
+@dataclass
+class IkeSettings:
+    peers: list[PeerConfig]
+    start: list[str]  # connection names with a child whose start_action is "start"
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(path, value, "give a list of strings (or one comma-separated string)")
+    return value
+
+
+def _single_addr(value: Any, path: str, allow_any: bool) -> str | None:
+    items = _list(value, path)
+    if allow_any and (not items or items == ["%any"]):
+        return None
+    if len(items) != 1:
+        raise ConfigError(path, value, "give exactly one address (several addresses are not supported yet)")
+    try:
+        return str(ipaddress.ip_address(items[0]))
+    except ValueError:
+        raise ConfigError(path, items[0], "give an IPv4 or IPv6 address" + (" or %any" if allow_any else "")) from None
+
+
+def _ts(value: Any, path: str) -> list[Range]:
+    from ipsecstack.config import parse_ts
+
+    items = _list(value, path)
+    if not items:
+        raise ConfigError(path, value, "give at least one subnet, e.g. ['10.1.0.0/16']")
+    return [Range.from_selector(parse_ts(x, f"{path}[{i}]")) for i, x in enumerate(items)]
+
+
+def _psk(
+    name: str, ids: tuple[str, str], secrets: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str]
+) -> bytes:
+    for sname, s in secrets.items():
+        path = f"secrets.ike.{sname}"
+        if not isinstance(s, dict):
+            raise ConfigError(path, "...", "each secret is a table with id and secret")
+        sid = s.get("id", [])
+        sids = set(_list(sid, f"{path}.id")) if sid else set()
+        if sname != name and not (sids & set(ids)):
+            continue
+        sources = [k for k in ("secret", "secret_file", "secret_env") if k in s]
+        if len(sources) != 1:
+            raise ConfigError(f"{path}.secret", "<missing>", "give exactly one of secret, secret_file, secret_env")
+        src = sources[0]
+        raw = s[src]
+        if src == "secret_file":
+            try:
+                raw = read_file(raw).strip()
+            except OSError as e:
+                raise ConfigError(f"{path}.secret_file", raw, f"cannot read it: {e.strerror}") from None
+        elif src == "secret_env":
+            if raw not in env:
+                raise ConfigError(f"{path}.secret_env", raw, "that environment variable is not set")
+            raw = env[raw]
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"{path}.{src}", "<secret>", "the secret must be a non-empty string")
+        if raw.startswith("0x"):
+            try:
+                return bytes.fromhex(raw[2:])
+            except ValueError:
+                raise ConfigError(f"{path}.{src}", "<secret>", "0x-prefixed secrets must be hex") from None
+        return raw.encode()
+    raise ConfigError(f"secrets.ike.{name}", "<missing>", f"add a [secrets.ike.{name}] with the pre-shared key")
+
+
+def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str]) -> IkeSettings:
+    conns = doc.get("connections", {})
+    secrets = doc.get("secrets", {}).get("ike", {})
+    peers: list[PeerConfig] = []
+    start: list[str] = []
+    for name, c in conns.items():
+        path = f"connections.{name}"
+        if not isinstance(c, dict):
+            raise ConfigError(path, c, "each connection is a table")
+        for k in c:
+            if k not in _CONN_KEYS:
+                raise ConfigError(f"{path}.{k}", c[k], f"unknown key; known keys: {', '.join(sorted(_CONN_KEYS))}")
+        if c.get("version", 2) != 2:
+            raise ConfigError(f"{path}.version", c["version"], "only IKEv2 (version = 2) is supported")
+        for unsupported in ("mobike", "pools", "reauth_time"):
+            if c.get(unsupported):
+                raise ConfigError(f"{path}.{unsupported}", c[unsupported], "not supported yet; remove it")
+        local_addr = _single_addr(c.get("local_addrs", []), f"{path}.local_addrs", False)
+        remote_addr = _single_addr(c.get("remote_addrs", ["%any"]), f"{path}.remote_addrs", True)
+        assert local_addr is not None
+        ike_props = [props.parse(p, Protocol.IKE, f"{path}.proposals[{i}]")
+                     for i, p in enumerate(_list(c.get("proposals", [_DEFAULT_IKE]), f"{path}.proposals"))]  # fmt: skip
+        ids = []
+        for side in ("local", "remote"):
+            t = c.get(side, {})
+            for k in t:
+                if k not in _AUTH_KEYS:
+                    raise ConfigError(
+                        f"{path}.{side}.{k}", t[k], f"unknown key; known: {', '.join(sorted(_AUTH_KEYS))}"
+                    )
+            auth = t.get("auth", "psk")
+            if auth != "psk":
+                raise ConfigError(f"{path}.{side}.auth", auth, "only psk is supported in this version")
+            default = local_addr if side == "local" else (remote_addr or "%any")
+            ids.append(str(t.get("id", default)))
+        psk = _psk(name, (ids[0], ids[1]), secrets, read_file, env)
+        children = []
+        for cname, ch in c.get("children", {}).items():
+            cpath = f"{path}.children.{cname}"
+            for k in ch:
+                if k not in _CHILD_KEYS:
+                    raise ConfigError(f"{cpath}.{k}", ch[k], f"unknown key; known: {', '.join(sorted(_CHILD_KEYS))}")
+            if "ah_proposals" in ch:
+                raise ConfigError(f"{cpath}.ah_proposals", ch["ah_proposals"], "IKE-negotiated AH is not supported yet")
+            mode = ch.get("mode", "tunnel")
+            if mode not in ("tunnel", "transport"):
+                raise ConfigError(f"{cpath}.mode", mode, "use tunnel or transport")
+            lts = _ts(ch.get("local_ts", [local_addr]), f"{cpath}.local_ts")
+            rts = _ts(ch.get("remote_ts", [remote_addr] if remote_addr else []), f"{cpath}.remote_ts")
+            esp_list = _list(ch.get("esp_proposals", [_DEFAULT_ESP]), f"{cpath}.esp_proposals")
+            esp = [props.parse(p, Protocol.ESP, f"{cpath}.esp_proposals[{i}]") for i, p in enumerate(esp_list)]
+            action = ch.get("start_action", "none")
+            if action not in ("none", "start", "trap"):
+                raise ConfigError(f"{cpath}.start_action", action, "use none, start or trap")
+            if action in ("start", "trap") and remote_addr is None:
+                raise ConfigError(
+                    f"{path}.remote_addrs", "%any", "a connection that starts itself needs a remote address"
+                )
+            if action in ("start", "trap") and name not in start:
+                start.append(name)
+            children.append(ChildConfig(cname, lts, rts, esp, mode))
+        if not children:
+            raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
+        peers.append(PeerConfig(
+            name, local_addr, remote_addr, ike_props, identity(ids[0]),
+            None if ids[1] == "%any" else identity(ids[1]), psk, children,
+            local_port=int(c.get("local_port", 500)), remote_port=int(c.get("remote_port", 500)),
+            encap=bool(c.get("encap", False)),
+        ))  # fmt: skip
+    return IkeSettings(peers, start)

@@ -1,0 +1,229 @@
+"""The IKE endpoint: UDP port 500, IKE on the 4500 encapsulation socket, and child SAs into the datapath.
+
+Theory of operation
+-------------------
+The sans-IO :class:`~ipsecstack.ike.manager.IkeManager` does the protocol; this module moves its
+datagrams and acts on its events. Port 500 is a UDP socket of its own per local address; IKE on
+port 4500 shares the ESP-in-UDP socket (the outer ``udp`` backend), where the datapath hands
+non-ESP-marker datagrams back through ``Node.on_ike``. After every input (datagram or timer) the
+endpoint sends what the manager queued, applies its events and re-arms its single timer.
+
+A ``ChildUp`` installs an inbound and an outbound ESP SA sharing a fresh ``reqid`` plus the SPD
+policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
+``IkeDown`` remove them. Connections with ``start_action = start`` are initiated at launch and
+re-initiated ``RETRY_DELAY`` seconds after they go down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import time
+from typing import Any, Literal
+
+from ipsecstack.datapath import Datapath, IkeDatagram
+from ipsecstack.entropy import Rng, system_rng
+from ipsecstack.ike.manager import IkeManager
+from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeUp, PeerConfig, id_text
+from ipsecstack.ike.ts import to_selectors
+from ipsecstack.runtime.io import BackendError
+from ipsecstack.runtime.node import Node
+from ipsecstack.sa import SecurityAssociation
+from ipsecstack.spd import Action, Policy, Template
+
+RETRY_DELAY = 5.0
+IKE_PORT = 500
+
+
+def _fp(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+class IkeEndpoint:
+    def __init__(self, node: Node, peers: list[PeerConfig], start: list[str], *, encap: Any = None,
+                 rng: Rng = system_rng, log: Any, clock: Any = time.monotonic) -> None:  # fmt: skip
+        self.node = node
+        self.dp: Datapath = node.datapath
+        self.manager = IkeManager(peers, rng)
+        self.start_names = start
+        self.encap = encap
+        self.log = log
+        self.clock = clock
+        self._socks: dict[str, socket.socket] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reqid = 0
+        self._installed: dict[int, tuple[list[SecurityAssociation], list[Policy]]] = {}
+        self._closing = False
+        for addr in sorted({p.local_addr for p in peers}):
+            fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            try:
+                s.bind((addr, IKE_PORT))
+            except OSError as e:
+                s.close()
+                self.close()
+                raise BackendError(f"cannot bind IKE port {addr}:{IKE_PORT}: {e.strerror} "
+                                   "(is another IKE daemon running? are we root?)") from None  # fmt: skip
+            self._socks[addr] = s
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for s in self._socks.values():
+            self._loop.add_reader(s.fileno(), self._readable, s)
+        self.node.on_ike = self._on_encap_ike
+        now = self.clock()
+        for name in self.start_names:
+            self._initiate(name, now)
+        self._pump()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        now = self.clock()
+        for sa in list(self.manager.sas.values()):
+            if sa.established:
+                sa.delete(now)
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._send(self.manager.datagrams())
+        for s in self._socks.values():
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(s.fileno())
+            s.close()
+        self._socks.clear()
+
+    def _initiate(self, name: str, now: float) -> None:
+        sa = self.manager.initiate(name, now)
+        self.log.info("ike initiating", conn=name, peer=sa.remote, proposals=[p.text for p in sa.cfg.proposals])
+
+    # --- input -----------------------------------------------------------------------------------
+
+    def _readable(self, s: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            self.manager.receive(data, addr[0], addr[1], IKE_PORT, self.clock())
+        self._pump()
+
+    def _on_encap_ike(self, d: IkeDatagram) -> None:
+        import ipaddress
+
+        self.manager.receive(d.message, str(ipaddress.ip_address(d.src)), d.sport, d.dport, self.clock())
+        self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.manager.handle_timer(self.clock())
+        self._pump()
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        self._send(self.manager.datagrams())
+        for name, why in self.manager.failures:
+            self.log.warning("ike proposal mismatch", conn=name, reason=why)
+        self.manager.failures.clear()
+        for ev in self.manager.events():
+            self._event(ev)
+        self._send(self.manager.datagrams())
+        self._arm()
+
+    def _send(self, dgs: list[Datagram]) -> None:
+        for d in dgs:
+            if d.src_port == IKE_PORT or self.encap is None:
+                sock = self._sock_for(d.dst)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.sendto(d.data, (d.dst, d.dst_port))
+            else:
+                self.encap.send_ike(d.data, d.dst, d.dst_port)
+
+    def _sock_for(self, dst: str) -> socket.socket | None:
+        want_v6 = ":" in dst
+        return next((s for a, s in self._socks.items() if (":" in a) == want_v6), None)
+
+    def _arm(self) -> None:
+        if self._loop is None or self._closing:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.manager.get_timer()
+        if when is not None:
+            self._timer = self._loop.call_later(max(0.0, when - self.clock()), self._on_timer)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _event(self, ev: object) -> None:
+        if isinstance(ev, IkeUp):
+            sa = ev.sa
+            peer = id_text(*sa.peer_id) if sa.peer_id else "?"
+            suite = sa.chosen.describe() if sa.chosen else "?"
+            self.log.info("ike sa established", conn=sa.cfg.name, peer=sa.remote, peer_id=peer, proposal=suite,
+                          spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), nat=sa.nat)  # fmt: skip
+        elif isinstance(ev, ChildUp):
+            self._install(ev)
+        elif isinstance(ev, ChildDown):
+            self._uninstall_spi(ev.spi_in)
+        elif isinstance(ev, IkeDown):
+            sa = ev.sa
+            self.log.warning("ike sa down", conn=sa.cfg.name, peer=sa.remote, reason=ev.reason)
+            if sa.cfg.name in self.start_names and not self._closing and self._loop is not None:
+                self._loop.call_later(RETRY_DELAY, self._retry, sa.cfg.name)
+
+    def _retry(self, name: str) -> None:
+        if self._closing or any(sa.state != "closed" for sa in self.manager.by_name(name)):
+            return
+        self._initiate(name, self.clock())
+        self._pump()
+
+    def _install(self, ev: ChildUp) -> None:
+        sa = ev.sa
+        self._reqid += 1
+        reqid = self._reqid
+        local, remote = sa.cfg.local_addr, sa.remote
+        mode: Literal["tunnel", "transport"] = "transport" if ev.mode == "transport" else "tunnel"
+        common: dict[str, Any] = dict(
+            esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}"
+        )
+        out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
+                                  tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
+        inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",
+                                  tunnel_src=remote, tunnel_dst=local, **common)  # fmt: skip
+        now = self.clock()
+        self.dp.install(inb, now)
+        self.dp.install(out, now)
+        tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
+        pols: list[Policy] = []
+        for sel_out, sel_in in to_selectors(ev.local_ts, ev.remote_ts):
+            pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=out.name))
+            pols.append(Policy(sel_in, Action.PROTECT, "in", tmpl, name=out.name))
+        for p in pols:
+            self.dp.spd.add(p)
+        self._installed[reqid] = ([inb, out], pols)
+        self.node.notify_sas_changed()
+        self.log.info("child sa installed", conn=sa.cfg.name, child=ev.child.name, mode=mode, transform=ev.transform,
+                      spi_in=f"0x{ev.spi_in:08x}", spi_out=f"0x{ev.spi_out:08x}", encap=bool(ev.encap),
+                      local_ts=[str(r) for r in ev.local_ts], remote_ts=[str(r) for r in ev.remote_ts],
+                      key_in_fp=_fp(ev.key_in), key_out_fp=_fp(ev.key_out))  # fmt: skip
+
+    def _uninstall_spi(self, spi_in: int) -> None:
+        for reqid, (sas, pols) in list(self._installed.items()):
+            if any(s.spi == spi_in and s.direction == "in" for s in sas):
+                for s in sas:
+                    self.dp.remove(s)
+                for p in pols:
+                    with contextlib.suppress(ValueError):
+                        self.dp.spd.remove(p)
+                del self._installed[reqid]
+                self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
