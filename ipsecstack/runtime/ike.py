@@ -21,17 +21,17 @@ import contextlib
 import hashlib
 import socket
 import time
-from typing import Any, Literal
+from typing import Any
 
 from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
+from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeUp, PeerConfig, id_text
-from ipsecstack.ike.ts import to_selectors
 from ipsecstack.runtime.io import BackendError
 from ipsecstack.runtime.node import Node
 from ipsecstack.sa import SecurityAssociation
-from ipsecstack.spd import Action, Policy, Template
+from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
 IKE_PORT = 500
@@ -191,25 +191,13 @@ class IkeEndpoint:
         sa = ev.sa
         self._reqid += 1
         reqid = self._reqid
-        local, remote = sa.cfg.local_addr, sa.remote
-        mode: Literal["tunnel", "transport"] = "transport" if ev.mode == "transport" else "tunnel"
-        common: dict[str, Any] = dict(
-            esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}"
-        )
-        out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
-                                  tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
-        inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",
-                                  tunnel_src=remote, tunnel_dst=local, **common)  # fmt: skip
+        inb, out, pols = child_objects(ev, reqid)
         now = self.clock()
         self.dp.install(inb, now)
         self.dp.install(out, now)
-        tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
-        pols: list[Policy] = []
-        for sel_out, sel_in in to_selectors(ev.local_ts, ev.remote_ts):
-            pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=out.name))
-            pols.append(Policy(sel_in, Action.PROTECT, "in", tmpl, name=out.name))
         for p in pols:
             self.dp.spd.add(p)
+        mode = out.mode
         self._installed[reqid] = ([inb, out], pols)
         self.node.notify_sas_changed()
         self.log.info("child sa installed", conn=sa.cfg.name, child=ev.child.name, mode=mode, transform=ev.transform,

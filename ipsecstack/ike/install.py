@@ -1,0 +1,33 @@
+"""From a negotiated child SA (``ChildUp``) to datapath objects: two one-way SAs and their policies.
+
+The inbound and outbound SA share a ``reqid``; the SPD gets, for every pair of negotiated local and
+remote selectors, an outbound PROTECT policy and its inbound mirror, both bound to that reqid, so a
+rekeyed SA with the same reqid takes over without touching the policies (make-before-break).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ipsecstack.ike.session import ChildUp
+from ipsecstack.ike.ts import to_selectors
+from ipsecstack.sa import SecurityAssociation
+from ipsecstack.spd import Action, Policy, Template
+
+
+def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, SecurityAssociation, list[Policy]]:
+    """``(inbound SA, outbound SA, policies)`` for a ChildUp event."""
+    sa = ev.sa
+    local, remote = sa.cfg.local_addr, sa.remote
+    mode: Literal["tunnel", "transport"] = "transport" if ev.mode == "transport" else "tunnel"
+    common: dict[str, Any] = dict(esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}")
+    out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
+                              tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
+    inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",
+                              tunnel_src=remote, tunnel_dst=local, **common)  # fmt: skip
+    tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
+    pols: list[Policy] = []
+    for sel_out, sel_in in to_selectors(ev.local_ts, ev.remote_ts):
+        pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=out.name))
+        pols.append(Policy(sel_in, Action.PROTECT, "in", tmpl, name=out.name))
+    return inb, out, pols
