@@ -58,7 +58,9 @@ demo)
 test)
     # kernel-facing tests: namespaces, firewall, captures, throughput; NFQUEUE bindings build from source
     apt_install gcc python3-dev iproute2 iptables iputils-ping tcpdump tshark iperf3 \
-        libnetfilter-queue-dev libnfnetlink-dev
+        libnetfilter-queue-dev libnfnetlink-dev \
+        strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins \
+        libstrongswan-extra-plugins
     ensure_venv
     install_pkg "test,nfqueue"
     log "ruff"
