@@ -427,6 +427,9 @@ from ipsecstack.runtime.agent import build_node
 from ipsecstack.runtime.io import BackendError
 cfg = parse(Path(sys.argv[1]).read_text())
 if sys.argv[2] == "nobody":
+    # import what the backend needs first: the interpreter's stdlib may sit under /root (mode 700),
+    # unreadable once we are nobody
+    import backends.nfqueue  # noqa: F401
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
