@@ -30,7 +30,8 @@ OUTER_BACKENDS = ("raw", "udp", "nfqueue", "memory")
 
 _AGENT_KEYS = {
     "inner_backend", "outer_backend", "tun_name", "tun_mtu", "nfqueue_out", "nfqueue_in", "queue_bypass",
-    "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs",
+    "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs", "retransmit_timeout",
+    "retransmit_base", "retransmit_tries",
 }  # fmt: skip
 _MANUAL_KEYS = {
     "mode", "protocol", "transform", "local_addrs", "remote_addrs", "local_ts", "remote_ts", "spi_in", "spi_out",
@@ -47,6 +48,9 @@ class AgentConfig:
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None
     tun_addrs: list[str] = field(default_factory=list)
+    retransmit_timeout: float = 2.0  # IKE: first retransmission after this many seconds (RFC 7296 §2.4)
+    retransmit_base: float = 1.8  # ... then back off by this factor
+    retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions
     nfqueue_out: int = 10
     nfqueue_in: int = 11
     queue_bypass: bool = False
@@ -189,6 +193,12 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
             _type(path, v, str, "a string")
         elif k in ("queue_bypass", "mss_clamp"):
             _type(path, v, bool, "true or false")
+        elif k in ("retransmit_timeout", "retransmit_base"):
+            _type(path, v, (int, float), "a number of seconds / a factor")
+            if v <= 0 or (k == "retransmit_base" and v < 1):
+                raise ConfigError(path, v, "must be positive (and the base at least 1)")
+            setattr(a, k, float(v))
+            continue
         elif k == "tun_addrs":
             _type(path, v, list, "a list of addresses with prefix length, e.g. ['10.1.0.1/16']")
             for i, x in enumerate(v):
@@ -299,6 +309,10 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
     from ipsecstack.connections import parse_connections
 
     ike = parse_connections(doc, read_file or no_files, env if env is not None else {})
+    for peer in ike.peers:
+        peer.retransmit_timeout = agent.retransmit_timeout
+        peer.retransmit_base = agent.retransmit_base
+        peer.retransmit_tries = agent.retransmit_tries
     if not manual and not ike.peers:
         raise ConfigError("connections", "<missing>", "define a [connections.<name>] or a [manual.<name>] connection")
     return Config(agent, manual, ike.peers, ike.start)

@@ -75,6 +75,12 @@ def _single_addr(value: Any, path: str, allow_any: bool) -> str | None:
         raise ConfigError(path, items[0], "give an IPv4 or IPv6 address" + (" or %any" if allow_any else "")) from None
 
 
+def parse_duration(value: Any, path: str) -> float:
+    from ipsecstack.config import parse_duration as parse
+
+    return parse(value, path)
+
+
 def _ts(value: Any, path: str) -> list[Range]:
     from ipsecstack.config import parse_ts
 
@@ -180,7 +186,8 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
                 )
             if action in ("start", "trap") and name not in start:
                 start.append(name)
-            children.append(ChildConfig(cname, lts, rts, esp, mode))
+            rekey = parse_duration(ch["rekey_time"], f"{cpath}.rekey_time") if "rekey_time" in ch else 3600.0
+            children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None))
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
         peers.append(PeerConfig(
@@ -188,5 +195,6 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             None if ids[1] == "%any" else identity(ids[1]), psk, children,
             local_port=int(c.get("local_port", 500)), remote_port=int(c.get("remote_port", 500)),
             encap=bool(c.get("encap", False)),
+            dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
         ))  # fmt: skip
     return IkeSettings(peers, start)

@@ -39,6 +39,10 @@ class Algorithms:
     esn: tuple[bool, ...] = (False,)
     text: str = ""
 
+    def without_dh(self) -> Algorithms:
+        """The proposal as sent in IKE_AUTH: the first child SA has no key exchange of its own (§1.2)."""
+        return Algorithms(self.protocol, self.encr, self.integ, self.prf, (), self.esn, self.text)
+
     def to_payload(self, num: int, spi: bytes) -> m.Proposal:
         ts: list[m.Transform] = []
         for e in self.encr:
@@ -148,14 +152,22 @@ def _encr_match(e: EncrAlg, t: m.Transform) -> bool:
     return e.kind == "chacha" or t.key_length == e.key_len * 8
 
 
-def select(ours: list[Algorithms], theirs: list[m.Proposal], protocol: int) -> Chosen | None:
-    """Pick a proposal per §2.7 (our preference first); ``None`` means NO_PROPOSAL_CHOSEN."""
+def select(ours: list[Algorithms], theirs: list[m.Proposal], protocol: int, ignore_dh: bool = False) -> Chosen | None:
+    """Pick a proposal per §2.7 (our preference first); ``None`` means NO_PROPOSAL_CHOSEN.
+
+    ``ignore_dh``: the first child SA, negotiated in IKE_AUTH, has no key exchange of its own; key
+    exchange transforms in either side's proposals are disregarded (§1.2).
+    """
     for alg in ours:
         if alg.protocol != protocol:
             continue
+        if ignore_dh:
+            alg = alg.without_dh()
         for p in theirs:
             if p.protocol != protocol:
                 continue
+            if ignore_dh:
+                p = m.Proposal(p.num, p.protocol, p.spi, [t for t in p.transforms if t.type != TransformType.DH])
             got = _match(alg, p)
             if got is not None:
                 return got
@@ -206,7 +218,7 @@ def _match(alg: Algorithms, p: m.Proposal) -> Chosen | None:
     return Chosen(alg.protocol, encr, integ, prf, dh, esn, p.num, p.spi)
 
 
-def check_choice(offered: list[Algorithms], reply: m.Proposal, protocol: int) -> Chosen | None:
+def check_choice(offered: list[Algorithms], reply: m.Proposal, protocol: int, ignore_dh: bool = False) -> Chosen | None:
     """Initiator side: the responder's single-algorithm proposal must be one we offered (§2.7)."""
     per_type: dict[int, int] = {}
     for t in reply.transforms:
@@ -215,7 +227,13 @@ def check_choice(offered: list[Algorithms], reply: m.Proposal, protocol: int) ->
         per_type[t.type] = t.id
     if not 1 <= reply.num <= len(offered):
         return None
-    return _match(offered[reply.num - 1], reply)
+    alg = offered[reply.num - 1]
+    if ignore_dh:
+        alg = alg.without_dh()
+        reply = m.Proposal(
+            reply.num, reply.protocol, reply.spi, [t for t in reply.transforms if t.type != TransformType.DH]
+        )
+    return _match(alg, reply)
 
 
 def group(number: int) -> Group | None:

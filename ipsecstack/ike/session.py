@@ -50,6 +50,7 @@ class ChildConfig:
     remote_ts: list[Range]
     proposals: list[props.Algorithms]
     mode: str = "tunnel"
+    rekey_time: float | None = 3600.0  # seconds until the initiator of the child SA rekeys it
 
 
 @dataclass
@@ -71,6 +72,8 @@ class PeerConfig:
     retransmit_tries: int = 5
     half_open_timeout: float = 30.0
     encap: bool = False  # force UDP encapsulation: announce a NAT (as strongSwan's encap = yes does)
+    dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
+    rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
 
 
 @dataclass
@@ -106,6 +109,8 @@ class ChildUp:
     local_ts: list[Range]
     remote_ts: list[Range]
     encap: tuple[int, int] | None
+    replaces: int | None = None  # inbound SPI of the child SA this one rekeys (make-before-break)
+    rekey_at: float | None = None
 
 
 @dataclass
@@ -186,6 +191,8 @@ class IkeSa:
         self._cookie = b""
         self._ke_retries = 0
         self.children: list[ChildUp] = []
+        self.last_heard = now
+        self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
 
     def __repr__(self) -> str:
         return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
@@ -207,17 +214,38 @@ class IkeSa:
             return self._outstanding[3]
         if self.state == "init_done":
             return self.created + self.cfg.half_open_timeout
-        return None
+        if self.state != "established":
+            return None
+        times = [c.rekey_at for c in self.children if c.rekey_at is not None]
+        if self.cfg.dpd_delay:
+            times.append(self.last_heard + self.cfg.dpd_delay)
+        return min(times) if times else None
+
+    def heard(self, now: float) -> None:
+        """The peer is alive (an authenticated message, or inbound ESP the runtime saw)."""
+        self.last_heard = max(self.last_heard, now)
 
     def handle_timer(self, now: float) -> None:
         if self.state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
             self._close("half-open IKE SA timed out (no IKE_AUTH)")
             return
+        if self.state == "established" and self._outstanding is None:
+            due = next((c for c in self.children if c.rekey_at is not None and c.rekey_at <= now), None)
+            if due is not None:
+                self._rekey_child(due, now)
+                return
+            if self.cfg.dpd_delay and now >= self.last_heard + self.cfg.dpd_delay:
+                self._count("dpd_checks")
+                self._pending = ("dpd", None)
+                self._send_request(Exchange.INFORMATIONAL, [], now)
+                return
         if self._outstanding is None or now < self._outstanding[3]:
             return
         mid, data, tries, _ = self._outstanding
         if tries >= self.cfg.retransmit_tries:
-            self._close(f"peer did not answer after {tries + 1} transmissions")
+            dpd = self._pending is not None and self._pending[0] == "dpd"
+            self._close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
+                        + f" after {tries + 1} transmissions")  # fmt: skip
             return
         self._count("retransmissions")
         delay = self.cfg.retransmit_timeout * self.cfg.retransmit_base ** (tries + 1)
@@ -319,7 +347,7 @@ class IkeSa:
             self._child = child
             self._child_spi = self._new_child_spi()
             spi = self._child_spi.to_bytes(4, "big")
-            inner.append(m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
+            inner.append(m.SA([p.without_dh().to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
             inner.append(m.TS([r.to_payload() for r in child.local_ts], initiator=True))
             inner.append(m.TS([r.to_payload() for r in child.remote_ts], initiator=False))
             if child.mode == "transport":
@@ -358,7 +386,7 @@ class IkeSa:
             why = _notify_name(errors[0].notify_type) if errors else "no SA payload"
             self._child_failed(f"child SA {child.name} refused: {why}")
             return
-        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP)
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP, ignore_dh=True)
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
         tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
         if chosen is None or tsi is None or tsr is None or len(chosen.spi) != 4:
@@ -368,7 +396,7 @@ class IkeSa:
         local = [Range.from_payload(t) for t in tsi.selectors]
         remote = [Range.from_payload(t) for t in tsr.selectors]
         self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
-                       spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"))  # fmt: skip
+                       spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
 
     # --- responder ---------------------------------------------------------------------------
 
@@ -442,7 +470,7 @@ class IkeSa:
             out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
         self._respond(msg, out)
         self._established()
-        self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"))
+        self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), now=now)
 
     def _negotiate_child(
         self, inner: list[m.AnyPayload]
@@ -457,7 +485,7 @@ class IkeSa:
         offered_r = [Range.from_payload(t) for t in tsr.selectors]
         any_proposal = False
         for child in self.cfg.children:
-            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP)
+            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP, ignore_dh=True)
             if chosen is None or len(chosen.spi) != 4:
                 continue
             any_proposal = True
@@ -500,10 +528,16 @@ class IkeSa:
         if inner is None:
             return
         self._outstanding = None
+        self.heard(now)
+        pending, self._pending = self._pending, None
         if msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
             self._close("deleted")
+        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_child":
+            self._on_rekey_response(inner, pending[1], now)
+        elif msg.exchange == Exchange.INFORMATIONAL and pending is not None and pending[0] == "delete_child":
+            self._child_gone(pending[1])
 
     def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
         if msg.exchange == Exchange.IKE_SA_INIT:
@@ -531,10 +565,13 @@ class IkeSa:
             self.remote, self.remote_port = src, src_port
         self.local_port = dst_port
         self._peer_mid += 1
+        self.heard(now)
         if msg.exchange == Exchange.IKE_AUTH and self.state == "init_done":
             self._on_auth_request(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state in ("established", "deleting"):
             self._on_informational(msg, inner, now)
+        elif msg.exchange == Exchange.CREATE_CHILD_SA and self.state == "established":
+            self._on_create_child(msg, inner, now)
         else:
             self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)] if msg.exchange != Exchange.CREATE_CHILD_SA
                           else [m.Notify(Notify.NO_ADDITIONAL_SAS)])  # fmt: skip
@@ -552,8 +589,7 @@ class IkeSa:
                         for c in list(self.children):
                             if c.spi_out == int.from_bytes(spi, "big"):
                                 ours.append(c.spi_in.to_bytes(4, "big"))
-                                self.children.remove(c)
-                                self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+                                self._child_gone(c)
                     if ours:
                         reply.append(m.Delete(Protocol.ESP, ours))
         self._respond(msg, reply)
@@ -661,16 +697,134 @@ class IkeSa:
         self._events.append(IkeUp(self))
 
     def _child_up(self, child: ChildConfig, chosen: props.Chosen, mode: str, local: list[Range],
-                  remote: list[Range], *, spi_in: int, spi_out: int) -> None:  # fmt: skip
+                  remote: list[Range], *, spi_in: int, spi_out: int, nonces: tuple[bytes, bytes] | None = None,
+                  shared: bytes | None = None, we_initiated: bool | None = None, replaces: int | None = None,
+                  now: float = 0.0) -> None:  # fmt: skip
         assert self.chosen is not None and self.chosen.prf is not None and self.keys is not None
         suite = chosen.esp_suite
-        i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, self._ni, self._nr, suite)
-        key_in, key_out = (r2i, i2r) if self.initiator else (i2r, r2i)
+        ni, nr = nonces or (self._ni, self._nr)
+        i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, ni, nr, suite, shared)
+        initiator = self.initiator if we_initiated is None else we_initiated
+        key_in, key_out = (r2i, i2r) if initiator else (i2r, r2i)
         encap = (self.local_port, self.remote_port) if self.nat else None
+        rekey_at = None
+        if initiator and child.rekey_time:
+            # §2.8: rekey before expiry, a little early by a random amount, so both ends rarely collide
+            jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * child.rekey_time
+            rekey_at = now + child.rekey_time - jitter
         up = ChildUp(self, child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote,
-                     encap)  # fmt: skip
+                     encap, replaces, rekey_at)  # fmt: skip
         self.children.append(up)
         self._events.append(up)
+
+    def _child_gone(self, c: ChildUp) -> None:
+        if c in self.children:
+            self.children.remove(c)
+            self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+
+    # --- CREATE_CHILD_SA: rekeying a child SA (§1.3.3, §2.8) --------------------------------------
+
+    def _rekey_child(self, old: ChildUp, now: float) -> None:
+        child = old.child
+        old.rekey_at = None
+        spi_in = self._new_child_spi()
+        nonce = self.rng(32)
+        inner: list[m.AnyPayload] = [m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, old.spi_in.to_bytes(4, "big"))]
+        spi = spi_in.to_bytes(4, "big")
+        inner.append(m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
+        inner.append(m.Nonce(nonce))
+        group = child.proposals[0].dh[0] if child.proposals[0].dh else None
+        dh = None
+        if group is not None:
+            dh, pub = group.generate(self.rng)
+            inner.append(m.KE(group.number, pub))
+        inner.append(m.TS([r.to_payload() for r in old.local_ts], True))
+        inner.append(m.TS([r.to_payload() for r in old.remote_ts], False))
+        if old.mode == "transport":
+            inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        self._pending = ("rekey_child", (old, spi_in, nonce, dh))
+        self._count("child_rekeys_started")
+        self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
+
+    def _on_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
+        old, spi_in, nonce_i, dh = state
+        errors = [p for p in inner if isinstance(p, m.Notify) and p.notify_type < 16384]
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        if errors or len(sas) != 1 or len(sas[0].proposals) != 1 or nonce is None:
+            why = _notify_name(errors[0].notify_type) if errors else "malformed response"
+            self._count("child_rekey_failed")
+            self.failure = f"rekey of child SA {old.child.name} refused: {why}"
+            old.rekey_at = now + 30.0  # try again later; the old SA keeps carrying traffic
+            return
+        chosen = props.check_choice(old.child.proposals, sas[0].proposals[0], Protocol.ESP)
+        if chosen is None or len(chosen.spi) != 4:
+            old.rekey_at = now + 30.0
+            return
+        shared = None
+        if chosen.dh is not None:
+            ke = next((p for p in inner if isinstance(p, m.KE)), None)
+            try:
+                if ke is None or dh is None:
+                    raise KeyExchangeError("no KE payload for PFS")
+                shared = chosen.dh.shared(dh, ke.data)
+            except KeyExchangeError:
+                old.rekey_at = now + 30.0
+                return
+        self._child_up(old.child, chosen, old.mode, old.local_ts, old.remote_ts, spi_in=spi_in,
+                       spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nonce.data), shared=shared,
+                       we_initiated=True, replaces=old.spi_in, now=now)  # fmt: skip
+        self._count("child_rekeys")
+        # make-before-break: the new pair is installed; now retire the old one (§2.8)
+        self._pending = ("delete_child", old)
+        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [old.spi_in.to_bytes(4, "big")])], now)
+
+    def _on_create_child(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
+        rekey = next((p for p in inner if isinstance(p, m.Notify) and p.notify_type == Notify.REKEY_SA), None)
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        if rekey is None or len(sas) != 1 or nonce is None:
+            # new child SAs and IKE SA rekeying over CREATE_CHILD_SA are not implemented yet
+            self._respond(msg, [m.Notify(Notify.NO_ADDITIONAL_SAS)])
+            return
+        spi = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
+        old = next((c for c in self.children if spi in (c.spi_out, c.spi_in)), None)
+        if old is None:
+            self._respond(msg, [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", Protocol.ESP, rekey.spi)])
+            return
+        chosen = props.select(old.child.proposals, sas[0].proposals, Protocol.ESP)
+        if chosen is None or len(chosen.spi) != 4:
+            self._respond(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
+            return
+        ke = next((p for p in inner if isinstance(p, m.KE)), None)
+        shared = None
+        out: list[m.AnyPayload] = []
+        nr = self.rng(32)
+        spi_in = self._new_child_spi()
+        reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, chosen.dh, chosen.esn, chosen.number,
+                             spi_in.to_bytes(4, "big"))  # fmt: skip
+        out.append(m.SA([reply.to_payload()]))
+        out.append(m.Nonce(nr))
+        if chosen.dh is not None:
+            if ke is None or ke.group != chosen.dh.number:
+                self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+                return
+            priv, pub = chosen.dh.generate(self.rng)
+            try:
+                shared = chosen.dh.shared(priv, ke.data)
+            except KeyExchangeError:
+                self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+                return
+            out.append(m.KE(chosen.dh.number, pub))
+        out.append(m.TS([r.to_payload() for r in old.remote_ts], True))
+        out.append(m.TS([r.to_payload() for r in old.local_ts], False))
+        if old.mode == "transport":
+            out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        self._respond(msg, out)
+        self._child_up(old.child, chosen, old.mode, old.local_ts, old.remote_ts, spi_in=spi_in,
+                       spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce.data, nr), shared=shared,
+                       we_initiated=False, replaces=old.spi_in, now=now)  # fmt: skip
+        self._count("child_rekeys")
 
     def _child_failed(self, reason: str) -> None:
         self._count("child_failed")

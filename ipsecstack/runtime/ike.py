@@ -55,7 +55,10 @@ class IkeEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reqid = 0
-        self._installed: dict[int, tuple[list[SecurityAssociation], list[Policy]]] = {}
+        self._spi_reqid: dict[int, int] = {}
+        self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
+        self._policies: dict[int, list[Policy]] = {}
+        self._seen: dict[int, int] = {}
         self._closing = False
         for addr in sorted({p.local_addr for p in peers}):
             fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -123,6 +126,7 @@ class IkeEndpoint:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self.note_activity()
         self.manager.handle_timer(self.clock())
         self._pump()
 
@@ -189,29 +193,50 @@ class IkeEndpoint:
 
     def _install(self, ev: ChildUp) -> None:
         sa = ev.sa
-        self._reqid += 1
-        reqid = self._reqid
+        rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
+        if rekey:
+            # make-before-break (RFC 7296 §2.8): same reqid, so the policies stay and the newest
+            # outbound SA takes over at once; the old pair goes when its DELETE is done
+            reqid = self._spi_reqid[ev.replaces]  # type: ignore[index]
+        else:
+            self._reqid += 1
+            reqid = self._reqid
         inb, out, pols = child_objects(ev, reqid)
         now = self.clock()
         self.dp.install(inb, now)
         self.dp.install(out, now)
-        for p in pols:
-            self.dp.spd.add(p)
-        mode = out.mode
-        self._installed[reqid] = ([inb, out], pols)
+        self._spi_reqid[ev.spi_in] = reqid
+        self._pairs[ev.spi_in] = (inb, out)
+        if not rekey:
+            for p in pols:
+                self.dp.spd.add(p)
+            self._policies[reqid] = pols
         self.node.notify_sas_changed()
-        self.log.info("child sa installed", conn=sa.cfg.name, child=ev.child.name, mode=mode, transform=ev.transform,
-                      spi_in=f"0x{ev.spi_in:08x}", spi_out=f"0x{ev.spi_out:08x}", encap=bool(ev.encap),
-                      local_ts=[str(r) for r in ev.local_ts], remote_ts=[str(r) for r in ev.remote_ts],
-                      key_in_fp=_fp(ev.key_in), key_out_fp=_fp(ev.key_out))  # fmt: skip
+        self.log.info("child sa rekeyed" if rekey else "child sa installed", conn=sa.cfg.name, child=ev.child.name,
+                      mode=out.mode, transform=ev.transform, spi_in=f"0x{ev.spi_in:08x}", spi_out=f"0x{ev.spi_out:08x}",
+                      encap=bool(ev.encap), local_ts=[str(r) for r in ev.local_ts],
+                      remote_ts=[str(r) for r in ev.remote_ts], key_in_fp=_fp(ev.key_in),
+                      key_out_fp=_fp(ev.key_out))  # fmt: skip
 
     def _uninstall_spi(self, spi_in: int) -> None:
-        for reqid, (sas, pols) in list(self._installed.items()):
-            if any(s.spi == spi_in and s.direction == "in" for s in sas):
-                for s in sas:
-                    self.dp.remove(s)
-                for p in pols:
-                    with contextlib.suppress(ValueError):
-                        self.dp.spd.remove(p)
-                del self._installed[reqid]
-                self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
+        reqid = self._spi_reqid.pop(spi_in, None)
+        pair = self._pairs.pop(spi_in, None)
+        if reqid is None or pair is None:
+            return
+        for s in pair:
+            self.dp.remove(s)
+        if reqid not in self._spi_reqid.values():
+            for p in self._policies.pop(reqid, []):
+                with contextlib.suppress(ValueError):
+                    self.dp.spd.remove(p)
+        self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
+
+    def note_activity(self) -> None:
+        """Tell IKE SAs whose child SAs received ESP that their peer is alive (DPD, §2.4)."""
+        now = self.clock()
+        for sa in self.manager.sas.values():
+            for c in sa.children:
+                pair = self._pairs.get(c.spi_in)
+                if pair is not None and pair[0].packets != self._seen.get(c.spi_in):
+                    self._seen[c.spi_in] = pair[0].packets
+                    sa.heard(now)

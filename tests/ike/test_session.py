@@ -240,3 +240,58 @@ def test_garbage_in_any_state_never_raises(mutations: list[tuple[int, int, bytes
             sa.receive(bad, B, 500, 500, 1.0)
             sa.datagrams()
     assert w.i.state in ("established", "closed")
+
+
+def _child_events(sa: IkeSa | None) -> list[object]:
+    return [e for e in _events(sa) if type(e).__name__ in ("ChildUp", "ChildDown")]
+
+
+@pytest.mark.parametrize("esp", ["aes128gcm16", "aes256-sha256-ecp256"])  # the second one with PFS
+def test_child_rekey_make_before_break(esp: str) -> None:
+    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", esp=esp)
+    cfg_i.children[0].rekey_time = 100.0
+    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", esp=esp))
+    w.run()
+    old_i = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    old_r = next(e for e in _events(w.r) if isinstance(e, ChildUp))
+    assert old_i.rekey_at is not None and 90.0 <= old_i.rekey_at <= 100.0  # up to 10% early (jitter)
+    t = w.i.get_timer()
+    assert t == old_i.rekey_at
+    w.i.handle_timer(t)
+    w.run(t)
+    ev_i, ev_r = _child_events(w.i), _child_events(w.r)
+    # new pair up first, then the old one retired (make-before-break, RFC 7296 §2.8)
+    assert [type(e).__name__ for e in ev_i] == ["ChildUp", "ChildDown"]
+    assert [type(e).__name__ for e in ev_r] == ["ChildUp", "ChildDown"]
+    new_i, new_r = ev_i[0], ev_r[0]
+    assert isinstance(new_i, ChildUp) and isinstance(new_r, ChildUp)
+    assert new_i.replaces == old_i.spi_in and new_r.replaces == old_r.spi_in
+    assert new_i.key_out == new_r.key_in and new_i.key_in == new_r.key_out
+    assert new_i.key_out != old_i.key_out and new_i.spi_out == new_r.spi_in
+    assert ev_i[1].spi_in == old_i.spi_in and ev_r[1].spi_in == old_r.spi_in  # type: ignore[attr-defined]
+    assert [c.spi_in for c in w.i.children] == [new_i.spi_in]
+    assert w.i.stats["child_rekeys"] == 1 and w.r is not None and w.r.stats["child_rekeys"] == 1
+
+
+def test_dpd_detects_a_dead_peer_and_a_live_one_answers() -> None:
+    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i.dpd_delay = 10.0
+    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.run()
+    _events(w.i)
+    assert w.i.get_timer() == 10.0
+    w.i.handle_timer(10.0)
+    w.run(10.0)  # the responder answers the empty INFORMATIONAL
+    assert w.i.established and w.i.stats["dpd_checks"] == 1
+    w.i.heard(15.0)  # inbound ESP seen by the runtime
+    assert w.i.get_timer() == 25.0
+    # now the peer dies: nothing answers
+    w.i.handle_timer(25.0)
+    for _ in range(10):
+        t = w.i.get_timer()
+        if t is None:
+            break
+        w.i.handle_timer(t)
+        w.i.datagrams()
+    downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    assert downs and "dead peer" in downs[0].reason
