@@ -112,8 +112,12 @@ def iperf(pair: nsutil.Pair, server_addr: str, args: list[str], seconds: float) 
     server = pair.b.popen("iperf3", "-s", "-1", "-B", server_addr)
     try:
         time.sleep(0.3)
-        cmd = ["iperf3", "-c", server_addr, "-t", str(seconds), "-J", *args]
-        out = pair.a.run(*cmd, check=False, timeout=seconds + 30)
+        cmd = ["iperf3", "-c", server_addr, "-t", str(seconds), "-J", "--connect-timeout", "5000", *args]
+        try:
+            out = pair.a.run(*cmd, check=False, timeout=seconds + 20)
+        except subprocess.TimeoutExpired:
+            # e.g. a UDP flood starving iperf3's own control connection through a full queue
+            return {"error": f"iperf3 did not finish within {seconds + 20:.0f}s"}
         try:
             return json.loads(out.stdout)  # type: ignore[no-any-return]
         except json.JSONDecodeError:
