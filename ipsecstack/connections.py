@@ -140,6 +140,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
                 raise ConfigError(f"{path}.{k}", c[k], f"unknown key; known keys: {', '.join(sorted(_CONN_KEYS))}")
         if c.get("version", 2) != 2:
             raise ConfigError(f"{path}.version", c["version"], "only IKEv2 (version = 2) is supported")
+        ike_rekey = parse_duration(c["rekey_time"], f"{path}.rekey_time") if "rekey_time" in c else 14400.0
         for unsupported in ("mobike", "pools", "reauth_time"):
             if c.get(unsupported):
                 raise ConfigError(f"{path}.{unsupported}", c[unsupported], "not supported yet; remove it")
@@ -194,7 +195,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             name, local_addr, remote_addr, ike_props, identity(ids[0]),
             None if ids[1] == "%any" else identity(ids[1]), psk, children,
             local_port=int(c.get("local_port", 500)), remote_port=int(c.get("remote_port", 500)),
-            encap=bool(c.get("encap", False)),
+            encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None,
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
         ))  # fmt: skip
     return IkeSettings(peers, start)

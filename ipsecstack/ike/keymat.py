@@ -85,12 +85,18 @@ def ike_sa_keys(
     encr_key_len: int,
     integ_key_len: int,
     old_sk_d: bytes | None = None,
+    old_prf: Prf | None = None,
 ) -> tuple[bytes, IkeKeys]:
     """``(SKEYSEED, keys)`` for a new IKE SA, or for a rekeyed one when ``old_sk_d`` is given.
 
-    ``encr_key_len`` includes the salt of AEAD ciphers (RFC 5282 §7.1: 4 bytes for GCM).
+    ``encr_key_len`` includes the salt of AEAD ciphers (RFC 5282 §7.1: 4 bytes for GCM). When
+    rekeying, SKEYSEED is computed with the *old* IKE SA's PRF, since the rekeying exchange belongs
+    to the old SA (§2.18); the new PRF expands it.
     """
-    skeyseed = prf(ni + nr, shared) if old_sk_d is None else prf(old_sk_d, shared + ni + nr)
+    if old_sk_d is None:
+        skeyseed = prf(ni + nr, shared)
+    else:
+        skeyseed = (old_prf or prf)(old_sk_d, shared + ni + nr)
     n = prf.size
     total = 3 * n + 2 * integ_key_len + 2 * encr_key_len
     km = prf_plus(prf, skeyseed, ni + nr + spi_i + spi_r, total)

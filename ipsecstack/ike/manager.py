@@ -18,7 +18,7 @@ from __future__ import annotations
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Exchange
-from ipsecstack.ike.session import Datagram, Event, IkeSa, PeerConfig
+from ipsecstack.ike.session import Datagram, Event, IkeRekeyed, IkeSa, PeerConfig
 
 DEFAULT_HALF_OPEN_LIMIT = 256
 
@@ -103,7 +103,12 @@ class IkeManager:
     def events(self) -> list[Event]:
         out, self._closed_events = self._closed_events, []
         for key, sa in list(self.sas.items()):
-            out += sa.events()
+            evs = sa.events()
+            for ev in evs:
+                if isinstance(ev, IkeRekeyed):
+                    new = ev.new
+                    self.sas[new.spi_i if new.initiator else new.spi_r] = new
+            out += evs
             if sa.state == "closed":
                 del self.sas[key]
                 self._init_index.pop((sa.spi_i, sa.remote), None)

@@ -73,6 +73,7 @@ class PeerConfig:
     half_open_timeout: float = 30.0
     encap: bool = False  # force UDP encapsulation: announce a NAT (as strongSwan's encap = yes does)
     dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
+    rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
 
 
@@ -87,6 +88,12 @@ class Datagram:
 @dataclass
 class IkeUp:
     sa: IkeSa
+
+
+@dataclass
+class IkeRekeyed:
+    old: IkeSa
+    new: IkeSa
 
 
 @dataclass
@@ -120,7 +127,7 @@ class ChildDown:
     spi_out: int
 
 
-Event = IkeUp | IkeDown | ChildUp | ChildDown
+Event = IkeUp | IkeRekeyed | IkeDown | ChildUp | ChildDown
 
 
 def identity(text: str) -> tuple[int, bytes]:
@@ -193,6 +200,8 @@ class IkeSa:
         self.children: list[ChildUp] = []
         self.last_heard = now
         self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
+        self.rekey_at: float | None = None
+        self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
 
     def __repr__(self) -> str:
         return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
@@ -217,6 +226,8 @@ class IkeSa:
         if self.state != "established":
             return None
         times = [c.rekey_at for c in self.children if c.rekey_at is not None]
+        if self.rekey_at is not None:
+            times.append(self.rekey_at)
         if self.cfg.dpd_delay:
             times.append(self.last_heard + self.cfg.dpd_delay)
         return min(times) if times else None
@@ -230,6 +241,9 @@ class IkeSa:
             self._close("half-open IKE SA timed out (no IKE_AUTH)")
             return
         if self.state == "established" and self._outstanding is None:
+            if self.rekey_at is not None and self.rekey_at <= now:
+                self._rekey_ike(now)
+                return
             due = next((c for c in self.children if c.rekey_at is not None and c.rekey_at <= now), None)
             if due is not None:
                 self._rekey_child(due, now)
@@ -376,7 +390,7 @@ class IkeSa:
                         f"{id_text(*self.cfg.remote_id)!r}")  # fmt: skip
             return
         self.peer_id = (idr.id_type, idr.data)
-        self._established()
+        self._established(now)
         child = self._child
         if child is None:
             return
@@ -458,7 +472,7 @@ class IkeSa:
         if isinstance(child_result, int):
             out.append(m.Notify(child_result))
             self._respond(msg, out)
-            self._established()
+            self._established(now)
             return
         child, chosen, mode, tsi, tsr = child_result
         spi_in = self._new_child_spi()
@@ -469,7 +483,7 @@ class IkeSa:
         if mode == "transport":
             out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
         self._respond(msg, out)
-        self._established()
+        self._established(now)
         self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), now=now)
 
     def _negotiate_child(
@@ -530,12 +544,16 @@ class IkeSa:
         self._outstanding = None
         self.heard(now)
         pending, self._pending = self._pending, None
-        if msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
+        if pending is not None and pending[0] == "delete_old_ike":
+            self._close("rekeyed")
+        elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
             self._close("deleted")
         elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_child":
             self._on_rekey_response(inner, pending[1], now)
+        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_ike":
+            self._on_ike_rekey_response(inner, pending[1], now)
         elif msg.exchange == Exchange.INFORMATIONAL and pending is not None and pending[0] == "delete_child":
             self._child_gone(pending[1])
 
@@ -594,7 +612,7 @@ class IkeSa:
                         reply.append(m.Delete(Protocol.ESP, ours))
         self._respond(msg, reply)
         if closing:
-            self._close("peer deleted the IKE SA")
+            self._close("rekeyed" if self.successor is not None else "peer deleted the IKE SA")
 
     def delete(self, now: float) -> None:
         """Start deleting the IKE SA (its children go with it, §1.4.1)."""
@@ -692,9 +710,16 @@ class IkeSa:
             if spi >= 256:
                 return spi
 
-    def _established(self) -> None:
+    def _established(self, now: float = 0.0) -> None:
         self.state = "established"
+        self._schedule_ike_rekey(now)
         self._events.append(IkeUp(self))
+
+    def _schedule_ike_rekey(self, now: float) -> None:
+        t = self.cfg.rekey_time
+        if t:
+            jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * t
+            self.rekey_at = now + t - jitter
 
     def _child_up(self, child: ChildConfig, chosen: props.Chosen, mode: str, local: list[Range],
                   remote: list[Range], *, spi_in: int, spi_out: int, nonces: tuple[bytes, bytes] | None = None,
@@ -779,10 +804,107 @@ class IkeSa:
         self._pending = ("delete_child", old)
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [old.spi_in.to_bytes(4, "big")])], now)
 
+    # --- CREATE_CHILD_SA: rekeying the IKE SA (§1.3.2, §2.18) ---------------------------------------
+
+    def _rekey_ike(self, now: float) -> None:
+        assert self.chosen is not None and self.chosen.dh is not None
+        self.rekey_at = None
+        spi = self.rng(8)
+        nonce = self.rng(32)
+        group = self.chosen.dh
+        priv, pub = group.generate(self.rng)
+        sa = m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(self.cfg.proposals)])
+        self._pending = ("rekey_ike", (spi, nonce, priv))
+        self._count("ike_rekeys_started")
+        self._send_request(Exchange.CREATE_CHILD_SA, [sa, m.Nonce(nonce), m.KE(group.number, pub)], now)
+
+    def _on_ike_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
+        spi_i, ni, priv = state
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        ke = next((p for p in inner if isinstance(p, m.KE)), None)
+        chosen = None
+        if len(sas) == 1 and len(sas[0].proposals) == 1:
+            chosen = props.check_choice(self.cfg.proposals, sas[0].proposals[0], Protocol.IKE)
+        if chosen is None or nonce is None or ke is None or chosen.dh is None or ke.group != chosen.dh.number \
+                or len(chosen.spi) != 8:  # fmt: skip
+            self._count("ike_rekey_failed")
+            self.rekey_at = now + 30.0
+            return
+        try:
+            shared = chosen.dh.shared(priv, ke.data)
+        except KeyExchangeError:
+            self.rekey_at = now + 30.0
+            return
+        self._successor(chosen, spi_i, chosen.spi, ni, nonce.data, shared, initiator=True, now=now)
+        # the old IKE SA is retired by its rekey initiator (§1.3.2)
+        self._pending = ("delete_old_ike", None)
+        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
+
+    def _on_ike_rekey_request(self, msg: m.Message, inner: list[m.AnyPayload], sa: m.SA, nonce: m.Nonce,
+                              now: float) -> None:  # fmt: skip
+        chosen = props.select(self.cfg.proposals, sa.proposals, Protocol.IKE)
+        ke = next((p for p in inner if isinstance(p, m.KE)), None)
+        if chosen is None or chosen.dh is None or len(chosen.spi) != 8:
+            self._respond(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
+            return
+        if ke is None or ke.group != chosen.dh.number:
+            self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+            return
+        priv, pub = chosen.dh.generate(self.rng)
+        try:
+            shared = chosen.dh.shared(priv, ke.data)
+        except KeyExchangeError:
+            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+            return
+        spi_r = self.rng(8)
+        nr = self.rng(32)
+        reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, chosen.prf, chosen.dh, False, chosen.number,
+                             spi_r)  # fmt: skip
+        self._respond(msg, [m.SA([reply.to_payload()]), m.Nonce(nr), m.KE(chosen.dh.number, pub)])
+        self._successor(chosen, chosen.spi, spi_r, nonce.data, nr, shared, initiator=False, now=now)
+
+    def _successor(self, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
+                   *, initiator: bool, now: float) -> None:  # fmt: skip
+        """Create the rekeyed IKE SA and move the child SAs to it (§2.18)."""
+        assert self.keys is not None and self.chosen is not None and chosen.prf is not None
+        new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, remote=self.remote,
+                    remote_port=self.remote_port)  # fmt: skip
+        new.local_port = self.local_port
+        new.nat = self.nat
+        new.peer_id = self.peer_id
+        new.spi_i, new.spi_r = spi_i, spi_r
+        new._ni, new._nr = ni, nr
+        encr_len = chosen.encr.key_len + chosen.encr.salt_len
+        integ_len = 0 if chosen.encr.aead or chosen.integ is None else chosen.integ.key_len
+        _, keys = ike_sa_keys(chosen.prf, shared, ni, nr, spi_i, spi_r, encr_len, integ_len,
+                              old_sk_d=self.keys.sk_d, old_prf=self.chosen.prf)  # fmt: skip
+        new.chosen = chosen
+        new.keys = keys
+        integ = None if chosen.encr.aead else chosen.integ
+        i_keys = sk.SkKeys(chosen.encr, integ, keys.sk_ei, keys.sk_ai)
+        r_keys = sk.SkKeys(chosen.encr, integ, keys.sk_er, keys.sk_ar)
+        new.tx, new.rx = (i_keys, r_keys) if initiator else (r_keys, i_keys)
+        new._next_mid = 0
+        new._peer_mid = 0
+        new.state = "established"
+        new._schedule_ike_rekey(now)
+        new.children, self.children = self.children, []
+        new.last_heard = now
+        self.successor = new
+        self.rekey_at = None
+        self.state = "deleting"  # the old SA only waits for (or sends) its DELETE now
+        self._count("ike_rekeys")
+        self._events.append(IkeRekeyed(self, new))
+
     def _on_create_child(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
         rekey = next((p for p in inner if isinstance(p, m.Notify) and p.notify_type == Notify.REKEY_SA), None)
         sas = [p for p in inner if isinstance(p, m.SA)]
         nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        if rekey is None and len(sas) == 1 and nonce is not None and sas[0].proposals \
+                and sas[0].proposals[0].protocol == Protocol.IKE:  # fmt: skip
+            self._on_ike_rekey_request(msg, inner, sas[0], nonce, now)
+            return
         if rekey is None or len(sas) != 1 or nonce is None:
             # new child SAs and IKE SA rekeying over CREATE_CHILD_SA are not implemented yet
             self._respond(msg, [m.Notify(Notify.NO_ADDITIONAL_SAS)])

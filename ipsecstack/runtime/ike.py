@@ -27,7 +27,7 @@ from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
-from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeUp, PeerConfig, id_text
+from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeRekeyed, IkeUp, PeerConfig, id_text
 from ipsecstack.runtime.io import BackendError
 from ipsecstack.runtime.node import Node
 from ipsecstack.sa import SecurityAssociation
@@ -179,8 +179,15 @@ class IkeEndpoint:
             self._install(ev)
         elif isinstance(ev, ChildDown):
             self._uninstall_spi(ev.spi_in)
+        elif isinstance(ev, IkeRekeyed):
+            new = ev.new
+            self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),
+                          spi_r=new.spi_r.hex(), children=len(new.children))  # fmt: skip
         elif isinstance(ev, IkeDown):
             sa = ev.sa
+            if sa.successor is not None:
+                self.log.info("old ike sa closed after rekey", conn=sa.cfg.name, spi_i=sa.spi_i.hex())
+                return
             self.log.warning("ike sa down", conn=sa.cfg.name, peer=sa.remote, reason=ev.reason)
             if sa.cfg.name in self.start_names and not self._closing and self._loop is not None:
                 self._loop.call_later(RETRY_DELAY, self._retry, sa.cfg.name)

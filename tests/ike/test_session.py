@@ -295,3 +295,63 @@ def test_dpd_detects_a_dead_peer_and_a_live_one_answers() -> None:
         w.i.datagrams()
     downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
     assert downs and "dead peer" in downs[0].reason
+
+
+def _pump(a: object, b: object, now: float) -> tuple[list[object], list[object]]:
+    """Move datagrams between two IkeManagers until quiet; returns (events of a, events of b)."""
+    from ipsecstack.ike.manager import IkeManager
+
+    assert isinstance(a, IkeManager) and isinstance(b, IkeManager)
+    ev_a: list[object] = []
+    ev_b: list[object] = []
+    for _ in range(20):
+        moved = False
+        for src, dst, addr, evs in ((a, b, A, ev_a), (b, a, B, ev_b)):
+            for d in src.datagrams():
+                moved = True
+                dst.receive(d.data, addr, d.src_port, d.dst_port, now)
+            evs += src.events()
+        if not moved:
+            break
+    ev_a += a.events()
+    ev_b += b.events()
+    return ev_a, ev_b
+
+
+def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
+    from ipsecstack.ike.manager import IkeManager
+    from ipsecstack.ike.session import IkeRekeyed
+
+    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519,aes256-sha384-ecp384")
+    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-x25519")
+    a, b = IkeManager([cfg_a], seeded_rng(11)), IkeManager([cfg_b], seeded_rng(12))
+    a.initiate("conn", 0.0)
+    _pump(a, b, 0.0)
+    (old_a,) = a.sas.values()
+    (old_b,) = b.sas.values()
+    assert old_a.rekey_at is not None and 14400 * 0.9 <= old_a.rekey_at <= 14400
+    old_a.rekey_at = 50.0
+    a.handle_timer(50.0)
+    ev_a, ev_b = _pump(a, b, 50.0)
+    assert any(isinstance(e, IkeRekeyed) for e in ev_a) and any(isinstance(e, IkeRekeyed) for e in ev_b)
+    assert [e.reason for e in ev_a + ev_b if isinstance(e, IkeDown)] == ["rekeyed", "rekeyed"]
+    assert not any(type(e).__name__ == "ChildDown" for e in ev_a + ev_b)  # children survive the rekey
+    (new_a,) = a.sas.values()
+    (new_b,) = b.sas.values()
+    assert (
+        new_a is not old_a
+        and new_b is not old_b
+        and new_a.spi_i != old_a.spi_i
+        and (new_a.spi_i, new_a.spi_r) == (new_b.spi_i, new_b.spi_r)
+    )
+    assert new_a.keys is not None and old_a.keys is not None and new_a.keys.sk_d != old_a.keys.sk_d
+    assert new_a.keys.sk_d == new_b.keys.sk_d  # type: ignore[union-attr]
+    assert len(new_a.children) == 1 and len(new_b.children) == 1
+    # the new IKE SA works: a child rekey over it, then a delete
+    new_a.children[0].rekey_at = 60.0
+    a.handle_timer(60.0)
+    ev_a, ev_b = _pump(a, b, 60.0)
+    assert [type(e).__name__ for e in ev_a if type(e).__name__.startswith("Child")] == ["ChildUp", "ChildDown"]
+    new_a.delete(70.0)
+    _pump(a, b, 70.0)
+    assert not a.sas and not b.sas

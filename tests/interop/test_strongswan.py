@@ -205,3 +205,31 @@ def test_dpd_detects_a_killed_strongswan(tmp_path: Path) -> None:
         finally:
             swan.stop()
             assert d.terminate() == 0, d.output()
+
+
+@pytest.mark.parametrize("rekeyer", ["strongswan", "ipsecstack"])
+def test_ike_sa_rekey_under_traffic_loses_no_ping(rekeyer: str, tmp_path: Path) -> None:
+    _require()
+    with nsutil.netns_pair("ik") as pair:
+        ours = 'rekey_time = "4s"\n' if rekeyer == "ipsecstack" else ""
+        path = _setup(pair, tmp_path, start="start", extra_conn=ours)
+        with sw.strongswan(pair.b, local=pair.addr_b, remote=pair.addr_a, psk=PSK, local_ts="10.2.0.0/16",
+                           remote_ts="10.1.0.0/16", conn="swan", child="net") as swan:  # fmt: skip
+            d = Daemon(pair.a, path)
+            try:
+                nsutil.wait_for(lambda: "child sa installed" in d.output(), timeout=30, what=f"child SA\n{d.output()}")
+                first_ike = swan.wait_established(timeout=10)[0].info["initiator-spi"]
+                if rekeyer == "strongswan":
+                    import threading
+
+                    threading.Timer(3.0, lambda: swan.rekey(ike="swan")).start()
+                sent, got, out = _flood_ping(pair, 80)
+                assert "ike sa rekeyed" in d.output(), d.output() + swan.log_tail(60)
+                assert got == sent, f"lost {sent - got} of {sent} pings across the IKE rekey:\n{out}\n{d.output()}"
+                time.sleep(0.5)
+                established = [s for s in swan.list_sas() if s.state == "ESTABLISHED"]
+                assert len(established) == 1 and established[0].info["initiator-spi"] != first_ike, swan.list_sas_text()
+                assert "ike sa down" not in d.output(), d.output()
+                _ping(pair, "10.1.0.1", "10.2.0.1")  # the moved child SA still carries traffic
+            finally:
+                assert d.terminate() == 0, d.output()
