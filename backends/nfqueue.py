@@ -99,6 +99,7 @@ MAX_COPY = 4096 - 80  # NetfilterQueue's copy range: its 4 KiB receive buffer le
 IPTABLES_TIMEOUT = 20.0
 MAX_JUMP_DELETES = 64
 DEFAULT_LINK_MTU = 1500
+WORST_OVERHEAD = 100  # IPv6 + UDP + ESP + CBC IV + padding + trailer + 256-bit ICV, rounded up
 TCP_HEADER = 20
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 51: "ah", 58: "icmpv6", 132: "sctp"}
 _PORT_PROTOS = (6, 17, 132)
@@ -190,9 +191,15 @@ def plan_rules(
     bypass: bool = False,
     encap_ports: Iterable[int] = (),
     mss: Callable[[Policy, int], int | None] | None = None,
+    ike_ports: Iterable[int] = (),
 ) -> list[Rule]:
-    """All rules for these SPD lists, in order. ``mss(policy, family)`` gives the clamp value (None: none)."""
+    """All rules for these SPD lists, in order. ``mss(policy, family)`` gives the clamp value (None: none).
+
+    ``ike_ports``: UDP ports of the agent's own IKE traffic, which bypasses IPsec in both directions
+    (RFC 4301 §5.1: the key manager's packets must not need the SAs they negotiate).
+    """
     encap = sorted(set(encap_ports))
+    ike = sorted(set(ike_ports))
     families = sorted({f for p in [*policies_out, *policies_in] for f in _families(p.selector)})
     rules: list[Rule] = []
     for fam in families:
@@ -200,6 +207,11 @@ def plan_rules(
         def add(table: str, chain: str, *args: str, fam: int = fam) -> None:
             rules.append(Rule(fam, table, chain, tuple(args)))
 
+        # IKE bypasses IPsec
+        for port in ike:
+            for chain in (CHAIN_OUT, CHAIN_IN):
+                add("filter", chain, "-p", "udp", "--sport", str(port), "-j", "RETURN")
+                add("filter", chain, "-p", "udp", "--dport", str(port), "-j", "RETURN")
         # outbound: never queue what is already protected, nor neighbour discovery
         add("filter", CHAIN_OUT, "-p", "esp", "-j", "RETURN")
         add("filter", CHAIN_OUT, *_proto_arg(51, fam), "-j", "RETURN")
@@ -443,6 +455,7 @@ class NfqueueTransport:
         encap_ports: Iterable[int] = (),
         log: Any = None,
         runner: Runner = _run_tool,
+        ike_ports: Iterable[int] = (),
     ) -> None:
         self.log = log or structlog.get_logger("ipsecstack").bind(backend="nfqueue")
         self._run = runner
@@ -460,6 +473,7 @@ class NfqueueTransport:
             bypass=bypass,
             encap_ports=encap_ports,
             mss=(lambda pol, fam: self._mss(dp, pol, fam)) if mss_clamp else None,
+            ike_ports=ike_ports,
         )
         for fam in sorted({r.family for r in self.rules}):
             if shutil.which(TOOLS[fam]) is None:
@@ -494,10 +508,18 @@ class NfqueueTransport:
                     f"manual.{c.name}: the nfqueue backend does transport mode only; tunnel mode uses "
                     "inner_backend = 'tun'"
                 )
+        for peer in cfg.connections:
+            for child in peer.children:
+                if child.mode != "transport":
+                    raise BackendError(
+                        f"connections.{peer.name}.children.{child.name}: the nfqueue backend does transport "
+                        "mode only; tunnel mode uses inner_backend = 'tun'"
+                    )
         encap = {c.encap_port for c in cfg.manual if c.encap}
+        ike_ports = {500} if cfg.connections else set()
         return cls(
             dp, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, bypass=a.queue_bypass, mss_clamp=a.mss_clamp,
-            encap_ports=encap, log=log,
+            encap_ports=encap, log=log, ike_ports=ike_ports,
         )  # fmt: skip
 
     # --- MSS ---------------------------------------------------------------------------------------
@@ -505,7 +527,8 @@ class NfqueueTransport:
     def _mss(self, dp: Datapath, pol: Policy, fam: int) -> int | None:
         t = pol.template
         sa = dp.sad.lookup_outbound(t) if t is not None else None
-        overhead = sa.overhead if sa is not None else max((s.overhead for s in dp.sad), default=0)
+        # no SA yet (a trap policy waiting for IKE): assume the worst case of the transforms we support
+        overhead = sa.overhead if sa is not None else max((s.overhead for s in dp.sad), default=WORST_OVERHEAD)
         peer = t.tunnel_dst if t is not None and t.tunnel_dst else None
         if peer is None and pol.selector.dst is not None:
             peer = str(pol.selector.dst.network_address)

@@ -52,7 +52,8 @@ _DEFAULT_ESP = "aes128gcm16"
 @dataclass
 class IkeSettings:
     peers: list[PeerConfig]
-    start: list[str]  # connection names with a child whose start_action is "start"
+    start: list[str]  # connection names with a child whose start_action is "start" (initiated at launch)
+    trap: list[str]  # ... or "trap" (negotiated when traffic needs it); both get trap policies
 
 
 def _list(value: Any, path: str) -> list[Any]:
@@ -131,6 +132,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
     secrets = doc.get("secrets", {}).get("ike", {})
     peers: list[PeerConfig] = []
     start: list[str] = []
+    trap: list[str] = []
     for name, c in conns.items():
         path = f"connections.{name}"
         if not isinstance(c, dict):
@@ -185,8 +187,10 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
                 raise ConfigError(
                     f"{path}.remote_addrs", "%any", "a connection that starts itself needs a remote address"
                 )
-            if action in ("start", "trap") and name not in start:
+            if action == "start" and name not in start:
                 start.append(name)
+            if action in ("start", "trap") and name not in trap:
+                trap.append(name)
             rekey = parse_duration(ch["rekey_time"], f"{cpath}.rekey_time") if "rekey_time" in ch else 3600.0
             children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None))
         if not children:
@@ -198,4 +202,4 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None,
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
         ))  # fmt: skip
-    return IkeSettings(peers, start)
+    return IkeSettings(peers, start, trap)

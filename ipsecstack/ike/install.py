@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ipsecstack.ike.session import ChildUp
+from ipsecstack.ike.session import ChildConfig, ChildUp
 from ipsecstack.ike.ts import to_selectors
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Action, Policy, Template
@@ -31,3 +31,17 @@ def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, Securit
         pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=out.name))
         pols.append(Policy(sel_in, Action.PROTECT, "in", tmpl, name=out.name))
     return inb, out, pols
+
+
+def trap_policies(peer_name: str, local: str, remote: str, child: ChildConfig, reqid: int) -> list[Policy]:
+    """Policies installed before negotiation for a child that starts itself (``start_action`` trap or
+    start), like xfrm's trap policies: matching packets raise an Acquire until the child SA is up, and
+    the negotiated SAs bind to them through ``reqid``."""
+    mode: Literal["tunnel", "transport"] = "transport" if child.mode == "transport" else "tunnel"
+    tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
+    name = f"{peer_name}/{child.name}"
+    pols: list[Policy] = []
+    for sel_out, sel_in in to_selectors(child.local_ts, child.remote_ts):
+        pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=name))
+        pols.append(Policy(sel_in, Action.PROTECT, "in", tmpl, name=name))
+    return pols

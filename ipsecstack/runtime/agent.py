@@ -7,11 +7,15 @@ import time
 from typing import Any
 
 from ipsecstack.config import Config, build_datapath
+from ipsecstack.datapath import Datapath
 from ipsecstack.runtime.io import BackendError, PacketPort
 from ipsecstack.runtime.node import Node
 
 DEFAULT_LINK_MTU = 1500
-IKE_OVERHEAD = 100  # IPv4 + UDP + ESP header + CBC IV + padding + trailer + 256-bit ICV, rounded up
+# IPv4 + UDP + ESP header + CBC IV + padding + trailer + 256-bit ICV, rounded up
+IKE_OVERHEAD = 100
+# reqids of trap policies; children negotiated without a trap count up from 1
+TRAP_REQID_BASE = 1 << 20
 
 
 def tunnel_routes(cfg: Config) -> list[str]:
@@ -44,15 +48,35 @@ def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
         # ESP leaves through the UDP socket only: make every IKE SA negotiate UDP encapsulation
         for peer in cfg.connections:
             peer.encap = True
-    ike = IkeEndpoint(node, cfg.connections, cfg.start, encap=encap, log=log or node.log)
+    ike = IkeEndpoint(node, cfg.connections, cfg.start, encap=encap, log=log or node.log, traps=node.traps,
+                      acquire_names=cfg.trap)  # fmt: skip
     node.on_start.append(ike.start)
     node.on_stop.append(ike.close)
     return ike
 
 
+def install_traps(cfg: Config, dp: Datapath) -> dict[tuple[str, str], int]:
+    """Policies for every IKE child with a known peer, installed before negotiation (xfrm-style trap
+    policies); returns their reqids by (conn, child). Traffic they match is protected or dropped, never
+    sent in clear; for ``start_action = trap`` it also triggers the negotiation (acquire)."""
+    from ipsecstack.ike.install import trap_policies
+
+    reqids: dict[tuple[str, str], int] = {}
+    for peer in cfg.connections:
+        if peer.remote_addr is None:
+            continue
+        for child in peer.children:
+            reqid = TRAP_REQID_BASE + len(reqids)
+            reqids[(peer.name, child.name)] = reqid
+            for pol in trap_policies(peer.name, peer.local_addr, peer.remote_addr, child, reqid):
+                dp.spd.add(pol)
+    return reqids
+
+
 def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Node:
     """Create the datapath and the configured backends (this needs root for real backends)."""
     dp = build_datapath(cfg, time.monotonic() if now is None else now)
+    traps = install_traps(cfg, dp)
     a = cfg.agent
     # IKE-negotiated SAs do not exist yet: assume the worst case of the transforms we support
     overhead = max((sa.overhead for sa in dp.sad), default=IKE_OVERHEAD if cfg.connections else 0)
@@ -60,7 +84,9 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         from backends.nfqueue import NfqueueTransport
 
         nfq = NfqueueTransport.from_config(cfg, dp)
-        return Node(dp, queue_out=nfq.out_port, queue_in=nfq.in_port, batch_size=a.batch_size, log=log)
+        node = Node(dp, queue_out=nfq.out_port, queue_in=nfq.in_port, batch_size=a.batch_size, log=log)
+        node.traps = traps
+        return node
     inner: PacketPort
     if a.inner_backend == "tun":
         from backends.tun import TunPort
@@ -86,4 +112,6 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
     except BaseException:
         inner.close()
         raise
-    return Node(dp, inner, outer, batch_size=a.batch_size, log=log)
+    node = Node(dp, inner, outer, batch_size=a.batch_size, log=log)
+    node.traps = traps
+    return node

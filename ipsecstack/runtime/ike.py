@@ -43,7 +43,9 @@ def _fp(key: bytes) -> str:
 
 class IkeEndpoint:
     def __init__(self, node: Node, peers: list[PeerConfig], start: list[str], *, encap: Any = None,
-                 rng: Rng = system_rng, log: Any, clock: Any = time.monotonic) -> None:  # fmt: skip
+                 rng: Rng = system_rng, log: Any, clock: Any = time.monotonic,
+                 traps: dict[tuple[str, str], int] | None = None,
+                 acquire_names: list[str] | None = None) -> None:  # fmt: skip
         self.node = node
         self.dp: Datapath = node.datapath
         self.manager = IkeManager(peers, rng)
@@ -59,6 +61,9 @@ class IkeEndpoint:
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
         self._policies: dict[int, list[Policy]] = {}
         self._seen: dict[int, int] = {}
+        self.traps = dict(traps or {})
+        self._trap_names = {reqid: key for key, reqid in self.traps.items()}
+        self.acquire_names = set(acquire_names or start)
         self._closing = False
         for addr in sorted({p.local_addr for p in peers}):
             fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -78,6 +83,7 @@ class IkeEndpoint:
         for s in self._socks.values():
             self._loop.add_reader(s.fileno(), self._readable, s)
         self.node.on_ike = self._on_encap_ike
+        self.node.on_acquire = self._on_acquire
         now = self.clock()
         for name in self.start_names:
             self._initiate(name, now)
@@ -122,6 +128,19 @@ class IkeEndpoint:
         import ipaddress
 
         self.manager.receive(d.message, str(ipaddress.ip_address(d.src)), d.sport, d.dport, self.clock())
+        self._pump()
+
+    def _on_acquire(self, acq: Any) -> None:
+        """A packet hit a trap policy with no SA (xfrm's acquire): negotiate its connection."""
+        t = acq.policy.template
+        key = self._trap_names.get(t.reqid) if t is not None else None
+        if key is None or self._closing or key[0] not in self.acquire_names:
+            return
+        name = key[0]
+        if any(sa.state != "closed" for sa in self.manager.by_name(name)):
+            return  # already negotiating or up
+        self.log.info("acquire", conn=name, child=key[1])
+        self._initiate(name, self.clock())
         self._pump()
 
     def _on_timer(self) -> None:
@@ -201,10 +220,13 @@ class IkeEndpoint:
     def _install(self, ev: ChildUp) -> None:
         sa = ev.sa
         rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
+        trap = self.traps.get((sa.cfg.name, ev.child.name))
         if rekey:
             # make-before-break (RFC 7296 §2.8): same reqid, so the policies stay and the newest
             # outbound SA takes over at once; the old pair goes when its DELETE is done
             reqid = self._spi_reqid[ev.replaces]  # type: ignore[index]
+        elif trap is not None:
+            reqid = trap  # the trap policies (installed at start) bind the negotiated SAs
         else:
             self._reqid += 1
             reqid = self._reqid
@@ -214,7 +236,7 @@ class IkeEndpoint:
         self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
         self._pairs[ev.spi_in] = (inb, out)
-        if not rekey:
+        if not rekey and trap is None:
             for p in pols:
                 self.dp.spd.add(p)
             self._policies[reqid] = pols

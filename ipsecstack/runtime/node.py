@@ -74,6 +74,7 @@ class Node:
         self.batches = 0
         self.on_start: list[Callable[[], None]] = []  # e.g. the IKE endpoint, after the ports attach
         self.on_stop: list[Callable[[], None]] = []  # run before the ports close
+        self.traps: dict[tuple[str, str], int] = {}  # reqids of trap policies by (connection, child)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
