@@ -6,8 +6,13 @@ Theory of operation
 responder SPI creates a responder SA (or, for a retransmission, reaches the one already created for
 that initiator SPI and address); anything else is looked up by our own SPI (the initiator SPI for SAs
 we started, the responder SPI for the others). Datagrams for no SA are dropped and counted; nothing an
-unauthenticated peer sends creates more than one half-open SA per IKE_SA_INIT, and half-open SAs
-beyond ``half_open_limit`` are refused (cookies come later: the request is dropped and counted).
+unauthenticated peer sends creates more than one half-open SA per IKE_SA_INIT.
+
+Cookies (§2.6): once ``cookie_threshold`` half-open SAs exist, an IKE_SA_INIT request must carry a
+COOKIE notify equal to <version> | SHA-256(Ni | IPi | SPIi | secret); without one it gets a COOKIE
+answer and no state at all. The secret is drawn from the injected rng and rotated every
+``COOKIE_LIFETIME`` seconds; cookies made with the previous secret stay valid for one more period.
+Beyond ``half_open_limit`` half-open SAs, requests are dropped and counted even with a cookie.
 
 Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
 once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
@@ -15,19 +20,29 @@ once their events have been collected. ``get_timer()`` is the earliest of the SA
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
-from ipsecstack.ike.const import Exchange
+from ipsecstack.ike.const import Exchange, Notify
 from ipsecstack.ike.session import Datagram, Event, IkeRekeyed, IkeSa, PeerConfig
 
 DEFAULT_HALF_OPEN_LIMIT = 256
+DEFAULT_COOKIE_THRESHOLD = 32
+COOKIE_LIFETIME = 120.0
 
 
 class IkeManager:
-    def __init__(self, peers: list[PeerConfig], rng: Rng, *, half_open_limit: int = DEFAULT_HALF_OPEN_LIMIT) -> None:
+    def __init__(self, peers: list[PeerConfig], rng: Rng, *, half_open_limit: int = DEFAULT_HALF_OPEN_LIMIT,
+                 cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD) -> None:  # fmt: skip
         self.peers = {p.name: p for p in peers}
         self.rng = rng
         self.half_open_limit = half_open_limit
+        self.cookie_threshold = cookie_threshold
+        self._secrets: list[tuple[int, bytes]] = []  # (version, secret), newest first
+        self._secret_at = -1e18
         self.sas: dict[bytes, IkeSa] = {}
         self._init_index: dict[tuple[bytes, str], IkeSa] = {}
         self._stateless: list[Datagram] = []
@@ -80,8 +95,12 @@ class IkeManager:
         if cfg is None:
             self._count("dropped_no_config")
             return
-        if sum(1 for sa in self.sas.values() if sa.state == "init_done") >= self.half_open_limit:
+        half_open = sum(1 for sa in self.sas.values() if sa.state == "init_done")
+        if half_open >= self.half_open_limit:
             self._count("dropped_half_open_limit")
+            return
+        if half_open >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
+            self._send_cookie(msg, src, src_port, dst_port, now)
             return
         sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port)
         sa.local_port = dst_port
@@ -93,6 +112,40 @@ class IkeManager:
             if sa.failure:
                 self.failures.append((cfg.name, sa.failure))
             self._count("init_refused")
+
+    # --- cookies (§2.6) ---------------------------------------------------------------------------
+
+    def _rotate(self, now: float) -> None:
+        if now - self._secret_at >= COOKIE_LIFETIME or not self._secrets:
+            version = (self._secrets[0][0] + 1) & 0xFFFF if self._secrets else 0
+            self._secrets = [(version, self.rng(32)), *self._secrets[:1]]
+            self._secret_at = now
+
+    def _cookie(self, version: int, secret: bytes, msg: m.Message, src: str) -> bytes:
+        nonce = next((p.data for p in msg.payloads if isinstance(p, m.Nonce)), b"")
+        ip = ipaddress.ip_address(src).packed
+        return version.to_bytes(2, "big") + hashlib.sha256(nonce + ip + msg.spi_i + secret).digest()
+
+    def _cookie_ok(self, msg: m.Message, src: str, now: float) -> bool:
+        self._rotate(now)
+        first = msg.payloads[0] if msg.payloads else None
+        if not isinstance(first, m.Notify) or first.notify_type != Notify.COOKIE or len(first.data) < 2:
+            return False
+        version = int.from_bytes(first.data[:2], "big")
+        for v, secret in self._secrets:
+            if v == version and hmac.compare_digest(first.data, self._cookie(v, secret, msg, src)):
+                self._count("cookies_accepted")
+                return True
+        self._count("cookies_rejected")
+        return False
+
+    def _send_cookie(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
+        self._rotate(now)
+        v, secret = self._secrets[0]
+        reply = m.Message(msg.spi_i, bytes(8), Exchange.IKE_SA_INIT, 0x20, 0,
+                          [m.Notify(Notify.COOKIE, self._cookie(v, secret, msg, src))])  # fmt: skip
+        self._stateless.append(Datagram(reply.encode(), src, src_port, dst_port))
+        self._count("cookies_sent")
 
     def datagrams(self) -> list[Datagram]:
         out, self._stateless = self._stateless, []

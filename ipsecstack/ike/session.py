@@ -183,6 +183,7 @@ class IkeSa:
         self.stats: dict[str, int] = {}
         self._group: Group | None = None
         self._dh: Any = None
+        self._pub = b""
         self._ni = b""
         self._nr = b""
         self._init_request = b""
@@ -279,10 +280,13 @@ class IkeSa:
         self._group = self.cfg.proposals[0].dh[0]
         self._send_init(now)
 
-    def _send_init(self, now: float) -> None:
+    def _send_init(self, now: float, fresh: bool = True) -> None:
+        """Send IKE_SA_INIT; ``fresh=False`` (a COOKIE retry) keeps KE and nonce unchanged (§2.6)."""
         assert self._group is not None
-        self._dh, pub = self._group.generate(self.rng)
-        self._ni = self.rng(32)
+        if fresh:
+            self._dh, self._pub = self._group.generate(self.rng)
+            self._ni = self.rng(32)
+        pub = self._pub
         payloads: list[m.AnyPayload] = []
         if self._cookie:
             payloads.append(m.Notify(Notify.COOKIE, self._cookie))
@@ -314,7 +318,8 @@ class IkeSa:
             if n.notify_type == Notify.COOKIE and not self._cookie:
                 self._cookie = n.data
                 self._outstanding = None
-                self._send_init(now)
+                self._count("cookies_received")
+                self._send_init(now, fresh=False)
                 return
             if n.notify_type == Notify.INVALID_KE_PAYLOAD and len(n.data) == 2 and self._ke_retries < 2:
                 want = int.from_bytes(n.data, "big")
@@ -537,6 +542,9 @@ class IkeSa:
                 return
             self._outstanding = None
             self._on_init_response(msg, now)
+            return
+        if self.rx is None:
+            self._drop("unexpected_response")  # an encrypted exchange before we have keys
             return
         inner = self._open(msg)
         if inner is None:

@@ -355,3 +355,101 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     new_a.delete(70.0)
     _pump(a, b, 70.0)
     assert not a.sas and not b.sas
+
+
+def test_cookies_under_half_open_pressure() -> None:
+    from ipsecstack.ike.manager import IkeManager
+
+    b = IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(21), cookie_threshold=2)
+    b.peers["conn"].remote_addr = None  # a responder for anyone
+    # a flood of IKE_SA_INIT from spoofed initiators: two half-open SAs, then only stateless COOKIE replies
+    for i in range(50):
+        flood = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(100 + i), now=0.0)
+        flood.start(0.0)
+        for d in flood.datagrams():
+            b.receive(d.data, f"198.51.100.{i + 1}", 500, 500, 0.0)
+    assert len(b.sas) == 2 and b.stats["cookies_sent"] == 48
+    replies = b.datagrams()
+    assert sum(1 for d in replies if m.decode(d.data).notify(16390) is not None) == 48
+    # a real initiator completes the exchange by echoing the cookie (same nonce and KE, §2.6)
+    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(22))
+    a.initiate("conn", 1.0)
+    ev_a, ev_b = _pump(a, b, 1.0)
+    assert any(isinstance(e, ChildUp) for e in ev_a) and any(isinstance(e, ChildUp) for e in ev_b)
+    assert b.stats["cookies_accepted"] == 1
+    (sa_a,) = a.sas.values()
+    assert sa_a.stats["cookies_received"] == 1
+    # a forged cookie is refused
+    forged = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(7), now=2.0)
+    forged._cookie = b"\x00\x00" + bytes(32)
+    forged.start(2.0)
+    before = len(b.sas)
+    for d in forged.datagrams():
+        b.receive(d.data, "198.51.100.200", 500, 500, 2.0)
+    assert len(b.sas) == before and b.stats["cookies_rejected"] == 1
+
+
+_POOL: list[m.AnyPayload] = [
+    m.Notify(16390, b"\x00\x01" + bytes(32)),
+    m.Notify(17, b"\x00\x13"),
+    m.Notify(14),
+    m.Notify(24),
+    m.Notify(16393, b"", 3, b"\x00\x00\x10\x00"),
+    m.Notify(16391),
+    m.Nonce(bytes(32)),
+    m.KE(31, bytes(32)),
+    m.KE(14, bytes(256)),
+    m.Identification(1, bytes(4)),
+    m.Identification(2, b"b.example", initiator=False),
+    m.Auth(2, bytes(32)),
+    m.Delete(1, []),
+    m.Delete(3, [b"\x00\x00\x10\x00"]),
+    m.TS([m.TrafficSelector(7, 0, 0, 65535, bytes(4), b"\xff" * 4)]),
+    m.TS([m.TrafficSelector(7, 6, 80, 80, bytes([10, 2, 0, 0]), bytes([10, 2, 255, 255]))], initiator=False),
+    m.SA([props.parse("aes128gcm16-prfsha256-x25519", Protocol.IKE).to_payload(1, bytes(8))]),
+    m.SA([props.parse("aes128gcm16", Protocol.ESP).to_payload(1, b"\x00\x00\x20\x00")]),
+    m.Vendor(b"x"),
+    m.Unknown(99, b"?", critical=True),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stage=st.integers(0, 4),
+    exchange=st.sampled_from([34, 35, 36, 37]),
+    response=st.booleans(),
+    mid=st.integers(0, 4),
+    picks=st.lists(st.integers(0, len(_POOL) - 1), max_size=6),
+    authentic=st.booleans(),
+    to_initiator=st.booleans(),
+)
+def test_every_message_type_in_every_state(stage: int, exchange: int, response: bool, mid: int, picks: list[int],
+                                           authentic: bool, to_initiator: bool) -> None:  # fmt: skip
+    """Well-formed but unexpected messages, authentic or not, of every exchange type at every stage:
+    nothing raises, nothing leaves the known states, and nothing unauthenticated creates a child SA."""
+    from ipsecstack.ike import sk as skmod
+
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    steps = [lambda: None, lambda: w.i.start(0.0), lambda: w.to_responder(w.i.datagrams(), 0.0),
+             lambda: w.run(0.0), lambda: (w.i.delete(1.0),)]  # fmt: skip
+    for step in steps[: stage + 1]:
+        step()
+    target = w.i if to_initiator or w.r is None else w.r
+    sender = w.r if to_initiator else w.i
+    payloads = [_POOL[i] for i in picks]
+    flags = (0x20 if response else 0) | (0 if to_initiator else 0x08)
+    msg = m.Message(target.spi_i or bytes(8), target.spi_r, exchange, flags, mid)
+    before_children = len(target.children)
+    target.events()  # what the set-up stages produced
+    if authentic and sender is not None and sender.tx is not None and exchange != 34:
+        data = skmod.seal(msg, payloads, sender.tx, seeded_rng(5))
+    else:
+        msg.payloads = payloads
+        data = msg.encode()
+    target.receive(data, B if to_initiator else A, 500, 500, 2.0)
+    target.datagrams()
+    events = target.events()
+    assert target.state in ("new", "init_sent", "init_done", "auth_sent", "established", "deleting", "closed")
+    if not authentic:
+        assert len(target.children) <= before_children
+        assert not any(isinstance(e, ChildUp) for e in events)
