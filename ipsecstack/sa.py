@@ -258,6 +258,16 @@ class SecurityAssociation:
         self.pending: list[SAEvent] = []
         self._arm_limits()
 
+    def _precompute_outer(self) -> None:
+        self.v4_sum_base = 0
+        if self.outer_version == 4 and self.outer_src is not None and self.outer_dst is not None:
+            words = self.outer_src + self.outer_dst
+            self.v4_sum_base = (
+                0x4500
+                + (self.ttl << 8 | self.outer_proto)
+                + sum((words[i] << 8) | words[i + 1] for i in range(0, 8, 2))
+            )
+
     def __repr__(self) -> str:
         d = f" {self.direction}" if self.direction else ""
         return f"<SA{d} {self.protocol} spi=0x{self.spi:08x} {self.mode} {self.transform}>"
@@ -273,6 +283,20 @@ class SecurityAssociation:
             return outer + encap + 8 + ctx.iv_len + (ctx.block - 1) + 2 + ctx.icv_len + self.tfc_padding
         assert self.ah_ctx is not None
         return outer + 12 + self.ah_ctx.icv_len + 4
+
+    def move_peer(self, tunnel_dst: str | None, encap_dport: int | None) -> None:
+        """Follow a peer whose NAT mapping changed (RFC 7296 §2.23): new outer destination and/or
+        UDP encapsulation port for an outbound SA."""
+        if tunnel_dst is not None and self.mode == "tunnel":
+            dst = _addr(tunnel_dst, "tunnel_dst")
+            assert dst is not None
+            if len(dst) != len(self.outer_dst or b""):
+                raise ConfigError("tunnel_dst", tunnel_dst, "the peer cannot change address family")
+            self.tunnel_dst = tunnel_dst
+            self.outer_dst = dst
+            self._precompute_outer()
+        if encap_dport is not None and self.udp_encap is not None:
+            self.udp_encap = (self.udp_encap[0], encap_dport)
 
     # --- sequence numbers ------------------------------------------------------------------------
 

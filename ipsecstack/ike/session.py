@@ -91,6 +91,15 @@ class IkeUp:
 
 
 @dataclass
+class PeerMoved:
+    """The peer's NAT mapping changed: its IKE (and ESP-in-UDP) now come from ``addr``:``port``."""
+
+    sa: IkeSa
+    addr: str
+    port: int
+
+
+@dataclass
 class IkeRekeyed:
     old: IkeSa
     new: IkeSa
@@ -127,7 +136,7 @@ class ChildDown:
     spi_out: int
 
 
-Event = IkeUp | IkeRekeyed | IkeDown | ChildUp | ChildDown
+Event = IkeUp | IkeRekeyed | PeerMoved | IkeDown | ChildUp | ChildDown
 
 
 def identity(text: str) -> tuple[int, bytes]:
@@ -179,6 +188,7 @@ class IkeSa:
         self.tx: sk.SkKeys | None = None
         self.rx: sk.SkKeys | None = None
         self.nat = False
+        self.behind_nat = False
         self.peer_id: tuple[int, bytes] | None = None
         self.stats: dict[str, int] = {}
         self._group: Group | None = None
@@ -587,7 +597,11 @@ class IkeSa:
         if inner is None:
             return
         # §2.23: follow the peer's address/port once a message authenticates (NAT mapping changed)
-        if src_port != self.remote_port or src != self.remote:
+        if (src_port != self.remote_port or src != self.remote) and self.state == "established" and self.nat:
+            self.remote, self.remote_port = src, src_port
+            self._count("peer_moved")
+            self._events.append(PeerMoved(self, src, src_port))
+        elif src_port != self.remote_port or src != self.remote:
             self.remote, self.remote_port = src, src_port
         self.local_port = dst_port
         self._peer_mid += 1
@@ -695,6 +709,10 @@ class IkeSa:
         want_src = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.remote, self.remote_port)
         want_dst = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.cfg.local_addr,
                             self.local_port)  # fmt: skip
+        # §2.23: a different destination hash means *our* address was translated: we are behind the NAT
+        # and keep its mapping open with NAT-keepalives (RFC 3948 §2.3)
+        if dst.data != want_dst:
+            self.behind_nat = True
         if src.data != want_src or dst.data != want_dst or self.nat:
             self.nat = True
             if self.initiator:
@@ -880,6 +898,7 @@ class IkeSa:
                     remote_port=self.remote_port)  # fmt: skip
         new.local_port = self.local_port
         new.nat = self.nat
+        new.behind_nat = self.behind_nat
         new.peer_id = self.peer_id
         new.spi_i, new.spi_r = spi_i, spi_r
         new._ni, new._nr = ni, nr

@@ -27,13 +27,24 @@ from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
-from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeRekeyed, IkeUp, PeerConfig, id_text
+from ipsecstack.ike.session import (
+    ChildDown,
+    ChildUp,
+    Datagram,
+    IkeDown,
+    IkeRekeyed,
+    IkeUp,
+    PeerConfig,
+    PeerMoved,
+    id_text,
+)
 from ipsecstack.runtime.io import BackendError
 from ipsecstack.runtime.node import Node
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
+KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
 
 
@@ -65,6 +76,7 @@ class IkeEndpoint:
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
         self._closing = False
+        self._keepalive_handle: asyncio.TimerHandle | None = None
         for addr in sorted({p.local_addr for p in peers}):
             fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
             s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -88,11 +100,23 @@ class IkeEndpoint:
         for name in self.start_names:
             self._initiate(name, now)
         self._pump()
+        self._keepalive_handle = self._loop.call_later(KEEPALIVE_INTERVAL, self._keepalives)
+
+    def _keepalives(self) -> None:
+        """NAT-keepalives from the side behind a NAT (or forcing encapsulation) on every established SA."""
+        if self._closing or self._loop is None:
+            return
+        for sa in self.manager.sas.values():
+            if sa.established and (sa.behind_nat or sa.cfg.encap) and self.encap is not None:
+                self.encap.send_keepalive(sa.remote, sa.remote_port)
+        self._keepalive_handle = self._loop.call_later(KEEPALIVE_INTERVAL, self._keepalives)
 
     def close(self) -> None:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
         now = self.clock()
         for sa in list(self.manager.sas.values()):
             if sa.established:
@@ -198,6 +222,12 @@ class IkeEndpoint:
             self._install(ev)
         elif isinstance(ev, ChildDown):
             self._uninstall_spi(ev.spi_in)
+        elif isinstance(ev, PeerMoved):
+            for c in ev.sa.children:
+                pair = self._pairs.get(c.spi_in)
+                if pair is not None:
+                    pair[1].move_peer(ev.addr, ev.port if pair[1].udp_encap else None)
+            self.log.info("peer moved", conn=ev.sa.cfg.name, addr=ev.addr, port=ev.port)
         elif isinstance(ev, IkeRekeyed):
             new = ev.new
             self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),

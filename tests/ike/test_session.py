@@ -453,3 +453,27 @@ def test_every_message_type_in_every_state(stage: int, exchange: int, response: 
     if not authentic:
         assert len(target.children) <= before_children
         assert not any(isinstance(e, ChildUp) for e in events)
+
+
+def test_responder_follows_a_nat_rebinding() -> None:
+    from ipsecstack.ike.session import PeerMoved
+
+    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i.dpd_delay = 5.0
+    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.src_seen_by_r = "198.51.100.7"  # the initiator is behind a NAT
+    w.cfg_r.remote_addr = None
+    w.run()
+    assert w.i.behind_nat and w.r is not None and not w.r.behind_nat
+    _events(w.r)
+    # the NAT forgets the mapping and picks a new address and port; the next authenticated request moves the SA
+    w.i.handle_timer(5.0)  # a liveness check
+    for d in w.i.datagrams():
+        w.r.receive(d.data, "198.51.100.99", 40001, d.dst_port, 5.0)
+    moved = [e for e in _events(w.r) if isinstance(e, PeerMoved)]
+    assert [(e.addr, e.port) for e in moved] == [("198.51.100.99", 40001)]
+    assert (w.r.remote, w.r.remote_port) == ("198.51.100.99", 40001)
+    assert [d.dst_port for d in w.r.datagrams()] == [40001]
+    # a forged datagram from elsewhere does not move anything
+    w.r.receive(b"\x00" * 40, "203.0.113.5", 1, 4500, 6.0)
+    assert w.r.remote == "198.51.100.99"

@@ -152,3 +152,17 @@ def test_overhead_covers_the_real_growth() -> None:
         for size in range(0, 64):
             pkt = tcp4(size=size)
             assert len(protect(sa, pkt)) - len(pkt) <= sa.overhead
+
+
+def test_move_peer_changes_outer_destination_and_port() -> None:
+    from scapy.layers.inet import IP, UDP
+
+    sa = _sa(udp_encap=(4500, 4500))
+    sa.move_peer("192.0.2.99", 40001)
+    out = IP(protect(sa, tcp4()))
+    assert out.dst == "192.0.2.99" and out[UDP].dport == 40001 and out[UDP].sport == 4500
+    fresh = out.copy()
+    del fresh.chksum
+    assert IP(bytes(fresh)).chksum == out.chksum
+    with pytest.raises(ConfigError):
+        sa.move_peer("2001:db8::1", None)
