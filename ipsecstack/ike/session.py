@@ -24,9 +24,11 @@ the SA moves to port 4500 for everything after IKE_SA_INIT and the child SAs are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +215,8 @@ class IkeSa:
         self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
         self.rekey_at: float | None = None
         self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
+        self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
+        self._rekeys_done: dict[int, list[tuple[bytes, bytes, ChildUp, bool]]] = {}
 
     def __repr__(self) -> str:
         return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
@@ -426,6 +430,9 @@ class IkeSa:
         remote = [Range.from_payload(t) for t in tsr.selectors]
         self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
                        spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
+        for extra in self.cfg.children[1:]:
+            self._queue.append(functools.partial(self._create_child, extra))
+        self._next_queued(now)
 
     # --- responder ---------------------------------------------------------------------------
 
@@ -502,7 +509,7 @@ class IkeSa:
         self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), now=now)
 
     def _negotiate_child(
-        self, inner: list[m.AnyPayload]
+        self, inner: list[m.AnyPayload], ignore_dh: bool = True
     ) -> int | tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]:
         sas = [p for p in inner if isinstance(p, m.SA)]
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
@@ -514,7 +521,7 @@ class IkeSa:
         offered_r = [Range.from_payload(t) for t in tsr.selectors]
         any_proposal = False
         for child in self.cfg.children:
-            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP, ignore_dh=True)
+            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP, ignore_dh=ignore_dh)
             if chosen is None or len(chosen.spi) != 4:
                 continue
             any_proposal = True
@@ -574,6 +581,14 @@ class IkeSa:
             self._on_ike_rekey_response(inner, pending[1], now)
         elif msg.exchange == Exchange.INFORMATIONAL and pending is not None and pending[0] == "delete_child":
             self._child_gone(pending[1])
+        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "new_child":
+            self._on_new_child_response(inner, pending[1], now)
+        self._next_queued(now)
+
+    def _next_queued(self, now: float) -> None:
+        """Send the next deferred request once the window (one outstanding request) is free."""
+        while self._queue and self._outstanding is None and self.state == "established":
+            self._queue.pop(0)(now)
 
     def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
         if msg.exchange == Exchange.IKE_SA_INIT:
@@ -769,6 +784,7 @@ class IkeSa:
         self._events.append(up)
 
     def _child_gone(self, c: ChildUp) -> None:
+        self._rekeys_done.pop(c.spi_in, None)
         if c in self.children:
             self.children.remove(c)
             self._events.append(ChildDown(self, c.spi_in, c.spi_out))
@@ -826,9 +842,121 @@ class IkeSa:
                        spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nonce.data), shared=shared,
                        we_initiated=True, replaces=old.spi_in, now=now)  # fmt: skip
         self._count("child_rekeys")
+        if self._rekey_collision(old, nonce_i, nonce.data, self.children[-1], True, now):
+            return
         # make-before-break: the new pair is installed; now retire the old one (§2.8)
-        self._pending = ("delete_child", old)
-        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [old.spi_in.to_bytes(4, "big")])], now)
+        self._delete_child(old, now)
+
+    def _rekey_collision(
+        self, old: ChildUp, ni: bytes, nr: bytes, new: ChildUp, we_initiated: bool, now: float
+    ) -> bool:
+        """§2.8.1: both ends rekeyed the same child SA. The new SA made with the lowest of the four nonces
+        is redundant and is deleted by the end that initiated its exchange. True if this was a collision."""
+        done = self._rekeys_done.setdefault(old.spi_in, [])
+        done.append((ni, nr, new, we_initiated))
+        if len(done) < 2:
+            return False
+        self._count("rekey_collisions")
+        (a_ni, a_nr, a_new, a_ours), (b_ni, b_nr, b_new, b_ours) = done[:2]
+        del self._rekeys_done[old.spi_in]
+        redundant, ours = (a_new, a_ours) if min(a_ni, a_nr) < min(b_ni, b_nr) else (b_new, b_ours)
+
+        if ours:
+            self._queue.append(functools.partial(self._delete_child, redundant))
+        if old in self.children and we_initiated:
+            self._queue.append(functools.partial(self._delete_child, old))
+        self._next_queued(now)
+        return True
+
+    def _delete_child(self, c: ChildUp, now: float) -> None:
+        if c not in self.children:
+            return
+        if self._outstanding is not None:
+            self._queue.append(functools.partial(self._delete_child, c))
+            return
+        self._pending = ("delete_child", c)
+        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [c.spi_in.to_bytes(4, "big")])], now)
+
+    # --- CREATE_CHILD_SA: a new child SA (§1.3.1) ------------------------------------------------
+
+    def _create_child(self, child: ChildConfig, now: float) -> None:
+        """Initiator: another configured child SA over CREATE_CHILD_SA, with PFS if its proposal has a group."""
+        spi_in = self._new_child_spi()
+        nonce = self.rng(32)
+        spi = spi_in.to_bytes(4, "big")
+        inner: list[m.AnyPayload] = [m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]),
+                                     m.Nonce(nonce)]  # fmt: skip
+        group = child.proposals[0].dh[0] if child.proposals[0].dh else None
+        dh = None
+        if group is not None:
+            dh, pub = group.generate(self.rng)
+            inner.append(m.KE(group.number, pub))
+        inner.append(m.TS([r.to_payload() for r in child.local_ts], True))
+        inner.append(m.TS([r.to_payload() for r in child.remote_ts], False))
+        if child.mode == "transport":
+            inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        self._pending = ("new_child", (child, spi_in, nonce, dh))
+        self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
+
+    def _on_new_child_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
+        child, spi_in, nonce_i, dh = state
+        errors = [p for p in inner if isinstance(p, m.Notify) and p.notify_type < 16384]
+        sas = [p for p in inner if isinstance(p, m.SA)]
+        nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP) if (
+            len(sas) == 1 and len(sas[0].proposals) == 1) else None  # fmt: skip
+        if errors or chosen is None or nonce is None or tsi is None or tsr is None or len(chosen.spi) != 4:
+            why = _notify_name(errors[0].notify_type) if errors else "malformed or unoffered reply"
+            self._child_failed(f"child SA {child.name} refused: {why}")
+            return
+        shared = None
+        if chosen.dh is not None:
+            ke = next((p for p in inner if isinstance(p, m.KE)), None)
+            try:
+                if ke is None or dh is None:
+                    raise KeyExchangeError("no KE payload for PFS")
+                shared = chosen.dh.shared(dh, ke.data)
+            except KeyExchangeError as e:
+                self._child_failed(f"child SA {child.name}: {e}")
+                return
+        transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
+        self._child_up(child, chosen, "transport" if transport else "tunnel",
+                       [Range.from_payload(t) for t in tsi.selectors], [Range.from_payload(t) for t in tsr.selectors],
+                       spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nonce.data),
+                       shared=shared, we_initiated=True, now=now)  # fmt: skip
+
+    def _on_new_child_request(self, msg: m.Message, inner: list[m.AnyPayload], nonce: m.Nonce, now: float) -> None:
+        result = self._negotiate_child(inner, ignore_dh=False)
+        if isinstance(result, int):
+            self._respond(msg, [m.Notify(result)])
+            return
+        child, chosen, mode, tsi, tsr = result
+        ke = next((p for p in inner if isinstance(p, m.KE)), None)
+        spi_in = self._new_child_spi()
+        nr = self.rng(32)
+        reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, chosen.dh, chosen.esn, chosen.number,
+                             spi_in.to_bytes(4, "big"))  # fmt: skip
+        out: list[m.AnyPayload] = [m.SA([reply.to_payload()]), m.Nonce(nr)]
+        shared = None
+        if chosen.dh is not None:
+            if ke is None or ke.group != chosen.dh.number:
+                self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+                return
+            priv, pub = chosen.dh.generate(self.rng)
+            try:
+                shared = chosen.dh.shared(priv, ke.data)
+            except KeyExchangeError:
+                self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+                return
+            out.append(m.KE(chosen.dh.number, pub))
+        out += [m.TS([r.to_payload() for r in tsi], True), m.TS([r.to_payload() for r in tsr], False)]
+        if mode == "transport":
+            out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        self._respond(msg, out)
+        self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"),
+                       nonces=(nonce.data, nr), shared=shared, we_initiated=False, now=now)  # fmt: skip
 
     # --- CREATE_CHILD_SA: rekeying the IKE SA (§1.3.2, §2.18) ---------------------------------------
 
@@ -932,9 +1060,11 @@ class IkeSa:
                 and sas[0].proposals[0].protocol == Protocol.IKE:  # fmt: skip
             self._on_ike_rekey_request(msg, inner, sas[0], nonce, now)
             return
+        if rekey is None and len(sas) == 1 and nonce is not None:
+            self._on_new_child_request(msg, inner, nonce, now)
+            return
         if rekey is None or len(sas) != 1 or nonce is None:
-            # new child SAs and IKE SA rekeying over CREATE_CHILD_SA are not implemented yet
-            self._respond(msg, [m.Notify(Notify.NO_ADDITIONAL_SAS)])
+            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
             return
         spi = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
         old = next((c for c in self.children if spi in (c.spi_out, c.spi_in)), None)
@@ -974,6 +1104,9 @@ class IkeSa:
                        spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce.data, nr), shared=shared,
                        we_initiated=False, replaces=old.spi_in, now=now)  # fmt: skip
         self._count("child_rekeys")
+        ours_pending = self._pending is not None and self._pending[0] == "rekey_child" and self._pending[1][0] is old
+        if ours_pending or old.spi_in in self._rekeys_done:
+            self._rekey_collision(old, nonce.data, nr, self.children[-1], False, now)
 
     def _child_failed(self, reason: str) -> None:
         self._count("child_failed")

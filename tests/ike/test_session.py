@@ -477,3 +477,42 @@ def test_responder_follows_a_nat_rebinding() -> None:
     # a forged datagram from elsewhere does not move anything
     w.r.receive(b"\x00" * 40, "203.0.113.5", 1, 4500, 6.0)
     assert w.r.remote == "198.51.100.99"
+
+
+def test_additional_children_over_create_child_sa() -> None:
+    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_r = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    for cfg, lnet, rnet in ((cfg_i, "10.11.0.0/16", "10.22.0.0/16"), (cfg_r, "10.22.0.0/16", "10.11.0.0/16")):
+        cfg.children.append(ChildConfig("second", [_range(lnet)], [_range(rnet)],
+                                        [props.parse("aes256gcm16-x25519", Protocol.ESP)]))  # fmt: skip
+    w = Wire(cfg_i, cfg_r)
+    w.run()
+    ups_i = [e for e in _events(w.i) if isinstance(e, ChildUp)]
+    ups_r = [e for e in _events(w.r) if isinstance(e, ChildUp)]
+    assert [u.child.name for u in ups_i] == ["net", "second"] and [u.child.name for u in ups_r] == ["net", "second"]
+    second_i, second_r = ups_i[1], ups_r[1]
+    assert second_i.key_out == second_r.key_in and second_i.transform == "aes256gcm16"
+    assert [str(r) for r in second_i.remote_ts] == ["10.22.0.0/16"]
+    exchanges = [m.decode(d.data).exchange for _, d in w.log]
+    assert exchanges.count(36) == 2  # one CREATE_CHILD_SA request and its response
+
+
+def test_simultaneous_child_rekey_collision() -> None:
+    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w.run()
+    _events(w.i), _events(w.r)
+    assert w.r is not None
+    w.i.children[0].rekey_at = 50.0
+    w.r.children[0].rekey_at = 50.0
+    w.i.handle_timer(50.0)
+    w.r.handle_timer(50.0)
+    req_i, req_r = w.i.datagrams(), w.r.datagrams()
+    w.to_responder(req_i, 50.0)  # both requests cross on the wire
+    w.to_initiator(req_r, 50.0)
+    w.run(50.0)  # responses, then the deletes the collision rules call for
+    assert w.i.stats.get("rekey_collisions") == 1 and w.r.stats.get("rekey_collisions") == 1
+    assert len(w.i.children) == 1 and len(w.r.children) == 1, (w.i.children, w.r.children)
+    ci, cr = w.i.children[0], w.r.children[0]
+    assert ci.spi_out == cr.spi_in and ci.spi_in == cr.spi_out and ci.key_out == cr.key_in
+    assert ci.replaces is not None  # it is one of the two rekeyed pairs, not the original
