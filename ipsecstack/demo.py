@@ -70,11 +70,11 @@ def _fp(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:12]
 
 
-def _negotiate(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> tuple[list[ChildUp], list[ChildUp]]:
+def _exchange(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> dict[str, list[ChildUp]]:
+    """Move datagrams between the two managers until quiet (bounded), printing messages and events."""
     now = time.monotonic()
-    a.initiate("a", now)
     ups: dict[str, list[ChildUp]] = {"A": [], "B": []}
-    for _ in range(20):  # bounded
+    for _ in range(20):
         moved = False
         for src_name, src, dst, src_addr in (("A", a, b, GW_A), ("B", b, a, GW_B)):
             for d in src.datagrams():
@@ -92,10 +92,10 @@ def _negotiate(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> tupl
                         f"{', '.join(map(str, ev.local_ts))} <-> {', '.join(map(str, ev.remote_ts))}, "
                         f"key fingerprints in {_fp(ev.key_in)} out {_fp(ev.key_out)}")  # fmt: skip
                 elif isinstance(ev, IkeDown):
-                    out(f"  {src_name}: IKE SA down: {ev.reason}")
+                    out(f"  {src_name}: IKE SA closed ({ev.reason})")
         if not moved:
             break
-    return ups["A"], ups["B"]
+    return ups
 
 
 def _packets(src: str, dst: str, n: int) -> list[bytes]:
@@ -142,7 +142,9 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     out(f"ipsecstack demo: two gateways, IKEv2 with a pre-shared key, then ESP ({mode} mode)")
     out(f"  A {GW_A} protects {lnet}; B {GW_B} protects {rnet}; proposals IKE {proposal}, ESP {esp}")
     out("IKEv2:")
-    ups_a, ups_b = _negotiate(a, b, out)
+    a.initiate("a", time.monotonic())
+    ups = _exchange(a, b, out)
+    ups_a, ups_b = ups["A"], ups["B"]
     if len(ups_a) != 1 or len(ups_b) != 1:
         out("demo FAILED: no child SA was negotiated")
         return 1
@@ -171,7 +173,7 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     out("Teardown:")
     for ike_sa in list(a.sas.values()):
         ike_sa.delete(time.monotonic())
-    _negotiate_quiet(a, b, out)
+    _exchange(a, b, out)
     ok = (
         agree
         and intact_a
@@ -182,19 +184,3 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     )
     out("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
-
-
-def _negotiate_quiet(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> None:
-    now = time.monotonic()
-    for _ in range(10):
-        moved = False
-        for src_name, src, dst, src_addr in (("A", a, b, GW_A), ("B", b, a, GW_B)):
-            for d in src.datagrams():
-                moved = True
-                out(f"  {src_name} -> {'B' if src_name == 'A' else 'A'}  {_describe(d.data)}")
-                dst.receive(d.data, src_addr, d.src_port, d.dst_port, now)
-            for ev in src.events():
-                if isinstance(ev, IkeDown):
-                    out(f"  {src_name}: IKE SA closed ({ev.reason})")
-        if not moved:
-            return

@@ -933,6 +933,17 @@ class IkeSa:
             self._respond(msg, [m.Notify(result)])
             return
         child, chosen, mode, tsi, tsr = result
+        reply = self._child_reply(msg, inner, chosen, mode, tsi, tsr)
+        if reply is not None:
+            spi_in, nr, shared = reply
+            self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"),
+                           nonces=(nonce.data, nr), shared=shared, we_initiated=False, now=now)  # fmt: skip
+
+    def _child_reply(self, msg: m.Message, inner: list[m.AnyPayload], chosen: props.Chosen, mode: str,
+                     tsi: list[Range], tsr: list[Range]) -> tuple[int, bytes, bytes | None] | None:  # fmt: skip
+        """Responder: answer a CREATE_CHILD_SA request for a child SA (new or rekeyed) with SA, Nr, [KEr]
+        (PFS when the chosen proposal has a group), TSi, TSr. Returns ``(our SPI, Nr, g^ir)``, or None
+        after answering with an error notify."""
         ke = next((p for p in inner if isinstance(p, m.KE)), None)
         spi_in = self._new_child_spi()
         nr = self.rng(32)
@@ -943,20 +954,19 @@ class IkeSa:
         if chosen.dh is not None:
             if ke is None or ke.group != chosen.dh.number:
                 self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
-                return
+                return None
             priv, pub = chosen.dh.generate(self.rng)
             try:
                 shared = chosen.dh.shared(priv, ke.data)
             except KeyExchangeError:
                 self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
-                return
+                return None
             out.append(m.KE(chosen.dh.number, pub))
         out += [m.TS([r.to_payload() for r in tsi], True), m.TS([r.to_payload() for r in tsr], False)]
         if mode == "transport":
             out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
         self._respond(msg, out)
-        self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"),
-                       nonces=(nonce.data, nr), shared=shared, we_initiated=False, now=now)  # fmt: skip
+        return spi_in, nr, shared
 
     # --- CREATE_CHILD_SA: rekeying the IKE SA (§1.3.2, §2.18) ---------------------------------------
 
@@ -1075,31 +1085,10 @@ class IkeSa:
         if chosen is None or len(chosen.spi) != 4:
             self._respond(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
             return
-        ke = next((p for p in inner if isinstance(p, m.KE)), None)
-        shared = None
-        out: list[m.AnyPayload] = []
-        nr = self.rng(32)
-        spi_in = self._new_child_spi()
-        reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, chosen.dh, chosen.esn, chosen.number,
-                             spi_in.to_bytes(4, "big"))  # fmt: skip
-        out.append(m.SA([reply.to_payload()]))
-        out.append(m.Nonce(nr))
-        if chosen.dh is not None:
-            if ke is None or ke.group != chosen.dh.number:
-                self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
-                return
-            priv, pub = chosen.dh.generate(self.rng)
-            try:
-                shared = chosen.dh.shared(priv, ke.data)
-            except KeyExchangeError:
-                self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
-                return
-            out.append(m.KE(chosen.dh.number, pub))
-        out.append(m.TS([r.to_payload() for r in old.remote_ts], True))
-        out.append(m.TS([r.to_payload() for r in old.local_ts], False))
-        if old.mode == "transport":
-            out.append(m.Notify(Notify.USE_TRANSPORT_MODE))
-        self._respond(msg, out)
+        reply = self._child_reply(msg, inner, chosen, old.mode, old.remote_ts, old.local_ts)
+        if reply is None:
+            return
+        spi_in, nr, shared = reply
         self._child_up(old.child, chosen, old.mode, old.local_ts, old.remote_ts, spi_in=spi_in,
                        spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce.data, nr), shared=shared,
                        we_initiated=False, replaces=old.spi_in, now=now)  # fmt: skip
