@@ -26,7 +26,7 @@ from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Protocol
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
-from ipsecstack.ike.session import ChildConfig, ChildUp, IkeDown, IkeUp, PeerConfig, identity
+from ipsecstack.ike.session import ChildConfig, ChildDown, ChildUp, IkeDown, IkeUp, PeerConfig, identity
 from ipsecstack.ike.ts import Range
 from ipsecstack.runtime import logs
 from ipsecstack.runtime.node import Node
@@ -70,10 +70,11 @@ def _fp(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:12]
 
 
-def _exchange(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> dict[str, list[ChildUp]]:
-    """Move datagrams between the two managers until quiet (bounded), printing messages and events."""
+def _exchange(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> dict[str, list[ChildUp | ChildDown]]:
+    """Move datagrams between the two managers until quiet (bounded), printing messages and events;
+    returns the child SA events of each side."""
     now = time.monotonic()
-    ups: dict[str, list[ChildUp]] = {"A": [], "B": []}
+    ups: dict[str, list[ChildUp | ChildDown]] = {"A": [], "B": []}
     for _ in range(20):
         moved = False
         for src_name, src, dst, src_addr in (("A", a, b, GW_A), ("B", b, a, GW_B)):
@@ -85,9 +86,13 @@ def _exchange(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> dict[
                 if isinstance(ev, IkeUp):
                     suite = ev.sa.chosen.describe() if ev.sa.chosen else "?"
                     out(f"  {src_name}: IKE SA established, {suite}, SPIs {ev.sa.spi_i.hex()}/{ev.sa.spi_r.hex()}")
+                elif isinstance(ev, ChildDown):
+                    ups[src_name].append(ev)
+                    out(f"  {src_name}: child SA with SPI in 0x{ev.spi_in:08x} deleted")
                 elif isinstance(ev, ChildUp):
                     ups[src_name].append(ev)
-                    out(f"  {src_name}: child SA {ev.child.name} up: {ev.mode}, ESP {ev.transform}, "
+                    what = "rekeyed" if ev.replaces is not None else "up"
+                    out(f"  {src_name}: child SA {ev.child.name} {what}: {ev.mode}, ESP {ev.transform}, "
                         f"SPI in 0x{ev.spi_in:08x} out 0x{ev.spi_out:08x}, "
                         f"{', '.join(map(str, ev.local_ts))} <-> {', '.join(map(str, ev.remote_ts))}, "
                         f"key fingerprints in {_fp(ev.key_in)} out {_fp(ev.key_out)}")  # fmt: skip
@@ -131,6 +136,22 @@ async def _traffic(
     return ab, ba, got_b, got_a, wire
 
 
+def _traffic_round(dp_a: Datapath, dp_b: Datapath, packets: int, host_a: str, host_b: str,
+                   out: Callable[[str], None]) -> bool:  # fmt: skip
+    ab, ba, got_b, got_a, wire = asyncio.run(_traffic(dp_a, dp_b, packets, host_a, host_b))
+    intact_b = set(got_b) <= set(ab)
+    intact_a = set(got_a) <= set(ba)
+    out(f"  A -> B: {len(got_b)}/{len(ab)} delivered intact" + ("" if intact_b else " (CORRUPTED)"))
+    out(f"  B -> A: {len(got_a)}/{len(ba)} delivered intact" + ("" if intact_a else " (CORRUPTED)"))
+    out(f"  lost on the wire: {wire.lost}, reordered: {wire.reordered}; datapath drops A {dp_a.drops or 'none'}, "
+        f"B {dp_b.drops or 'none'}")  # fmt: skip
+    for name, dp in (("A", dp_a), ("B", dp_b)):
+        for sa in dp.sad:
+            out(f"  {name} SA {sa.direction:>3} spi 0x{sa.spi:08x}: {sa.packets} packets, {sa.bytes} bytes")
+    complete = len(got_a) + len(got_b) + wire.lost == 2 * packets
+    return intact_a and intact_b and complete and not dp_a.drops and not dp_b.drops
+
+
 def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", esp: str = "aes128gcm16",
         packets: int = 300, out: Callable[[str], None] = print) -> int:  # fmt: skip
     logs.configure("console", "warning")
@@ -144,7 +165,8 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     out("IKEv2:")
     a.initiate("a", time.monotonic())
     ups = _exchange(a, b, out)
-    ups_a, ups_b = ups["A"], ups["B"]
+    ups_a = [e for e in ups["A"] if isinstance(e, ChildUp)]
+    ups_b = [e for e in ups["B"] if isinstance(e, ChildUp)]
     if len(ups_a) != 1 or len(ups_b) != 1:
         out("demo FAILED: no child SA was negotiated")
         return 1
@@ -158,29 +180,32 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
         dp.install(outb, 0.0)
         for p in pols:
             dp.spd.add(p)
-    out(f"ESP traffic, {packets} packets each way (ICMP, TCP, UDP), over a link with 1% loss and 2% reordering:")
-    ab, ba, got_b, got_a, wire = asyncio.run(_traffic(dp_a, dp_b, packets, host_a, host_b))
-    intact_b = set(got_b) <= set(ab)
-    intact_a = set(got_a) <= set(ba)
-    lost = wire.lost
-    out(f"  A -> B: {len(got_b)}/{len(ab)} delivered intact" + ("" if intact_b else " (CORRUPTED)"))
-    out(f"  B -> A: {len(got_a)}/{len(ba)} delivered intact" + ("" if intact_a else " (CORRUPTED)"))
-    out(f"  lost on the wire: {lost}, reordered: {wire.reordered}; datapath drops A {dp_a.drops or 'none'}, "
-        f"B {dp_b.drops or 'none'}")  # fmt: skip
-    for name, dp in (("A", dp_a), ("B", dp_b)):
-        for sa in dp.sad:
-            out(f"  {name} SA {sa.direction:>3} spi 0x{sa.spi:08x}: {sa.packets} packets, {sa.bytes} bytes")
+    ok = agree
+    for round_no in (1, 2):
+        out(f"ESP traffic, {packets} packets each way (ICMP, TCP, UDP), over a link with 1% loss and 2% reordering:")
+        ok = _traffic_round(dp_a, dp_b, packets, host_a, host_b, out) and ok
+        if round_no == 2:
+            break
+        out("Rekey of the child SA (CREATE_CHILD_SA, new keys installed before the old ones go):")
+        (ike_a,) = a.sas.values()
+        now = time.monotonic()
+        ike_a.children[0].rekey_at = now
+        a.handle_timer(now)
+        events = _exchange(a, b, out)
+        for dp, side in ((dp_a, "A"), (dp_b, "B")):
+            for change in events[side]:
+                if isinstance(change, ChildUp):
+                    inb, outb, _ = child_objects(change, reqid=1)  # same reqid: the policies stay
+                    dp.install(inb, now)
+                    dp.install(outb, now)
+                else:
+                    for sa in list(dp.sad):
+                        if sa.spi in (change.spi_in, change.spi_out):
+                            dp.remove(sa)
+        ok = ok and sum(isinstance(e, ChildUp) for e in events["A"] + events["B"]) == 2
     out("Teardown:")
     for ike_sa in list(a.sas.values()):
         ike_sa.delete(time.monotonic())
     _exchange(a, b, out)
-    ok = (
-        agree
-        and intact_a
-        and intact_b
-        and len(got_a) + len(got_b) + lost == 2 * packets
-        and not dp_a.drops
-        and not dp_b.drops
-    )
     out("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1

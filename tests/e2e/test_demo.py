@@ -24,6 +24,8 @@ def test_demo_passes(mode: str, ike: str, esp: str) -> None:
     text = "\n".join(lines)
     assert "IKE_SA_INIT request" in text and "IKE_AUTH response" in text
     assert "both sides derived the same KEYMAT: yes" in text
+    assert "child SA net rekeyed" in text and "CREATE_CHILD_SA request" in text
+    assert text.count("delivered intact") == 4  # both directions, before and after the rekey
     assert "IKE SA closed" in text and text.endswith("demo passed")
     assert demo.PSK.hex() not in text
 
