@@ -9,6 +9,7 @@ from ipsecstack import __version__
 from ipsecstack.config import Config, parse
 from ipsecstack.crypto.registry import ENCR, INTEG
 from ipsecstack.errors import ConfigError
+from ipsecstack.runtime.control import DEFAULT_SOCKET
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML configuration file")
+    for name, text in (
+        ("status", "a running daemon's counters, drops by reason and IKE statistics"),
+        ("list-conns", "configured connections and whether each is up"),
+        ("list-sas", "IKE and child SAs with algorithms, SPIs, traffic selectors, counters and rekey times"),
+        ("initiate", "start a connection now"),
+        ("terminate", "delete a connection's IKE SA (and its child SAs)"),
+        ("keys", "export the current SA keys (for decrypting captures; handle the output as a secret)"),
+    ):
+        c = sub.add_parser(name, help=text, description=text)
+        where = c.add_mutually_exclusive_group()
+        where.add_argument("-c", "--config", metavar="FILE", help="find the daemon's control socket from this config")
+        where.add_argument("--socket", metavar="PATH", help=f"the control socket (default {DEFAULT_SOCKET})")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in ("initiate", "terminate"):
+            c.add_argument("name", help="connection name ([connections.<name>])")
+        if name == "keys":
+            c.add_argument("--wireshark", metavar="DIR", help="write esp_sa and ikev2_decryption_table files here")
     return p
 
 
@@ -47,7 +65,7 @@ def _run(cfg: Config) -> int:
     import structlog
 
     from ipsecstack.runtime import logs
-    from ipsecstack.runtime.agent import attach_ike, build_node
+    from ipsecstack.runtime.agent import attach_control, attach_ike, build_node
     from ipsecstack.runtime.io import BackendError
     from ipsecstack.runtime.loop import loop_name, run
 
@@ -57,10 +75,11 @@ def _run(cfg: Config) -> int:
     async def main() -> None:
         node = build_node(cfg, log=log)
         try:
-            attach_ike(cfg, node, log=log)
+            ike = attach_ike(cfg, node, log=log)
         except BackendError:
             node.stop()
             raise
+        attach_control(cfg, node, ike, log=log)
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
             connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],
@@ -72,6 +91,47 @@ def _run(cfg: Config) -> int:
     except BackendError as e:
         print(f"ipsecstack: {e}", file=sys.stderr)
         return 3
+    return 0
+
+
+CONTROL_COMMANDS = ("status", "list-conns", "list-sas", "initiate", "terminate", "keys")
+
+
+def _control(args: argparse.Namespace) -> int:
+    import json
+
+    from ipsecstack.runtime.control import request
+
+    path = args.socket or DEFAULT_SOCKET
+    if args.config:
+        try:
+            path = _load(args.config).agent.control_socket
+        except (OSError, ConfigError) as e:
+            print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
+            return 2
+    extra = {"name": args.name} if args.command in ("initiate", "terminate") else {}
+    try:
+        answer = request(path, args.command, **extra)
+    except OSError as e:
+        print(f"ipsecstack: cannot reach the daemon at {path}: {e.strerror or e} (is 'ipsecstack run' running?)",
+              file=sys.stderr)  # fmt: skip
+        return 3
+    if not answer.get("ok"):
+        print(f"ipsecstack: {answer.get('error')}", file=sys.stderr)
+        return 1
+    result = answer["result"]
+    if args.command == "keys" and args.wireshark:
+        from ipsecstack.keyexport import write_wireshark
+
+        files = write_wireshark(result, args.wireshark)
+        print("wrote " + ", ".join(files) + " (secret key material: protect or delete these files)")
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    from ipsecstack.keyexport import render
+
+    print(render(args.command, result))
     return 0
 
 
@@ -102,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg)
+    if args.command in CONTROL_COMMANDS:
+        return _control(args)
     if args.command == "transforms":
         print("ESP encryption: " + ", ".join(ENCR))
         print("ESP/AH integrity: " + ", ".join(INTEG))

@@ -31,7 +31,7 @@ OUTER_BACKENDS = ("raw", "udp", "nfqueue", "memory")
 _AGENT_KEYS = {
     "inner_backend", "outer_backend", "tun_name", "tun_mtu", "nfqueue_out", "nfqueue_in", "queue_bypass",
     "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs", "retransmit_timeout",
-    "retransmit_base", "retransmit_tries",
+    "retransmit_base", "retransmit_tries", "control_socket",
 }  # fmt: skip
 _MANUAL_KEYS = {
     "mode", "protocol", "transform", "local_addrs", "remote_addrs", "local_ts", "remote_ts", "spi_in", "spi_out",
@@ -51,6 +51,7 @@ class AgentConfig:
     retransmit_timeout: float = 2.0  # IKE: first retransmission after this many seconds (RFC 7296 §2.4)
     retransmit_base: float = 1.8  # ... then back off by this factor
     retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions
+    control_socket: str = "/run/ipsecstack/ipsecstack.sock"  # the CLI's way in (mode 0600)
     nfqueue_out: int = 10
     nfqueue_in: int = 11
     queue_bypass: bool = False
@@ -190,7 +191,7 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
     a = AgentConfig()
     for k, v in table.items():
         path = f"agent.{k}"
-        if k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level"):
+        if k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level", "control_socket"):
             _type(path, v, str, "a string")
         elif k in ("queue_bypass", "mss_clamp"):
             _type(path, v, bool, "true or false")

@@ -94,6 +94,7 @@ class SecurityAssociation:
         "ecn",
         "esn",
         "hard",
+        "key_material",
         "mode",
         "name",
         "next_bytes",
@@ -236,6 +237,7 @@ class SecurityAssociation:
                 0x4500 + (ttl << 8 | self.outer_proto) + sum((words[i] << 8) | words[i + 1] for i in range(0, 8, 2))
             )
         key_bytes = _key(key, suite, self.transform)
+        self.key_material = key_bytes  # only for the explicit key export (ipsecstack keys); never logged
         self.ctx: EspContext | None = None
         self.ah_ctx: AhContext | None = None
         if isinstance(suite, EspSuite):

@@ -115,3 +115,20 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
     node = Node(dp, inner, outer, batch_size=a.batch_size, log=log)
     node.traps = traps
     return node
+
+
+def attach_control(cfg: Config, node: Node, ike: Any, *, log: Any = None) -> Any:
+    """Serve the control socket while the node runs."""
+    import asyncio
+
+    from ipsecstack.runtime.control import ControlServer
+
+    server = ControlServer(cfg.agent.control_socket, node, ike, log or node.log)
+
+    def start() -> None:
+        task = asyncio.get_running_loop().create_task(server.start())
+        node.control_task = task  # keep a reference while it runs
+
+    node.on_start.append(start)
+    node.on_stop.append(server.close)
+    return server

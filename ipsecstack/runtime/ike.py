@@ -131,6 +131,22 @@ class IkeEndpoint:
             s.close()
         self._socks.clear()
 
+    def initiate(self, name: str) -> None:
+        """Start a connection now (the CLI's ``initiate``)."""
+        self._initiate(name, self.clock())
+        self._pump()
+
+    def terminate(self, name: str) -> int:
+        """Delete every IKE SA of a connection (the CLI's ``terminate``); returns how many."""
+        now = self.clock()
+        n = 0
+        for sa in self.manager.by_name(name):
+            if sa.state != "closed":
+                sa.delete(now)
+                n += 1
+        self._pump()
+        return n
+
     def _initiate(self, name: str, now: float) -> None:
         sa = self.manager.initiate(name, now)
         self.log.info("ike initiating", conn=name, peer=sa.remote, proposals=[p.text for p in sa.cfg.proposals])

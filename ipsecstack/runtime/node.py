@@ -75,6 +75,7 @@ class Node:
         self.on_start: list[Callable[[], None]] = []  # e.g. the IKE endpoint, after the ports attach
         self.on_stop: list[Callable[[], None]] = []  # run before the ports close
         self.traps: dict[tuple[str, str], int] = {}  # reqids of trap policies by (connection, child)
+        self.control_task: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
