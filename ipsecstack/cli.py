@@ -76,10 +76,10 @@ def _run(cfg: Config) -> int:
         node = build_node(cfg, log=log)
         try:
             ike = attach_ike(cfg, node, log=log)
+            attach_control(cfg, node, ike, log=log)
         except BackendError:
             node.stop()
             raise
-        attach_control(cfg, node, ike, log=log)
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
             connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],

@@ -31,7 +31,7 @@ OUTER_BACKENDS = ("raw", "udp", "nfqueue", "memory")
 _AGENT_KEYS = {
     "inner_backend", "outer_backend", "tun_name", "tun_mtu", "nfqueue_out", "nfqueue_in", "queue_bypass",
     "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs", "retransmit_timeout",
-    "retransmit_base", "retransmit_tries", "control_socket",
+    "retransmit_base", "retransmit_tries", "control_socket", "metrics",
 }  # fmt: skip
 _MANUAL_KEYS = {
     "mode", "protocol", "transform", "local_addrs", "remote_addrs", "local_ts", "remote_ts", "spi_in", "spi_out",
@@ -52,6 +52,7 @@ class AgentConfig:
     retransmit_base: float = 1.8  # ... then back off by this factor
     retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions
     control_socket: str = "/run/ipsecstack/ipsecstack.sock"  # the CLI's way in (mode 0600)
+    metrics: str | None = None  # "host:port" for the Prometheus endpoint; off unless set
     nfqueue_out: int = 10
     nfqueue_in: int = 11
     queue_bypass: bool = False
@@ -191,7 +192,12 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
     a = AgentConfig()
     for k, v in table.items():
         path = f"agent.{k}"
-        if k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level", "control_socket"):
+        if k == "metrics":
+            _type(path, v, str, 'a listen address, e.g. "127.0.0.1:9505"')
+            _host, sep, port = v.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(path, v, 'give host:port, e.g. "127.0.0.1:9505" or "[::1]:9505"')
+        elif k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level", "control_socket"):
             _type(path, v, str, "a string")
         elif k in ("queue_bypass", "mss_clamp"):
             _type(path, v, bool, "true or false")

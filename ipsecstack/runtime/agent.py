@@ -131,4 +131,12 @@ def attach_control(cfg: Config, node: Node, ike: Any, *, log: Any = None) -> Any
 
     node.on_start.append(start)
     node.on_stop.append(server.close)
+    if cfg.agent.metrics:
+        from ipsecstack.runtime.metrics import serve
+
+        try:
+            http = serve(cfg.agent.metrics, node, ike)
+        except OSError as e:
+            raise BackendError(f"agent.metrics = {cfg.agent.metrics!r}: cannot listen there: {e.strerror}") from None
+        node.on_stop.append(http.shutdown)
     return server

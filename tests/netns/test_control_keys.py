@@ -21,6 +21,7 @@ outer_backend = "raw"
 tun_name = "ipsec0"
 tun_addrs = ["{tun_addr}"]
 control_socket = "{sock}"
+metrics = "127.0.0.1:9505"
 
 [connections.site]
 local_addrs = ["{local}"]
@@ -76,6 +77,13 @@ def test_cli_and_tshark_decryption(esp: str, tmp_path: Path) -> None:
             sas = json.loads(cli("list-sas", "-c", str(tmp_path / "a.toml"), "--json").stdout)
             child = sas[0]["children"][0]
             assert sas[0]["state"] == "established" and child["transform"] == esp and child["packets_out"] >= 3
+            scrape = pair.a.run(sys.executable, "-c",
+                                "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9505/metrics', "
+                                "timeout=5).read().decode())")  # fmt: skip
+            metrics = scrape.stdout.decode()
+            assert 'ipsecstack_connection_up{connection="site"} 1.0' in metrics, metrics[:2000]
+            assert 'ipsecstack_ike_sas{state="established"} 1.0' in metrics
+            assert "ipsecstack_sa_packets_total" in metrics
             status = cli("status", "--socket", sock_a)
             assert status.returncode == 0 and "packets out" in status.stdout
             keydir = tmp_path / "keys"
