@@ -16,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipsecstack", description="A userspace IPsec stack (IKEv2, ESP, AH).")
     p.add_argument("--version", action="version", version=f"ipsecstack {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("import-swanctl", help="convert a strongSwan swanctl.conf to an ipsecstack configuration",
+                       description="Print the ipsecstack TOML for a swanctl.conf; what cannot be converted is listed "
+                       "on stderr and in the output's header.")  # fmt: skip
+    c.add_argument("file", help="swanctl.conf to convert")
     c = sub.add_parser("selfcheck", help="protect and unprotect traffic between two manually keyed peers")
     c.add_argument("--proposal", default="aes128gcm16", help="ESP transform, e.g. aes256gcm16, aes128-sha256")
     c.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
@@ -162,6 +166,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg)
+    if args.command == "import-swanctl":
+        from pathlib import Path
+
+        from ipsecstack.swanctl_import import SwanctlSyntaxError, convert
+
+        try:
+            result = convert(Path(args.file).read_text())
+        except OSError as e:
+            print(f"ipsecstack: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+            return 2
+        except SwanctlSyntaxError as e:
+            print(f"ipsecstack: {args.file}: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(result.toml)
+        for item in result.skipped:
+            print(f"ipsecstack: not converted: {item}", file=sys.stderr)
+        return 0
     if args.command in CONTROL_COMMANDS:
         return _control(args)
     if args.command == "transforms":

@@ -1,0 +1,114 @@
+"""``ipsecstack import-swanctl``: strongSwan configurations converted, and what is not, listed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipsecstack.config import parse as parse_config
+from ipsecstack.ike.const import IdType
+from ipsecstack.swanctl_import import SwanctlSyntaxError, convert, parse
+
+SITE = """
+# a site-to-site PSK tunnel as strongSwan's documentation writes them
+connections {
+    site-b {
+        version = 2
+        local_addrs  = 192.0.2.1
+        remote_addrs = 192.0.2.2
+        proposals = aes128gcm16-prfsha256-x25519, aes256-sha256-modp2048
+        dpd_delay = 30s
+        mobike = no
+        local {
+            auth = psk
+            id = a.example
+        }
+        remote { auth = psk
+            id = b.example }
+        children {
+            net {
+                local_ts  = 10.1.0.0/16
+                remote_ts = 10.2.0.0/16,10.3.0.0/16
+                esp_proposals = aes128gcm16
+                rekey_time = 1h
+                start_action = start
+                updown = /usr/local/libexec/ipsec/_updown iptables
+            }
+        }
+    }
+}
+secrets {
+    ike-site-b {
+        id-a = a.example
+        id-b = b.example
+        secret = "a # that is not a comment"
+    }
+}
+pools {
+    rw { addrs = 10.9.0.0/24 }
+}
+"""
+
+
+def test_site_to_site_converts_and_loads() -> None:
+    result = convert(SITE)
+    assert sorted(result.skipped) == [
+        "connections.site-b.children.net.updown", "connections.site-b.mobike", "pools",
+    ]  # fmt: skip
+    cfg = parse_config(result.toml)
+    (peer,) = cfg.connections
+    assert (peer.name, peer.local_addr, peer.remote_addr) == ("site-b", "192.0.2.1", "192.0.2.2")
+    assert [p.text for p in peer.proposals] == ["aes128gcm16-prfsha256-x25519", "aes256-sha256-modp2048"]
+    assert peer.local_id == (IdType.ID_FQDN, b"a.example") and peer.remote_id == (IdType.ID_FQDN, b"b.example")
+    assert peer.psk == b"a # that is not a comment" and peer.dpd_delay == 30.0
+    (child,) = peer.children
+    assert [str(r) for r in child.remote_ts] == ["10.2.0.0/16", "10.3.0.0/16"] and child.rekey_time == 3600.0
+    assert cfg.start == ["site-b"]
+
+
+def test_syntax_errors_name_the_line() -> None:
+    with pytest.raises(SwanctlSyntaxError, match="line 3"):
+        parse("connections {\n  a {\n    ??? weird\n  }\n}\n")
+    with pytest.raises(SwanctlSyntaxError, match="not closed"):
+        parse("connections {\n")
+    with pytest.raises(SwanctlSyntaxError, match="without an open section"):
+        parse("}\n")
+
+
+def test_strongswans_own_reference_config_parses() -> None:
+    """Debian's /etc/swanctl/swanctl.conf documents every option, commented out: uncommented, it must
+    parse, and everything without an equivalent must be reported."""
+    ref = Path("/etc/swanctl/swanctl.conf")
+    if not ref.exists():
+        pytest.skip("strongSwan's reference swanctl.conf is not installed (deploy/setup.sh test installs it)")
+    lines = []
+    for raw in ref.read_text().splitlines():
+        m = re.match(r"^(\s*)#\s?(\s*)(.*)$", raw)
+        if m and re.match(r"^([A-Za-z0-9_.\-<>%]+\s*(=|\{)|\})", m.group(3)):
+            lines.append(m.group(1) + m.group(2) + m.group(3))
+    result = convert("\n".join(lines))
+    for expected in ("pools", "authorities", "connections.<conn>.mobike", "connections.<conn>.vips"):
+        assert expected in result.skipped
+    assert "[connections.<conn>]" not in result.toml  # odd names are quoted
+    assert '[connections."<conn>"]' in result.toml
+
+
+def test_cli(tmp_path: Path) -> None:
+    f = tmp_path / "swanctl.conf"
+    f.write_text(SITE)
+    r = subprocess.run([sys.executable, "-m", "ipsecstack", "import-swanctl", str(f)], capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0 and "[connections.site-b]" in r.stdout
+    assert "not converted: pools" in r.stderr
+    (tmp_path / "out.toml").write_text(r.stdout)
+    check = subprocess.run([sys.executable, "-m", "ipsecstack", "check", "-c", str(tmp_path / "out.toml")],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    f.write_text("connections {\n")
+    bad = subprocess.run([sys.executable, "-m", "ipsecstack", "import-swanctl", str(f)], capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and "not closed" in bad.stderr
