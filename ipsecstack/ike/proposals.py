@@ -238,3 +238,29 @@ def check_choice(offered: list[Algorithms], reply: m.Proposal, protocol: int, ig
 
 def group(number: int) -> Group | None:
     return GROUPS.get(number)
+
+
+_TYPE_NAMES = {1: "ENCR", 2: "PRF", 3: "INTEG", 4: "KE", 5: "ESN"}
+
+
+def describe_offer(p: m.Proposal) -> str:
+    """A peer's proposal in strongSwan-like words, for logs (unknown algorithms by number)."""
+    from ipsecstack.crypto.registry import ENCR, INTEG
+    from ipsecstack.ike.groups import GROUPS
+    from ipsecstack.ike.keymat import PRFS
+
+    words = []
+    for t in p.transforms:
+        name = None
+        if t.type == TransformType.ENCR:
+            name = next((e.keyword for e in ENCR.values() if _encr_match(e, t)), None)
+        elif t.type == TransformType.INTEG:
+            name = next((i.keyword for i in INTEG.values() if i.iana_id == t.id), None)
+        elif t.type == TransformType.PRF:
+            name = PRFS[t.id].keyword if t.id in PRFS else None
+        elif t.type == TransformType.DH:
+            name = GROUPS[t.id].keyword if t.id in GROUPS else None
+        elif t.type == TransformType.ESN:
+            name = "esn" if t.id else "noesn"
+        words.append(name or f"{_TYPE_NAMES.get(t.type, t.type)}#{t.id}")
+    return "-".join(words)

@@ -448,7 +448,9 @@ class IkeSa:
         if chosen is None:
             self._count("no_proposal_chosen")
             self._reply_plain(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
-            self.failure = "no IKE proposal in common: ours " + ", ".join(p.text for p in self.cfg.proposals)
+            theirs = ", ".join(props.describe_offer(p) for p in sas[0].proposals)  # type: ignore[union-attr]
+            ours = ", ".join(p.text for p in self.cfg.proposals)
+            self.failure = f"no IKE proposal in common: peer offered {theirs}; ours {ours}"
             return False
         ke = kes[0]
         assert isinstance(ke, m.KE) and chosen.dh is not None

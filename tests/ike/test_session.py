@@ -141,6 +141,9 @@ def test_no_proposal_chosen() -> None:
     downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
     assert downs and "NO_PROPOSAL_CHOSEN" in downs[0].reason
     assert w.r is not None and "no IKE proposal in common" in w.r.failure
+    assert (
+        "peer offered aes128gcm16-prfsha256-curve25519" in w.r.failure and "ours aes256-sha512-modp4096" in w.r.failure
+    )
 
 
 def test_invalid_ke_payload_retry() -> None:
