@@ -65,11 +65,11 @@ def _load(path: str) -> Config:
     return parse(text, read_file=lambda p: Path(p).read_text(), env=os.environ)
 
 
-def _run(cfg: Config) -> int:
+def _run(cfg: Config, path: str) -> int:
     import structlog
 
     from ipsecstack.runtime import logs
-    from ipsecstack.runtime.agent import attach_control, attach_ike, build_node
+    from ipsecstack.runtime.agent import Reloader, attach_control, attach_ike, build_node
     from ipsecstack.runtime.io import BackendError
     from ipsecstack.runtime.loop import loop_name, run
 
@@ -84,6 +84,7 @@ def _run(cfg: Config) -> int:
         except BackendError:
             node.stop()
             raise
+        node.on_reload = Reloader(path, cfg, node, ike, log)
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
             connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
-        return _run(cfg)
+        return _run(cfg, args.config)
     if args.command == "import-swanctl":
         from pathlib import Path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from typing import Any
 
@@ -37,6 +38,13 @@ def local_address(cfg: Config) -> str:
     return cfg.connections[0].local_addr
 
 
+def force_encap(cfg: Config, udp_outer: bool) -> None:
+    """ESP leaves through the UDP socket only: make every IKE SA negotiate UDP encapsulation."""
+    if udp_outer:
+        for peer in cfg.connections:
+            peer.encap = True
+
+
 def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
     """Create the IKE endpoint for ``[connections]`` (None without any) and hook it to the node."""
     if not cfg.connections:
@@ -44,10 +52,7 @@ def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
     from ipsecstack.runtime.ike import IkeEndpoint
 
     encap = node.outer if hasattr(node.outer, "send_ike") else None
-    if encap is not None:
-        # ESP leaves through the UDP socket only: make every IKE SA negotiate UDP encapsulation
-        for peer in cfg.connections:
-            peer.encap = True
+    force_encap(cfg, encap is not None)
     ike = IkeEndpoint(node, cfg.connections, cfg.start, encap=encap, log=log or node.log, traps=node.traps,
                       acquire_names=cfg.trap)  # fmt: skip
     node.on_start.append(ike.start)
@@ -140,3 +145,101 @@ def attach_control(cfg: Config, node: Node, ike: Any, *, log: Any = None) -> Any
             raise BackendError(f"agent.metrics = {cfg.agent.metrics!r}: cannot listen there: {e.strerror}") from None
         node.on_stop.append(http.shutdown)
     return server
+
+
+class Reloader:
+    """SIGHUP: re-read the configuration and apply what changed without touching what did not.
+
+    Manual connections that changed are reinstalled; IKE connections that were removed or changed
+    are terminated (and their trap policies removed), new or changed ones get trap policies and are
+    initiated when ``start_action = start``; unchanged connections keep their SAs. Changes to
+    ``[agent]`` (backends, sockets, TUN) need a restart and are reported as such. An invalid file is
+    reported and the running configuration stays.
+    """
+
+    def __init__(self, path: str, cfg: Config, node: Node, ike: Any, log: Any) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.node = node
+        self.ike = ike
+        self.log = log
+
+    def __call__(self) -> None:
+        from pathlib import Path
+
+        from ipsecstack.config import parse
+        from ipsecstack.errors import ConfigError
+
+        try:
+            text = Path(self.path).read_text()
+            new = parse(text, read_file=lambda p: Path(p).read_text(), env=os.environ)
+        except (OSError, ConfigError) as e:
+            self.log.error("reload failed; keeping the running configuration", error=str(e))
+            return
+        self.apply(new)
+
+    def apply(self, new: Config) -> dict[str, list[str]]:
+        from ipsecstack.config import manual_policies, manual_sas
+        from ipsecstack.ike.install import trap_policies
+
+        old, dp, now = self.cfg, self.node.datapath, time.monotonic()
+        force_encap(new, self.ike is not None and self.ike.encap is not None)  # as attach_ike did
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        if new.agent != old.agent:
+            self.log.warning("[agent] changed: restart the daemon to apply it (the rest is reloaded)")
+        # manual connections
+        old_m, new_m = {c.name: c for c in old.manual}, {c.name: c for c in new.manual}
+        for name, c in old_m.items():
+            if new_m.get(name) != c:
+                for sa in [s for s in dp.sad if s.name == name and s.reqid is None]:
+                    dp.remove(sa)
+                for pol in [p for p in dp.spd if p.name == name]:
+                    dp.spd.remove(pol)
+        for name, c in new_m.items():
+            if old_m.get(name) != c:
+                for sa in manual_sas(c):
+                    dp.install(sa, now)
+                for pol in manual_policies(c):
+                    dp.spd.add(pol)
+        # IKE connections
+        old_p, new_p = {p.name: p for p in old.connections}, {p.name: p for p in new.connections}
+        for name in sorted(set(old_m) | set(new_m) | set(old_p) | set(new_p)):
+            before, after = old_m.get(name) or old_p.get(name), new_m.get(name) or new_p.get(name)
+            key = (
+                "added"
+                if before is None
+                else "removed"
+                if after is None
+                else "unchanged"
+                if before == after
+                else "changed"
+            )
+            report[key].append(name)
+        if self.ike is not None:
+            traps = self.node.traps
+            for name, peer in old_p.items():
+                if new_p.get(name) == peer:
+                    continue
+                self.ike.terminate(name)
+                for child in peer.children:
+                    reqid = traps.pop((name, child.name), None)
+                    for pol in [p for p in dp.spd if p.template is not None and p.template.reqid == reqid]:
+                        dp.spd.remove(pol)
+            self.ike.manager.peers = dict(new_p)
+            self.ike.start_names = list(new.start)
+            self.ike.acquire_names = set(new.trap)
+            for name, peer in new_p.items():
+                if old_p.get(name) == peer:
+                    continue
+                if peer.remote_addr is not None:
+                    for child in peer.children:
+                        reqid = max(traps.values(), default=TRAP_REQID_BASE - 1) + 1
+                        traps[(name, child.name)] = reqid
+                        for pol in trap_policies(name, peer.local_addr, peer.remote_addr, child, reqid):
+                            dp.spd.add(pol)
+                if name in new.start:
+                    self.ike.initiate(name)
+            self.ike.set_traps(traps)
+        self.cfg = new
+        self.log.info("configuration reloaded", **{k: v for k, v in report.items() if v})
+        return report

@@ -131,6 +131,11 @@ class IkeEndpoint:
             s.close()
         self._socks.clear()
 
+    def set_traps(self, traps: dict[tuple[str, str], int]) -> None:
+        """The trap reqids by (connection, child), after a reload."""
+        self.traps = dict(traps)
+        self._trap_names = {reqid: key for key, reqid in self.traps.items()}
+
     def initiate(self, name: str) -> None:
         """Start a connection now (the CLI's ``initiate``)."""
         self._initiate(name, self.clock())

@@ -76,6 +76,7 @@ class Node:
         self.on_stop: list[Callable[[], None]] = []  # run before the ports close
         self.traps: dict[tuple[str, str], int] = {}  # reqids of trap policies by (connection, child)
         self.control_task: Any = None
+        self.on_reload: Callable[[], None] | None = None  # SIGHUP
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -120,11 +121,14 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        if self.on_reload is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, self.on_reload)
         try:
             await self._stopped.wait()
         finally:
             self.stop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
 
