@@ -16,6 +16,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipsecstack", description="A userspace IPsec stack (IKEv2, ESP, AH).")
     p.add_argument("--version", action="version", version=f"ipsecstack {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("bench", help="measure protect/unprotect on this machine against the bare cipher call",
+                       description="A quick datapath benchmark; bench/ in the repository has the full matrix and "
+                       "the backend (TUN, NFQUEUE, raw, UDP) benchmarks.")  # fmt: skip
+    c.add_argument("--transform", default="aes128gcm16", help="ESP transform (default aes128gcm16)")
+    c.add_argument("--size", type=int, default=1400, help="IP packet size in bytes (default 1400)")
+    c.add_argument("--packets", type=int, default=20000, help="packets per run (default 20000)")
     c = sub.add_parser("import-swanctl", help="convert a strongSwan swanctl.conf to an ipsecstack configuration",
                        description="Print the ipsecstack TOML for a swanctl.conf; what cannot be converted is listed "
                        "on stderr and in the output's header.")  # fmt: skip
@@ -167,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg, args.config)
+    if args.command == "bench":
+        from ipsecstack import benchmark
+
+        if not 64 <= args.size <= 9000 or not 100 <= args.packets <= 10_000_000:
+            print("ipsecstack: --size must be 64..9000 and --packets 100..10000000", file=sys.stderr)
+            return 2
+        try:
+            return benchmark.run(args.transform, args.size, args.packets)
+        except ConfigError as e:
+            print(f"ipsecstack: {e}", file=sys.stderr)
+            return 2
     if args.command == "import-swanctl":
         from pathlib import Path
 

@@ -38,3 +38,13 @@ def test_demo_command_line() -> None:
     bad = subprocess.run([sys.executable, "-m", "ipsecstack", "demo", "--esp", "des-md5"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "unknown algorithm" in bad.stderr
+
+
+def test_bench_command() -> None:
+    r = subprocess.run([sys.executable, "-m", "ipsecstack", "bench", "--packets", "300", "--transform", "aes128-sha256"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "protect" in r.stdout and "unprotect" in r.stdout and "bare cipher" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "ipsecstack", "bench", "--size", "10"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2
