@@ -41,8 +41,8 @@ def test_demo_command_line() -> None:
 
 
 def test_bench_command() -> None:
-    r = subprocess.run([sys.executable, "-m", "ipsecstack", "bench", "--packets", "300", "--transform", "aes128-sha256"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "ipsecstack", "bench", "--packets", "300", "--transform", "aes128-sha256"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "protect" in r.stdout and "unprotect" in r.stdout and "bare cipher" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "ipsecstack", "bench", "--size", "10"], capture_output=True,
