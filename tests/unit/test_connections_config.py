@@ -1,0 +1,83 @@
+"""[connections]/[secrets]: every validation error names the key path and says how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipsecstack.config import parse
+from ipsecstack.errors import ConfigError
+
+GOOD = """
+[connections.gw]
+local_addrs = ["192.0.2.1"]
+remote_addrs = ["192.0.2.2"]
+proposals = ["aes128gcm16-prfsha256-x25519"]
+dpd_delay = "30s"
+local = { auth = "psk", id = "a.example" }
+remote = { auth = "psk", id = "b.example" }
+
+[connections.gw.children.net]
+local_ts = ["10.1.0.0/16"]
+remote_ts = ["10.2.0.0/16"]
+esp_proposals = ["aes128gcm16-x25519"]
+start_action = "start"
+
+[secrets.ike.gw]
+secret = "s3cret-value"
+"""
+
+
+def test_good() -> None:
+    cfg = parse(GOOD)
+    (peer,) = cfg.connections
+    assert peer.dpd_delay == 30.0 and cfg.start == ["gw"] and cfg.trap == ["gw"]
+    assert peer.children[0].proposals[0].dh[0].keyword == "curve25519"  # PFS for rekeys
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "hint"),
+    [
+        (('local_addrs = ["192.0.2.1"]', 'local_addrs = ["192.0.2.1", "192.0.2.9"]'), "connections.gw.local_addrs",
+         "exactly one"),
+        (('remote_addrs = ["192.0.2.2"]', 'remote_addrs = ["nowhere"]'), "connections.gw.remote_addrs", "%any"),
+        (('proposals = ["aes128gcm16-prfsha256-x25519"]', 'proposals = ["aes128gcm16-prfsha256"]'),
+         "connections.gw.proposals[0]", "key exchange group"),
+        (('proposals = ["aes128gcm16-prfsha256-x25519"]', 'proposals = ["aes128gcm16-x25519"]'),
+         "connections.gw.proposals[0]", "PRF"),
+        (('proposals = ["aes128gcm16-prfsha256-x25519"]', 'proposals = ["3des-md5-modp1024"]'),
+         "connections.gw.proposals[0]", "unknown algorithm"),
+        (('dpd_delay = "30s"', 'dpd_delay = "soon"'), "connections.gw.dpd_delay", "duration"),
+        (('dpd_delay = "30s"', "mobike = true"), "connections.gw.mobike", "not supported"),
+        (('dpd_delay = "30s"', "version = 1"), "connections.gw.version", "IKEv2"),
+        (('dpd_delay = "30s"', "aggressive = true"), "connections.gw.aggressive", "unknown key"),
+        (('local = { auth = "psk", id = "a.example" }', 'local = { auth = "pubkey", id = "a.example" }'),
+         "connections.gw.local.auth", "psk"),
+        (('local = { auth = "psk", id = "a.example" }', 'local = { auth = "psk", idd = "a.example" }'),
+         "connections.gw.local.idd", "unknown key"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'esp_proposals = ["aes128gcm16-prfsha256"]'),
+         "connections.gw.children.net.esp_proposals[0]", "no PRF"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["sha256"]'),
+         "connections.gw.children.net.ah_proposals", "AH"),
+        (('start_action = "start"', 'start_action = "always"'), "connections.gw.children.net.start_action",
+         "none, start or trap"),
+        (('remote_ts = ["10.2.0.0/16"]', 'remote_ts = ["10.2.0.0/99"]'), "connections.gw.children.net.remote_ts[0]",
+         "CIDR"),
+        (('start_action = "start"', 'mode = "beet"'), "connections.gw.children.net.mode", "tunnel or transport"),
+        (('secret = "s3cret-value"', 'secret_env = "NO_SUCH_VARIABLE"'), "secrets.ike.gw.secret_env", "not set"),
+        (('secret = "s3cret-value"', 'secret = "0xzz"'), "secrets.ike.gw.secret", "hex"),
+        (('[secrets.ike.gw]\nsecret = "s3cret-value"', ""), "secrets.ike.gw", "pre-shared key"),
+        (('[connections.gw.children.net]', '[connections.gw.kids.net]'), "connections.gw.kids", "unknown key"),
+    ],
+)  # fmt: skip
+def test_errors(change: tuple[str, str], path: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(GOOD.replace(*change), env={})
+    assert e.value.field == path, str(e.value)
+    assert hint in str(e.value)
+    assert "s3cret-value" not in str(e.value)
+
+
+def test_trap_needs_a_peer_address() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(GOOD.replace('remote_addrs = ["192.0.2.2"]', 'remote_addrs = ["%any"]'))
+    assert e.value.field == "connections.gw.remote_addrs" and "starts itself" in str(e.value)
