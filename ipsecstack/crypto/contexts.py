@@ -30,6 +30,7 @@ before the call, so the stream never holds a partial block.
 
 from __future__ import annotations
 
+import abc
 import hmac
 from typing import Protocol
 
@@ -56,13 +57,14 @@ class EspContext(Protocol):
     def open(self, header: bytes, seq_hi: bytes, body: Buffer) -> bytes: ...
 
 
-class _SealMixin:
+class _SealMixin(abc.ABC):
     """``seal`` in terms of ``seal_packet`` (the datapath uses the latter)."""
 
     __slots__ = ()
 
+    @abc.abstractmethod
     def seal_packet(self, prefix: bytes, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
-        raise NotImplementedError  # pragma: no cover - every context defines it
+        """prefix || header || IV || ciphertext || ICV."""
 
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         return self.seal_packet(b"", header, seq, seq_hi, plaintext)[len(header) :]
