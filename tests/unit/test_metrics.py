@@ -50,3 +50,21 @@ def test_metrics_reflect_state() -> None:
     mgr.initiate("site", 2.0)
     text = generate_latest(registry_for(node, _Ike(mgr))).decode()
     assert 'ipsecstack_ike_sas{state="init_sent"} 1.0' in text
+
+
+def test_wireshark_lines_use_wiresharks_labels() -> None:
+    from ipsecstack.keyexport import esp_lines, ike_lines
+
+    esp = [
+        {"spi": 0x1001, "protocol": "esp", "transform": "aes128-sha256", "direction": "out", "src": "192.0.2.1",
+         "dst": "192.0.2.2", "key": ("11" * 16) + ("22" * 32), "encap": None},
+        {"spi": 0x1002, "protocol": "esp", "transform": "chacha20poly1305", "direction": "in", "src": "192.0.2.2",
+         "dst": "192.0.2.1", "key": "33" * 36, "encap": None},
+    ]  # fmt: skip
+    (line,) = esp_lines(esp)  # ChaCha20 is skipped: Wireshark 4.0 cannot decrypt it
+    assert line == ('"IPv4","192.0.2.1","192.0.2.2","0x00001001","AES-CBC [RFC3602]","0x' + "11" * 16
+                    + '","HMAC-SHA-256-128 [RFC4868]","0x' + "22" * 32 + '"')  # fmt: skip
+    ike = [{"spi_i": "aa" * 8, "spi_r": "bb" * 8, "encr": "aes128gcm16", "integ": None, "sk_ei": "01" * 20,
+            "sk_er": "02" * 20, "sk_ai": "", "sk_ar": ""}]  # fmt: skip
+    want = f'{"aa" * 8},{"bb" * 8},{"01" * 20},{"02" * 20},"AES-GCM-128 with 16 octet ICV [RFC5282]",,,"NONE [RFC4306]"'
+    assert ike_lines(ike) == [want]
