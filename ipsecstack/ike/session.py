@@ -793,13 +793,17 @@ class IkeSa:
 
     # --- CREATE_CHILD_SA: rekeying a child SA (§1.3.3, §2.8) --------------------------------------
 
-    def _rekey_child(self, old: ChildUp, now: float) -> None:
-        child = old.child
-        old.rekey_at = None
+    def _child_request(self, child: ChildConfig, local: list[Range], remote: list[Range], mode: str,
+                       rekey_spi: int | None) -> tuple[list[m.AnyPayload], int, bytes, Any]:  # fmt: skip
+        """Initiator side of CREATE_CHILD_SA for a child SA (new, or rekeying ``rekey_spi``): the payloads
+        [N(REKEY_SA)], SA, Ni, [KEi when the proposal has a group: PFS], TSi, TSr; plus our SPI, Ni and the
+        KE private value."""
         spi_in = self._new_child_spi()
         nonce = self.rng(32)
-        inner: list[m.AnyPayload] = [m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, old.spi_in.to_bytes(4, "big"))]
         spi = spi_in.to_bytes(4, "big")
+        inner: list[m.AnyPayload] = []
+        if rekey_spi is not None:
+            inner.append(m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, rekey_spi.to_bytes(4, "big")))
         inner.append(m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
         inner.append(m.Nonce(nonce))
         group = child.proposals[0].dh[0] if child.proposals[0].dh else None
@@ -807,29 +811,25 @@ class IkeSa:
         if group is not None:
             dh, pub = group.generate(self.rng)
             inner.append(m.KE(group.number, pub))
-        inner.append(m.TS([r.to_payload() for r in old.local_ts], True))
-        inner.append(m.TS([r.to_payload() for r in old.remote_ts], False))
-        if old.mode == "transport":
+        inner.append(m.TS([r.to_payload() for r in local], True))
+        inner.append(m.TS([r.to_payload() for r in remote], False))
+        if mode == "transport":
             inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
-        self._pending = ("rekey_child", (old, spi_in, nonce, dh))
-        self._count("child_rekeys_started")
-        self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
+        return inner, spi_in, nonce, dh
 
-    def _on_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
-        old, spi_in, nonce_i, dh = state
+    def _child_answer(self, child: ChildConfig, inner: list[m.AnyPayload],
+                      dh: Any) -> tuple[props.Chosen, bytes, bytes | None] | str:  # fmt: skip
+        """Initiator side: check a CREATE_CHILD_SA response; ``(chosen, Nr, g^ir)`` or why it failed."""
         errors = [p for p in inner if isinstance(p, m.Notify) and p.notify_type < 16384]
         sas = [p for p in inner if isinstance(p, m.SA)]
         nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
-        if errors or len(sas) != 1 or len(sas[0].proposals) != 1 or nonce is None:
-            why = _notify_name(errors[0].notify_type) if errors else "malformed response"
-            self._count("child_rekey_failed")
-            self.failure = f"rekey of child SA {old.child.name} refused: {why}"
-            old.rekey_at = now + 30.0  # try again later; the old SA keeps carrying traffic
-            return
-        chosen = props.check_choice(old.child.proposals, sas[0].proposals[0], Protocol.ESP)
+        if errors:
+            return _notify_name(errors[0].notify_type)
+        if len(sas) != 1 or len(sas[0].proposals) != 1 or nonce is None:
+            return "malformed response"
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP)
         if chosen is None or len(chosen.spi) != 4:
-            old.rekey_at = now + 30.0
-            return
+            return "the peer chose a proposal we did not offer"
         shared = None
         if chosen.dh is not None:
             ke = next((p for p in inner if isinstance(p, m.KE)), None)
@@ -837,14 +837,31 @@ class IkeSa:
                 if ke is None or dh is None:
                     raise KeyExchangeError("no KE payload for PFS")
                 shared = chosen.dh.shared(dh, ke.data)
-            except KeyExchangeError:
-                old.rekey_at = now + 30.0
-                return
+            except KeyExchangeError as e:
+                return str(e)
+        return chosen, nonce.data, shared
+
+    def _rekey_child(self, old: ChildUp, now: float) -> None:
+        old.rekey_at = None
+        inner, spi_in, nonce, dh = self._child_request(old.child, old.local_ts, old.remote_ts, old.mode, old.spi_in)
+        self._pending = ("rekey_child", (old, spi_in, nonce, dh))
+        self._count("child_rekeys_started")
+        self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
+
+    def _on_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
+        old, spi_in, nonce_i, dh = state
+        answer = self._child_answer(old.child, inner, dh)
+        if isinstance(answer, str):
+            self._count("child_rekey_failed")
+            self.failure = f"rekey of child SA {old.child.name} refused: {answer}"
+            old.rekey_at = now + 30.0  # try again later; the old SA keeps carrying traffic
+            return
+        chosen, nr, shared = answer
         self._child_up(old.child, chosen, old.mode, old.local_ts, old.remote_ts, spi_in=spi_in,
-                       spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nonce.data), shared=shared,
+                       spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nr), shared=shared,
                        we_initiated=True, replaces=old.spi_in, now=now)  # fmt: skip
         self._count("child_rekeys")
-        if self._rekey_collision(old, nonce_i, nonce.data, self.children[-1], True, now):
+        if self._rekey_collision(old, nonce_i, nr, self.children[-1], True, now):
             return
         # make-before-break: the new pair is installed; now retire the old one (§2.8)
         self._delete_child(old, now)
@@ -883,50 +900,23 @@ class IkeSa:
 
     def _create_child(self, child: ChildConfig, now: float) -> None:
         """Initiator: another configured child SA over CREATE_CHILD_SA, with PFS if its proposal has a group."""
-        spi_in = self._new_child_spi()
-        nonce = self.rng(32)
-        spi = spi_in.to_bytes(4, "big")
-        inner: list[m.AnyPayload] = [m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]),
-                                     m.Nonce(nonce)]  # fmt: skip
-        group = child.proposals[0].dh[0] if child.proposals[0].dh else None
-        dh = None
-        if group is not None:
-            dh, pub = group.generate(self.rng)
-            inner.append(m.KE(group.number, pub))
-        inner.append(m.TS([r.to_payload() for r in child.local_ts], True))
-        inner.append(m.TS([r.to_payload() for r in child.remote_ts], False))
-        if child.mode == "transport":
-            inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+        inner, spi_in, nonce, dh = self._child_request(child, child.local_ts, child.remote_ts, child.mode, None)
         self._pending = ("new_child", (child, spi_in, nonce, dh))
         self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
 
     def _on_new_child_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
         child, spi_in, nonce_i, dh = state
-        errors = [p for p in inner if isinstance(p, m.Notify) and p.notify_type < 16384]
-        sas = [p for p in inner if isinstance(p, m.SA)]
-        nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
+        answer = self._child_answer(child, inner, dh)
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
         tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
-        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP) if (
-            len(sas) == 1 and len(sas[0].proposals) == 1) else None  # fmt: skip
-        if errors or chosen is None or nonce is None or tsi is None or tsr is None or len(chosen.spi) != 4:
-            why = _notify_name(errors[0].notify_type) if errors else "malformed or unoffered reply"
-            self._child_failed(f"child SA {child.name} refused: {why}")
+        if isinstance(answer, str) or tsi is None or tsr is None:
+            self._child_failed(f"child SA {child.name} refused: {answer if isinstance(answer, str) else 'no TS'}")
             return
-        shared = None
-        if chosen.dh is not None:
-            ke = next((p for p in inner if isinstance(p, m.KE)), None)
-            try:
-                if ke is None or dh is None:
-                    raise KeyExchangeError("no KE payload for PFS")
-                shared = chosen.dh.shared(dh, ke.data)
-            except KeyExchangeError as e:
-                self._child_failed(f"child SA {child.name}: {e}")
-                return
+        chosen, nr, shared = answer
         transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
         self._child_up(child, chosen, "transport" if transport else "tunnel",
                        [Range.from_payload(t) for t in tsi.selectors], [Range.from_payload(t) for t in tsr.selectors],
-                       spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nonce.data),
+                       spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce_i, nr),
                        shared=shared, we_initiated=True, now=now)  # fmt: skip
 
     def _on_new_child_request(self, msg: m.Message, inner: list[m.AnyPayload], nonce: m.Nonce, now: float) -> None:
