@@ -134,6 +134,6 @@ def test_shipped_examples_are_valid() -> None:
     examples = sorted((Path(__file__).parents[2] / "deploy" / "examples").glob("*.toml"))
     assert examples
     for path in examples:
-        cfg = parse(path.read_text(), read_file=lambda p: "ab" * 36, env={"IPSECSTACK_PSK": "x", "IPSECSTACK_KEY_IN": "ab" * 20,
-                                                                          "IPSECSTACK_KEY_OUT": "cd" * 20})  # fmt: skip
+        env = {"IPSECSTACK_PSK": "x", "IPSECSTACK_KEY_IN": "ab" * 20, "IPSECSTACK_KEY_OUT": "cd" * 20}
+        cfg = parse(path.read_text(), read_file=lambda p: "ab" * 36, env=env)
         assert cfg.manual or cfg.connections, path
