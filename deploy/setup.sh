@@ -42,10 +42,11 @@ ensure_venv() {
 }
 
 install_pkg() {
-    local extras=$1
-    log "pip install -e .[$extras]"
+    local spec=.
+    [ -n "${1:-}" ] && spec=".[$1]"
+    log "pip install -e $spec"
     # -qq: quiet, but errors still print
-    "$VENV/bin/python" -m pip install -qq -e ".[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
+    "$VENV/bin/python" -m pip install -qq -e "$spec" 2> >(grep -v "^WARNING: Location" >&2)
 }
 
 case "$what" in

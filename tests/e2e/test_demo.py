@@ -48,3 +48,17 @@ def test_bench_command() -> None:
     bad = subprocess.run([sys.executable, "-m", "ipsecstack", "bench", "--size", "10"], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2
+
+
+def test_readme_main_job_command() -> None:
+    """The README's first command, 'bash deploy/setup.sh demo', reusing this test run's virtualenv."""
+    import os
+    from pathlib import Path
+
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("runs only inside the project's virtualenv (deploy/setup.sh test creates it)")
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run(["bash", str(repo / "deploy" / "setup.sh"), "demo", "--packets", "20"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "IPSECSTACK_VENV": sys.prefix})  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "demo passed" in r.stdout
