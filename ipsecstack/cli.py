@@ -91,6 +91,8 @@ def _run(cfg: Config, path: str) -> int:
             node.stop()
             raise
         node.on_reload = Reloader(path, cfg, node, ike, log)
+        for key in cfg.notices:
+            log.warning("configuration key has no effect yet", key=key)
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
             connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
             return 2
         if args.command == "check":
+            for key in cfg.notices:
+                print(f"{args.config}: note: {key} is accepted but has no effect yet", file=sys.stderr)
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg, args.config)

@@ -92,6 +92,7 @@ class Config:
     connections: list[PeerConfig] = field(default_factory=list)
     start: list[str] = field(default_factory=list)
     trap: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # keys accepted but not applied yet
 
 
 def _type(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
@@ -323,7 +324,7 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
         peer.retransmit_tries = agent.retransmit_tries
     if not manual and not ike.peers:
         raise ConfigError("connections", "<missing>", "define a [connections.<name>] or a [manual.<name>] connection")
-    return Config(agent, manual, ike.peers, ike.start, ike.trap)
+    return Config(agent, manual, ike.peers, ike.start, ike.trap, ike.notices)
 
 
 def manual_sas(c: ManualConnection) -> tuple[SecurityAssociation, SecurityAssociation]:

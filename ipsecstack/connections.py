@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ipsecstack.errors import ConfigError
@@ -45,6 +45,9 @@ _CHILD_KEYS = {
     "rekey_time", "life_time", "rekey_bytes", "rekey_packets", "replay_window", "updown",
 }  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
+# swanctl keys that are understood but have no effect yet: reported (``ipsecstack check`` and the log), never silent
+_NOT_APPLIED = {"over_time", "send_certreq", "unique", "close_action", "dpd_action", "life_time", "rekey_bytes",
+                "rekey_packets", "updown", "certs", "cacerts"}  # fmt: skip
 _DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
 _DEFAULT_ESP = "aes128gcm16"
 
@@ -54,6 +57,7 @@ class IkeSettings:
     peers: list[PeerConfig]
     start: list[str]  # connection names with a child whose start_action is "start" (initiated at launch)
     trap: list[str]  # ... or "trap" (negotiated when traffic needs it); both get trap policies
+    notices: list[str] = field(default_factory=list)  # keys accepted but not applied yet
 
 
 def _list(value: Any, path: str) -> list[Any]:
@@ -133,6 +137,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
     peers: list[PeerConfig] = []
     start: list[str] = []
     trap: list[str] = []
+    notices: list[str] = []
     for name, c in conns.items():
         path = f"connections.{name}"
         if not isinstance(c, dict):
@@ -140,6 +145,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
         for k in c:
             if k not in _CONN_KEYS:
                 raise ConfigError(f"{path}.{k}", c[k], f"unknown key; known keys: {', '.join(sorted(_CONN_KEYS))}")
+        notices += [f"{path}.{k}" for k in c if k in _NOT_APPLIED]
         if c.get("version", 2) != 2:
             raise ConfigError(f"{path}.version", c["version"], "only IKEv2 (version = 2) is supported")
         ike_rekey = parse_duration(c["rekey_time"], f"{path}.rekey_time") if "rekey_time" in c else 14400.0
@@ -171,6 +177,7 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             for k in ch:
                 if k not in _CHILD_KEYS:
                     raise ConfigError(f"{cpath}.{k}", ch[k], f"unknown key; known: {', '.join(sorted(_CHILD_KEYS))}")
+            notices += [f"{cpath}.{k}" for k in ch if k in _NOT_APPLIED]
             if "ah_proposals" in ch:
                 raise ConfigError(f"{cpath}.ah_proposals", ch["ah_proposals"], "IKE-negotiated AH is not supported yet")
             mode = ch.get("mode", "tunnel")
@@ -192,7 +199,10 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             if action in ("start", "trap") and name not in trap:
                 trap.append(name)
             rekey = parse_duration(ch["rekey_time"], f"{cpath}.rekey_time") if "rekey_time" in ch else 3600.0
-            children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None))
+            window = ch.get("replay_window", 64)
+            if not isinstance(window, int) or isinstance(window, bool) or not (window == 0 or 32 <= window <= 1 << 20):
+                raise ConfigError(f"{cpath}.replay_window", window, "use 0 (off) or 32..1048576; the default is 64")
+            children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None, replay_window=window))
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
         peers.append(PeerConfig(
@@ -202,4 +212,4 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None,
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
         ))  # fmt: skip
-    return IkeSettings(peers, start, trap)
+    return IkeSettings(peers, start, trap, notices)

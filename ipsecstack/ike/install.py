@@ -20,7 +20,8 @@ def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, Securit
     sa = ev.sa
     local, remote = sa.cfg.local_addr, sa.remote
     mode: Literal["tunnel", "transport"] = "transport" if ev.mode == "transport" else "tunnel"
-    common: dict[str, Any] = dict(esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}")
+    common: dict[str, Any] = dict(esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}",
+                                  replay_window=ev.child.replay_window)  # fmt: skip
     out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
                               tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
     inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",

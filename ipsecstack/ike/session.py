@@ -53,6 +53,7 @@ class ChildConfig:
     proposals: list[props.Algorithms]
     mode: str = "tunnel"
     rekey_time: float | None = 3600.0  # seconds until the initiator of the child SA rekeys it
+    replay_window: int = 64  # anti-replay window of the inbound SA (RFC 4303 §3.4.3)
 
 
 @dataclass

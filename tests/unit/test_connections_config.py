@@ -81,3 +81,28 @@ def test_trap_needs_a_peer_address() -> None:
     with pytest.raises(ConfigError) as e:
         parse(GOOD.replace('remote_addrs = ["192.0.2.2"]', 'remote_addrs = ["%any"]'))
     assert e.value.field == "connections.gw.remote_addrs" and "starts itself" in str(e.value)
+
+
+def test_keys_without_effect_are_reported_not_silent() -> None:
+    text = GOOD.replace('dpd_delay = "30s"', 'dpd_delay = "30s"\nunique = "replace"').replace(
+        'start_action = "start"', 'start_action = "start"\nupdown = "/bin/true"\nreplay_window = 1024'
+    )
+    cfg = parse(text)
+    assert cfg.notices == ["connections.gw.unique", "connections.gw.children.net.updown"]
+    assert cfg.connections[0].children[0].replay_window == 1024  # this one is applied
+    with pytest.raises(ConfigError) as e:
+        parse(GOOD.replace('start_action = "start"', 'start_action = "start"\nreplay_window = 8'))
+    assert e.value.field == "connections.gw.children.net.replay_window"
+
+
+def test_check_prints_the_notices(tmp_path: object) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    f = tmp_path / "c.toml"
+    f.write_text(GOOD.replace('dpd_delay = "30s"', 'dpd_delay = "30s"\nsend_certreq = false'))
+    r = subprocess.run([sys.executable, "-m", "ipsecstack", "check", "-c", str(f)], capture_output=True, text=True,
+                       timeout=30)  # fmt: skip
+    assert r.returncode == 0 and "connections.gw.send_certreq is accepted but has no effect yet" in r.stderr
