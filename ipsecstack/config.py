@@ -304,9 +304,20 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("<file>", "<toml>", f"not valid TOML: {e}") from None
     _unknown("<top>", doc, {"agent", "manual", "connections", "secrets", "pools"})
-    if "pools" in doc:
-        raise ConfigError("pools", "...", "virtual IP pools are not supported yet; remove [pools]")
     agent = _agent(doc.get("agent", {}))
+    from ipsecstack.ike.pools import Pool
+
+    pools: dict[str, Pool] = {}
+    for pname, pt in doc.get("pools", {}).items():
+        ppath = f"pools.{pname}"
+        if not isinstance(pt, dict):
+            raise ConfigError(ppath, pt, 'each pool is a table: addrs = "10.9.0.0/24", dns = ["10.1.0.53"]')
+        _unknown(ppath, pt, {"addrs", "dns"})
+        if not isinstance(pt.get("addrs"), str):
+            raise ConfigError(f"{ppath}.addrs", pt.get("addrs"), 'give a prefix or range, e.g. "10.9.0.0/24"')
+        dns = pt.get("dns", [])
+        _type(f"{ppath}.dns", dns, list, "a list of resolver addresses")
+        pools[pname] = Pool.parse(pname, pt["addrs"], dns, ppath)
 
     def no_files(p: str) -> str:
         raise OSError(2, "file access not provided")
@@ -317,7 +328,7 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
     ]
     from ipsecstack.connections import parse_connections
 
-    ike = parse_connections(doc, read_file or no_files, env if env is not None else {})
+    ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools)
     for peer in ike.peers:
         peer.retransmit_timeout = agent.retransmit_timeout
         peer.retransmit_base = agent.retransmit_base

@@ -38,7 +38,7 @@ from ipsecstack.ike.ts import Range
 _CONN_KEYS = {
     "local_addrs", "remote_addrs", "proposals", "local", "remote", "children", "version", "dpd_delay",
     "rekey_time", "reauth_time", "over_time", "encap", "mobike", "pools", "send_certreq", "unique", "local_port",
-    "remote_port",
+    "remote_port", "vips",
 }  # fmt: skip
 _CHILD_KEYS = {
     "local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "close_action", "dpd_action",
@@ -131,7 +131,12 @@ def _psk(
     raise ConfigError(f"secrets.ike.{name}", "<missing>", f"add a [secrets.ike.{name}] with the pre-shared key")
 
 
-def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str]) -> IkeSettings:
+def parse_connections(
+    doc: Mapping[str, Any],
+    read_file: Callable[[str], str],
+    env: Mapping[str, str],
+    pools: Mapping[str, Any] | None = None,
+) -> IkeSettings:
     conns = doc.get("connections", {})
     secrets = doc.get("secrets", {}).get("ike", {})
     peers: list[PeerConfig] = []
@@ -149,7 +154,15 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
         if c.get("version", 2) != 2:
             raise ConfigError(f"{path}.version", c["version"], "only IKEv2 (version = 2) is supported")
         ike_rekey = parse_duration(c["rekey_time"], f"{path}.rekey_time") if "rekey_time" in c else 14400.0
-        for unsupported in ("mobike", "pools", "reauth_time"):
+        conn_pools = []
+        for i, pname in enumerate(_list(c.get("pools", []), f"{path}.pools")):
+            if pname not in (pools or {}):
+                raise ConfigError(f"{path}.pools[{i}]", pname, f'define it: [pools.{pname}] addrs = "10.9.0.0/24"')
+            conn_pools.append((pools or {})[pname])
+        vips = _list(c.get("vips", []), f"{path}.vips")
+        if any(v not in ("0.0.0.0", "%any") for v in vips):
+            raise ConfigError(f"{path}.vips", c["vips"], 'use ["0.0.0.0"] to ask the peer for an IPv4 address')
+        for unsupported in ("mobike", "reauth_time"):
             if c.get(unsupported):
                 raise ConfigError(f"{path}.{unsupported}", c[unsupported], "not supported yet; remove it")
         local_addr = _single_addr(c.get("local_addrs", []), f"{path}.local_addrs", False)
@@ -184,7 +197,9 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             if mode not in ("tunnel", "transport"):
                 raise ConfigError(f"{cpath}.mode", mode, "use tunnel or transport")
             lts = _ts(ch.get("local_ts", [local_addr]), f"{cpath}.local_ts")
-            rts = _ts(ch.get("remote_ts", [remote_addr] if remote_addr else []), f"{cpath}.remote_ts")
+            # a concentrator's clients get their address from a pool: their selectors are narrowed to it
+            default_remote = [remote_addr] if remote_addr else (["0.0.0.0/0"] if conn_pools else [])
+            rts = _ts(ch.get("remote_ts", default_remote), f"{cpath}.remote_ts")
             esp_list = _list(ch.get("esp_proposals", [_DEFAULT_ESP]), f"{cpath}.esp_proposals")
             esp = [props.parse(p, Protocol.ESP, f"{cpath}.esp_proposals[{i}]") for i, p in enumerate(esp_list)]
             action = ch.get("start_action", "none")
@@ -209,7 +224,8 @@ def parse_connections(doc: Mapping[str, Any], read_file: Callable[[str], str], e
             name, local_addr, remote_addr, ike_props, identity(ids[0]),
             None if ids[1] == "%any" else identity(ids[1]), psk, children,
             local_port=int(c.get("local_port", 500)), remote_port=int(c.get("remote_port", 500)),
-            encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None,
+            encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None, pools=conn_pools,
+            request_vip=bool(vips),
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
         ))  # fmt: skip
     return IkeSettings(peers, start, trap, notices)

@@ -39,9 +39,17 @@ from ipsecstack.ike import sk
 from ipsecstack.ike.const import AuthMethod, Exchange, Flag, IdType, Notify, Protocol
 from ipsecstack.ike.groups import Group, KeyExchangeError
 from ipsecstack.ike.keymat import IkeKeys, child_keymat, ike_sa_keys
+from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.ts import Range, narrow
 
 KEY_PAD = b"Key Pad for IKEv2"
+# RFC 7296 §3.15: configuration payload types and attributes
+CFG_REQUEST = 1
+CFG_REPLY = 2
+CP_INTERNAL_IP4_ADDRESS = 1
+CP_INTERNAL_IP4_DNS = 3
+CP_INTERNAL_IP6_ADDRESS = 8
+CP_INTERNAL_IP6_DNS = 10
 NAT_T_PORT = 4500
 
 
@@ -75,6 +83,8 @@ class PeerConfig:
     retransmit_tries: int = 5
     half_open_timeout: float = 30.0
     encap: bool = False  # force UDP encapsulation: announce a NAT (as strongSwan's encap = yes does)
+    pools: list[Pool] = field(default_factory=list)  # virtual IPs for remote-access clients (§3.15)
+    request_vip: bool = False  # as a client: ask the peer for a virtual IPv4 address
     dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
     rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
@@ -216,6 +226,8 @@ class IkeSa:
         self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
         self.rekey_at: float | None = None
         self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
+        self._lease: tuple[Pool, bytes] | None = None
+        self.virtual_ip: str | None = None  # what the peer assigned us (client side)
         self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
         self._rekeys_done: dict[int, list[tuple[bytes, bytes, ChildUp, bool]]] = {}
 
@@ -377,6 +389,8 @@ class IkeSa:
         if self.cfg.remote_id is not None:
             inner.append(m.Identification(*self.cfg.remote_id, initiator=False))
         inner.append(m.Auth(AuthMethod.PSK, self._psk_auth(True, idi)))
+        if self.cfg.request_vip:
+            inner.append(m.CP(CFG_REQUEST, [(CP_INTERNAL_IP4_ADDRESS, b"")]))
         if child is not None:
             self._child = child
             self._child_spi = self._new_child_spi()
@@ -410,6 +424,10 @@ class IkeSa:
                         f"{id_text(*self.cfg.remote_id)!r}")  # fmt: skip
             return
         self.peer_id = (idr.id_type, idr.data)
+        reply = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REPLY), None)
+        for attr, value in reply.attributes if reply is not None else []:
+            if attr == CP_INTERNAL_IP4_ADDRESS and len(value) == 4:
+                self.virtual_ip = str(ipaddress.ip_address(value))
         self._established(now)
         child = self._child
         if child is None:
@@ -493,7 +511,19 @@ class IkeSa:
         self.peer_id = (idi.id_type, idi.data)
         idr = m.Identification(*self.cfg.local_id, initiator=False)
         out: list[m.AnyPayload] = [idr, m.Auth(AuthMethod.PSK, self._psk_auth(False, idr))]
-        child_result = self._negotiate_child(inner)
+        vip_ts: list[Range] | None = None
+        request = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REQUEST), None)
+        if request is not None and self.cfg.pools:
+            vip = self._lease_address(request)
+            if vip is None:
+                # §3.15.4: no address for this client: the IKE SA stands, no child SA
+                out.append(m.Notify(Notify.INTERNAL_ADDRESS_FAILURE))
+                self._respond(msg, out)
+                self._established(now)
+                return
+            out.append(self._config_reply(vip))
+            vip_ts = [Range(vip, vip)]
+        child_result = self._negotiate_child(inner, remote_override=vip_ts)
         if isinstance(child_result, int):
             out.append(m.Notify(child_result))
             self._respond(msg, out)
@@ -511,8 +541,36 @@ class IkeSa:
         self._established(now)
         self._child_up(child, chosen, mode, tsr, tsi, spi_in=spi_in, spi_out=int.from_bytes(chosen.spi, "big"), now=now)
 
+    def _lease_address(self, request: m.CP) -> Any:
+        """A virtual IP from the first pool of a family the client asked for (§3.15.1)."""
+        wanted = {t for t, _ in request.attributes}
+        assert self.peer_id is not None
+        key = bytes([self.peer_id[0]]) + self.peer_id[1]
+        for pool in self.cfg.pools:
+            if (pool.first.version == 4 and CP_INTERNAL_IP4_ADDRESS in wanted) or (
+                pool.first.version == 6 and CP_INTERNAL_IP6_ADDRESS in wanted
+            ):
+                addr = pool.acquire(key)
+                if addr is not None:
+                    self._lease = (pool, key)
+                    self._count("addresses_leased")
+                    return addr
+        self._count("address_pool_exhausted")
+        return None
+
+    def _config_reply(self, vip: Any) -> m.CP:
+        attrs: list[tuple[int, bytes]] = []
+        if vip.version == 4:
+            attrs.append((CP_INTERNAL_IP4_ADDRESS, vip.packed))
+        else:
+            attrs.append((CP_INTERNAL_IP6_ADDRESS, vip.packed + b"\x80"))  # address | prefix length 128
+        pool = self._lease[0] if self._lease else None
+        for dns in pool.dns if pool else []:
+            attrs.append((CP_INTERNAL_IP4_DNS if dns.version == 4 else CP_INTERNAL_IP6_DNS, dns.packed))
+        return m.CP(CFG_REPLY, attrs)
+
     def _negotiate_child(
-        self, inner: list[m.AnyPayload], ignore_dh: bool = True
+        self, inner: list[m.AnyPayload], ignore_dh: bool = True, remote_override: list[Range] | None = None
     ) -> int | tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]:
         sas = [p for p in inner if isinstance(p, m.SA)]
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
@@ -530,7 +588,7 @@ class IkeSa:
             any_proposal = True
             if (child.mode == "transport") != transport:
                 continue
-            ni = narrow(offered_i, child.remote_ts)
+            ni = narrow(offered_i, remote_override if remote_override is not None else child.remote_ts)
             nr = narrow(offered_r, child.local_ts)
             if ni and nr:
                 return child, chosen, child.mode, ni, nr
@@ -1031,6 +1089,7 @@ class IkeSa:
         new.nat = self.nat
         new.behind_nat = self.behind_nat
         new.peer_id = self.peer_id
+        new._lease = self._lease
         new.spi_i, new.spi_r = spi_i, spi_r
         new._ni, new._nr = ni, nr
         encr_len = chosen.encr.key_len + chosen.encr.salt_len
@@ -1097,6 +1156,9 @@ class IkeSa:
     def _close(self, reason: str) -> None:
         if self.state == "closed":
             return
+        if self._lease is not None and self.successor is None:
+            self._lease[0].release(self._lease[1])  # the address goes back to the pool
+            self._lease = None
         self.state = "closed"
         self._outstanding = None
         for c in self.children:

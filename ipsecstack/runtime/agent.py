@@ -26,6 +26,9 @@ def tunnel_routes(cfg: Config) -> list[str]:
         if c.mode == "tunnel":
             routes += [str(ts.dst) for ts in c.remote_ts if ts.dst is not None]
     for peer in cfg.connections:
+        if peer.pools:  # a concentrator routes its clients' virtual addresses
+            routes += [n for pool in peer.pools for n in pool.networks() if n not in routes]
+            continue
         for child in peer.children:
             if child.mode == "tunnel":
                 routes += [n for r in child.remote_ts for n in r.networks() if n not in routes]

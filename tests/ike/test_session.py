@@ -519,3 +519,50 @@ def test_simultaneous_child_rekey_collision() -> None:
     ci, cr = w.i.children[0], w.r.children[0]
     assert ci.spi_out == cr.spi_in and ci.spi_in == cr.spi_out and ci.key_out == cr.key_in
     assert ci.replaces is not None  # it is one of the two rekeyed pairs, not the original
+
+
+def test_concentrator_assigns_virtual_ips_from_a_pool() -> None:
+    from ipsecstack.ike.manager import IkeManager
+    from ipsecstack.ike.pools import Pool
+
+    pool = Pool.parse("rw", "10.9.0.0/30", ["10.1.0.53"], "pools.rw")  # two client addresses: .1 and .2
+    gw = _cfg(B, A, "10.1.0.0/16", "0.0.0.0/0")
+    gw.remote_addr = None
+    gw.remote_id = None
+    gw.pools = [pool]
+    mgr = IkeManager([gw], seeded_rng(31))
+
+    def connect(n: int, now: float) -> tuple[IkeManager, list[object]]:
+        addr = f"198.51.100.{n + 1}"
+        client = _cfg(addr, B, "0.0.0.0/0", "10.1.0.0/16")
+        client.local_id = identity(f"client{n}@example.org")
+        client.request_vip = True
+        cm = IkeManager([client], seeded_rng(40 + n))
+        cm.initiate("conn", now)
+        exchange(cm, addr, now)
+        return cm, [e for e in mgr.events() if isinstance(e, ChildUp)]
+
+    def exchange(cm: IkeManager, addr: str, now: float) -> None:
+        for _ in range(6):  # bounded
+            for d in cm.datagrams():
+                mgr.receive(d.data, addr, 500, 500, now)
+            for d in mgr.datagrams():
+                cm.receive(d.data, B, 500, 500, now)
+
+    clients = [connect(n, 0.0) for n in range(3)]
+    vips = [next(iter(cm.sas.values())).virtual_ip for cm, _ in clients]
+    assert vips == ["10.9.0.1", "10.9.0.2", None]  # the third finds the pool exhausted
+    for (_cm, ups), vip in zip(clients, vips, strict=True):
+        if vip is None:
+            assert not ups  # IKE SA without a child (INTERNAL_ADDRESS_FAILURE)
+        else:
+            assert [str(r) for r in ups[0].remote_ts] == [f"{vip}/32"]  # narrowed to the lease
+    assert mgr.stats.get("init_refused") is None
+    # the first client leaves: its address goes back to the pool and the next client gets it
+    cm0 = clients[0][0]
+    next(iter(cm0.sas.values())).delete(1.0)
+    exchange(cm0, "198.51.100.1", 1.0)
+    mgr.events()
+    assert pool.leases == {b"\x03client1@example.org": pool.leases[b"\x03client1@example.org"]}
+    cm3, ups3 = connect(3, 2.0)
+    assert next(iter(cm3.sas.values())).virtual_ip == "10.9.0.1" and ups3

@@ -233,3 +233,66 @@ def test_ike_sa_rekey_under_traffic_loses_no_ping(rekeyer: str, tmp_path: Path) 
                 _ping(pair, "10.1.0.1", "10.2.0.1")  # the moved child SA still carries traffic
             finally:
                 assert d.terminate() == 0, d.output()
+
+
+CONCENTRATOR = """
+[agent]
+inner_backend = "tun"
+outer_backend = "udp"
+tun_name = "ips0"
+tun_addrs = ["10.1.0.1/16"]
+log_level = "info"
+
+[pools.rw]
+addrs = "10.9.0.0/24"
+dns = ["10.1.0.53"]
+
+[connections.rw]
+local_addrs = ["{local}"]
+remote_addrs = ["%any"]
+pools = ["rw"]
+local = {{ auth = "psk", id = "gw.example" }}
+remote = {{ auth = "psk" }}
+
+[connections.rw.children.net]
+local_ts = ["10.1.0.0/16"]
+
+[secrets.ike.rw]
+secret = "{psk}"
+"""
+
+
+def test_strongswan_roadwarrior_gets_a_virtual_ip(tmp_path: Path) -> None:
+    """ipsecstack as a VPN concentrator: a strongSwan remote-access client asks for a virtual IP (CP),
+    gets one from the pool, and reaches the protected network from it."""
+    import re
+
+    _require()
+    with nsutil.netns_pair("iv") as pair:
+        (tmp_path / "gw.toml").write_text(CONCENTRATOR.format(local=pair.addr_a, psk=PSK))
+        d = Daemon(pair.a, tmp_path / "gw.toml")
+        # charon (kernel-libipsec in a namespace) announces "installing new virtual IP" but never puts it on an
+        # interface, and then finds no local address for its policy route; the pool is deterministic (first
+        # free address), so the test adds it in B's namespace beforehand
+        pair.b.run("ip", "addr", "add", "10.9.0.1/32", "dev", "lo")
+        try:
+            nsutil.wait_for(d.started, timeout=20, what="ipsecstack to start")
+            with sw.strongswan(pair.b, local=pair.addr_b, remote=pair.addr_a, psk=PSK, local_ts="dynamic",
+                               remote_ts="10.1.0.0/16", local_id="client@example.org", remote_id="gw.example",
+                               conn="rw", child="net", conn_extra={"vips": "0.0.0.0"},
+                               ) as swan:  # fmt: skip
+                swan.initiate("net")
+                nsutil.wait_for(lambda: "child sa installed" in d.output(), timeout=20,
+                                what=f"child SA\n{d.output()}\n{swan.log_tail(40)}")  # fmt: skip
+                m = re.search(r"remote_ts=\['(10\.9\.0\.\d+)/32'\]", d.output())
+                assert m is not None, d.output()
+                vip = m.group(1)
+                assert vip == "10.9.0.1"  # the first address of the pool
+                ike_sa, child = swan.wait_established(timeout=10)
+                assert vip in str(ike_sa.info.get("local-vips")), ike_sa.info
+                assert child.info["local-ts"] == [f"{vip}/32"], child.info
+                r = pair.b.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "-I", vip, "10.1.0.1", check=False,
+                               timeout=20)  # fmt: skip
+                assert r.returncode == 0, r.stdout.decode() + r.stderr.decode() + swan.log_tail(30)
+        finally:
+            assert d.terminate() == 0, d.output()

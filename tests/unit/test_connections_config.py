@@ -106,3 +106,27 @@ def test_check_prints_the_notices(tmp_path: object) -> None:
     r = subprocess.run([sys.executable, "-m", "ipsecstack", "check", "-c", str(f)], capture_output=True, text=True,
                        timeout=30)  # fmt: skip
     assert r.returncode == 0 and "connections.gw.send_certreq is accepted but has no effect yet" in r.stderr
+
+
+def test_pools_and_vips() -> None:
+    text = (
+        GOOD.replace('remote_addrs = ["192.0.2.2"]', 'remote_addrs = ["%any"]\npools = ["rw"]').replace(
+            'start_action = "start"', 'start_action = "none"'
+        )
+        + '\n[pools.rw]\naddrs = "10.9.0.10-10.9.0.20"\ndns = ["10.1.0.53"]\n'
+    )
+    text = text.replace('remote_ts = ["10.2.0.0/16"]\n', "")
+    (peer,) = parse(text).connections
+    (pool,) = peer.pools
+    assert (str(pool.first), str(pool.last), [str(d) for d in pool.dns]) == ("10.9.0.10", "10.9.0.20", ["10.1.0.53"])
+    assert [str(r) for r in peer.children[0].remote_ts] == ["0.0.0.0/0"]  # narrowed to each client's address
+    with pytest.raises(ConfigError) as e:
+        parse(text.replace('pools = ["rw"]', 'pools = ["nope"]'))
+    assert e.value.field == "connections.gw.pools[0]"
+    with pytest.raises(ConfigError) as e:
+        parse(text.replace('"10.9.0.10-10.9.0.20"', '"10.9.0.20-10.9.0.10"'))
+    assert e.value.field == "pools.rw.addrs"
+    client = parse(GOOD.replace('dpd_delay = "30s"', 'vips = ["0.0.0.0"]')).connections[0]
+    assert client.request_vip
+    with pytest.raises(ConfigError, match=r"0\.0\.0\.0"):
+        parse(GOOD.replace('dpd_delay = "30s"', 'vips = ["10.9.0.5"]'))
