@@ -46,8 +46,7 @@ _CHILD_KEYS = {
 }  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
 # swanctl keys that are understood but have no effect yet: reported (``ipsecstack check`` and the log), never silent
-_NOT_APPLIED = {"over_time", "send_certreq", "unique", "close_action", "dpd_action", "life_time", "rekey_bytes",
-                "rekey_packets", "updown", "certs", "cacerts"}  # fmt: skip
+_NOT_APPLIED = {"over_time", "send_certreq", "unique", "close_action", "dpd_action", "updown", "certs", "cacerts"}
 _DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
 _DEFAULT_ESP = "aes128gcm16"
 
@@ -217,7 +216,15 @@ def parse_connections(
             window = ch.get("replay_window", 64)
             if not isinstance(window, int) or isinstance(window, bool) or not (window == 0 or 32 <= window <= 1 << 20):
                 raise ConfigError(f"{cpath}.replay_window", window, "use 0 (off) or 32..1048576; the default is 64")
-            children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None, replay_window=window))
+            from ipsecstack.config import parse_size
+
+            life = parse_duration(ch["life_time"], f"{cpath}.life_time") if "life_time" in ch else None
+            if life is not None and rekey and life <= rekey:
+                raise ConfigError(f"{cpath}.life_time", ch["life_time"], "must be longer than rekey_time (default 1h)")
+            volume = {k: parse_size(ch[k], f"{cpath}.{k}") for k in ("rekey_bytes", "rekey_packets") if k in ch}
+            children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None, replay_window=window,
+                                        life_time=life, rekey_bytes=volume.get("rekey_bytes"),
+                                        rekey_packets=volume.get("rekey_packets")))  # fmt: skip
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
         peers.append(PeerConfig(

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from ipsecstack.ike.session import ChildConfig, ChildUp
 from ipsecstack.ike.ts import to_selectors
-from ipsecstack.sa import SecurityAssociation
+from ipsecstack.sa import Lifetime, SecurityAssociation
 from ipsecstack.spd import Action, Policy, Template
 
 
@@ -20,8 +20,11 @@ def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, Securit
     sa = ev.sa
     local, remote = sa.cfg.local_addr, sa.remote
     mode: Literal["tunnel", "transport"] = "transport" if ev.mode == "transport" else "tunnel"
-    common: dict[str, Any] = dict(esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{ev.child.name}",
-                                  replay_window=ev.child.replay_window)  # fmt: skip
+    c = ev.child
+    common: dict[str, Any] = dict(esn=ev.esn, udp_encap=ev.encap, reqid=reqid, name=f"{sa.cfg.name}/{c.name}",
+                                  replay_window=c.replay_window,
+                                  soft=Lifetime(bytes=c.rekey_bytes, packets=c.rekey_packets),
+                                  hard=Lifetime(seconds=c.life_time))  # fmt: skip
     out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
                               tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
     inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",

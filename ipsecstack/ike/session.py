@@ -62,6 +62,9 @@ class ChildConfig:
     mode: str = "tunnel"
     rekey_time: float | None = 3600.0  # seconds until the initiator of the child SA rekeys it
     replay_window: int = 64  # anti-replay window of the inbound SA (RFC 4303 §3.4.3)
+    life_time: float | None = None  # hard limit of the SAs (the datapath drops them then)
+    rekey_bytes: int | None = None  # rekey after this much traffic (soft limit of the SAs)
+    rekey_packets: int | None = None
 
 
 @dataclass
@@ -711,6 +714,25 @@ class IkeSa:
         self._respond(msg, reply)
         if closing:
             self._close("rekeyed" if self.successor is not None else "peer deleted the IKE SA")
+
+    def rekey_child_now(self, spi_in: int, now: float) -> bool:
+        """A volume (soft) lifetime of a child SA was reached: rekey it as soon as the window allows."""
+        c = next((c for c in self.children if c.spi_in == spi_in or c.spi_out == spi_in), None)
+        if c is None or self.state != "established":
+            return False
+        c.rekey_at = now
+        return True
+
+    def child_expired(self, spi: int, now: float) -> bool:
+        """A child SA hit its hard lifetime in the datapath: tell the peer and forget it (§1.4.1)."""
+        c = next((c for c in self.children if spi in (c.spi_in, c.spi_out)), None)
+        if c is None:
+            return False
+        if self.state == "established":
+            self._delete_child(c, now)
+        else:
+            self._child_gone(c)
+        return True
 
     def delete(self, now: float) -> None:
         """Start deleting the IKE SA (its children go with it, §1.4.1)."""

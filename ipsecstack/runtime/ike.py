@@ -96,6 +96,7 @@ class IkeEndpoint:
             self._loop.add_reader(s.fileno(), self._readable, s)
         self.node.on_ike = self._on_encap_ike
         self.node.on_acquire = self._on_acquire
+        self.node.on_event = self._on_sa_event
         now = self.clock()
         for name in self.start_names:
             self._initiate(name, now)
@@ -173,6 +174,18 @@ class IkeEndpoint:
         import ipaddress
 
         self.manager.receive(d.message, str(ipaddress.ip_address(d.src)), d.sport, d.dport, self.clock())
+        self._pump()
+
+    def _on_sa_event(self, ev: Any) -> None:
+        """Datapath lifetime events of negotiated SAs: soft -> rekey now, hard -> delete the child SA."""
+        if ev.sa.reqid is None or self._closing:
+            return
+        now = self.clock()
+        for sa in list(self.manager.sas.values()):
+            done = sa.rekey_child_now(ev.sa.spi, now) if ev.kind == "soft" else sa.child_expired(ev.sa.spi, now)
+            if done:
+                self.log.info("child sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}")
+                break
         self._pump()
 
     def _on_acquire(self, acq: Any) -> None:

@@ -91,3 +91,32 @@ def test_wrong_psk_is_reported(tmp_path: Path) -> None:
         finally:
             for d in (da, db):
                 d.terminate()
+
+
+def test_volume_lifetime_triggers_rekey(tmp_path: Path) -> None:
+    """children.rekey_packets: the SA's soft packet limit makes the daemon rekey the child SA, losing nothing."""
+    import re
+
+    with nsutil.netns_pair("iv") as pair:
+        ike, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
+        a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ("a.example", "b.example"),
+                 "start", ike, esp, "volume secret")  # fmt: skip
+        a = a.replace('start_action = "start"', 'start_action = "start"\nrekey_packets = 20\nlife_time = "2h"')
+        b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ("b.example", "a.example"),
+                 "none", ike, esp, "volume secret")  # fmt: skip
+        (tmp_path / "a.toml").write_text(a)
+        (tmp_path / "b.toml").write_text(b)
+        db = Daemon(pair.b, tmp_path / "b.toml")
+        nsutil.wait_for(db.started, timeout=20, what="responder")
+        da = Daemon(pair.a, tmp_path / "a.toml")
+        try:
+            nsutil.wait_for(lambda: "child sa installed" in da.output(), timeout=20, what=da.output())
+            r = pair.a.run("ping", "-n", "-c", "50", "-i", "0.05", "-W", "2", "-I", "10.1.0.1", "10.2.0.1",
+                           check=False, timeout=30)  # fmt: skip
+            out = r.stdout.decode()
+            m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+            assert m is not None and m.group(1) == m.group(2), out + da.output()
+            assert "child sa lifetime" in da.output() and "child sa rekeyed" in da.output(), da.output()
+        finally:
+            codes = [d.terminate() for d in (da, db)]
+        assert codes == [0, 0]

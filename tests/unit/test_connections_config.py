@@ -130,3 +130,13 @@ def test_pools_and_vips() -> None:
     assert client.request_vip
     with pytest.raises(ConfigError, match=r"0\.0\.0\.0"):
         parse(GOOD.replace('dpd_delay = "30s"', 'vips = ["10.9.0.5"]'))
+
+
+def test_child_lifetimes() -> None:
+    text = GOOD.replace('start_action = "start"', 'start_action = "start"\nlife_time = "2h"\nrekey_bytes = "500M"\n'
+                        "rekey_packets = 1000000")  # fmt: skip
+    child = parse(text).connections[0].children[0]
+    assert (child.life_time, child.rekey_bytes, child.rekey_packets) == (7200.0, 500 << 20, 1000000)
+    with pytest.raises(ConfigError) as e:
+        parse(GOOD.replace('start_action = "start"', 'start_action = "start"\nlife_time = "30m"'))
+    assert e.value.field == "connections.gw.children.net.life_time" and "longer than rekey_time" in str(e.value)
