@@ -135,7 +135,7 @@ def unprotect(sa: SecurityAssociation, pkt: bytes) -> bytes:
     if nh == ip.PROTO_NONE:
         raise Dropped(Reason.DUMMY)
     if sa.mode == "tunnel":
-        inner = mode.tunnel_inner(payload, nh)
+        inner = mode.tunnel_inner(payload, len(payload), nh)
         inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
     else:
         inner = mode.transport_header(pkt, version, off, nh_field, len(payload), nh) + payload

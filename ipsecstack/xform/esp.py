@@ -174,21 +174,7 @@ def unprotect_located(
     if nh == ip.PROTO_NONE:
         raise Dropped(Reason.DUMMY)
     if sa.tunnel:
-        # The inner packet's own length trims TFC padding (RFC 4303 §2.4).
-        if nh == ip.PROTO_IPIP and plen >= 20 and plaintext[0] >> 4 == 4:
-            length = (plaintext[2] << 8) | plaintext[3]
-            minimum = 20
-        elif nh == ip.PROTO_IPV6 and plen >= 40 and plaintext[0] >> 4 == 6:
-            length = 40 + ((plaintext[4] << 8) | plaintext[5])
-            minimum = 40
-        else:
-            raise Dropped(
-                Reason.BAD_NEXT_HEADER if nh not in (ip.PROTO_IPIP, ip.PROTO_IPV6) else Reason.MALFORMED,
-                f"next header {nh} / inner header in tunnel mode",
-            )
-        if length > plen or length < minimum:
-            raise Dropped(Reason.BAD_LENGTH, "inner length field")
-        inner = plaintext[:length] if length != n else plaintext
+        inner = mode.tunnel_inner(plaintext, plen, nh)
         if pkt[1] & 3 if version == 4 else pkt[1] & 0x30:
             inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
     else:

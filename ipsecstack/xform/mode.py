@@ -180,21 +180,24 @@ def fix_l4_checksum(pkt: bytearray, version: int, off: int, proto: int) -> None:
     _H.pack_into(pkt, cks_off, csum)
 
 
-def tunnel_inner(payload: bytes, nh: int) -> bytes:
-    """The inner packet of a tunnel-mode payload, with TFC padding (RFC 4303 §2.4) trimmed."""
+def tunnel_inner(buf: bytes, plen: int, nh: int) -> bytes:
+    """The inner packet of a tunnel-mode payload (the first ``plen`` bytes of ``buf``), with TFC padding
+    (RFC 4303 §2.4) trimmed by the inner header's own length. Only slices (copies) when it has to."""
     if nh == ip.PROTO_IPIP:
-        want = 4
+        minimum = 20
+        ok = plen >= 20 and buf[0] >> 4 == 4
+        length = ((buf[2] << 8) | buf[3]) if ok else 0
     elif nh == ip.PROTO_IPV6:
-        want = 6
+        minimum = 40
+        ok = plen >= 40 and buf[0] >> 4 == 6
+        length = (40 + ((buf[4] << 8) | buf[5])) if ok else 0
     else:
         raise Dropped(Reason.BAD_NEXT_HEADER, f"{nh} in tunnel mode")
-    minimum = 20 if want == 4 else 40
-    if len(payload) < minimum or payload[0] >> 4 != want:
+    if not ok:
         raise Dropped(Reason.MALFORMED, "inner header does not match next header")
-    length = ip.packet_length(payload)
-    if length > len(payload) or length < minimum:
+    if length > plen or length < minimum:
         raise Dropped(Reason.BAD_LENGTH, "inner length field")
-    return payload if length == len(payload) else payload[:length]
+    return buf if length == len(buf) else buf[:length]
 
 
 def check_selectors(sa: SecurityAssociation, inner: bytes) -> None:
