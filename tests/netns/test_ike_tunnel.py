@@ -43,21 +43,31 @@ def _cfg(local: str, remote: str, tun_addr: str, lnet: str, rnet: str, ids: tupl
                          remote_id=ids[1], start=start, ike=ike, esp=esp, psk=psk)  # fmt: skip
 
 
+def _site_configs(pair: nsutil.Pair, ike: str, esp: str, psk_a: str, psk_b: str | None = None) -> tuple[str, str]:
+    """A (initiator, 10.1.0.0/16) and B (responder, 10.2.0.0/16) configurations for one site-to-site tunnel."""
+    a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ("a.example", "b.example"),
+             "start", ike, esp, psk_a)  # fmt: skip
+    b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ("b.example", "a.example"),
+             "none", ike, esp, psk_b or psk_a)  # fmt: skip
+    return a, b
+
+
+def _start(pair: nsutil.Pair, tmp_path: Path, cfg_a: str, cfg_b: str) -> tuple[Daemon, Daemon]:
+    """Write both configurations, start the responder B, then the initiator A."""
+    (tmp_path / "a.toml").write_text(cfg_a)
+    (tmp_path / "b.toml").write_text(cfg_b)
+    db = Daemon(pair.b, tmp_path / "b.toml")
+    nsutil.wait_for(db.started, timeout=20, what="responder to start")
+    return Daemon(pair.a, tmp_path / "a.toml"), db
+
+
 @pytest.mark.parametrize(
     ("ike", "esp"),
     [("aes128gcm16-prfsha256-x25519", "aes128gcm16"), ("aes256-sha256-modp2048", "aes256-sha256")],
 )
 def test_ike_tunnel_between_two_daemons(ike: str, esp: str, tmp_path: Path) -> None:
     with nsutil.netns_pair("ik") as pair:
-        a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ("a.example", "b.example"),
-                 "start", ike, esp, "a long shared secret")  # fmt: skip
-        b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ("b.example", "a.example"),
-                 "none", ike, esp, "a long shared secret")  # fmt: skip
-        (tmp_path / "a.toml").write_text(a)
-        (tmp_path / "b.toml").write_text(b)
-        db = Daemon(pair.b, tmp_path / "b.toml")
-        nsutil.wait_for(db.started, timeout=20, what="responder to start")
-        da = Daemon(pair.a, tmp_path / "a.toml")
+        da, db = _start(pair, tmp_path, *_site_configs(pair, ike, esp, "a long shared secret"))
         try:
             for d in (da, db):
                 nsutil.wait_for(lambda d=d: "child sa installed" in d.output(), timeout=20,
@@ -75,16 +85,8 @@ def test_ike_tunnel_between_two_daemons(ike: str, esp: str, tmp_path: Path) -> N
 
 def test_wrong_psk_is_reported(tmp_path: Path) -> None:
     with nsutil.netns_pair("ik") as pair:
-        ike, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
-        a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ("a.example", "b.example"),
-                 "start", ike, esp, "secret one")  # fmt: skip
-        b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ("b.example", "a.example"),
-                 "none", ike, esp, "secret two")  # fmt: skip
-        (tmp_path / "a.toml").write_text(a)
-        (tmp_path / "b.toml").write_text(b)
-        db = Daemon(pair.b, tmp_path / "b.toml")
-        nsutil.wait_for(db.started, timeout=20, what="responder to start")
-        da = Daemon(pair.a, tmp_path / "a.toml")
+        a, b = _site_configs(pair, "aes128gcm16-prfsha256-x25519", "aes128gcm16", "secret one", "secret two")
+        da, db = _start(pair, tmp_path, a, b)
         try:
             nsutil.wait_for(lambda: "AUTHENTICATION_FAILED" in da.output(), timeout=20, what="auth failure on A")
             nsutil.wait_for(lambda: "PSK differs" in db.output(), timeout=5, what="auth failure on B")
@@ -98,17 +100,9 @@ def test_volume_lifetime_triggers_rekey(tmp_path: Path) -> None:
     import re
 
     with nsutil.netns_pair("iv") as pair:
-        ike, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
-        a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ("a.example", "b.example"),
-                 "start", ike, esp, "volume secret")  # fmt: skip
+        a, b = _site_configs(pair, "aes128gcm16-prfsha256-x25519", "aes128gcm16", "volume secret")
         a = a.replace('start_action = "start"', 'start_action = "start"\nrekey_packets = 20\nlife_time = "2h"')
-        b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ("b.example", "a.example"),
-                 "none", ike, esp, "volume secret")  # fmt: skip
-        (tmp_path / "a.toml").write_text(a)
-        (tmp_path / "b.toml").write_text(b)
-        db = Daemon(pair.b, tmp_path / "b.toml")
-        nsutil.wait_for(db.started, timeout=20, what="responder")
-        da = Daemon(pair.a, tmp_path / "a.toml")
+        da, db = _start(pair, tmp_path, a, b)
         try:
             nsutil.wait_for(lambda: "child sa installed" in da.output(), timeout=20, what=da.output())
             r = pair.a.run("ping", "-n", "-c", "50", "-i", "0.05", "-W", "2", "-I", "10.1.0.1", "10.2.0.1",

@@ -8,26 +8,18 @@ from pathlib import Path
 import pytest
 
 from tests.netns import nsutil
-from tests.netns.test_ike_tunnel import _cfg
-from tests.netns.test_tunnel import Daemon, _ping
+from tests.netns.test_ike_tunnel import _site_configs, _start
+from tests.netns.test_tunnel import _ping
 
 pytestmark = [pytest.mark.root]
 
 
 def test_sighup_reload(tmp_path: Path) -> None:
     with nsutil.netns_pair("rl") as pair:
-        ids_a, ids_b = ("a.example", "b.example"), ("b.example", "a.example")
-        a = _cfg(pair.addr_a, pair.addr_b, "10.1.0.1/16", "10.1.0.0/16", "10.2.0.0/16", ids_a, "start",
-                 "aes128gcm16-prfsha256-x25519", "aes128gcm16", "reload secret")  # fmt: skip
-        b = _cfg(pair.addr_b, pair.addr_a, "10.2.0.1/16", "10.2.0.0/16", "10.1.0.0/16", ids_b, "none",
-                 "aes128gcm16-prfsha256-x25519", "aes128gcm16", "reload secret")  # fmt: skip
+        a, b = _site_configs(pair, "aes128gcm16-prfsha256-x25519", "aes128gcm16", "reload secret")
         b = b.replace('esp_proposals = ["aes128gcm16"]', 'esp_proposals = ["aes128gcm16", "aes256-sha256"]')
+        da, db = _start(pair, tmp_path, a, b)
         cfg_a = tmp_path / "a.toml"
-        cfg_a.write_text(a)
-        (tmp_path / "b.toml").write_text(b)
-        db = Daemon(pair.b, tmp_path / "b.toml")
-        nsutil.wait_for(db.started, timeout=20, what="responder")
-        da = Daemon(pair.a, cfg_a)
         try:
             nsutil.wait_for(lambda: "child sa installed" in da.output(), timeout=20, what=da.output())
             _ping(pair, "10.1.0.1", "10.2.0.1")
