@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ipsecstack import __version__
-from ipsecstack.config import Config, parse
+from ipsecstack.config import Config, load
 from ipsecstack.crypto.registry import ENCR, INTEG
 from ipsecstack.errors import ConfigError
 from ipsecstack.runtime.control import DEFAULT_SOCKET
@@ -65,17 +65,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(path: str) -> Config:
     import os
-    from pathlib import Path
 
-    text = Path(path).read_text()
-    return parse(text, read_file=lambda p: Path(p).read_text(), env=os.environ)
+    return load(path, os.environ)
 
 
 def _run(cfg: Config, path: str) -> int:
     import structlog
 
-    from ipsecstack.runtime import logs
-    from ipsecstack.runtime.agent import Reloader, attach_control, attach_ike, build_node
+    from ipsecstack.runtime import logs, privs
+    from ipsecstack.runtime.agent import Reloader, attach_control, attach_ike, build_node, drop_privileges
     from ipsecstack.runtime.io import BackendError
     from ipsecstack.runtime.loop import loop_name, run
 
@@ -83,10 +81,13 @@ def _run(cfg: Config, path: str) -> int:
     log = structlog.get_logger("ipsecstack")
 
     async def main() -> None:
+        account = privs.preflight(cfg.agent.user) if cfg.agent.user else None  # before anything is opened
         node = build_node(cfg, log=log)
         try:
             ike = attach_ike(cfg, node, log=log)
-            attach_control(cfg, node, ike, log=log)
+            control = attach_control(cfg, node, ike, log=log)
+            if account is not None:
+                await drop_privileges(control, account, log)
         except BackendError:
             node.stop()
             raise

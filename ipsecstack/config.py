@@ -7,12 +7,14 @@ Every error names the key path, the value and the fix; secrets are never echoed.
 
 Theory of operation: ``parse()`` turns TOML text into validated dataclasses without touching the
 system (file and environment lookups for secrets go through the ``read_file`` / ``env`` callables it
-is given); ``build_datapath()`` turns them into SAs and SPD policies.
+is given; ``[agent] user`` is looked up in the user database); ``build_datapath()`` turns them into SAs
+and SPD policies.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -31,7 +33,7 @@ OUTER_BACKENDS = ("raw", "udp", "nfqueue", "memory")
 _AGENT_KEYS = {
     "inner_backend", "outer_backend", "tun_name", "tun_mtu", "nfqueue_out", "nfqueue_in", "queue_bypass",
     "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs", "retransmit_timeout",
-    "retransmit_base", "retransmit_tries", "control_socket", "metrics",
+    "retransmit_base", "retransmit_tries", "control_socket", "metrics", "user",
 }  # fmt: skip
 _MANUAL_KEYS = {
     "mode", "protocol", "transform", "local_addrs", "remote_addrs", "local_ts", "remote_ts", "spi_in", "spi_out",
@@ -53,6 +55,7 @@ class AgentConfig:
     retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions
     control_socket: str = "/run/ipsecstack/ipsecstack.sock"  # the CLI's way in (mode 0600)
     metrics: str | None = None  # "host:port" for the Prometheus endpoint; off unless set
+    user: str | None = None  # drop root to this user once everything is open (runtime/privs.py)
     nfqueue_out: int = 10
     nfqueue_in: int = 11
     queue_bypass: bool = False
@@ -188,6 +191,18 @@ def _key(
         raise ConfigError(f"{path}.{src}", "<secret>", "keys are hex strings (colons and spaces allowed)") from None
 
 
+def _user(path: str, name: Any) -> None:
+    """``[agent] user``: an existing account other than root (the daemon starts as root and drops to it)."""
+    _type(path, name, str, 'a user name, e.g. "nobody"')
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        fix = "no such user on this system: create it (useradd --system --shell /usr/sbin/nologin ipsecstack)"
+        raise ConfigError(path, name, f"{fix} or name an existing one, e.g. nobody") from None
+    if uid == 0:
+        raise ConfigError(path, name, "the daemon starts as root already: remove agent.user or name another user")
+
+
 def _agent(table: Mapping[str, Any]) -> AgentConfig:
     _unknown("agent", table, _AGENT_KEYS)
     a = AgentConfig()
@@ -198,6 +213,8 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
             _host, sep, port = v.rpartition(":")
             if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(path, v, 'give host:port, e.g. "127.0.0.1:9505" or "[::1]:9505"')
+        elif k == "user":
+            _user(path, v)
         elif k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level", "control_socket"):
             _type(path, v, str, "a string")
         elif k in ("queue_bypass", "mss_clamp"):
@@ -297,7 +314,27 @@ def _manual(
     return conn
 
 
-def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str, env: Mapping[str, str]) -> Config:
+    """Read and validate the config file ``path``; files it names are relative to its directory.
+
+    The one place that reads files for the config: :func:`parse` itself only sees callables.
+    """
+    from pathlib import Path
+
+    base = Path(path).resolve().parent
+    text = Path(path).read_text()
+    return parse(
+        text, read_file=lambda p: (base / p).read_text(), env=env, read_bytes=lambda p: (base / p).read_bytes()
+    )
+
+
+def parse(
+    text: str,
+    *,
+    read_file: Callable[[str], str] | None = None,
+    env: Mapping[str, str] | None = None,
+    read_bytes: Callable[[str], bytes] | None = None,
+) -> Config:
     """Parse and validate a configuration; raises :class:`ConfigError` naming the key path."""
     try:
         doc = tomllib.loads(text)
@@ -328,7 +365,7 @@ def parse(text: str, *, read_file: Callable[[str], str] | None = None, env: Mapp
     ]
     from ipsecstack.connections import parse_connections
 
-    ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools)
+    ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools, read_bytes)
     for peer in ike.peers:
         peer.retransmit_timeout = agent.retransmit_timeout
         peer.retransmit_base = agent.retransmit_base

@@ -29,9 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipsecstack import pki
 from ipsecstack.errors import ConfigError
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.const import Protocol
+from ipsecstack.ike.auth import Credentials
+from ipsecstack.ike.certs import cert_has_id
+from ipsecstack.ike.const import IdType, Protocol
 from ipsecstack.ike.session import ChildConfig, PeerConfig, identity
 from ipsecstack.ike.ts import Range
 
@@ -46,7 +49,7 @@ _CHILD_KEYS = {
 }  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
 # swanctl keys that are understood but have no effect yet: reported (``ipsecstack check`` and the log), never silent
-_NOT_APPLIED = {"over_time", "send_certreq", "unique", "close_action", "dpd_action", "updown", "certs", "cacerts"}
+_NOT_APPLIED: set[str] = set()
 _DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
 _DEFAULT_ESP = "aes128gcm16"
 
@@ -130,14 +133,148 @@ def _psk(
     raise ConfigError(f"secrets.ike.{name}", "<missing>", f"add a [secrets.ike.{name}] with the pre-shared key")
 
 
+def _authentication(
+    name: str,
+    c: Mapping[str, Any],
+    local_addr: str,
+    remote_addr: str | None,
+    secrets: Mapping[str, Any],
+    read_file: Callable[[str], str],
+    read_bytes: pki.ReadBytes,
+    env: Mapping[str, str],
+) -> tuple[tuple[int, bytes], tuple[int, bytes] | None, bytes, Credentials]:
+    """``local``/``remote`` of one connection: identities, the PSK if either side uses one, certificates."""
+    path = f"connections.{name}"
+    kinds, texts, certs, cacerts = [], [], [], []
+    for side in ("local", "remote"):
+        t = c.get(side, {})
+        if not isinstance(t, dict):
+            raise ConfigError(f"{path}.{side}", t, 'a table, e.g. { auth = "psk", id = "gw.example" }')
+        for k in t:
+            if k not in _AUTH_KEYS:
+                raise ConfigError(f"{path}.{side}.{k}", t[k], f"unknown key; known: {', '.join(sorted(_AUTH_KEYS))}")
+        kind = t.get("auth", "psk")
+        if kind not in ("psk", "pubkey"):
+            raise ConfigError(f"{path}.{side}.auth", kind, "use psk or pubkey (certificates); EAP is not supported")
+        kinds.append(kind)
+        certs.append(pki.load_certs(t.get("certs", []), f"{path}.{side}.certs", read_bytes))
+        cacerts.append(pki.load_certs(t.get("cacerts", []), f"{path}.{side}.cacerts", read_bytes))
+        texts.append(str(t["id"]) if "id" in t else None)
+    ids: list[tuple[int, bytes] | None] = []
+    for side, text in zip(("local", "remote"), texts, strict=True):
+        try:
+            ids.append(None if text in (None, "%any") else identity(str(text)))
+        except ValueError as e:
+            raise ConfigError(f"{path}.{side}.id", text, f"{e}; e.g. 'C=CH, O=example, CN=gw.example'") from None
+    key = None
+    if kinds[0] == "pubkey":
+        if not certs[0]:
+            raise ConfigError(f"{path}.local.certs", "<missing>", 'local.auth = pubkey needs certs = ["x509/me.pem"]')
+        key = pki.key_for(certs[0][0], pki.load_private_keys(secrets, read_bytes, env), f"{path}.local.certs[0]")
+        if ids[0] is None:
+            # strongSwan's default: the subject DN of our certificate (RFC 4945 §3.1.5)
+            ids[0] = (IdType.ID_DER_ASN1_DN, certs[0][0].subject.public_bytes())
+        elif not cert_has_id(certs[0][0], *ids[0]):
+            raise ConfigError(f"{path}.local.id", texts[0], "not in our certificate (subject or subjectAltName); "
+                              "peers would reject it: use one of them or leave id unset")  # fmt: skip
+    if kinds[1] == "pubkey" and not (cacerts[1] or certs[1]):
+        fix = 'remote.auth = pubkey needs trust anchors (cacerts = ["x509ca/ca.pem"]) or the peer\'s certs'
+        raise ConfigError(f"{path}.remote.cacerts", "<missing>", fix)
+    if kinds[1] == "psk" and (cacerts[1] or certs[1]):
+        raise ConfigError(f"{path}.remote.cacerts", "...", "certificates are only used with remote.auth = pubkey")
+    local_id = ids[0] or identity(local_addr)
+    psk = b""
+    if "psk" in kinds:
+        remote_text = texts[1] or remote_addr or "%any"
+        psk = _psk(name, (texts[0] or local_addr, remote_text), secrets.get("ike", {}), read_file, env)
+    send_certreq = c.get("send_certreq", True)
+    if not isinstance(send_certreq, bool):
+        raise ConfigError(f"{path}.send_certreq", send_certreq, "true or false")
+    creds = Credentials(
+        kinds[0], kinds[1], key, certs[0] + tuple(x for x in cacerts[0] if not pki.is_self_signed(x)),
+        cacerts=cacerts[1], peer_certs=certs[1], send_certreq=send_certreq,
+    )  # fmt: skip
+    return local_id, ids[1], psk, creds
+
+
+# strongSwan's synonyms (vici accepts both), by key: what the user wrote -> what we store
+_ACTIONS = {
+    "close_action": {"none": "none", "clear": "none", "trap": "trap", "route": "trap", "start": "start",
+                     "restart": "start"},
+    "dpd_action": {"clear": "clear", "none": "clear", "trap": "trap", "route": "trap", "restart": "restart",
+                   "start": "restart"},
+}  # fmt: skip
+_UNIQUE = ("no", "never", "replace", "keep")
+
+
+def _action(ch: Mapping[str, Any], key: str, cpath: str, path: str, remote_addr: str | None) -> str:
+    """``close_action`` / ``dpd_action`` of a child, normalised; the ones that negotiate again need a peer."""
+    default = "none" if key == "close_action" else "clear"
+    value = ch.get(key, default)
+    allowed = _ACTIONS[key]
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{cpath}.{key}", value, f"use {', '.join(dict.fromkeys(allowed.values()))}")
+    action = allowed[value]
+    if action not in ("none", "clear") and remote_addr is None:
+        raise ConfigError(f"{path}.remote_addrs", "%any", f"{key} = {value} negotiates again: give a remote address")
+    return action
+
+
+def _updown(value: Any, path: str) -> tuple[str, ...]:
+    """``updown``: an executable and its arguments, like strongSwan's (run without a shell)."""
+    import os
+    import shlex
+
+    example = 'e.g. updown = "/usr/local/sbin/ipsec-updown --flag"'
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, value, f"give the absolute path of an executable script, {example}")
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as e:
+        raise ConfigError(path, value, f"cannot split it into arguments ({e}); {example}") from None
+    script = argv[0]
+    if not os.path.isabs(script):
+        raise ConfigError(path, value, f"give an absolute path (the daemon's directory is not the file's), {example}")
+    if not os.path.isfile(script):
+        raise ConfigError(path, value, f"no such file: {script}; create it or fix the path")
+    if not os.access(script, os.X_OK):
+        raise ConfigError(path, value, f"{script} is not executable: chmod +x it")
+    return argv
+
+
+def _ike_lifetime(c: Mapping[str, Any], path: str, ike_rekey: float) -> tuple[str, float | None]:
+    """``unique`` and ``over_time`` of a connection (None: strongSwan's default, 10% of rekey_time)."""
+    unique = c.get("unique", "no")
+    if not isinstance(unique, str) or unique not in _UNIQUE:
+        raise ConfigError(f"{path}.unique", unique, "use no (the default), never, replace or keep")
+    if "over_time" not in c:
+        return unique, None
+    over = parse_duration(c["over_time"], f"{path}.over_time")
+    if over <= 0:
+        raise ConfigError(f"{path}.over_time", c["over_time"], "give a positive duration such as '10m' "
+                          "(the default is 10% of rekey_time)")  # fmt: skip
+    if not ike_rekey:
+        raise ConfigError(f"{path}.over_time", c["over_time"], "it bounds IKE SA rekeying, which rekey_time = 0 "
+                          "turns off: remove over_time or set rekey_time")  # fmt: skip
+    return unique, over
+
+
 def parse_connections(
     doc: Mapping[str, Any],
     read_file: Callable[[str], str],
     env: Mapping[str, str],
     pools: Mapping[str, Any] | None = None,
+    read_bytes: pki.ReadBytes | None = None,
 ) -> IkeSettings:
     conns = doc.get("connections", {})
-    secrets = doc.get("secrets", {}).get("ike", {})
+    secrets = doc.get("secrets", {})
+    for k, v in secrets.items():
+        if k not in ("ike", *pki.KEY_SECTIONS) or not isinstance(v, dict):
+            raise ConfigError(
+                f"secrets.{k}", "...", "use [secrets.ike.<name>] (PSKs) or [secrets.private.<name>] (keys)"
+            )
+    if read_bytes is None:
+        read_bytes = lambda p: read_file(p).encode()  # noqa: E731 - PEM through the text reader
     peers: list[PeerConfig] = []
     start: list[str] = []
     trap: list[str] = []
@@ -169,20 +306,9 @@ def parse_connections(
         assert local_addr is not None
         ike_props = [props.parse(p, Protocol.IKE, f"{path}.proposals[{i}]")
                      for i, p in enumerate(_list(c.get("proposals", [_DEFAULT_IKE]), f"{path}.proposals"))]  # fmt: skip
-        ids = []
-        for side in ("local", "remote"):
-            t = c.get(side, {})
-            for k in t:
-                if k not in _AUTH_KEYS:
-                    raise ConfigError(
-                        f"{path}.{side}.{k}", t[k], f"unknown key; known: {', '.join(sorted(_AUTH_KEYS))}"
-                    )
-            auth = t.get("auth", "psk")
-            if auth != "psk":
-                raise ConfigError(f"{path}.{side}.auth", auth, "only psk is supported in this version")
-            default = local_addr if side == "local" else (remote_addr or "%any")
-            ids.append(str(t.get("id", default)))
-        psk = _psk(name, (ids[0], ids[1]), secrets, read_file, env)
+        local_id, remote_id, psk, creds = _authentication(
+            name, c, local_addr, remote_addr, secrets, read_file, read_bytes, env
+        )
         children = []
         for cname, ch in c.get("children", {}).items():
             cpath = f"{path}.children.{cname}"
@@ -222,17 +348,22 @@ def parse_connections(
             if life is not None and rekey and life <= rekey:
                 raise ConfigError(f"{cpath}.life_time", ch["life_time"], "must be longer than rekey_time (default 1h)")
             volume = {k: parse_size(ch[k], f"{cpath}.{k}") for k in ("rekey_bytes", "rekey_packets") if k in ch}
+            updown = _updown(ch["updown"], f"{cpath}.updown") if "updown" in ch else ()
             children.append(ChildConfig(cname, lts, rts, esp, mode, rekey_time=rekey or None, replay_window=window,
                                         life_time=life, rekey_bytes=volume.get("rekey_bytes"),
-                                        rekey_packets=volume.get("rekey_packets")))  # fmt: skip
+                                        rekey_packets=volume.get("rekey_packets"),
+                                        close_action=_action(ch, "close_action", cpath, path, remote_addr),
+                                        dpd_action=_action(ch, "dpd_action", cpath, path, remote_addr),
+                                        updown=updown))  # fmt: skip
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
+        unique, over_time = _ike_lifetime(c, path, ike_rekey)
         peers.append(PeerConfig(
-            name, local_addr, remote_addr, ike_props, identity(ids[0]),
-            None if ids[1] == "%any" else identity(ids[1]), psk, children,
+            name, local_addr, remote_addr, ike_props, local_id, remote_id, psk, children, creds=creds,
             local_port=int(c.get("local_port", 500)), remote_port=int(c.get("remote_port", 500)),
             encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None, pools=conn_pools,
             request_vip=bool(vips),
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
+            unique=unique, over_time=over_time,
         ))  # fmt: skip
     return IkeSettings(peers, start, trap, notices)

@@ -124,6 +124,9 @@ def render(command: str, result: Any) -> str:
                 continue
             lines.append(f"{e['name']}: {e['state']}, {e['proposal']}, spi {e['spi_i']}_{e['spi_r']}, peer "
                          f"{e['remote']}:{e['remote_port']}{' (NAT)' if e['nat'] else ''}")  # fmt: skip
+            if e.get("remote_id"):
+                cert = f", certificate {e['remote_cert']!r}" if e.get("remote_cert") else ""
+                lines.append(f"  {e['local_id']!r} === {e['remote_id']!r} (authenticated by {e['remote_auth']}{cert})")
             for c in e["children"]:
                 lines.append(f"  {c['name']}: {c['mode']} {c['transform']} in {c['spi_in']} out {c['spi_out']} "
                              f"{','.join(c['local_ts'])} === {','.join(c['remote_ts'])}; in {c['packets_in']} pkts "

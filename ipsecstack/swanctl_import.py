@@ -3,10 +3,15 @@
 The swanctl.conf syntax (strongSwan's settings format): ``name { ... }`` sections, ``key = value``
 lines (a value runs to the end of the line; comma-separated lists; optional double quotes), ``#``
 comments, and ``include`` lines. The common subset is converted: ``connections`` (addresses, ports,
-proposals, version, dpd_delay, rekey_time, encap, psk ``local``/``remote`` rounds with ``id``, and
-children with ``local_ts``, ``remote_ts``, ``esp_proposals``, ``mode``, ``start_action``,
-``rekey_time``) and ``secrets`` (``ike*`` sections with ``id``/``id-*`` and ``secret``). Everything
-else is listed by key path as not converted, never silently dropped.
+proposals, version, dpd_delay, rekey_time, over_time, unique, encap, send_certreq, ``local``/``remote``
+rounds with ``auth`` (psk, pubkey), ``id``, ``certs`` and ``cacerts``, and children with ``local_ts``,
+``remote_ts``, ``esp_proposals``, ``mode``, ``start_action``, ``close_action``, ``dpd_action``,
+``rekey_time``) and ``secrets`` (``ike*`` sections with ``id``/``id-*`` and ``secret``; ``private*``,
+``rsa*``, ``ecdsa*``, ``pkcs8*`` with ``file`` and ``secret``). Certificate and key file names are
+made relative to the swanctl directory (``x509/``, ``x509ca/``, ``private/``...), where the converted
+file is meant to live, as ipsecstack resolves them relative to its config file. Everything else is
+listed by key path as not converted, never silently dropped (``updown`` among them: strongSwan's
+``_updown`` drives its kernel, so the script is for the user to choose).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _CONN_KEYS = {"local_addrs", "remote_addrs", "local_port", "remote_port", "proposals", "version", "dpd_delay",
-              "rekey_time", "encap"}  # fmt: skip
-_CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "mode", "start_action", "rekey_time"}
+              "rekey_time", "encap", "unique", "over_time", "send_certreq"}  # fmt: skip
+_CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "mode", "start_action", "rekey_time", "close_action",
+               "dpd_action"}  # fmt: skip
 _LISTS = {"local_addrs", "remote_addrs", "proposals", "local_ts", "remote_ts", "esp_proposals"}
-_DURATIONS = {"dpd_delay", "rekey_time"}
+_DURATIONS = {"dpd_delay", "rekey_time", "over_time"}
 
 
 class SwanctlSyntaxError(ValueError):
@@ -117,10 +123,18 @@ def convert(text: str) -> Converted:
         for side, r in rounds.items():
             items = []
             for k, v in r.items():
-                if k in ("auth", "id") and isinstance(v, str):
-                    if k == "auth" and v != "psk":
-                        skipped.append(f"{path}.{side}.auth = {v} (only psk is supported)")
-                    items.append(f"{k} = {json.dumps(v)}")
+                if k == "auth" and isinstance(v, str):
+                    kind = "pubkey" if re.match(r"(pubkey|rsa|ecdsa|ed25519)", v) else v
+                    if kind not in ("psk", "pubkey"):
+                        skipped.append(f"{path}.{side}.auth = {v} (only psk and pubkey are supported)")
+                    elif kind != v:
+                        skipped.append(f"{path}.{side}.auth = {v} (converted to pubkey: the constraint is dropped)")
+                    items.append(f"auth = {json.dumps(kind)}")
+                elif k == "id" and isinstance(v, str):
+                    items.append(f"id = {json.dumps(v)}")
+                elif k in ("certs", "cacerts") and isinstance(v, str):
+                    sub = "x509" if k == "certs" else "x509ca"
+                    items.append(f"{k} = {json.dumps([_in(sub, f) for f in _split(v)])}")
                 else:
                     skipped.append(f"{path}.{side}.{k}")
             out.append(f"{side} = {{ {', '.join(items)} }}")
@@ -135,6 +149,15 @@ def convert(text: str) -> Converted:
             out.append("")
     for sname, sec in tree.get("secrets", {}).items():
         path = f"secrets.{sname}"
+        key_dir = next((k for k in ("private", "rsa", "ecdsa", "pkcs8") if sname.startswith(k)), None)
+        if key_dir is not None and isinstance(sec, dict) and "file" in sec:
+            out.append(f"[secrets.private.{_key(sname[len(key_dir) :].lstrip('-_') or sname)}]")
+            out.append(f"file = {json.dumps(_in(key_dir, sec['file']))}")
+            if "secret" in sec:
+                out.append(f"secret = {json.dumps(sec['secret'])}")
+            skipped += [f"{path}.{k}" for k in sec if k not in ("file", "secret")]
+            out.append("")
+            continue
         if not sname.startswith("ike") or not isinstance(sec, dict):
             skipped.append(path)
             continue
@@ -156,6 +179,11 @@ def convert(text: str) -> Converted:
     return Converted("\n".join(header + out).rstrip() + "\n", skipped)
 
 
+def _in(directory: str, name: str) -> str:
+    """swanctl resolves relative credential paths in its sub-directories (x509/, x509ca/, private/, ...)."""
+    return name if name.startswith("/") else f"{directory}/{name}"
+
+
 def _key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_\-]+", name) else json.dumps(name)
 
@@ -165,6 +193,6 @@ def _value(key: str, v: str) -> str:
         return json.dumps(_split(v))
     if key in ("local_port", "remote_port", "version") and v.isdigit():
         return v
-    if key == "encap":
+    if key in ("encap", "send_certreq"):
         return "true" if v in ("yes", "true") else "false"
     return json.dumps(v)

@@ -14,6 +14,12 @@ answer and no state at all. The secret is drawn from the injected rng and rotate
 ``COOKIE_LIFETIME`` seconds; cookies made with the previous secret stay valid for one more period.
 Beyond ``half_open_limit`` half-open SAs, requests are dropped and counted even with a cookie.
 
+Uniqueness (strongSwan's ``unique``): when an IKE_AUTH request authenticates a peer, before anything
+leaves, the other established IKE SAs of the same connection and peer identity are looked up. ``replace``
+closes them (one DELETE each, not waited for); ``keep`` refuses the new one with AUTHENTICATION_FAILED;
+``no`` (the default) replaces only if the peer sent INITIAL_CONTACT, which says it lost every other IKE
+SA with us (§2.4); ``never`` allows any number.
+
 Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
 once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
 """
@@ -23,11 +29,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Exchange, Notify
-from ipsecstack.ike.session import Datagram, Event, IkeRekeyed, IkeSa, PeerConfig
+from ipsecstack.ike.session import Datagram, Event, IkeRekeyed, IkeSa, PeerConfig, id_text, same_identity
 
 DEFAULT_HALF_OPEN_LIMIT = 256
 DEFAULT_COOKIE_THRESHOLD = 32
@@ -36,9 +43,11 @@ COOKIE_LIFETIME = 120.0
 
 class IkeManager:
     def __init__(self, peers: list[PeerConfig], rng: Rng, *, half_open_limit: int = DEFAULT_HALF_OPEN_LIMIT,
-                 cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD) -> None:  # fmt: skip
+                 cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD,
+                 wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
         self.peers = {p.name: p for p in peers}
         self.rng = rng
+        self.wallclock = wallclock  # time of day for certificate validity, handed to every IKE SA
         self.half_open_limit = half_open_limit
         self.cookie_threshold = cookie_threshold
         self._secrets: list[tuple[int, bytes]] = []  # (version, secret), newest first
@@ -55,7 +64,9 @@ class IkeManager:
 
     def initiate(self, name: str, now: float) -> IkeSa:
         cfg = self.peers[name]
-        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now)
+        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock)
+        # §2.4: INITIAL_CONTACT tells the peer to drop every other IKE SA with us: only if we have none
+        sa.send_initial_contact = not any(o.cfg.name == name and o.state != "closed" for o in self.sas.values())
         sa.start(now)
         self.sas[sa.spi_i] = sa
         return sa
@@ -79,7 +90,30 @@ class IkeManager:
         if sa is None:
             self._count("dropped_unknown_spi")
             return
+        before = sa.state
         sa.receive(data, src, src_port, dst_port, now)
+        if before == "init_done" and sa.established:
+            self._enforce_unique(sa, now)
+
+    def _enforce_unique(self, new: IkeSa, now: float) -> None:
+        """A responder SA just authenticated its peer: apply the connection's ``unique`` policy."""
+        policy = new.cfg.unique
+        if policy == "never" or (policy == "no" and not new.initial_contact):
+            return
+        others = [sa for sa in self.sas.values() if sa is not new and sa.established
+                  and sa.cfg.name == new.cfg.name and sa.peer_id is not None and new.peer_id is not None
+                  and same_identity(sa.peer_id, new.peer_id)]  # fmt: skip
+        if not others:
+            return
+        peer = id_text(*new.peer_id) if new.peer_id else "?"
+        if policy == "keep":
+            if new.refuse_auth(f"{peer!r} already has an IKE SA of this connection (unique = keep)"):
+                self._count("unique_refused")
+            return
+        why = "unique = replace" if policy == "replace" else "INITIAL_CONTACT from the peer (RFC 7296 §2.4)"
+        for old in others:
+            old.close_now(f"replaced by a new IKE SA of {peer!r}: {why}", now)
+            self._count("unique_replaced")
 
     def _init_request(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
         try:
@@ -102,7 +136,8 @@ class IkeManager:
         if half_open >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
             self._send_cookie(msg, src, src_port, dst_port, now)
             return
-        sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port)
+        sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port,
+                   wallclock=self.wallclock)  # fmt: skip
         sa.local_port = dst_port
         if sa.respond_init(msg, now):
             self.sas[sa.spi_r] = sa

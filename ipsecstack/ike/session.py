@@ -1,4 +1,4 @@
-"""One IKE SA as a sans-IO state machine (RFC 7296): IKE_SA_INIT, IKE_AUTH with PSK, INFORMATIONAL.
+"""One IKE SA as a sans-IO state machine (RFC 7296): IKE_SA_INIT, IKE_AUTH (PSK or certificates), the rest.
 
 Theory of operation
 -------------------
@@ -18,6 +18,11 @@ with exponential back-off until a response with the same Message ID arrives or t
 (§2.4: then the IKE SA is declared dead). A retransmitted peer request (Message ID one below the
 next expected) gets the cached response again, byte for byte, and is not processed twice.
 
+Authentication (§2.15) is in :mod:`ipsecstack.ike.auth` (proofs) and :mod:`ipsecstack.ike.certs`
+(certificate paths): IKE_SA_INIT carries SIGNATURE_HASH_ALGORITHMS (RFC 7427) both ways and the
+responder's CERTREQ; IKE_AUTH carries CERT, CERTREQ and AUTH. Certificate validity needs the time of
+day, which comes from the injected ``wallclock``.
+
 NAT traversal (§2.23): both sides send NAT_DETECTION_*_IP in IKE_SA_INIT; if either hash differs
 the SA moves to port 4500 for everything after IKE_SA_INIT and the child SAs are UDP-encapsulated.
 """
@@ -32,17 +37,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from ipsecstack.entropy import Rng
+from ipsecstack.ike import auth, sk
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike import sk
+from ipsecstack.ike.certs import DnError, cert_has_id, dn_from_text, dn_text, same_dn, subject, verify_path
 from ipsecstack.ike.const import AuthMethod, Exchange, Flag, IdType, Notify, Protocol
 from ipsecstack.ike.groups import Group, KeyExchangeError
 from ipsecstack.ike.keymat import IkeKeys, child_keymat, ike_sa_keys
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.ts import Range, narrow
 
-KEY_PAD = b"Key Pad for IKEv2"
 # RFC 7296 §3.15: configuration payload types and attributes
 CFG_REQUEST = 1
 CFG_REPLY = 2
@@ -65,6 +72,9 @@ class ChildConfig:
     life_time: float | None = None  # hard limit of the SAs (the datapath drops them then)
     rekey_bytes: int | None = None  # rekey after this much traffic (soft limit of the SAs)
     rekey_packets: int | None = None
+    close_action: str = "none"  # the peer closed it (or its IKE SA): "none", "trap" or "start"
+    dpd_action: str = "clear"  # its IKE SA's peer is dead (§2.4): "clear", "trap" or "restart"
+    updown: tuple[str, ...] = ()  # script and arguments run when it comes up and goes down (runtime/updown.py)
 
 
 @dataclass
@@ -79,6 +89,7 @@ class PeerConfig:
     remote_id: tuple[int, bytes] | None
     psk: bytes = field(repr=False)
     children: list[ChildConfig] = field(default_factory=list)
+    creds: auth.Credentials = field(default_factory=auth.Credentials)  # how each side authenticates
     local_port: int = 500
     remote_port: int = 500
     retransmit_timeout: float = 2.0
@@ -91,6 +102,8 @@ class PeerConfig:
     dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
     rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
+    over_time: float | None = None  # hard lifetime = rekey_time + this (None: 10% of rekey_time, as strongSwan)
+    unique: str = "no"  # responder: IKE SAs of the same peer identity ("no", "never", "replace", "keep"; manager)
 
 
 @dataclass
@@ -123,8 +136,14 @@ class IkeRekeyed:
 
 @dataclass
 class IkeDown:
+    """The IKE SA is gone. ``cause`` says who ended it, for the runtime's close/DPD actions: ``"peer"`` (it
+    sent a DELETE, §1.4.1), ``"dead"`` (no answer while established: DPD or any other request, §2.4),
+    ``"failed"`` (never established), ``"expired"`` (not rekeyed within its hard lifetime, over_time),
+    ``"rekeyed"`` (replaced by its successor, §2.18) or ``"local"`` (we deleted it)."""
+
     sa: IkeSa
     reason: str
+    cause: str = "local"
 
 
 @dataclass
@@ -147,18 +166,32 @@ class ChildUp:
 
 @dataclass
 class ChildDown:
+    """A child SA is gone. ``cause``: ``"peer"`` (the peer deleted it and no other SA of its config remains
+    in this IKE SA), ``"rekeyed"`` (a newer SA of the same config carries on), ``"ike"`` (its IKE SA went: see
+    that IkeDown) or ``"local"`` (we deleted it)."""
+
     sa: IkeSa
     spi_in: int
     spi_out: int
+    child: ChildConfig | None = None
+    cause: str = "local"
 
 
 Event = IkeUp | IkeRekeyed | PeerMoved | IkeDown | ChildUp | ChildDown
 
 
 def identity(text: str) -> tuple[int, bytes]:
-    """An IKE identity from strongSwan-style text: an IP address, an FQDN, user@fqdn, or keyid:..."""
+    """An IKE identity from strongSwan-style text: an IP address, an FQDN, user@fqdn, keyid:..., or a DN.
+
+    A DN is written as strongSwan does (``C=CH, O=example, CN=gw.example``); a bad one raises ValueError.
+    """
     if text.startswith("keyid:"):
         return IdType.ID_KEY_ID, text[6:].encode()
+    if "=" in text:
+        try:
+            return IdType.ID_DER_ASN1_DN, dn_from_text(text)
+        except DnError as e:
+            raise ValueError(f"not a distinguished name: {e}") from None
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
@@ -178,6 +211,8 @@ def id_text(id_type: int, data: bytes) -> str:
             return data.hex()
     if id_type == IdType.ID_KEY_ID:
         return "keyid:" + data.decode(errors="replace")
+    if id_type == IdType.ID_DER_ASN1_DN:
+        return dn_text(data)
     return data.decode(errors="replace")
 
 
@@ -188,8 +223,13 @@ def nat_hash(spi_i: bytes, spi_r: bytes, addr: str, port: int) -> bytes:
 
 class IkeSa:
     def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
-                 remote_port: int | None = None) -> None:  # fmt: skip
+                 remote_port: int | None = None, wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.wallclock = wallclock  # seconds since the epoch, for certificate validity (certs only)
+        self.peer_cert: x509.Certificate | None = None
+        self.send_initial_contact = True  # §2.4: only when we hold no other IKE SA with this peer (the manager knows)
+        self.peer_auth = ""  # how the peer proved itself: "psk" or the signature scheme, for logs and listings
+        self._peer_hashes: frozenset[int] | None = None  # RFC 7427 §4: None until the peer announces them
         self.initiator = initiator
         self.rng = rng
         self.created = now
@@ -233,6 +273,9 @@ class IkeSa:
         self.virtual_ip: str | None = None  # what the peer assigned us (client side)
         self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
         self._rekeys_done: dict[int, list[tuple[bytes, bytes, ChildUp, bool]]] = {}
+        self.up_at: float | None = None  # when it was established (or took over by rekeying)
+        self.expire_at: float | None = None  # hard lifetime: rekey_time + over_time after up_at
+        self.initial_contact = False  # responder: the peer's IKE_AUTH carried INITIAL_CONTACT (§2.4)
 
     def __repr__(self) -> str:
         return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
@@ -251,6 +294,8 @@ class IkeSa:
         if self.state == "closed":
             return None
         if self._outstanding is not None:
+            if self.state == "established" and self.expire_at is not None:
+                return min(self._outstanding[3], self.expire_at)
             return self._outstanding[3]
         if self.state == "init_done":
             return self.created + self.cfg.half_open_timeout
@@ -261,6 +306,8 @@ class IkeSa:
             times.append(self.rekey_at)
         if self.cfg.dpd_delay:
             times.append(self.last_heard + self.cfg.dpd_delay)
+        if self.expire_at is not None:
+            times.append(self.expire_at)
         return min(times) if times else None
 
     def heard(self, now: float) -> None:
@@ -270,6 +317,11 @@ class IkeSa:
     def handle_timer(self, now: float) -> None:
         if self.state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
             self._close("half-open IKE SA timed out (no IKE_AUTH)")
+            return
+        if self.state == "established" and self.expire_at is not None and now >= self.expire_at:
+            over = self.expire_at - (self.up_at or 0.0) - (self.cfg.rekey_time or 0.0)
+            self.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
+                           f"{self.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
             return
         if self.state == "established" and self._outstanding is None:
             if self.rekey_at is not None and self.rekey_at <= now:
@@ -289,8 +341,10 @@ class IkeSa:
         mid, data, tries, _ = self._outstanding
         if tries >= self.cfg.retransmit_tries:
             dpd = self._pending is not None and self._pending[0] == "dpd"
+            # §2.4: no answer on an established IKE SA means the peer is dead (the DPD action applies)
+            cause = "dead" if self.state == "established" else None
             self._close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
-                        + f" after {tries + 1} transmissions")  # fmt: skip
+                        + f" after {tries + 1} transmissions", cause)  # fmt: skip
             return
         self._count("retransmissions")
         delay = self.cfg.retransmit_timeout * self.cfg.retransmit_base ** (tries + 1)
@@ -321,7 +375,7 @@ class IkeSa:
         if self._cookie:
             payloads.append(m.Notify(Notify.COOKIE, self._cookie))
         sa = m.SA([p.to_payload(i + 1, b"") for i, p in enumerate(self.cfg.proposals)])
-        payloads += [sa, m.KE(self._group.number, pub), m.Nonce(self._ni), *self._nat_notifies()]
+        payloads += [sa, m.KE(self._group.number, pub), m.Nonce(self._ni), *self._nat_notifies(), auth.hash_notify()]
         msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, payloads)
         self._init_request = msg.encode()
         self.state = "init_sent"
@@ -380,6 +434,7 @@ class IkeSa:
         self.spi_r = msg.spi_r
         self._nr = nonces[0].data  # type: ignore[union-attr]
         self._init_response = msg.raw
+        self._peer_hashes = _hashes(msg)
         if not self._derive(chosen, ke.data):
             return
         self._detect_nat(msg)
@@ -388,10 +443,11 @@ class IkeSa:
     def _send_auth(self, now: float) -> None:
         child = self.cfg.children[0] if self.cfg.children else None
         idi = m.Identification(*self.cfg.local_id, initiator=True)
-        inner: list[m.AnyPayload] = [idi]
+        proof = self._prove(idi)
+        inner: list[m.AnyPayload] = [idi, *proof[:-1], *self.cfg.creds.certreq()]
         if self.cfg.remote_id is not None:
             inner.append(m.Identification(*self.cfg.remote_id, initiator=False))
-        inner.append(m.Auth(AuthMethod.PSK, self._psk_auth(True, idi)))
+        inner.append(proof[-1])
         if self.cfg.request_vip:
             inner.append(m.CP(CFG_REQUEST, [(CP_INTERNAL_IP4_ADDRESS, b"")]))
         if child is not None:
@@ -403,7 +459,8 @@ class IkeSa:
             inner.append(m.TS([r.to_payload() for r in child.remote_ts], initiator=False))
             if child.mode == "transport":
                 inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
-        inner.append(m.Notify(Notify.INITIAL_CONTACT))
+        if self.send_initial_contact:
+            inner.append(m.Notify(Notify.INITIAL_CONTACT))
         self.state = "auth_sent"
         self._send_request(Exchange.IKE_AUTH, inner, now)
 
@@ -411,20 +468,23 @@ class IkeSa:
         notes = [p for p in inner if isinstance(p, m.Notify)]
         for n in notes:
             if n.notify_type == Notify.AUTHENTICATION_FAILED:
-                self._close("peer says AUTHENTICATION_FAILED: check the PSK and the identities on both sides")
+                what = "PSK" if self.cfg.creds.local == "psk" else "certificate (is our CA in its cacerts?)"
+                self._close(f"peer says AUTHENTICATION_FAILED: check the {what} and the identities on both sides")
                 return
         idr = next((p for p in inner if isinstance(p, m.Identification) and not p.initiator), None)
-        auth = next((p for p in inner if isinstance(p, m.Auth)), None)
-        if idr is None or auth is None:
+        proof = next((p for p in inner if isinstance(p, m.Auth)), None)
+        if idr is None or proof is None:
             self._close("IKE_AUTH response without IDr/AUTH")
             return
-        if auth.method != AuthMethod.PSK or not hmac.compare_digest(auth.data, self._psk_auth(False, idr)):
+        why = None
+        if self.cfg.remote_id is not None and not same_identity((idr.id_type, idr.data), self.cfg.remote_id):
+            why = f"identity mismatch: remote.id is {id_text(*self.cfg.remote_id)!r}"
+        why = why or self._verify_peer(idr, proof, inner)
+        if why is not None:
             self._count("auth_failed")
-            self._close("responder's AUTH does not verify: the PSK differs")
-            return
-        if self.cfg.remote_id is not None and (idr.id_type, idr.data) != self.cfg.remote_id:
-            self._close(f"responder identified as {id_text(idr.id_type, idr.data)!r}, expected "
-                        f"{id_text(*self.cfg.remote_id)!r}")  # fmt: skip
+            # §2.21.2: the responder already considers the IKE SA up; tell it, once, in an INFORMATIONAL
+            self._send_request(Exchange.INFORMATIONAL, [m.Notify(Notify.AUTHENTICATION_FAILED)], now)
+            self._close(f"authentication of the responder {id_text(idr.id_type, idr.data)!r} failed: {why}")
             return
         self.peer_id = (idr.id_type, idr.data)
         reply = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REPLY), None)
@@ -488,7 +548,8 @@ class IkeSa:
             return False
         self._detect_nat(msg)
         payloads: list[m.AnyPayload] = [m.SA([chosen.to_payload()]), m.KE(chosen.dh.number, pub), m.Nonce(self._nr)]
-        payloads += self._nat_notifies()
+        payloads += [*self._nat_notifies(), auth.hash_notify(), *self.cfg.creds.certreq()]
+        self._peer_hashes = _hashes(msg)
         resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, payloads)
         self._init_response = resp.encode()
         self._peer_mid = 1
@@ -499,21 +560,24 @@ class IkeSa:
 
     def _on_auth_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
         idi = next((p for p in inner if isinstance(p, m.Identification) and p.initiator), None)
-        auth = next((p for p in inner if isinstance(p, m.Auth)), None)
-        if idi is None or auth is None:
+        proof = next((p for p in inner if isinstance(p, m.Auth)), None)
+        if idi is None or proof is None:
             self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
             self._close("IKE_AUTH request without IDi/AUTH")
             return
-        ok_id = self.cfg.remote_id is None or (idi.id_type, idi.data) == self.cfg.remote_id
-        if auth.method != AuthMethod.PSK or not ok_id or not hmac.compare_digest(auth.data, self._psk_auth(True, idi)):
+        want = self.cfg.remote_id
+        if want is not None and not same_identity((idi.id_type, idi.data), want):
+            why: str | None = f"identity mismatch: remote.id is {id_text(*want)!r}"
+        else:
+            why = self._verify_peer(idi, proof, inner)
+        if why is not None:
             self._count("auth_failed")
             self._respond(msg, [m.Notify(Notify.AUTHENTICATION_FAILED)])
-            why = "identity mismatch" if not ok_id else "AUTH does not verify: the PSK differs"
             self._close(f"authentication of {id_text(idi.id_type, idi.data)!r} failed: {why}")
             return
         self.peer_id = (idi.id_type, idi.data)
         idr = m.Identification(*self.cfg.local_id, initiator=False)
-        out: list[m.AnyPayload] = [idr, m.Auth(AuthMethod.PSK, self._psk_auth(False, idr))]
+        out: list[m.AnyPayload] = [idr, *self._prove(idr)]
         vip_ts: list[Range] | None = None
         request = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REQUEST), None)
         if request is not None and self.cfg.pools:
@@ -634,7 +698,7 @@ class IkeSa:
         self.heard(now)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == "delete_old_ike":
-            self._close("rekeyed")
+            self._close("rekeyed", "rekeyed")
         elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
@@ -686,6 +750,9 @@ class IkeSa:
         self._peer_mid += 1
         self.heard(now)
         if msg.exchange == Exchange.IKE_AUTH and self.state == "init_done":
+            # §2.4: the peer says it has no other IKE SA with us (the manager's uniqueness policy reads it)
+            self.initial_contact = any(isinstance(p, m.Notify) and p.notify_type == Notify.INITIAL_CONTACT
+                                       for p in inner)  # fmt: skip
             self._on_auth_request(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state in ("established", "deleting"):
             self._on_informational(msg, inner, now)
@@ -697,7 +764,7 @@ class IkeSa:
 
     def _on_informational(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
         reply: list[m.AnyPayload] = []
-        closing = False
+        closing = refused = False
         for p in inner:
             if isinstance(p, m.Delete):
                 if p.protocol == Protocol.IKE:
@@ -708,12 +775,20 @@ class IkeSa:
                         for c in list(self.children):
                             if c.spi_out == int.from_bytes(spi, "big"):
                                 ours.append(c.spi_in.to_bytes(4, "big"))
-                                self._child_gone(c)
+                                self._child_gone(c, "peer")
                     if ours:
                         reply.append(m.Delete(Protocol.ESP, ours))
+            elif isinstance(p, m.Notify) and p.notify_type == Notify.AUTHENTICATION_FAILED:
+                refused = True  # §2.21.2: the initiator did not accept our IKE_AUTH response
         self._respond(msg, reply)
-        if closing:
-            self._close("rekeyed" if self.successor is not None else "peer deleted the IKE SA")
+        if refused:
+            what = "PSK" if self.cfg.creds.local == "psk" else "certificate (is our CA in its cacerts?)"
+            self._close(f"peer says AUTHENTICATION_FAILED: check the {what} and the identities on both sides")
+        elif closing:
+            if self.successor is not None:
+                self._close("rekeyed", "rekeyed")
+            else:
+                self._close("peer deleted the IKE SA", "peer")
 
     def rekey_child_now(self, spi_in: int, now: float) -> bool:
         """A volume (soft) lifetime of a child SA was reached: rekey it as soon as the window allows."""
@@ -733,6 +808,56 @@ class IkeSa:
         else:
             self._child_gone(c)
         return True
+
+    def close_now(self, reason: str, now: float, cause: str = "local") -> None:
+        """Send one DELETE for the IKE SA without waiting for (or retransmitting) it, and close at once:
+        for an SA past its hard lifetime or replaced by the uniqueness policy, whose peer may be gone."""
+        if self.state in ("established", "deleting") and self.tx is not None:
+            self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
+        self._close(reason, cause)
+
+    def refuse_auth(self, reason: str) -> bool:
+        """Responder, right after an IKE_AUTH request authenticated the peer and before its output was
+        collected: answer AUTHENTICATION_FAILED instead and close (uniqueness policy ``keep``, as strongSwan).
+        The IKE_AUTH response, IkeUp and ChildUp are withdrawn. False when it is too late for that."""
+        cached = self._cached_response
+        if self.initiator or self.state != "established" or cached is None \
+                or not any(isinstance(e, IkeUp) for e in self._events):  # fmt: skip
+            return False
+        mid, data = cached
+        self._out = [d for d in self._out if d.data != data]
+        self._events = [e for e in self._events if not isinstance(e, IkeUp | ChildUp)]
+        self.children.clear()
+        self._queue.clear()
+        self._respond(m.Message(self.spi_i, self.spi_r, Exchange.IKE_AUTH, 0, mid),
+                      [m.Notify(Notify.AUTHENTICATION_FAILED)])  # fmt: skip
+        self._count("refused_by_uniqueness")
+        self._close(reason, "failed")
+        return True
+
+    def create_child(self, name: str, now: float) -> bool:
+        """Negotiate the configured child ``name`` again over CREATE_CHILD_SA (§1.3.1), unless an SA of it
+        is up or being negotiated. False if there is no such child or the IKE SA is not established."""
+        child = next((c for c in self.cfg.children if c.name == name), None)
+        if child is None or self.state != "established":
+            return False
+        busy = (
+            any(c.child.name == name for c in self.children)
+            or (self._pending is not None and self._pending[0] == "new_child" and self._pending[1][0].name == name)
+            or any(isinstance(f, functools.partial) and f.args and f.args[0] is child for f in self._queue)
+        )
+        if not busy:
+            self._queue.append(functools.partial(self._create_child, child))
+            self._next_queued(now)
+        return True
+
+    @property
+    def peer_virtual_ip(self) -> str | None:
+        """The address we leased to the peer from a pool (§3.15), if any."""
+        if self._lease is None:
+            return None
+        addr = self._lease[0].leases.get(self._lease[1])
+        return None if addr is None else str(addr)
 
     def delete(self, now: float) -> None:
         """Start deleting the IKE SA (its children go with it, §1.4.1)."""
@@ -817,16 +942,56 @@ class IkeSa:
                 self.local_port = NAT_T_PORT
                 self.remote_port = NAT_T_PORT
 
-    def _psk_auth(self, initiator_side: bool, ident: m.Identification) -> bytes:
-        """RFC 7296 §2.15: prf(prf(PSK, "Key Pad for IKEv2"), <SignedOctets>)."""
+    def _octets(self, initiator_side: bool, ident: m.Identification) -> bytes:
+        """RFC 7296 §2.15: what the initiator (or the responder) signs or MACs."""
         assert self.chosen is not None and self.chosen.prf is not None and self.keys is not None
-        prf = self.chosen.prf
-        body = bytes((ident.id_type, 0, 0, 0)) + ident.data
         if initiator_side:
-            octets = self._init_request + self._nr + prf(self.keys.sk_pi, body)
-        else:
-            octets = self._init_response + self._ni + prf(self.keys.sk_pr, body)
-        return prf(prf(self.cfg.psk, KEY_PAD), octets)
+            return auth.signed_octets(self._init_request, self._nr, self.chosen.prf, self.keys.sk_pi, ident)
+        return auth.signed_octets(self._init_response, self._ni, self.chosen.prf, self.keys.sk_pr, ident)
+
+    def _prove(self, ident: m.Identification) -> list[m.AnyPayload]:
+        """Our CERT payloads (certificate auth) and, last, our AUTH payload."""
+        octets = self._octets(self.initiator, ident)
+        creds = self.cfg.creds
+        if creds.local == "pubkey":
+            assert creds.key is not None, "connections.py guarantees a private key for local.auth = pubkey"
+            return [*creds.cert_payloads(), auth.sign(creds.key, octets, self._peer_hashes)]
+        assert self.chosen is not None and self.chosen.prf is not None
+        return [m.Auth(AuthMethod.PSK, auth.psk_auth(self.chosen.prf, self.cfg.psk, octets))]
+
+    def _verify_peer(self, ident: m.Identification, proof: m.Auth, inner: list[m.AnyPayload]) -> str | None:
+        """Why the peer's AUTH does not prove its identity (None: it does)."""
+        creds = self.cfg.creds
+        octets = self._octets(not self.initiator, ident)
+        if creds.remote == "psk":
+            if proof.method != AuthMethod.PSK:
+                return f"it signed ({auth.describe(proof)}) but remote.auth = psk expects a pre-shared key"
+            assert self.chosen is not None and self.chosen.prf is not None
+            ok = hmac.compare_digest(proof.data, auth.psk_auth(self.chosen.prf, self.cfg.psk, octets))
+            self.peer_auth = "psk" if ok else ""
+            return None if ok else "AUTH does not verify: the PSK differs"
+        if proof.method == AuthMethod.PSK:
+            return "it used a pre-shared key but remote.auth = pubkey expects a certificate signature"
+        try:
+            sent = [x509.load_der_x509_certificate(p.data) for p in inner if isinstance(p, m.Certificate)
+                    and not p.request and p.encoding == auth.CERT_X509_SIGNATURE]  # fmt: skip
+        except ValueError:
+            return "a CERT payload is not a valid DER X.509 certificate"
+        pinned = [c for c in creds.peer_certs if cert_has_id(c, ident.id_type, ident.data)]
+        if not sent and not pinned:
+            return "it sent no certificate (strongSwan sends one when asked: keep send_certreq) and none is pinned"
+        leaf = sent[0] if sent else pinned[0]
+        if self.wallclock is None:
+            return "no wall clock was given to check certificate validity"
+        why = verify_path(leaf, sent[1:], list(creds.cacerts), list(creds.peer_certs), self.wallclock())
+        if why is not None:
+            return why
+        if not cert_has_id(leaf, ident.id_type, ident.data):
+            return f"its identity is not in its certificate {subject(leaf)!r} (neither subject nor subjectAltName)"
+        why = auth.verify(leaf, proof, octets)
+        if why is None:
+            self.peer_cert, self.peer_auth = leaf, auth.describe(proof)
+        return why
 
     def _new_child_spi(self) -> int:
         while True:
@@ -836,6 +1001,7 @@ class IkeSa:
 
     def _established(self, now: float = 0.0) -> None:
         self.state = "established"
+        self.up_at = now
         self._schedule_ike_rekey(now)
         self._events.append(IkeUp(self))
 
@@ -844,6 +1010,9 @@ class IkeSa:
         if t:
             jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * t
             self.rekey_at = now + t - jitter
+            # strongSwan's over_time: if rekeying keeps failing, the IKE SA ends here (default 10% of rekey_time)
+            over = self.cfg.over_time if self.cfg.over_time is not None else t / 10
+            self.expire_at = now + t + over
 
     def _child_up(self, child: ChildConfig, chosen: props.Chosen, mode: str, local: list[Range],
                   remote: list[Range], *, spi_in: int, spi_out: int, nonces: tuple[bytes, bytes] | None = None,
@@ -866,11 +1035,13 @@ class IkeSa:
         self.children.append(up)
         self._events.append(up)
 
-    def _child_gone(self, c: ChildUp) -> None:
+    def _child_gone(self, c: ChildUp, cause: str = "local") -> None:
         self._rekeys_done.pop(c.spi_in, None)
         if c in self.children:
             self.children.remove(c)
-            self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+            if any(o.child.name == c.child.name for o in self.children):
+                cause = "rekeyed"  # retired after a rekey (or a collision): its config still has an SA
+            self._events.append(ChildDown(self, c.spi_in, c.spi_out, c.child, cause))
 
     # --- CREATE_CHILD_SA: rekeying a child SA (§1.3.3, §2.8) --------------------------------------
 
@@ -1105,7 +1276,7 @@ class IkeSa:
                    *, initiator: bool, now: float) -> None:  # fmt: skip
         """Create the rekeyed IKE SA and move the child SAs to it (§2.18)."""
         assert self.keys is not None and self.chosen is not None and chosen.prf is not None
-        new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, remote=self.remote,
+        new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, wallclock=self.wallclock, remote=self.remote,
                     remote_port=self.remote_port)  # fmt: skip
         new.local_port = self.local_port
         new.nat = self.nat
@@ -1127,6 +1298,7 @@ class IkeSa:
         new._next_mid = 0
         new._peer_mid = 0
         new.state = "established"
+        new.up_at = now
         new._schedule_ike_rekey(now)
         new.children, self.children = self.children, []
         new.last_heard = now
@@ -1175,18 +1347,22 @@ class IkeSa:
         self._count("child_failed")
         self.failure = reason
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, cause: str | None = None) -> None:
+        """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
+        established and "failed" before."""
         if self.state == "closed":
             return
+        if cause is None:
+            cause = "local" if self.up_at is not None else "failed"
         if self._lease is not None and self.successor is None:
             self._lease[0].release(self._lease[1])  # the address goes back to the pool
             self._lease = None
         self.state = "closed"
         self._outstanding = None
         for c in self.children:
-            self._events.append(ChildDown(self, c.spi_in, c.spi_out))
+            self._events.append(ChildDown(self, c.spi_in, c.spi_out, c.child, "ike"))
         self.children.clear()
-        self._events.append(IkeDown(self, reason))
+        self._events.append(IkeDown(self, reason, cause))
 
     def _drop(self, reason: str) -> None:
         self._count(f"dropped_{reason}")
@@ -1195,6 +1371,18 @@ class IkeSa:
         self.stats[key] = self.stats.get(key, 0) + 1
 
     failure: str = ""
+
+
+def same_identity(a: tuple[int, bytes], b: tuple[int, bytes]) -> bool:
+    """Two IKE identities are the same; DNs compare attribute by attribute (RFC 4517 matching, simplified)."""
+    if a[0] == b[0] == IdType.ID_DER_ASN1_DN:
+        return same_dn(a[1], b[1])
+    return a == b
+
+
+def _hashes(msg: m.Message) -> frozenset[int] | None:
+    n = next((n for n in msg.notifies() if n.notify_type == Notify.SIGNATURE_HASH_ALGORITHMS), None)
+    return None if n is None else auth.parse_hashes(n.data)
 
 
 def _notify_name(n: int) -> str:

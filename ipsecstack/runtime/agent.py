@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipsecstack.config import Config, build_datapath
 from ipsecstack.datapath import Datapath
 from ipsecstack.runtime.io import BackendError, PacketPort
 from ipsecstack.runtime.node import Node
+
+if TYPE_CHECKING:
+    from ipsecstack.runtime.privs import Account
 
 DEFAULT_LINK_MTU = 1500
 # IPv4 + UDP + ESP header + CBC IV + padding + trailer + 256-bit ICV, rounded up
@@ -150,6 +153,26 @@ def attach_control(cfg: Config, node: Node, ike: Any, *, log: Any = None) -> Any
     return server
 
 
+async def drop_privileges(server: Any, account: Account, log: Any) -> None:
+    """``[agent] user``: listen on the control socket now, then drop root, before the node reads a packet.
+
+    Everything that needs root is open by then: the ports (``build_node``), IKE's port 500
+    (``attach_ike``), the metrics listener and the control socket (``attach_control``, whose start hook
+    then finds it listening). Raises BackendError (PrivilegeError) if either step fails: the caller
+    stops, never running on as root when told not to.
+    """
+    from ipsecstack.runtime import privs
+
+    try:
+        await server.start()
+    except OSError as e:
+        raise BackendError(f"agent.control_socket = {server.path!r}: cannot listen there: {e.strerror}") from None
+    privs.preload()  # while the Python installation is still readable whatever its permissions
+    privs.drop(account)
+    caps = privs.cap_names(privs.capabilities()[0])
+    log.info("privileges dropped", user=account.name, uid=account.uid, gid=account.gid, caps=caps)
+
+
 class Reloader:
     """SIGHUP: re-read the configuration and apply what changed without touching what did not.
 
@@ -168,16 +191,22 @@ class Reloader:
         self.log = log
 
     def __call__(self) -> None:
-        from pathlib import Path
 
-        from ipsecstack.config import parse
+        from ipsecstack.config import load
         from ipsecstack.errors import ConfigError
 
         try:
-            text = Path(self.path).read_text()
-            new = parse(text, read_file=lambda p: Path(p).read_text(), env=os.environ)
-        except (OSError, ConfigError) as e:
-            self.log.error("reload failed; keeping the running configuration", error=str(e))
+            new = load(self.path, os.environ)
+        except Exception as e:  # a broken file, or one the (dropped) user cannot read: never fatal
+            error = str(e) if isinstance(e, OSError | ConfigError) else f"{type(e).__name__}: {e}"
+            hint = {}
+            user = self.cfg.agent.user
+            if user and (isinstance(e, PermissionError) or "Permission denied" in error):
+                hint["hint"] = (
+                    f"the daemon runs as {user!r} (agent.user): make the configuration and its key/secret "
+                    "files readable by that user, or restart the daemon to apply changes"
+                )
+            self.log.error("reload failed; keeping the running configuration", error=error, **hint)
             return
         self.apply(new)
 

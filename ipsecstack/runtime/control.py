@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ipsecstack.ike.certs import dn_text
+from ipsecstack.ike.session import id_text
+
 DEFAULT_SOCKET = "/run/ipsecstack/ipsecstack.sock"
 MAX_REQUEST = 4096
 
@@ -37,6 +40,8 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if self._server is not None:
+            return  # already listening (started early to drop privileges: runtime/agent.py)
         p = Path(self.path)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
@@ -122,6 +127,9 @@ class ControlServer:
                     "remote_port": sa.remote_port, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
                     "proposal": sa.chosen.describe() if sa.chosen else None, "nat": sa.nat,
                     "rekey_at": sa.rekey_at, "children": [],
+                    "local_id": id_text(*sa.cfg.local_id), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
+                    "remote_auth": sa.peer_auth or None,
+                    "remote_cert": dn_text(sa.peer_cert.subject.public_bytes()) if sa.peer_cert else None,
                 }  # fmt: skip
                 for c in sa.children:
                     inb, outb = child_sas.get(c.spi_in), child_sas.get(c.spi_out)

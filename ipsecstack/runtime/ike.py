@@ -10,8 +10,10 @@ endpoint sends what the manager queued, applies its events and re-arms its singl
 
 A ``ChildUp`` installs an inbound and an outbound ESP SA sharing a fresh ``reqid`` plus the SPD
 policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
-``IkeDown`` remove them. Connections with ``start_action = start`` are initiated at launch and
-re-initiated ``RETRY_DELAY`` seconds after they go down.
+``IkeDown`` remove them. Connections with ``start_action = start`` are initiated at launch and, while
+that fails, again every ``RETRY_DELAY`` seconds. What happens once an SA goes away (``close_action``,
+``dpd_action``) is decided in :mod:`ipsecstack.runtime.actions`; children's ``updown`` scripts run
+through :mod:`ipsecstack.runtime.updown`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
+from ipsecstack.ike.certs import dn_text
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import (
@@ -33,13 +36,16 @@ from ipsecstack.ike.session import (
     Datagram,
     IkeDown,
     IkeRekeyed,
+    IkeSa,
     IkeUp,
     PeerConfig,
     PeerMoved,
     id_text,
 )
+from ipsecstack.runtime import actions
 from ipsecstack.runtime.io import BackendError
 from ipsecstack.runtime.node import Node
+from ipsecstack.runtime.updown import Updown
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Policy
 
@@ -59,7 +65,7 @@ class IkeEndpoint:
                  acquire_names: list[str] | None = None) -> None:  # fmt: skip
         self.node = node
         self.dp: Datapath = node.datapath
-        self.manager = IkeManager(peers, rng)
+        self.manager = IkeManager(peers, rng, wallclock=time.time)
         self.start_names = start
         self.encap = encap
         self.log = log
@@ -75,6 +81,12 @@ class IkeEndpoint:
         self.traps = dict(traps or {})
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
+        self._armed: set[tuple[str, str]] = set()  # (conn, child) traps armed by close_action/dpd_action = trap
+        self._restarting: set[str] = set()  # connections restarted by an action: retried until up again
+        self._unique_ids: dict[int, int] = {}  # id(IkeSa) -> PLUTO_UNIQUEID, kept across IKE SA rekeys
+        self._next_unique = 0
+        inner = getattr(node, "inner", None)
+        self.updown = Updown(log, interface=getattr(inner, "name", None) if inner is not None else None)
         self._closing = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         for addr in sorted({p.local_addr for p in peers}):
@@ -125,6 +137,7 @@ class IkeEndpoint:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._send(self.manager.datagrams())
+        self.updown.close()  # the down scripts of the children still up (bounded, synchronous at shutdown)
         for s in self._socks.values():
             if self._loop is not None:
                 with contextlib.suppress(Exception):
@@ -143,8 +156,11 @@ class IkeEndpoint:
         self._pump()
 
     def terminate(self, name: str) -> int:
-        """Delete every IKE SA of a connection (the CLI's ``terminate``); returns how many."""
+        """Delete every IKE SA of a connection (the CLI's ``terminate``); returns how many. Traps armed by
+        close/DPD actions are disarmed: the operator wants it down."""
         now = self.clock()
+        self._armed = {k for k in self._armed if k[0] != name}
+        self._restarting.discard(name)
         n = 0
         for sa in self.manager.by_name(name):
             if sa.state != "closed":
@@ -192,13 +208,22 @@ class IkeEndpoint:
         """A packet hit a trap policy with no SA (xfrm's acquire): negotiate its connection."""
         t = acq.policy.template
         key = self._trap_names.get(t.reqid) if t is not None else None
-        if key is None or self._closing or key[0] not in self.acquire_names:
+        if key is None or self._closing or (key[0] not in self.acquire_names and key not in self._armed):
             return
         name = key[0]
-        if any(sa.state != "closed" for sa in self.manager.by_name(name)):
+        now = self.clock()
+        sas = [sa for sa in self.manager.by_name(name) if sa.state != "closed"]
+        up = next((sa for sa in sas if sa.established), None)
+        if up is not None and key in self._armed and not any(c.child.name == key[1] for c in up.children):
+            # close_action = trap after the peer deleted only this child: negotiate it in the IKE SA (§1.3.1)
+            self.log.info("acquire", conn=name, child=key[1], ike_sa=up.spi_i.hex())
+            up.create_child(key[1], now)
+            self._pump()
+            return
+        if sas:
             return  # already negotiating or up
         self.log.info("acquire", conn=name, child=key[1])
-        self._initiate(name, self.clock())
+        self._initiate(name, now)
         self._pump()
 
     def _on_timer(self) -> None:
@@ -250,12 +275,16 @@ class IkeEndpoint:
             sa = ev.sa
             peer = id_text(*sa.peer_id) if sa.peer_id else "?"
             suite = sa.chosen.describe() if sa.chosen else "?"
+            extra = {"peer_cert_issuer": dn_text(sa.peer_cert.issuer.public_bytes())} if sa.peer_cert else {}
             self.log.info("ike sa established", conn=sa.cfg.name, peer=sa.remote, peer_id=peer, proposal=suite,
-                          spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), nat=sa.nat)  # fmt: skip
+                          peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), nat=sa.nat,
+                          **extra)  # fmt: skip
+            self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):
             self._install(ev)
         elif isinstance(ev, ChildDown):
             self._uninstall_spi(ev.spi_in)
+            self._react(ev.sa, actions.after_child_down(ev), ev.cause)
         elif isinstance(ev, PeerMoved):
             for c in ev.sa.children:
                 pair = self._pairs.get(c.spi_in)
@@ -264,22 +293,57 @@ class IkeEndpoint:
             self.log.info("peer moved", conn=ev.sa.cfg.name, addr=ev.addr, port=ev.port)
         elif isinstance(ev, IkeRekeyed):
             new = ev.new
+            if id(ev.old) in self._unique_ids:
+                self._unique_ids[id(new)] = self._unique_ids.pop(id(ev.old))
             self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),
                           spi_r=new.spi_r.hex(), children=len(new.children))  # fmt: skip
         elif isinstance(ev, IkeDown):
             sa = ev.sa
+            self._unique_ids.pop(id(sa), None)
             if sa.successor is not None:
                 self.log.info("old ike sa closed after rekey", conn=sa.cfg.name, spi_i=sa.spi_i.hex())
                 return
-            self.log.warning("ike sa down", conn=sa.cfg.name, peer=sa.remote, reason=ev.reason)
-            if sa.cfg.name in self.start_names and not self._closing and self._loop is not None:
-                self._loop.call_later(RETRY_DELAY, self._retry, sa.cfg.name)
+            self.log.warning("ike sa down", conn=sa.cfg.name, peer=sa.remote, reason=ev.reason, cause=ev.cause)
+            name = sa.cfg.name
+            keeps_up = name in self.start_names or name in self._restarting
+            self._react(sa, actions.after_ike_down(sa, ev.cause, keeps_up), ev.cause)
+
+    def _react(self, sa: IkeSa, r: actions.Reaction, cause: str) -> None:
+        """Carry out a close/DPD action (runtime/actions.py) for the connection of ``sa``."""
+        name = sa.cfg.name
+        if not r or self._closing or name not in self.manager.peers:
+            return
+        fields = dict(conn=name, cause=cause)
+        for child in r.trap:
+            self._armed.add((name, child))
+            self.log.info("trap armed", child=child, **fields)
+        now = self.clock()
+        for child in r.create:
+            self.log.info("child sa negotiated again (close_action = start)", child=child, **fields)
+            sa.create_child(child, now)
+        if r.restart and not any(s.state != "closed" for s in self.manager.by_name(name)):
+            self.log.info("connection restarted", **fields)
+            self._restarting.add(name)
+            self._initiate(name, now)
+        if r.retry and self._loop is not None:
+            self._loop.call_later(RETRY_DELAY, self._retry, name)
 
     def _retry(self, name: str) -> None:
-        if self._closing or any(sa.state != "closed" for sa in self.manager.by_name(name)):
+        if self._closing or name not in self.manager.peers:
             return
+        if any(sa.state != "closed" for sa in self.manager.by_name(name)):
+            return
+        if name not in self.start_names and name not in self._restarting:
+            return  # terminated meanwhile
         self._initiate(name, self.clock())
         self._pump()
+
+    def _unique_id(self, sa: IkeSa) -> int:
+        """strongSwan's IKE SA unique id (``PLUTO_UNIQUEID``); a rekeyed IKE SA keeps it."""
+        if id(sa) not in self._unique_ids:
+            self._next_unique += 1
+            self._unique_ids[id(sa)] = self._next_unique
+        return self._unique_ids[id(sa)]
 
     def _install(self, ev: ChildUp) -> None:
         sa = ev.sa
@@ -300,6 +364,10 @@ class IkeEndpoint:
         self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
         self._pairs[ev.spi_in] = (inb, out)
+        if rekey:
+            self.updown.rekeyed(ev, reqid)  # strongSwan does not run the script for a rekey either
+        else:
+            self.updown.up(ev, reqid, self._unique_id(sa))
         if not rekey and trap is None:
             for p in pols:
                 self.dp.spd.add(p)
@@ -322,6 +390,7 @@ class IkeEndpoint:
             for p in self._policies.pop(reqid, []):
                 with contextlib.suppress(ValueError):
                     self.dp.spd.remove(p)
+            self.updown.down(reqid)  # the child is gone, not just rekeyed
         self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
 
     def note_activity(self) -> None:

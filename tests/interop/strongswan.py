@@ -406,8 +406,13 @@ class StrongSwan:
         extra_swanctl: str = "",
         extra_charon: str = "",
         keep_dir: bool | None = None,
+        local_auth: Mapping[str, Any] | None = None,
+        remote_auth: Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         self.ns = ns
+        # certificate auth: local/remote replace the PSK defaults; files land in swanctl/ (x509/, private/, ...)
+        self.local_auth, self.remote_auth, self.files = local_auth, remote_auth, dict(files or {})
         self.local, self.remote = local, remote
         self.conn = conn
         self.child = child or conn
@@ -501,8 +506,8 @@ class StrongSwan:
             "rekey_time": _duration(self.ike_rekey_time),
             "dpd_delay": _duration(self.dpd_delay),
             **self.conn_extra,
-            "local": {"auth": "psk", "id": self.local_id},
-            "remote": {"auth": "psk", "id": self.remote_id},
+            "local": self.local_auth or {"auth": "psk", "id": self.local_id},
+            "remote": self.remote_auth or {"auth": "psk", "id": self.remote_id},
             "children": {self.child: child},
         }
         secrets = {"ike-psk": {"id-local": self.local_id, "id-remote": self.remote_id, "secret": self._psk_hex()}}
@@ -519,6 +524,8 @@ class StrongSwan:
         self.swanctl_dir.mkdir(exist_ok=True)
         for sub in SWANCTL_SUBDIRS:
             (self.swanctl_dir / sub).mkdir(exist_ok=True)
+        for rel, data in self.files.items():
+            (self.swanctl_dir / rel).write_bytes(data)
         self.strongswan_conf.write_text(self.strongswan_conf_text())
         self.swanctl_conf.write_text(self.swanctl_conf_text())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ipsecstack.config import build_datapath, manual_policies, manual_sas, parse, parse_duration, parse_size, parse_ts
@@ -137,3 +139,38 @@ def test_shipped_examples_are_valid() -> None:
         env = {"IPSECSTACK_PSK": "x", "IPSECSTACK_KEY_IN": "ab" * 20, "IPSECSTACK_KEY_OUT": "cd" * 20}
         cfg = parse(path.read_text(), read_file=lambda p: "ab" * 36, env=env)
         assert cfg.manual or cfg.connections, path
+
+
+def test_agent_user() -> None:
+    """``[agent] user``: an existing unprivileged account; unknown users and root are refused at check time."""
+    import pwd
+
+    with_user = GOOD.replace("[agent]\n", '[agent]\nuser = "{user}"\n', 1)
+    env = {"KEY_OUT": "cd" * 36}
+    assert parse(GOOD.format(k=K36), env=env).agent.user is None
+    nobody = pwd.getpwnam("nobody")  # present on every Debian/Ubuntu system
+    assert parse(with_user.format(k=K36, user="nobody"), env=env).agent.user == nobody.pw_name
+    with pytest.raises(ConfigError) as e:
+        parse(with_user.format(k=K36, user="no-such-user-ipsecstack"), env=env)
+    assert (e.value.field, e.value.value) == ("agent.user", "no-such-user-ipsecstack")
+    assert "no such user" in e.value.fix and "useradd" in e.value.fix
+    assert str(e.value).startswith("agent.user = 'no-such-user-ipsecstack': ")
+    with pytest.raises(ConfigError) as e:
+        parse(with_user.format(k=K36, user="root"), env=env)
+    assert e.value.field == "agent.user" and "remove agent.user" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        parse(GOOD.replace("[agent]\n", "[agent]\nuser = 65534\n", 1).format(k=K36), env=env)
+    assert e.value.field == "agent.user" and "user name" in e.value.fix
+
+
+def test_check_reports_unknown_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ipsecstack check`` exits 2 naming agent.user, the value and the fix."""
+    from ipsecstack.cli import main
+
+    path = tmp_path / "c.toml"
+    text = GOOD.replace("[agent]\n", '[agent]\nuser = "no-such-user-ipsecstack"\n', 1)
+    path.write_text(text.replace('key_out_env = "KEY_OUT"', f'key_out = "{"cd" * 36}"').format(k=K36))
+    assert main(["check", "-c", str(path)]) == 2
+    assert "agent.user = 'no-such-user-ipsecstack': no such user" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("no-such-user-ipsecstack", "nobody"))
+    assert main(["check", "-c", str(path)]) == 0

@@ -22,6 +22,8 @@ connections {
         remote_addrs = 192.0.2.2
         proposals = aes128gcm16-prfsha256-x25519, aes256-sha256-modp2048
         dpd_delay = 30s
+        unique = replace
+        over_time = 20m
         mobike = no
         local {
             auth = psk
@@ -36,6 +38,8 @@ connections {
                 esp_proposals = aes128gcm16
                 rekey_time = 1h
                 start_action = start
+                close_action = trap
+                dpd_action = restart
                 updown = /usr/local/libexec/ipsec/_updown iptables
             }
         }
@@ -67,6 +71,7 @@ def test_site_to_site_converts_and_loads() -> None:
     assert peer.psk == b"a # that is not a comment" and peer.dpd_delay == 30.0
     (child,) = peer.children
     assert [str(r) for r in child.remote_ts] == ["10.2.0.0/16", "10.3.0.0/16"] and child.rekey_time == 3600.0
+    assert (child.close_action, child.dpd_action, peer.unique, peer.over_time) == ("trap", "restart", "replace", 1200.0)
     assert cfg.start == ["site-b"]
 
 
@@ -112,3 +117,54 @@ def test_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "ipsecstack", "import-swanctl", str(f)], capture_output=True,
                          text=True, timeout=30)  # fmt: skip
     assert bad.returncode == 2 and "not closed" in bad.stderr
+
+
+CERT_SITE = """
+connections {
+    gw {
+        local_addrs = 192.0.2.1
+        remote_addrs = 192.0.2.2
+        send_certreq = no
+        local {
+            auth = pubkey
+            certs = moonCert.pem
+        }
+        remote {
+            auth = ecdsa-sha256
+            id = "C=CH, O=ipsecstack test, CN=sun.example"
+            cacerts = caCert.pem
+        }
+        children {
+            net {
+                local_ts = 10.1.0.0/16
+                remote_ts = 10.2.0.0/16
+            }
+        }
+    }
+}
+secrets {
+    private-moon {
+        file = moonKey.pem
+    }
+}
+"""
+
+
+def test_certificates_convert_into_a_swanctl_directory(tmp_path: Path) -> None:
+    from tests.pkiutil import issue
+
+    ca = issue("CA", ca=True)
+    moon = issue("moon.example", ca)
+    for sub, name, data in (("x509", "moonCert.pem", moon.pem()), ("x509ca", "caCert.pem", ca.pem()),
+                            ("private", "moonKey.pem", moon.key_pem())):  # fmt: skip
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / name).write_bytes(data)
+    result = convert(CERT_SITE)
+    assert 'certs = ["x509/moonCert.pem"]' in result.toml and 'cacerts = ["x509ca/caCert.pem"]' in result.toml
+    assert '[secrets.private.moon]\nfile = "private/moonKey.pem"' in result.toml
+    assert "send_certreq = false" in result.toml
+    assert any("ecdsa-sha256 (converted to pubkey" in s for s in result.skipped)
+    (tmp_path / "ipsecstack.toml").write_text(result.toml)
+    check = subprocess.run([sys.executable, "-m", "ipsecstack", "check", "-c", str(tmp_path / "ipsecstack.toml")],
+                           capture_output=True, text=True, timeout=30, cwd="/")  # fmt: skip
+    assert check.returncode == 0, check.stderr + result.toml

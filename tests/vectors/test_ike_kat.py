@@ -16,9 +16,9 @@ import pytest
 
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
+from ipsecstack.ike.auth import KEY_PAD
 from ipsecstack.ike.const import Protocol
 from ipsecstack.ike.keymat import ike_sa_keys
-from ipsecstack.ike.session import KEY_PAD
 
 DATA = json.loads((Path(__file__).parent / "data" / "strongswan_ikev2_kat.json").read_text())
 
