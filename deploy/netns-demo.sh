@@ -5,22 +5,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-A=ipsdemo-a B=ipsdemo-b
+# names unique to this run (two runs at once never touch each other's); veth names fit in 15 characters
+A=ipsdemo-a-$$ B=ipsdemo-b-$$ VA=ipsd$$a VB=ipsd$$b
 tmp=$(mktemp -d)
 pids=()
+made=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    ip netns del $A 2>/dev/null || true
-    ip netns del $B 2>/dev/null || true
+    for ns in "${made[@]}"; do ip netns del "$ns" 2>/dev/null || true; done  # only what this run created
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-ip netns add $A && ip netns add $B
-ip link add ipsdemo0 type veth peer name ipsdemo1
-ip link set ipsdemo0 netns $A && ip link set ipsdemo1 netns $B
-ip -n $A addr add 172.31.250.1/24 dev ipsdemo0 && ip -n $A link set ipsdemo0 up && ip -n $A link set lo up
-ip -n $B addr add 172.31.250.2/24 dev ipsdemo1 && ip -n $B link set ipsdemo1 up && ip -n $B link set lo up
+echo "namespaces: $A $B"
+for ns in $A $B; do
+    ip netns add "$ns"
+    made+=("$ns")
+done
+ip link add $VA type veth peer name $VB
+ip link set $VA netns $A
+ip link set $VB netns $B
+ip -n $A addr add 172.31.250.1/24 dev $VA
+ip -n $A link set $VA up
+ip -n $A link set lo up
+ip -n $B addr add 172.31.250.2/24 dev $VB
+ip -n $B link set $VB up
+ip -n $B link set lo up
 conf() {  # name local remote tun lnet rnet start
     cat > "$tmp/$1.toml" <<EOT
 [agent]

@@ -38,4 +38,7 @@ def test_netns_demo_script_runs() -> None:
                        env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "3 received" in r.stdout and "established" in r.stdout
-    assert "ipsdemo-a" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names = r.stdout.split("namespaces: ", 1)[1].split("\n", 1)[0].split()
+    assert len(names) == 2 and names[0].startswith("ipsdemo-a-"), r.stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not set(names) & set(listed)  # this run removed its own namespaces
