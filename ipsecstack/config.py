@@ -367,6 +367,12 @@ def parse(
 
     ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools, read_bytes)
     for peer in ike.peers:
+        ah = next((ch.name for ch in peer.children if ch.protocol == "ah"), None)
+        if ah is not None and agent.outer_backend == "udp":
+            # the udp backend sends everything as ESP in UDP (runtime/agent.py forces encap); AH needs raw IP
+            raise ConfigError("agent.outer_backend", "udp", f"connections.{peer.name}.children.{ah}.ah_proposals "
+                              "needs IP protocol 51, which the udp backend cannot carry (ESP in UDP only, RFC 3948): "
+                              'use outer_backend = "raw" (tunnel mode) or nfqueue (transport mode)')  # fmt: skip
         peer.retransmit_timeout = agent.retransmit_timeout
         peer.retransmit_base = agent.retransmit_base
         peer.retransmit_tries = agent.retransmit_tries

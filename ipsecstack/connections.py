@@ -242,6 +242,28 @@ def _updown(value: Any, path: str) -> tuple[str, ...]:
     return argv
 
 
+def _child_proposals(ch: Mapping[str, Any], cpath: str, path: str, encap: bool) -> list[props.Algorithms]:
+    """``esp_proposals`` or ``ah_proposals`` (AH, RFC 4302: integrity only) of a child; ESP by default."""
+    if "ah_proposals" not in ch:
+        esp_list = _list(ch.get("esp_proposals", [_DEFAULT_ESP]), f"{cpath}.esp_proposals")
+        if not esp_list:
+            raise ConfigError(f"{cpath}.esp_proposals", ch["esp_proposals"], 'give at least one, e.g. ["aes128gcm16"]')
+        return [props.parse(p, Protocol.ESP, f"{cpath}.esp_proposals[{i}]") for i, p in enumerate(esp_list)]
+    key = f"{cpath}.ah_proposals"
+    if "esp_proposals" in ch:
+        # strongSwan would offer both protocols as alternatives; a child here negotiates one of them
+        raise ConfigError(key, ch["ah_proposals"], "give either esp_proposals (encryption) or ah_proposals "
+                          "(authentication only), not both; for both, define two children")  # fmt: skip
+    ah_list = _list(ch["ah_proposals"], key)
+    if not ah_list:
+        raise ConfigError(key, ch["ah_proposals"], 'give at least one, e.g. ["sha256"], or remove it for ESP')
+    if encap:
+        raise ConfigError(f"{path}.encap", True, f"{key} is set: AH cannot be UDP-encapsulated (RFC 3948 "
+                          "carries ESP only; AH authenticates the outer IP header): remove encap or use "
+                          "esp_proposals")  # fmt: skip
+    return [props.parse(p, Protocol.AH, f"{key}[{i}]") for i, p in enumerate(ah_list)]
+
+
 def _ike_lifetime(c: Mapping[str, Any], path: str, ike_rekey: float) -> tuple[str, float | None]:
     """``unique`` and ``over_time`` of a connection (None: strongSwan's default, 10% of rekey_time)."""
     unique = c.get("unique", "no")
@@ -298,12 +320,16 @@ def parse_connections(
         vips = _list(c.get("vips", []), f"{path}.vips")
         if any(v not in ("0.0.0.0", "%any") for v in vips):
             raise ConfigError(f"{path}.vips", c["vips"], 'use ["0.0.0.0"] to ask the peer for an IPv4 address')
-        for unsupported in ("mobike", "reauth_time"):
+        for unsupported in ("mobike",):
             if c.get(unsupported):
                 raise ConfigError(f"{path}.{unsupported}", c[unsupported], "not supported yet; remove it")
         local_addr = _single_addr(c.get("local_addrs", []), f"{path}.local_addrs", False)
         remote_addr = _single_addr(c.get("remote_addrs", ["%any"]), f"{path}.remote_addrs", True)
         assert local_addr is not None
+        reauth = parse_duration(c["reauth_time"], f"{path}.reauth_time") if "reauth_time" in c else 0.0
+        if reauth and remote_addr is None:
+            raise ConfigError(f"{path}.reauth_time", c["reauth_time"], "reauthentication initiates a new IKE SA "
+                              "to the peer: set remote_addrs to its address, or remove reauth_time")  # fmt: skip
         ike_props = [props.parse(p, Protocol.IKE, f"{path}.proposals[{i}]")
                      for i, p in enumerate(_list(c.get("proposals", [_DEFAULT_IKE]), f"{path}.proposals"))]  # fmt: skip
         local_id, remote_id, psk, creds = _authentication(
@@ -316,8 +342,6 @@ def parse_connections(
                 if k not in _CHILD_KEYS:
                     raise ConfigError(f"{cpath}.{k}", ch[k], f"unknown key; known: {', '.join(sorted(_CHILD_KEYS))}")
             notices += [f"{cpath}.{k}" for k in ch if k in _NOT_APPLIED]
-            if "ah_proposals" in ch:
-                raise ConfigError(f"{cpath}.ah_proposals", ch["ah_proposals"], "IKE-negotiated AH is not supported yet")
             mode = ch.get("mode", "tunnel")
             if mode not in ("tunnel", "transport"):
                 raise ConfigError(f"{cpath}.mode", mode, "use tunnel or transport")
@@ -325,8 +349,7 @@ def parse_connections(
             # a concentrator's clients get their address from a pool: their selectors are narrowed to it
             default_remote = [remote_addr] if remote_addr else (["0.0.0.0/0"] if conn_pools else [])
             rts = _ts(ch.get("remote_ts", default_remote), f"{cpath}.remote_ts")
-            esp_list = _list(ch.get("esp_proposals", [_DEFAULT_ESP]), f"{cpath}.esp_proposals")
-            esp = [props.parse(p, Protocol.ESP, f"{cpath}.esp_proposals[{i}]") for i, p in enumerate(esp_list)]
+            esp = _child_proposals(ch, cpath, path, bool(c.get("encap", False)))
             action = ch.get("start_action", "none")
             if action not in ("none", "start", "trap"):
                 raise ConfigError(f"{cpath}.start_action", action, "use none, start or trap")
@@ -364,6 +387,6 @@ def parse_connections(
             encap=bool(c.get("encap", False)), rekey_time=ike_rekey or None, pools=conn_pools,
             request_vip=bool(vips),
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
-            unique=unique, over_time=over_time,
+            unique=unique, over_time=over_time, reauth_time=reauth or None,
         ))  # fmt: skip
     return IkeSettings(peers, start, trap, notices)

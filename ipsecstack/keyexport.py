@@ -5,7 +5,8 @@ per ESP SA: protocol, source, destination, SPI, encryption algorithm and key, au
 algorithm and key) and ``ikev2_decryption_table`` (one line per IKE SA: SPIs, SK_ei, SK_er, the
 encryption algorithm, SK_ai, SK_ar, the integrity algorithm). The algorithm names are Wireshark's
 own labels. Point tshark at the directory with ``-o esp.enable_encryption_decode:TRUE`` and
-``-C``/``--profile`` or pass the lines with ``-o uat:esp_sa:...``.
+``-C``/``--profile`` or pass the lines with ``-o uat:esp_sa:...``. AH SAs get no line: AH does
+not encrypt, so Wireshark dissects it without keys.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ _KEY_LEN = {"aes128": 16, "aes192": 24, "aes256": 32, "null": 0}
 def esp_lines(esp: list[dict[str, Any]]) -> list[str]:
     lines = []
     for sa in esp:
-        if sa["protocol"] != "esp" or sa["src"] is None or sa["dst"] is None:
+        if sa["protocol"] != "esp":
+            continue  # AH (RFC 4302) is not encrypted: nothing to decrypt, no esp_sa line
+        if sa["src"] is None or sa["dst"] is None:
             continue  # transport-mode SAs without recorded endpoints: Wireshark matches by SPI with wildcards
         parts = sa["transform"].split("-")
         encr, integ = parts[0], (parts[1] if len(parts) > 1 else None)
@@ -128,7 +131,8 @@ def render(command: str, result: Any) -> str:
                 cert = f", certificate {e['remote_cert']!r}" if e.get("remote_cert") else ""
                 lines.append(f"  {e['local_id']!r} === {e['remote_id']!r} (authenticated by {e['remote_auth']}{cert})")
             for c in e["children"]:
-                lines.append(f"  {c['name']}: {c['mode']} {c['transform']} in {c['spi_in']} out {c['spi_out']} "
+                lines.append(f"  {c['name']}: {c['mode']} {c.get('protocol', 'esp')} {c['transform']} in {c['spi_in']} "
+                             f"out {c['spi_out']} "
                              f"{','.join(c['local_ts'])} === {','.join(c['remote_ts'])}; in {c['packets_in']} pkts "
                              f"{c['bytes_in']} B, out {c['packets_out']} pkts {c['bytes_out']} B")  # fmt: skip
         return "\n".join(lines) or "no SAs"

@@ -3,10 +3,10 @@
 The swanctl.conf syntax (strongSwan's settings format): ``name { ... }`` sections, ``key = value``
 lines (a value runs to the end of the line; comma-separated lists; optional double quotes), ``#``
 comments, and ``include`` lines. The common subset is converted: ``connections`` (addresses, ports,
-proposals, version, dpd_delay, rekey_time, over_time, unique, encap, send_certreq, ``local``/``remote``
+proposals, version, dpd_delay, rekey_time, reauth_time, over_time, unique, encap, send_certreq, ``local``/``remote``
 rounds with ``auth`` (psk, pubkey), ``id``, ``certs`` and ``cacerts``, and children with ``local_ts``,
-``remote_ts``, ``esp_proposals``, ``mode``, ``start_action``, ``close_action``, ``dpd_action``,
-``rekey_time``) and ``secrets`` (``ike*`` sections with ``id``/``id-*`` and ``secret``; ``private*``,
+``remote_ts``, ``esp_proposals`` or ``ah_proposals``, ``mode``, ``start_action``, ``close_action``,
+``dpd_action``, ``rekey_time``) and ``secrets`` (``ike*`` sections with ``id``/``id-*`` and ``secret``; ``private*``,
 ``rsa*``, ``ecdsa*``, ``pkcs8*`` with ``file`` and ``secret``). Certificate and key file names are
 made relative to the swanctl directory (``x509/``, ``x509ca/``, ``private/``...), where the converted
 file is meant to live, as ipsecstack resolves them relative to its config file. Everything else is
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _CONN_KEYS = {"local_addrs", "remote_addrs", "local_port", "remote_port", "proposals", "version", "dpd_delay",
-              "rekey_time", "encap", "unique", "over_time", "send_certreq"}  # fmt: skip
-_CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "mode", "start_action", "rekey_time", "close_action",
-               "dpd_action"}  # fmt: skip
-_LISTS = {"local_addrs", "remote_addrs", "proposals", "local_ts", "remote_ts", "esp_proposals"}
-_DURATIONS = {"dpd_delay", "rekey_time", "over_time"}
+              "rekey_time", "reauth_time", "encap", "unique", "over_time", "send_certreq"}  # fmt: skip
+_CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "rekey_time",
+               "close_action", "dpd_action"}  # fmt: skip
+_LISTS = {"local_addrs", "remote_addrs", "proposals", "local_ts", "remote_ts", "esp_proposals", "ah_proposals"}
+_DURATIONS = {"dpd_delay", "rekey_time", "reauth_time", "over_time"}
 
 
 class SwanctlSyntaxError(ValueError):
@@ -96,6 +96,7 @@ def convert(text: str) -> Converted:
     tree = parse(text)
     skipped: list[str] = []
     out: list[str] = []
+    ah = False  # a child negotiates AH: it needs raw IP (the udp backend carries ESP in UDP only)
     for key in tree:
         if key not in ("connections", "secrets"):
             skipped.append(key)
@@ -142,7 +143,11 @@ def convert(text: str) -> Converted:
         for cname, child in children.items():
             out.append(f"[connections.{_key(name)}.children.{_key(cname)}]")
             for k, v in child.items():
-                if k in _CHILD_KEYS and isinstance(v, str):
+                if k == "ah_proposals" and "esp_proposals" in child:
+                    # strongSwan offers both as alternatives; an ipsecstack child negotiates one: keep ESP
+                    skipped.append(f"{path}.children.{cname}.{k} (esp_proposals given too: ESP is kept)")
+                elif k in _CHILD_KEYS and isinstance(v, str):
+                    ah = ah or k == "ah_proposals"
                     out.append(f"{k} = {_value(k, v)}")
                 else:
                     skipped.append(f"{path}.children.{cname}.{k}")
@@ -174,6 +179,8 @@ def convert(text: str) -> Converted:
         out.append("")
     header = ["# converted from swanctl.conf by 'ipsecstack import-swanctl'", "[agent]", 'inner_backend = "tun"',
               'outer_backend = "udp"', ""]  # fmt: skip
+    if ah:
+        header[3:4] = ["# AH (ah_proposals) is IP protocol 51: raw sockets, not ESP in UDP", 'outer_backend = "raw"']
     if skipped:
         header[1:1] = ["# not converted (no equivalent yet):"] + [f"#   {s}" for s in skipped]
     return Converted("\n".join(header + out).rstrip() + "\n", skipped)

@@ -3,6 +3,7 @@
 The inbound and outbound SA share a ``reqid``; the SPD gets, for every pair of negotiated local and
 remote selectors, an outbound PROTECT policy and its inbound mirror, both bound to that reqid, so a
 rekeyed SA with the same reqid takes over without touching the policies (make-before-break).
+The SAs and templates are ESP, or AH for a child negotiated from ``ah_proposals`` (RFC 4302).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, Securit
                                   replay_window=c.replay_window,
                                   soft=Lifetime(bytes=c.rekey_bytes, packets=c.rekey_packets),
                                   hard=Lifetime(seconds=c.life_time))  # fmt: skip
-    out = SecurityAssociation(ev.spi_out, "esp", mode, ev.transform, ev.key_out, direction="out",
+    proto = ev.protocol
+    out = SecurityAssociation(ev.spi_out, proto, mode, ev.transform, ev.key_out, direction="out",
                               tunnel_src=local, tunnel_dst=remote, **common)  # fmt: skip
-    inb = SecurityAssociation(ev.spi_in, "esp", mode, ev.transform, ev.key_in, direction="in",
+    inb = SecurityAssociation(ev.spi_in, proto, mode, ev.transform, ev.key_in, direction="in",
                               tunnel_src=remote, tunnel_dst=local, **common)  # fmt: skip
-    tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
+    tmpl = Template(proto, mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
     pols: list[Policy] = []
     for sel_out, sel_in in to_selectors(ev.local_ts, ev.remote_ts):
         pols.append(Policy(sel_out, Action.PROTECT, "out", tmpl, name=out.name))
@@ -42,7 +44,7 @@ def trap_policies(peer_name: str, local: str, remote: str, child: ChildConfig, r
     start), like xfrm's trap policies: matching packets raise an Acquire until the child SA is up, and
     the negotiated SAs bind to them through ``reqid``."""
     mode: Literal["tunnel", "transport"] = "transport" if child.mode == "transport" else "tunnel"
-    tmpl = Template("esp", mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
+    tmpl = Template(child.protocol, mode, reqid=reqid, tunnel_src=local, tunnel_dst=remote)
     name = f"{peer_name}/{child.name}"
     pols: list[Policy] = []
     for sel_out, sel_in in to_selectors(child.local_ts, child.remote_ts):

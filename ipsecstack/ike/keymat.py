@@ -114,7 +114,8 @@ def child_keymat(
     """Key material of the two child SAs: ``(initiator->responder, responder->initiator)``.
 
     ``suite`` is the ESP suite (or, for AH, the integrity key length in bytes). Each half is laid out
-    as the SA wants it: encryption key (with AEAD salt), then integrity key (§2.17).
+    as the SA wants it: encryption key (with AEAD salt), then integrity key (§2.17); AH has no
+    encryption key, so its KEYMAT is the two integrity keys, initiator->responder first.
     """
     per_sa = suite if isinstance(suite, int) else suite.key_len
     km = prf_plus(prf, sk_d, (shared or b"") + ni + nr, 2 * per_sa)

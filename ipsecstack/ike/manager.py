@@ -20,6 +20,17 @@ closes them (one DELETE each, not waited for); ``keep`` refuses the new one with
 ``no`` (the default) replaces only if the peer sent INITIAL_CONTACT, which says it lost every other IKE
 SA with us (§2.4); ``never`` allows any number.
 
+Reauthentication (``reauth_time``, RFC 7296 §2.8.3, strongSwan's make-before-break): when an SA says
+``ReauthDue``, a new IKE SA of the same connection is initiated (fresh IKE_SA_INIT and IKE_AUTH, no
+INITIAL_CONTACT since the old one still exists) and the pair is remembered. Once the new SA is
+established, idle (its CREATE_CHILD_SA for further children done) and carries a child SA of every
+configuration the old one had, the old SA (or its IKE-rekeyed successor) is deleted with cause
+``"reauth"`` and ``IkeReauthed`` is reported; its children go as ``ChildDown(cause="ike")`` after the new
+ones are up, so traffic has no gap. If the new SA fails, or comes up without all children (it is then
+deleted), the old one stays and tries again later (``ReauthFailed``). On either side, an IKE SA the peer
+deletes while a newer established IKE SA of the same connection and peer identity stays reports cause
+``"reauth"`` instead of ``"peer"``: the connection is up, so no close action applies.
+
 Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
 once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
 """
@@ -34,7 +45,19 @@ from collections.abc import Callable
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Exchange, Notify
-from ipsecstack.ike.session import Datagram, Event, IkeRekeyed, IkeSa, PeerConfig, id_text, same_identity
+from ipsecstack.ike.session import (
+    Datagram,
+    Event,
+    IkeDown,
+    IkeReauthed,
+    IkeRekeyed,
+    IkeSa,
+    PeerConfig,
+    ReauthDue,
+    ReauthFailed,
+    id_text,
+    same_identity,
+)
 
 DEFAULT_HALF_OPEN_LIMIT = 256
 DEFAULT_COOKIE_THRESHOLD = 32
@@ -58,11 +81,15 @@ class IkeManager:
         self._closed_events: list[Event] = []
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
+        self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
+        self._reauth_why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
+        self._now = 0.0  # the latest time we were given (events() acts on ReauthDue with it)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
     def initiate(self, name: str, now: float) -> IkeSa:
+        self._now = max(self._now, now)
         cfg = self.peers[name]
         sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock)
         # §2.4: INITIAL_CONTACT tells the peer to drop every other IKE SA with us: only if we have none
@@ -75,6 +102,7 @@ class IkeManager:
         return [sa for sa in self.sas.values() if sa.cfg.name == name]
 
     def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
+        self._now = max(self._now, now)
         try:
             spi_i, spi_r, _np, _v, exchange, flags, _mid, _len = m.decode_header(data)
         except m.ParseError:
@@ -196,10 +224,61 @@ class IkeManager:
                 if isinstance(ev, IkeRekeyed):
                     new = ev.new
                     self.sas[new.spi_i if new.initiator else new.spi_r] = new
+                elif isinstance(ev, ReauthDue):
+                    self._reauthenticate(ev.sa, self._now)
+                elif isinstance(ev, IkeDown):
+                    if ev.cause == "peer" and self._superseded(ev.sa):
+                        ev.cause = "reauth"
+                    if any(n is ev.sa for n, _ in self._reauths):
+                        self._reauth_why[id(ev.sa)] = ev.reason
             out += evs
             if sa.state == "closed":
                 del self.sas[key]
                 self._init_index.pop((sa.spi_i, sa.remote), None)
+        return out + self._reauth_progress(self._now)
+
+    # --- reauthentication (§2.8.3) ----------------------------------------------------------------
+
+    def _reauthenticate(self, old: IkeSa, now: float) -> None:
+        if old.cfg.name not in self.peers or not old.established or any(o is old for _, o in self._reauths):
+            return
+        new = self.initiate(old.cfg.name, now)  # no INITIAL_CONTACT: ``old`` still exists
+        self._reauths.append((new, old))
+        self._count("reauths_started")
+
+    def _superseded(self, sa: IkeSa) -> bool:
+        """Another established IKE SA of the same connection and peer identity stays (the peer reauthenticated)."""
+        return sa.peer_id is not None and any(
+            o is not sa and o.established and o.cfg.name == sa.cfg.name and o.peer_id is not None
+            and same_identity(o.peer_id, sa.peer_id) for o in self.sas.values())  # fmt: skip
+
+    def _reauth_progress(self, now: float) -> list[Event]:
+        """Retire the old IKE SA of every reauthentication whose new SA is up with all its children."""
+        out: list[Event] = []
+        for pair in list(self._reauths):
+            new, old = pair
+            while old.successor is not None:
+                old = old.successor  # the old one was IKE-rekeyed meanwhile: retire its successor
+            if new.state not in ("closed", "established") or (new.established and not new.idle):
+                continue  # still negotiating
+            missing = sorted({c.child.name for c in old.children} - {c.child.name for c in new.children})
+            if new.established and not missing:
+                if old.state != "established":
+                    self._reauths.remove(pair)  # it went meanwhile (expired, deleted): nothing to retire
+                elif old.idle:
+                    self._reauths.remove(pair)
+                    old.delete(now, "reauth")
+                    self._count("reauths")
+                    out.append(IkeReauthed(old, new))
+                continue  # else: once the old one's outstanding request is done
+            self._reauths.remove(pair)
+            why = self._reauth_why.pop(id(new), "the new IKE SA failed")
+            if new.established:
+                why = f"child SA(s) {', '.join(missing)} not negotiated" + (f": {new.failure}" if new.failure else "")
+                new.delete(now)
+            self._count("reauths_failed")
+            if old.state == "established":
+                out.append(ReauthFailed(old, why, old.reauth_failed(now)))
         return out
 
     def get_timer(self) -> float | None:
@@ -207,6 +286,7 @@ class IkeManager:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._now = max(self._now, now)
         for sa in list(self.sas.values()):
             t = sa.get_timer()
             if t is not None and t <= now:

@@ -2,8 +2,10 @@
 
 A proposal string lists algorithms of each transform type in any order, e.g.
 ``aes128gcm16-prfsha256-x25519`` (IKE, AEAD), ``aes256-sha256-modp2048`` (IKE: the PRF defaults to
-the integrity algorithm's hash), ``aes128gcm16-x25519-esn`` (ESP with PFS and ESN). Several
-algorithms of one type make a proposal that accepts any of them (``aes128gcm16-aes256gcm16-...``).
+the integrity algorithm's hash), ``aes128gcm16-x25519-esn`` (ESP with PFS and ESN),
+``sha256-x25519`` (AH: integrity only, RFC 4302, here with PFS; protocol ID 2 in the SA payload,
+§3.3.1). Several algorithms of one type make a proposal that accepts any of them
+(``aes128gcm16-aes256gcm16-...``).
 
 Selection (responder, §2.7): walk *our* proposals in order of preference; for each, take the first
 of the peer's proposals of the same protocol for which every transform type has an algorithm both
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipsecstack.crypto.registry import ENCR, INTEG, EncrAlg, EspSuite, IntegAlg
+from ipsecstack.crypto.registry import ENCR, INTEG, AhSuite, EncrAlg, EspSuite, IntegAlg
 from ipsecstack.errors import ConfigError
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Protocol, TransformType
@@ -45,7 +47,7 @@ class Algorithms:
 
     def to_payload(self, num: int, spi: bytes) -> m.Proposal:
         ts: list[m.Transform] = []
-        for e in self.encr:
+        for e in () if self.protocol == Protocol.AH else self.encr:  # RFC 7296 §3.3.3: AH has no ENCR
             keylen = None if e.kind == "chacha" else e.key_len * 8
             ts.append(m.Transform(TransformType.ENCR, e.iana_id, keylen))
         ts += [m.Transform(TransformType.PRF, p.iana_id) for p in self.prf]
@@ -73,9 +75,20 @@ class Chosen:
     def esp_suite(self) -> EspSuite:
         return EspSuite(self.encr, None if self.encr.aead else self.integ)
 
+    @property
+    def ah_suite(self) -> AhSuite:
+        """AH (``encr`` is the unused ENCR_NULL placeholder): the integrity algorithm alone."""
+        assert self.protocol == Protocol.AH and self.integ is not None
+        return AhSuite(self.integ)
+
+    @property
+    def child_suite(self) -> EspSuite | AhSuite:
+        """The child SA's transform: what ``SecurityAssociation`` and KEYMAT (§2.17) need."""
+        return self.ah_suite if self.protocol == Protocol.AH else self.esp_suite
+
     def describe(self) -> str:
-        parts = [self.encr.keyword]
-        if self.integ and not self.encr.aead:
+        parts = [] if self.protocol == Protocol.AH else [self.encr.keyword]
+        if self.integ and (self.protocol == Protocol.AH or not self.encr.aead):
             parts.append(self.integ.keyword)
         if self.prf:
             parts.append(self.prf.keyword)
@@ -86,7 +99,9 @@ class Chosen:
         return "-".join(parts)
 
     def to_payload(self) -> m.Proposal:
-        alg = Algorithms(self.protocol, (self.encr,), (self.integ,) if self.integ and not self.encr.aead else (),
+        ah = self.protocol == Protocol.AH
+        alg = Algorithms(self.protocol, () if ah else (self.encr,),
+                         (self.integ,) if self.integ and (ah or not self.encr.aead) else (),
                          (self.prf,) if self.prf else (), (self.dh,) if self.dh else (), (self.esn,))  # fmt: skip
         return alg.to_payload(self.number, self.spi)
 
@@ -113,11 +128,17 @@ def parse(text: str, protocol: int, field: str = "proposals") -> Algorithms:
         elif tok == "none" and protocol != Protocol.IKE:
             continue
         else:
-            known = sorted({*ENCR, *INTEG, *PRF_KEYWORDS, *KEYWORDS} - {"null"})
+            if protocol == Protocol.AH:
+                known = sorted({*INTEG, *KEYWORDS, "esn", "noesn"})
+            else:
+                known = sorted({*ENCR, *INTEG, *PRF_KEYWORDS, *KEYWORDS} - {"null"})
             raise ConfigError(field, text, f"unknown algorithm {tok!r}; known: {', '.join(known)}")
     if protocol == Protocol.AH:
-        if encr or not integ:
-            raise ConfigError(field, text, "AH proposals name integrity algorithms only, e.g. sha256")
+        if encr:
+            raise ConfigError(field, text, f"AH authenticates only (RFC 4302): remove {encr[0].keyword}, e.g. "
+                              "sha256 or sha256-x25519; for encryption use esp_proposals instead")  # fmt: skip
+        if not integ:
+            raise ConfigError(field, text, "name an integrity algorithm (sha256, sha384 or sha512), e.g. sha256")
     else:
         if not encr:
             raise ConfigError(field, text, "name an encryption algorithm, e.g. aes128gcm16 or aes256-sha256")
@@ -178,6 +199,10 @@ def _match(alg: Algorithms, p: m.Proposal) -> Chosen | None:
     known_types = {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH, TransformType.ESN}
     if any(t.type not in known_types for t in p.transforms):
         return None  # §3.3.6: a proposal with an unknown transform type is unacceptable
+    if alg.protocol != p.protocol:
+        return None
+    if alg.protocol == Protocol.AH and (_algos(p, TransformType.ENCR) or _algos(p, TransformType.PRF)):
+        return None  # §3.3.3: AH has integrity, KE and ESN transforms only
     encr = None
     if alg.protocol != Protocol.AH:
         encr = next((e for e in alg.encr for t in _algos(p, TransformType.ENCR) if _encr_match(e, t)), None)
@@ -225,7 +250,7 @@ def check_choice(offered: list[Algorithms], reply: m.Proposal, protocol: int, ig
         if t.type in per_type:
             return None  # more than one algorithm of a type in a reply
         per_type[t.type] = t.id
-    if not 1 <= reply.num <= len(offered):
+    if not 1 <= reply.num <= len(offered) or reply.protocol != protocol:
         return None
     alg = offered[reply.num - 1]
     if ignore_dh:

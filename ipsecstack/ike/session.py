@@ -35,7 +35,7 @@ import hmac
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -58,6 +58,8 @@ CP_INTERNAL_IP4_DNS = 3
 CP_INTERNAL_IP6_ADDRESS = 8
 CP_INTERNAL_IP6_DNS = 10
 NAT_T_PORT = 4500
+# RFC 4302 §3.3.3: AH's ICV covers the outer IP addresses, which a NAT rewrites (RFC 3948 carries ESP only)
+AH_NAT = "AH cannot cross a NAT (RFC 4302 authenticates the outer IP header; RFC 3948 encapsulates ESP only)"
 
 
 @dataclass
@@ -75,6 +77,15 @@ class ChildConfig:
     close_action: str = "none"  # the peer closed it (or its IKE SA): "none", "trap" or "start"
     dpd_action: str = "clear"  # its IKE SA's peer is dead (§2.4): "clear", "trap" or "restart"
     updown: tuple[str, ...] = ()  # script and arguments run when it comes up and goes down (runtime/updown.py)
+
+    @property
+    def ike_protocol(self) -> int:
+        """The IPsec protocol of its proposals (RFC 7296 §3.3.1 Protocol ID): ESP, or AH (ah_proposals)."""
+        return Protocol.AH if self.proposals and self.proposals[0].protocol == Protocol.AH else Protocol.ESP
+
+    @property
+    def protocol(self) -> Literal["esp", "ah"]:
+        return "ah" if self.ike_protocol == Protocol.AH else "esp"
 
 
 @dataclass
@@ -103,6 +114,7 @@ class PeerConfig:
     rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
     over_time: float | None = None  # hard lifetime = rekey_time + this (None: 10% of rekey_time, as strongSwan)
+    reauth_time: float | None = None  # make-before-break reauthentication: a new IKE SA this long after (§2.8.3)
     unique: str = "no"  # responder: IKE SAs of the same peer identity ("no", "never", "replace", "keep"; manager)
 
 
@@ -135,11 +147,47 @@ class IkeRekeyed:
 
 
 @dataclass
+class ReauthDue:
+    """``reauth_time`` has come for this IKE SA: the manager starts a new IKE SA with the same peer and
+    children (fresh IKE_SA_INIT and IKE_AUTH, RFC 7296 §2.8.3) and retires this one once it is up."""
+
+    sa: IkeSa
+
+
+@dataclass
+class IkeReauthed:
+    """Reauthentication done (make-before-break): ``new`` and its child SAs are up, ``old`` is being deleted."""
+
+    old: IkeSa
+    new: IkeSa
+
+
+@dataclass
+class ChildFailed:
+    """A child SA could not be negotiated (either role) or rekeyed; ``reason`` names both sides' offers."""
+
+    sa: IkeSa
+    reason: str
+
+
+@dataclass
+class ReauthFailed:
+    """The new IKE SA of a reauthentication failed; ``sa`` stays and tries again at ``retry_at`` (None: no more
+    tries; it stays until it expires or is deleted)."""
+
+    sa: IkeSa
+    reason: str
+    retry_at: float | None
+
+
+@dataclass
 class IkeDown:
     """The IKE SA is gone. ``cause`` says who ended it, for the runtime's close/DPD actions: ``"peer"`` (it
     sent a DELETE, §1.4.1), ``"dead"`` (no answer while established: DPD or any other request, §2.4),
     ``"failed"`` (never established), ``"expired"`` (not rekeyed within its hard lifetime, over_time),
-    ``"rekeyed"`` (replaced by its successor, §2.18) or ``"local"`` (we deleted it)."""
+    ``"rekeyed"`` (replaced by its successor, §2.18), ``"reauth"`` (replaced by a newer IKE SA with the same
+    peer: our reauthentication, or the peer deleted it while its newer one stays; the manager decides) or
+    ``"local"`` (we deleted it)."""
 
     sa: IkeSa
     reason: str
@@ -162,6 +210,7 @@ class ChildUp:
     encap: tuple[int, int] | None
     replaces: int | None = None  # inbound SPI of the child SA this one rekeys (make-before-break)
     rekey_at: float | None = None
+    protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
 
 
 @dataclass
@@ -177,7 +226,21 @@ class ChildDown:
     cause: str = "local"
 
 
-Event = IkeUp | IkeRekeyed | PeerMoved | IkeDown | ChildUp | ChildDown
+Event = (
+    IkeUp
+    | IkeRekeyed
+    | PeerMoved
+    | IkeDown
+    | ChildUp
+    | ChildDown
+    | ChildFailed
+    | ReauthDue
+    | IkeReauthed
+    | ReauthFailed
+)
+
+REAUTH_RETRY_DELAY = 30.0  # a failed reauthentication is tried again this much later ...
+REAUTH_TRIES = 5  # ... this many times in all; then the IKE SA stays until it expires (over_time) or is deleted
 
 
 def identity(text: str) -> tuple[int, bytes]:
@@ -268,6 +331,9 @@ class IkeSa:
         self.last_heard = now
         self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
         self.rekey_at: float | None = None
+        self.reauth_at: float | None = None  # when reauth_time is due (ReauthDue; the manager does the rest)
+        self._reauth_tries = 0
+        self._delete_cause = "local"  # the IkeDown cause once our DELETE is done (delete())
         self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
         self._lease: tuple[Pool, bytes] | None = None
         self.virtual_ip: str | None = None  # what the peer assigned us (client side)
@@ -304,6 +370,8 @@ class IkeSa:
         times = [c.rekey_at for c in self.children if c.rekey_at is not None]
         if self.rekey_at is not None:
             times.append(self.rekey_at)
+        if self.reauth_at is not None:
+            times.append(self.reauth_at)
         if self.cfg.dpd_delay:
             times.append(self.last_heard + self.cfg.dpd_delay)
         if self.expire_at is not None:
@@ -323,6 +391,10 @@ class IkeSa:
             self.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
                            f"{self.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
             return
+        if self.state == "established" and self.reauth_at is not None and self.reauth_at <= now:
+            self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
+            self._count("reauths_due")
+            self._events.append(ReauthDue(self))
         if self.state == "established" and self._outstanding is None:
             if self.rekey_at is not None and self.rekey_at <= now:
                 self._rekey_ike(now)
@@ -499,19 +571,27 @@ class IkeSa:
         sas = [p for p in inner if isinstance(p, m.SA)]
         if errors or len(sas) != 1 or len(sas[0].proposals) != 1:
             why = _notify_name(errors[0].notify_type) if errors else "no SA payload"
+            if self.nat and child.protocol == "ah":
+                why += f" ({AH_NAT})"
             self._child_failed(f"child SA {child.name} refused: {why}")
             return
-        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP, ignore_dh=True)
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], child.ike_protocol, ignore_dh=True)
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
         tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
         if chosen is None or tsi is None or tsr is None or len(chosen.spi) != 4:
             self._child_failed(f"child SA {child.name}: malformed or unoffered reply")
             return
-        transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
-        local = [Range.from_payload(t) for t in tsi.selectors]
-        remote = [Range.from_payload(t) for t in tsr.selectors]
-        self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
-                       spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
+        if self.nat and child.protocol == "ah":
+            # the peer accepted AH across the NAT anyway: it cannot work; ask it to drop its half
+            self._child_failed(f"child SA {child.name} not installed: {AH_NAT}")
+            spi = self._child_spi.to_bytes(4, "big")
+            self._queue.append(functools.partial(self._send_delete, m.Delete(Protocol.AH, [spi])))
+        else:
+            transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
+            local = [Range.from_payload(t) for t in tsi.selectors]
+            remote = [Range.from_payload(t) for t in tsr.selectors]
+            self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
+                           spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
         for extra in self.cfg.children[1:]:
             self._queue.append(functools.partial(self._create_child, extra))
         self._next_queued(now)
@@ -643,14 +723,20 @@ class IkeSa:
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
         tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
         if len(sas) != 1 or tsi is None or tsr is None:
+            self._child_failed("child SA request without SA/TSi/TSr payloads")
             return Notify.NO_PROPOSAL_CHOSEN
         transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
         offered_i = [Range.from_payload(t) for t in tsi.selectors]
         offered_r = [Range.from_payload(t) for t in tsr.selectors]
         any_proposal = False
+        ah_refused = ""
         for child in self.cfg.children:
-            chosen = props.select(child.proposals, sas[0].proposals, Protocol.ESP, ignore_dh=ignore_dh)
+            chosen = props.select(child.proposals, sas[0].proposals, child.ike_protocol, ignore_dh=ignore_dh)
             if chosen is None or len(chosen.spi) != 4:
+                continue
+            if self.nat and child.protocol == "ah":
+                self._count("ah_behind_nat")
+                ah_refused = child.name
                 continue
             any_proposal = True
             if (child.mode == "transport") != transport:
@@ -659,7 +745,20 @@ class IkeSa:
             nr = narrow(offered_r, child.local_ts)
             if ni and nr:
                 return child, chosen, child.mode, ni, nr
-        return Notify.TS_UNACCEPTABLE if any_proposal else Notify.NO_PROPOSAL_CHOSEN
+        theirs = ", ".join(props.describe_offer(p) for p in sas[0].proposals)
+        if any_proposal:
+            ts = f"TSi {', '.join(map(str, offered_i))} TSr {', '.join(map(str, offered_r))}"
+            ours = "; ".join(f"{c.name}: {c.mode} {', '.join(map(str, c.remote_ts))} === "
+                             f"{', '.join(map(str, c.local_ts))}" for c in self.cfg.children)  # fmt: skip
+            self._child_failed(f"child SA refused (TS_UNACCEPTABLE): peer proposed {ts} "
+                               f"({'transport' if transport else 'tunnel'} mode); ours {ours}")  # fmt: skip
+            return Notify.TS_UNACCEPTABLE
+        ours = "; ".join(f"{c.name}: {', '.join(p.text for p in c.proposals)}" for c in self.cfg.children)
+        if ah_refused:
+            self._child_failed(f"child SA {ah_refused} refused (NO_PROPOSAL_CHOSEN): {AH_NAT}")
+        else:
+            self._child_failed(f"child SA refused (NO_PROPOSAL_CHOSEN): peer offered {theirs}; ours {ours}")
+        return Notify.NO_PROPOSAL_CHOSEN
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -702,7 +801,7 @@ class IkeSa:
         elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
-            self._close("deleted")
+            self._close("reauthenticated" if self._delete_cause == "reauth" else "deleted")
         elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_child":
             self._on_rekey_response(inner, pending[1], now)
         elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_ike":
@@ -769,15 +868,16 @@ class IkeSa:
             if isinstance(p, m.Delete):
                 if p.protocol == Protocol.IKE:
                     closing = True
-                elif p.protocol == Protocol.ESP:
+                elif p.protocol in (Protocol.ESP, Protocol.AH):
                     ours = []
                     for spi in p.spis:
                         for c in list(self.children):
-                            if c.spi_out == int.from_bytes(spi, "big"):
+                            # SPIs are per protocol (RFC 4301 §4.1): an AH delete names AH SAs only
+                            if c.spi_out == int.from_bytes(spi, "big") and c.child.ike_protocol == p.protocol:
                                 ours.append(c.spi_in.to_bytes(4, "big"))
                                 self._child_gone(c, "peer")
                     if ours:
-                        reply.append(m.Delete(Protocol.ESP, ours))
+                        reply.append(m.Delete(p.protocol, ours))
             elif isinstance(p, m.Notify) and p.notify_type == Notify.AUTHENTICATION_FAILED:
                 refused = True  # §2.21.2: the initiator did not accept our IKE_AUTH response
         self._respond(msg, reply)
@@ -859,12 +959,13 @@ class IkeSa:
         addr = self._lease[0].leases.get(self._lease[1])
         return None if addr is None else str(addr)
 
-    def delete(self, now: float) -> None:
-        """Start deleting the IKE SA (its children go with it, §1.4.1)."""
+    def delete(self, now: float, cause: str = "local") -> None:
+        """Start deleting the IKE SA (its children go with it, §1.4.1); ``cause`` is for its IkeDown."""
         if self.state != "established":
             self._close("deleted before establishment")
             return
         self.state = "deleting"
+        self._delete_cause = cause
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
 
     def _send_request(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
@@ -1003,7 +1104,26 @@ class IkeSa:
         self.state = "established"
         self.up_at = now
         self._schedule_ike_rekey(now)
+        t = self.cfg.reauth_time
+        if t:
+            # strongSwan's reauth_time: independent of rekey_time, a little early by a random amount, like rekeys
+            jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * t
+            self.reauth_at = now + t - jitter
         self._events.append(IkeUp(self))
+
+    @property
+    def idle(self) -> bool:
+        """No request of ours outstanding or queued (the window is free)."""
+        return self._outstanding is None and not self._queue
+
+    def reauth_failed(self, now: float) -> float | None:
+        """The new IKE SA of our reauthentication failed: try again later, a bounded number of times.
+        Returns when (None: no more tries)."""
+        self._reauth_tries += 1
+        self._count("reauths_failed")
+        retry = now + REAUTH_RETRY_DELAY if self._reauth_tries < REAUTH_TRIES and self.established else None
+        self.reauth_at = retry
+        return retry
 
     def _schedule_ike_rekey(self, now: float) -> None:
         t = self.cfg.rekey_time
@@ -1019,9 +1139,11 @@ class IkeSa:
                   shared: bytes | None = None, we_initiated: bool | None = None, replaces: int | None = None,
                   now: float = 0.0) -> None:  # fmt: skip
         assert self.chosen is not None and self.chosen.prf is not None and self.keys is not None
-        suite = chosen.esp_suite
+        suite = chosen.child_suite
         ni, nr = nonces or (self._ni, self._nr)
-        i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, ni, nr, suite, shared)
+        # §2.17: ESP takes encryption then integrity keys per direction; AH integrity keys only
+        km_len = suite.key_len if chosen.protocol == Protocol.AH else chosen.esp_suite
+        i2r, r2i = child_keymat(self.chosen.prf, self.keys.sk_d, ni, nr, km_len, shared)
         initiator = self.initiator if we_initiated is None else we_initiated
         key_in, key_out = (r2i, i2r) if initiator else (i2r, r2i)
         encap = (self.local_port, self.remote_port) if self.nat else None
@@ -1031,7 +1153,7 @@ class IkeSa:
             jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * child.rekey_time
             rekey_at = now + child.rekey_time - jitter
         up = ChildUp(self, child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote,
-                     encap, replaces, rekey_at)  # fmt: skip
+                     encap, replaces, rekey_at, "ah" if chosen.protocol == Protocol.AH else "esp")  # fmt: skip
         self.children.append(up)
         self._events.append(up)
 
@@ -1055,7 +1177,8 @@ class IkeSa:
         spi = spi_in.to_bytes(4, "big")
         inner: list[m.AnyPayload] = []
         if rekey_spi is not None:
-            inner.append(m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, rekey_spi.to_bytes(4, "big")))
+            # §3.10.1: the REKEY_SA notify names the protocol of the SA being rekeyed
+            inner.append(m.Notify(Notify.REKEY_SA, b"", child.ike_protocol, rekey_spi.to_bytes(4, "big")))
         inner.append(m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
         inner.append(m.Nonce(nonce))
         group = child.proposals[0].dh[0] if child.proposals[0].dh else None
@@ -1079,7 +1202,7 @@ class IkeSa:
             return _notify_name(errors[0].notify_type)
         if len(sas) != 1 or len(sas[0].proposals) != 1 or nonce is None:
             return "malformed response"
-        chosen = props.check_choice(child.proposals, sas[0].proposals[0], Protocol.ESP)
+        chosen = props.check_choice(child.proposals, sas[0].proposals[0], child.ike_protocol)
         if chosen is None or len(chosen.spi) != 4:
             return "the peer chose a proposal we did not offer"
         shared = None
@@ -1104,8 +1227,7 @@ class IkeSa:
         old, spi_in, nonce_i, dh = state
         answer = self._child_answer(old.child, inner, dh)
         if isinstance(answer, str):
-            self._count("child_rekey_failed")
-            self.failure = f"rekey of child SA {old.child.name} refused: {answer}"
+            self._child_failed(f"rekey of child SA {old.child.name} refused: {answer}", "child_rekey_failed")
             old.rekey_at = now + 30.0  # try again later; the old SA keeps carrying traffic
             return
         chosen, nr, shared = answer
@@ -1146,12 +1268,21 @@ class IkeSa:
             self._queue.append(functools.partial(self._delete_child, c))
             return
         self._pending = ("delete_child", c)
-        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [c.spi_in.to_bytes(4, "big")])], now)
+        self._send_request(Exchange.INFORMATIONAL, [m.Delete(c.child.ike_protocol, [c.spi_in.to_bytes(4, "big")])],
+                           now)  # fmt: skip
+
+    def _send_delete(self, delete: m.Delete, now: float) -> None:
+        """An INFORMATIONAL with a Delete for SAs that are not (or no longer) among our children."""
+        self._pending = ("delete_spi", None)
+        self._send_request(Exchange.INFORMATIONAL, [delete], now)
 
     # --- CREATE_CHILD_SA: a new child SA (§1.3.1) ------------------------------------------------
 
     def _create_child(self, child: ChildConfig, now: float) -> None:
         """Initiator: another configured child SA over CREATE_CHILD_SA, with PFS if its proposal has a group."""
+        if self.nat and child.protocol == "ah":
+            self._child_failed(f"child SA {child.name} not proposed: {AH_NAT}")
+            return
         inner, spi_in, nonce, dh = self._child_request(child, child.local_ts, child.remote_ts, child.mode, None)
         self._pending = ("new_child", (child, spi_in, nonce, dh))
         self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
@@ -1300,6 +1431,7 @@ class IkeSa:
         new.state = "established"
         new.up_at = now
         new._schedule_ike_rekey(now)
+        new.reauth_at, self.reauth_at = self.reauth_at, None  # rekeying is no reauthentication: the time stands
         new.children, self.children = self.children, []
         new.last_heard = now
         self.successor = new
@@ -1323,11 +1455,12 @@ class IkeSa:
             self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
             return
         spi = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
-        old = next((c for c in self.children if spi in (c.spi_out, c.spi_in)), None)
+        old = next((c for c in self.children if spi in (c.spi_out, c.spi_in)
+                    and c.child.ike_protocol == rekey.protocol), None)  # fmt: skip
         if old is None:
-            self._respond(msg, [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", Protocol.ESP, rekey.spi)])
+            self._respond(msg, [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", rekey.protocol, rekey.spi)])
             return
-        chosen = props.select(old.child.proposals, sas[0].proposals, Protocol.ESP)
+        chosen = props.select(old.child.proposals, sas[0].proposals, old.child.ike_protocol)
         if chosen is None or len(chosen.spi) != 4:
             self._respond(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
             return
@@ -1343,9 +1476,10 @@ class IkeSa:
         if ours_pending or old.spi_in in self._rekeys_done:
             self._rekey_collision(old, nonce.data, nr, self.children[-1], False, now)
 
-    def _child_failed(self, reason: str) -> None:
-        self._count("child_failed")
+    def _child_failed(self, reason: str, counter: str = "child_failed") -> None:
+        self._count(counter)
         self.failure = reason
+        self._events.append(ChildFailed(self, reason))
 
     def _close(self, reason: str, cause: str | None = None) -> None:
         """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
@@ -1354,6 +1488,8 @@ class IkeSa:
             return
         if cause is None:
             cause = "local" if self.up_at is not None else "failed"
+            if self.state == "deleting":
+                cause = self._delete_cause  # our DELETE went unanswered: still why we deleted it
         if self._lease is not None and self.successor is None:
             self._lease[0].release(self._lease[1])  # the address goes back to the pool
             self._lease = None

@@ -16,8 +16,8 @@ functions turn that and the children's configuration into a :class:`Reaction`, w
 - an initiation failed (never established): retried after ``RETRY_DELAY`` while the connection is one
   that keeps itself up: ``start_action = start``, or one being restarted by an action above (like
   strongSwan with ``keyingtries = 0``), until it is up again;
-- we deleted it (``terminate``, shutdown, reload, uniqueness), it expired (``over_time``) or it was
-  rekeyed: nothing.
+- we deleted it (``terminate``, shutdown, reload, uniqueness), it expired (``over_time``), it was
+  rekeyed, or it was reauthenticated (``"reauth"``: a newer IKE SA with the same peer carries on): nothing.
 
 The trap policies of every child with a known peer are installed at start (``install_traps``), so
 "arming" only decides whether an acquire on them starts a negotiation.

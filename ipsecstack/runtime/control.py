@@ -126,7 +126,7 @@ class ControlServer:
                     "name": sa.cfg.name, "state": sa.state, "initiator": sa.initiator, "remote": sa.remote,
                     "remote_port": sa.remote_port, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
                     "proposal": sa.chosen.describe() if sa.chosen else None, "nat": sa.nat,
-                    "rekey_at": sa.rekey_at, "children": [],
+                    "rekey_at": sa.rekey_at, "reauth_at": sa.reauth_at, "children": [],
                     "local_id": id_text(*sa.cfg.local_id), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
                     "remote_auth": sa.peer_auth or None,
                     "remote_cert": dn_text(sa.peer_cert.subject.public_bytes()) if sa.peer_cert else None,
@@ -134,7 +134,8 @@ class ControlServer:
                 for c in sa.children:
                     inb, outb = child_sas.get(c.spi_in), child_sas.get(c.spi_out)
                     entry["children"].append({
-                        "name": c.child.name, "mode": c.mode, "transform": c.transform, "esn": c.esn,
+                        "name": c.child.name, "mode": c.mode, "protocol": c.protocol, "transform": c.transform,
+                        "esn": c.esn,
                         "spi_in": f"0x{c.spi_in:08x}", "spi_out": f"0x{c.spi_out:08x}", "encap": bool(c.encap),
                         "local_ts": [str(r) for r in c.local_ts], "remote_ts": [str(r) for r in c.remote_ts],
                         "rekey_at": c.rekey_at,

@@ -10,10 +10,13 @@ endpoint sends what the manager queued, applies its events and re-arms its singl
 
 A ``ChildUp`` installs an inbound and an outbound ESP SA sharing a fresh ``reqid`` plus the SPD
 policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
-``IkeDown`` remove them. Connections with ``start_action = start`` are initiated at launch and, while
-that fails, again every ``RETRY_DELAY`` seconds. What happens once an SA goes away (``close_action``,
-``dpd_action``) is decided in :mod:`ipsecstack.runtime.actions`; children's ``updown`` scripts run
-through :mod:`ipsecstack.runtime.updown`.
+``IkeDown`` remove them. A child SA whose configuration and traffic selectors already have SAs installed
+by another IKE SA of the same peer (a reauthentication, ``reauth_time``, on either side) takes that reqid,
+as strongSwan reuses reqids for identical selectors: like a rekey, the policies stay, the newest outbound
+SA takes over, no updown script runs, and removing the old IKE SA's SAs later leaves the policies alone.
+Connections with ``start_action = start`` are initiated at launch and, while that fails, again every
+``RETRY_DELAY`` seconds. What happens once an SA goes away (``close_action``, ``dpd_action``) is decided
+in :mod:`ipsecstack.runtime.actions`; children's ``updown`` scripts run through :mod:`ipsecstack.runtime.updown`.
 """
 
 from __future__ import annotations
@@ -32,14 +35,18 @@ from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import (
     ChildDown,
+    ChildFailed,
     ChildUp,
     Datagram,
     IkeDown,
+    IkeReauthed,
     IkeRekeyed,
     IkeSa,
     IkeUp,
     PeerConfig,
     PeerMoved,
+    ReauthDue,
+    ReauthFailed,
     id_text,
 )
 from ipsecstack.runtime import actions
@@ -77,6 +84,7 @@ class IkeEndpoint:
         self._spi_reqid: dict[int, int] = {}
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
         self._policies: dict[int, list[Policy]] = {}
+        self._reqid_keys: dict[int, tuple[Any, ...]] = {}  # negotiated reqid -> what its policies cover
         self._seen: dict[int, int] = {}
         self.traps = dict(traps or {})
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
@@ -282,6 +290,8 @@ class IkeEndpoint:
             self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):
             self._install(ev)
+        elif isinstance(ev, ChildFailed):
+            self.log.warning("child sa failed", conn=ev.sa.cfg.name, peer=ev.sa.remote, reason=ev.reason)
         elif isinstance(ev, ChildDown):
             self._uninstall_spi(ev.spi_in)
             self._react(ev.sa, actions.after_child_down(ev), ev.cause)
@@ -297,11 +307,29 @@ class IkeEndpoint:
                 self._unique_ids[id(new)] = self._unique_ids.pop(id(ev.old))
             self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),
                           spi_r=new.spi_r.hex(), children=len(new.children))  # fmt: skip
+        elif isinstance(ev, ReauthDue):
+            sa = ev.sa
+            self.log.info("ike sa reauthenticating", conn=sa.cfg.name, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex())
+        elif isinstance(ev, IkeReauthed):
+            old, new = ev.old, ev.new
+            self.log.info("ike sa reauthenticated", conn=new.cfg.name, old_spi_i=old.spi_i.hex(),
+                          old_spi_r=old.spi_r.hex(), spi_i=new.spi_i.hex(), spi_r=new.spi_r.hex(),
+                          children=len(new.children))  # fmt: skip
+        elif isinstance(ev, ReauthFailed):
+            sa = ev.sa
+            retry = None if ev.retry_at is None else round(max(0.0, ev.retry_at - self.clock()), 1)
+            self.log.warning("ike sa reauthentication failed", conn=sa.cfg.name, spi_i=sa.spi_i.hex(),
+                             reason=ev.reason, retry_in=retry)  # fmt: skip
         elif isinstance(ev, IkeDown):
             sa = ev.sa
             self._unique_ids.pop(id(sa), None)
             if sa.successor is not None:
                 self.log.info("old ike sa closed after rekey", conn=sa.cfg.name, spi_i=sa.spi_i.hex())
+                return
+            if ev.cause == "reauth":
+                # make-before-break: a newer IKE SA with the same peer carries the children on
+                self.log.info("old ike sa closed after reauthentication", conn=sa.cfg.name, spi_i=sa.spi_i.hex(),
+                              spi_r=sa.spi_r.hex(), reason=ev.reason)  # fmt: skip
                 return
             self.log.warning("ike sa down", conn=sa.cfg.name, peer=sa.remote, reason=ev.reason, cause=ev.cause)
             name = sa.cfg.name
@@ -349,6 +377,8 @@ class IkeEndpoint:
         sa = ev.sa
         rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
         trap = self.traps.get((sa.cfg.name, ev.child.name))
+        peer = sa.peer_id if sa.peer_id is not None else sa.remote
+        key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)), tuple(map(str, ev.remote_ts)))
         if rekey:
             # make-before-break (RFC 7296 §2.8): same reqid, so the policies stay and the newest
             # outbound SA takes over at once; the old pair goes when its DELETE is done
@@ -356,28 +386,36 @@ class IkeEndpoint:
         elif trap is not None:
             reqid = trap  # the trap policies (installed at start) bind the negotiated SAs
         else:
-            self._reqid += 1
-            reqid = self._reqid
+            # the same child and selectors already up in another IKE SA of this peer (reauthentication): its reqid
+            in_use = set(self._spi_reqid.values())
+            reqid = next((r for r, k in self._reqid_keys.items() if k == key and r in in_use), 0)
+            if not reqid:
+                self._reqid += 1
+                reqid = self._reqid
+                self._reqid_keys[reqid] = key
+        # already carried by another SA pair (reauthentication, or a second IKE SA): make-before-break as a rekey
+        continues = rekey or reqid in self._spi_reqid.values()
         inb, out, pols = child_objects(ev, reqid)
         now = self.clock()
         self.dp.install(inb, now)
         self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
         self._pairs[ev.spi_in] = (inb, out)
-        if rekey:
+        if continues:
             self.updown.rekeyed(ev, reqid)  # strongSwan does not run the script for a rekey either
         else:
             self.updown.up(ev, reqid, self._unique_id(sa))
-        if not rekey and trap is None:
+        if not continues and trap is None:
             for p in pols:
                 self.dp.spd.add(p)
             self._policies[reqid] = pols
         self.node.notify_sas_changed()
+        extra = {"reqid": reqid, "continues": True} if continues and not rekey else {}
         self.log.info("child sa rekeyed" if rekey else "child sa installed", conn=sa.cfg.name, child=ev.child.name,
                       mode=out.mode, transform=ev.transform, spi_in=f"0x{ev.spi_in:08x}", spi_out=f"0x{ev.spi_out:08x}",
                       encap=bool(ev.encap), local_ts=[str(r) for r in ev.local_ts],
                       remote_ts=[str(r) for r in ev.remote_ts], key_in_fp=_fp(ev.key_in),
-                      key_out_fp=_fp(ev.key_out))  # fmt: skip
+                      key_out_fp=_fp(ev.key_out), **extra)  # fmt: skip
 
     def _uninstall_spi(self, spi_in: int) -> None:
         reqid = self._spi_reqid.pop(spi_in, None)
@@ -390,6 +428,7 @@ class IkeEndpoint:
             for p in self._policies.pop(reqid, []):
                 with contextlib.suppress(ValueError):
                     self.dp.spd.remove(p)
+            self._reqid_keys.pop(reqid, None)
             self.updown.down(reqid)  # the child is gone, not just rekeyed
         self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
 

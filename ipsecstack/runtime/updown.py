@@ -61,7 +61,7 @@ def environment(ev: ChildUp, reqid: int, up: bool, local: Range, remote: Range, 
         "PLUTO_CONNECTION": ev.child.name,
         "PLUTO_INTERFACE": interface or "unknown",
         "PLUTO_REQID": str(reqid),
-        "PLUTO_PROTO": "esp",
+        "PLUTO_PROTO": ev.protocol,  # esp or ah, as strongSwan's
         "PLUTO_UNIQUEID": str(unique_id),
         "PLUTO_ME": me,
         "PLUTO_MY_ID": id_text(*sa.cfg.local_id),

@@ -566,3 +566,22 @@ def test_concentrator_assigns_virtual_ips_from_a_pool() -> None:
     assert pool.leases == {b"\x03client1@example.org": pool.leases[b"\x03client1@example.org"]}
     cm3, ups3 = connect(3, 2.0)
     assert next(iter(cm3.sas.values())).virtual_ip == "10.9.0.1" and ups3
+
+
+def test_child_failures_are_events_naming_both_sides() -> None:
+    from ipsecstack.ike.session import ChildFailed
+
+    # traffic selectors that do not overlap: the IKE SA comes up, the child is refused, both say why
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.9.0.0/16", "10.1.0.0/16"))
+    w.run()
+    assert w.i.established and w.r is not None and w.r.established
+    (fr,) = [e for e in _events(w.r) if isinstance(e, ChildFailed)]
+    assert "TS_UNACCEPTABLE" in fr.reason and "10.2.0.0/16" in fr.reason and "10.9.0.0/16" in fr.reason, fr.reason
+    (fi,) = [e for e in _events(w.i) if isinstance(e, ChildFailed)]
+    assert "TS_UNACCEPTABLE" in fi.reason, fi.reason
+    # no ESP proposal in common
+    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", esp="aes256gcm16"),
+             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", esp="aes128-sha256"))  # fmt: skip
+    w.run()
+    (fr,) = [e for e in _events(w.r) if isinstance(e, ChildFailed)]
+    assert "NO_PROPOSAL_CHOSEN" in fr.reason and "aes256gcm16" in fr.reason and "aes128-sha256" in fr.reason, fr.reason

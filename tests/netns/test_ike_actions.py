@@ -56,7 +56,9 @@ def test_updown_runs_with_strongswan_environment_on_up_and_down(tmp_path: Path) 
         envdir = tmp_path / "env"
         envdir.mkdir()
         script = tmp_path / "updown.sh"
-        script.write_text(f"#!/bin/sh\nenv | grep '^PLUTO_' | sort > {envdir}/$PLUTO_VERB.env\necho hello $1\n")
+        # written to a temp file then renamed: the test never sees a half-written file
+        script.write_text(f"#!/bin/sh\nenv | grep '^PLUTO_' | sort > {envdir}/.tmp\n"
+                          f"mv {envdir}/.tmp {envdir}/$PLUTO_VERB.env\necho hello $1\n")  # fmt: skip
         script.chmod(0o755)
         failing = tmp_path / "failing.sh"
         failing.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")

@@ -64,8 +64,23 @@ def test_good() -> None:
          "connections.gw.local.idd", "unknown key"),
         (('esp_proposals = ["aes128gcm16-x25519"]', 'esp_proposals = ["aes128gcm16-prfsha256"]'),
          "connections.gw.children.net.esp_proposals[0]", "no PRF"),
-        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["sha256"]'),
-         "connections.gw.children.net.ah_proposals", "AH"),
+        # AH children (ah_proposals, RFC 4302): integrity only, one protocol per child, never across a NAT
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'esp_proposals = ["aes128gcm16"]\nah_proposals = ["sha256"]'),
+         "connections.gw.children.net.ah_proposals", "not both"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["aes128gcm16"]'),
+         "connections.gw.children.net.ah_proposals[0]", "AH authenticates only"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["aes256-sha256"]'),
+         "connections.gw.children.net.ah_proposals[0]", "remove aes256"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["x25519"]'),
+         "connections.gw.children.net.ah_proposals[0]", "integrity algorithm"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["sha256-prfsha256"]'),
+         "connections.gw.children.net.ah_proposals[0]", "no PRF"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["sha1"]'),
+         "connections.gw.children.net.ah_proposals[0]", "unknown algorithm 'sha1'; known: curve25519"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', "ah_proposals = []"),
+         "connections.gw.children.net.ah_proposals", "at least one"),
+        (('esp_proposals = ["aes128gcm16-x25519"]', "ah_proposals = 5"),
+         "connections.gw.children.net.ah_proposals", "list of strings"),
         (('start_action = "start"', 'start_action = "always"'), "connections.gw.children.net.start_action",
          "none, start or trap"),
         (('remote_ts = ["10.2.0.0/16"]', 'remote_ts = ["10.2.0.0/99"]'), "connections.gw.children.net.remote_ts[0]",
@@ -83,6 +98,38 @@ def test_errors(change: tuple[str, str], path: str, hint: str) -> None:
     assert e.value.field == path, str(e.value)
     assert hint in str(e.value)
     assert "s3cret-value" not in str(e.value)
+
+
+AH = GOOD.replace('esp_proposals = ["aes128gcm16-x25519"]', 'ah_proposals = ["sha256-x25519", "sha512-esn"]')
+
+
+def test_ah_proposals() -> None:
+    from ipsecstack.ike.const import Protocol
+
+    (child,) = parse(AH).connections[0].children
+    assert (child.protocol, child.ike_protocol) == ("ah", Protocol.AH)
+    first, second = child.proposals
+    assert first.protocol == second.protocol == Protocol.AH and first.encr == second.encr == ()
+    assert [i.keyword for i in first.integ] == ["sha256"] and first.dh[0].keyword == "curve25519"
+    assert [i.keyword for i in second.integ] == ["sha512"] and second.esn == (True,) and second.dh == ()
+    assert parse(GOOD).connections[0].children[0].protocol == "esp"
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "hint"),
+    [
+        (('dpd_delay = "30s"', 'dpd_delay = "30s"\nencap = true'), "connections.gw.encap", "RFC 3948 carries ESP only"),
+        (("[connections.gw]", '[agent]\nouter_backend = "udp"\n\n[connections.gw]'), "agent.outer_backend",
+         'ah_proposals needs IP protocol 51, which the udp backend cannot carry (ESP in UDP only, RFC 3948): use '
+         'outer_backend = "raw"'),
+    ],
+)  # fmt: skip
+def test_ah_cannot_be_encapsulated(change: tuple[str, str], path: str, hint: str) -> None:
+    """AH authenticates the outer IP header (RFC 4302): it cannot cross a NAT, nor ride in UDP."""
+    with pytest.raises(ConfigError) as e:
+        parse(AH.replace(*change), env={})
+    assert e.value.field == path and hint in str(e.value), str(e.value)
+    parse(GOOD.replace(*change), env={})  # the same with ESP is fine
 
 
 def test_trap_needs_a_peer_address() -> None:
@@ -145,6 +192,9 @@ def test_actions_unique_over_time_and_updown_apply(tmp_path: Path) -> None:
         ('over_time = "soon"', "connections.gw.over_time", "duration"),
         ('over_time = "0s"', "connections.gw.over_time", "positive duration"),
         ('over_time = "10m"\nrekey_time = 0', "connections.gw.over_time", "rekey_time = 0"),
+        ('reauth_time = "soon"', "connections.gw.reauth_time", "duration like 30s"),
+        ("reauth_time = -5", "connections.gw.reauth_time", "duration like 30s"),
+        ("reauth_time = true", "connections.gw.reauth_time", "duration like 30s"),
     ],
 )  # fmt: skip
 def test_action_and_lifetime_errors(change: str, path: str, hint: str, tmp_path: Path) -> None:
@@ -217,3 +267,24 @@ def test_child_lifetimes() -> None:
     with pytest.raises(ConfigError) as e:
         parse(GOOD.replace('start_action = "start"', 'start_action = "start"\nlife_time = "30m"'))
     assert e.value.field == "connections.gw.children.net.life_time" and "longer than rekey_time" in str(e.value)
+
+
+def test_reauth_time_applies() -> None:
+    """strongSwan's reauth_time: a duration, 0 (the default) turns it off; independent of rekey_time."""
+    (peer,) = parse(GOOD).connections
+    assert peer.reauth_time is None
+    for value, want in (('"2h"', 7200.0), ("90", 90.0), ('"0s"', None), ("0", None)):
+        (peer,) = parse(GOOD.replace('dpd_delay = "30s"', f'dpd_delay = "30s"\nreauth_time = {value}')).connections
+        assert peer.reauth_time == want, value
+    text = GOOD.replace('dpd_delay = "30s"', 'dpd_delay = "30s"\nreauth_time = "4h"\nrekey_time = "1h"')
+    cfg = parse(text)
+    assert (cfg.connections[0].reauth_time, cfg.connections[0].rekey_time, cfg.notices) == (14400.0, 3600.0, [])
+
+
+def test_reauth_time_needs_a_peer_address() -> None:
+    text = GOOD.replace('remote_addrs = ["192.0.2.2"]', 'remote_addrs = ["%any"]\nreauth_time = "1h"')
+    text = text.replace('start_action = "start"', 'start_action = "none"')
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    assert e.value.field == "connections.gw.reauth_time" and "remote_addrs" in str(e.value)
+    assert parse(text.replace('reauth_time = "1h"', 'reauth_time = "0"')).connections[0].reauth_time is None

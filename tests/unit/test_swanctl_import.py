@@ -24,6 +24,7 @@ connections {
         dpd_delay = 30s
         unique = replace
         over_time = 20m
+        reauth_time = 3h
         mobike = no
         local {
             auth = psk
@@ -72,6 +73,7 @@ def test_site_to_site_converts_and_loads() -> None:
     (child,) = peer.children
     assert [str(r) for r in child.remote_ts] == ["10.2.0.0/16", "10.3.0.0/16"] and child.rekey_time == 3600.0
     assert (child.close_action, child.dpd_action, peer.unique, peer.over_time) == ("trap", "restart", "replace", 1200.0)
+    assert peer.reauth_time == 10800.0 and "connections.site-b.reauth_time" not in result.skipped
     assert cfg.start == ["site-b"]
 
 
@@ -168,3 +170,18 @@ def test_certificates_convert_into_a_swanctl_directory(tmp_path: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "ipsecstack", "check", "-c", str(tmp_path / "ipsecstack.toml")],
                            capture_output=True, text=True, timeout=30, cwd="/")  # fmt: skip
     assert check.returncode == 0, check.stderr + result.toml
+
+
+def test_ah_proposals_convert_and_need_raw_ip() -> None:
+    ah_site = SITE.replace("esp_proposals = aes128gcm16", "ah_proposals = sha256-x25519, sha512")
+    result = convert(ah_site)
+    assert 'ah_proposals = ["sha256-x25519", "sha512"]' in result.toml and "esp_proposals" not in result.toml
+    assert 'outer_backend = "raw"' in result.toml and 'outer_backend = "udp"' not in result.toml
+    cfg = parse_config(result.toml)
+    (child,) = cfg.connections[0].children
+    assert child.protocol == "ah" and [p.text for p in child.proposals] == ["sha256-x25519", "sha512"]
+    # both: strongSwan offers either protocol; an ipsecstack child negotiates one, and ESP is kept
+    both = convert(SITE.replace("esp_proposals = aes128gcm16", "esp_proposals = aes128gcm16\nah_proposals = sha256"))
+    assert "connections.site-b.children.net.ah_proposals (esp_proposals given too: ESP is kept)" in both.skipped
+    assert 'outer_backend = "udp"' in both.toml
+    assert parse_config(both.toml).connections[0].children[0].protocol == "esp"
