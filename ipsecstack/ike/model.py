@@ -1,0 +1,273 @@
+"""What an IKE SA works with: its configuration (:class:`PeerConfig`, :class:`ChildConfig`), what it
+emits (:class:`Datagram` and the events), identities, and RFC constants. No state, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from ipsecstack.ike import auth
+from ipsecstack.ike import message as m
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike.certs import DnError, dn_from_text, dn_text, same_dn
+from ipsecstack.ike.const import IdType, Notify, Protocol
+from ipsecstack.ike.pools import Pool
+from ipsecstack.ike.ts import Range
+
+if TYPE_CHECKING:
+    from ipsecstack.ike.session import IkeSa
+
+
+# RFC 7296 §3.15: configuration payload types and attributes
+CFG_REQUEST = 1
+CFG_REPLY = 2
+CP_INTERNAL_IP4_ADDRESS = 1
+CP_INTERNAL_IP4_DNS = 3
+CP_INTERNAL_IP6_ADDRESS = 8
+CP_INTERNAL_IP6_DNS = 10
+NAT_T_PORT = 4500
+# RFC 4302 §3.3.3: AH's ICV covers the outer IP addresses, which a NAT rewrites (RFC 3948 carries ESP only)
+AH_NAT = "AH cannot cross a NAT (RFC 4302 authenticates the outer IP header; RFC 3948 encapsulates ESP only)"
+
+
+@dataclass
+class ChildConfig:
+    name: str
+    local_ts: list[Range]
+    remote_ts: list[Range]
+    proposals: list[props.Algorithms]
+    mode: str = "tunnel"
+    rekey_time: float | None = 3600.0  # seconds until the initiator of the child SA rekeys it
+    replay_window: int = 64  # anti-replay window of the inbound SA (RFC 4303 §3.4.3)
+    life_time: float | None = None  # hard limit of the SAs (the datapath drops them then)
+    rekey_bytes: int | None = None  # rekey after this much traffic (soft limit of the SAs)
+    rekey_packets: int | None = None
+    close_action: str = "none"  # the peer closed it (or its IKE SA): "none", "trap" or "start"
+    dpd_action: str = "clear"  # its IKE SA's peer is dead (§2.4): "clear", "trap" or "restart"
+    updown: tuple[str, ...] = ()  # script and arguments run when it comes up and goes down (runtime/updown.py)
+
+    @property
+    def ike_protocol(self) -> int:
+        """The IPsec protocol of its proposals (RFC 7296 §3.3.1 Protocol ID): ESP, or AH (ah_proposals)."""
+        return Protocol.AH if self.proposals and self.proposals[0].protocol == Protocol.AH else Protocol.ESP
+
+    @property
+    def protocol(self) -> Literal["esp", "ah"]:
+        return "ah" if self.ike_protocol == Protocol.AH else "esp"
+
+
+@dataclass
+class PeerConfig:
+    """What an IKE SA needs to know about its peer (built from ``[connections.<name>]``)."""
+
+    name: str
+    local_addr: str
+    remote_addr: str | None
+    proposals: list[props.Algorithms]
+    local_id: tuple[int, bytes]
+    remote_id: tuple[int, bytes] | None
+    psk: bytes = field(repr=False)
+    children: list[ChildConfig] = field(default_factory=list)
+    creds: auth.Credentials = field(default_factory=auth.Credentials)  # how each side authenticates
+    local_port: int = 500
+    remote_port: int = 500
+    retransmit_timeout: float = 2.0
+    retransmit_base: float = 1.8
+    retransmit_tries: int = 5
+    half_open_timeout: float = 30.0
+    encap: bool = False  # force UDP encapsulation: announce a NAT (as strongSwan's encap = yes does)
+    pools: list[Pool] = field(default_factory=list)  # virtual IPs for remote-access clients (§3.15)
+    request_vip: bool = False  # as a client: ask the peer for a virtual IPv4 address
+    dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
+    rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
+    rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
+    over_time: float | None = None  # hard lifetime = rekey_time + this (None: 10% of rekey_time, as strongSwan)
+    reauth_time: float | None = None  # make-before-break reauthentication: a new IKE SA this long after (§2.8.3)
+    unique: str = "no"  # responder: IKE SAs of the same peer identity ("no", "never", "replace", "keep"; manager)
+
+
+@dataclass
+class Datagram:
+    data: bytes
+    dst: str
+    dst_port: int
+    src_port: int  # 4500: the caller prepends the non-ESP marker (RFC 3948 §2.2)
+
+
+@dataclass
+class IkeUp:
+    sa: IkeSa
+
+
+@dataclass
+class PeerMoved:
+    """The peer's NAT mapping changed: its IKE (and ESP-in-UDP) now come from ``addr``:``port``."""
+
+    sa: IkeSa
+    addr: str
+    port: int
+
+
+@dataclass
+class IkeRekeyed:
+    old: IkeSa
+    new: IkeSa
+
+
+@dataclass
+class ReauthDue:
+    """``reauth_time`` has come for this IKE SA: the manager starts a new IKE SA with the same peer and
+    children (fresh IKE_SA_INIT and IKE_AUTH, RFC 7296 §2.8.3) and retires this one once it is up."""
+
+    sa: IkeSa
+
+
+@dataclass
+class IkeReauthed:
+    """Reauthentication done (make-before-break): ``new`` and its child SAs are up, ``old`` is being deleted."""
+
+    old: IkeSa
+    new: IkeSa
+
+
+@dataclass
+class ChildFailed:
+    """A child SA could not be negotiated (either role) or rekeyed; ``reason`` names both sides' offers."""
+
+    sa: IkeSa
+    reason: str
+
+
+@dataclass
+class ReauthFailed:
+    """The new IKE SA of a reauthentication failed; ``sa`` stays and tries again at ``retry_at`` (None: no more
+    tries; it stays until it expires or is deleted)."""
+
+    sa: IkeSa
+    reason: str
+    retry_at: float | None
+
+
+@dataclass
+class IkeDown:
+    """The IKE SA is gone. ``cause`` says who ended it, for the runtime's close/DPD actions: ``"peer"`` (it
+    sent a DELETE, §1.4.1), ``"dead"`` (no answer while established: DPD or any other request, §2.4),
+    ``"failed"`` (never established), ``"expired"`` (not rekeyed within its hard lifetime, over_time),
+    ``"rekeyed"`` (replaced by its successor, §2.18), ``"reauth"`` (replaced by a newer IKE SA with the same
+    peer: our reauthentication, or the peer deleted it while its newer one stays; the manager decides) or
+    ``"local"`` (we deleted it)."""
+
+    sa: IkeSa
+    reason: str
+    cause: str = "local"
+
+
+@dataclass
+class ChildUp:
+    sa: IkeSa
+    child: ChildConfig
+    mode: str
+    transform: str
+    esn: bool
+    spi_in: int
+    spi_out: int
+    key_in: bytes = field(repr=False)
+    key_out: bytes = field(repr=False)
+    local_ts: list[Range]
+    remote_ts: list[Range]
+    encap: tuple[int, int] | None
+    replaces: int | None = None  # inbound SPI of the child SA this one rekeys (make-before-break)
+    rekey_at: float | None = None
+    protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
+
+
+@dataclass
+class ChildDown:
+    """A child SA is gone. ``cause``: ``"peer"`` (the peer deleted it and no other SA of its config remains
+    in this IKE SA), ``"rekeyed"`` (a newer SA of the same config carries on), ``"ike"`` (its IKE SA went: see
+    that IkeDown) or ``"local"`` (we deleted it)."""
+
+    sa: IkeSa
+    spi_in: int
+    spi_out: int
+    child: ChildConfig | None = None
+    cause: str = "local"
+
+
+Event = (
+    IkeUp
+    | IkeRekeyed
+    | PeerMoved
+    | IkeDown
+    | ChildUp
+    | ChildDown
+    | ChildFailed
+    | ReauthDue
+    | IkeReauthed
+    | ReauthFailed
+)
+
+REAUTH_RETRY_DELAY = 30.0  # a failed reauthentication is tried again this much later ...
+REAUTH_TRIES = 5  # ... this many times in all; then the IKE SA stays until it expires (over_time) or is deleted
+
+
+def identity(text: str) -> tuple[int, bytes]:
+    """An IKE identity from strongSwan-style text: an IP address, an FQDN, user@fqdn, keyid:..., or a DN.
+
+    A DN is written as strongSwan does (``C=CH, O=example, CN=gw.example``); a bad one raises ValueError.
+    """
+    if text.startswith("keyid:"):
+        return IdType.ID_KEY_ID, text[6:].encode()
+    if "=" in text:
+        try:
+            return IdType.ID_DER_ASN1_DN, dn_from_text(text)
+        except DnError as e:
+            raise ValueError(f"not a distinguished name: {e}") from None
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return (IdType.ID_IPV4_ADDR if addr.version == 4 else IdType.ID_IPV6_ADDR), addr.packed
+    if "@" in text:
+        return IdType.ID_RFC822_ADDR, text.encode()
+    return IdType.ID_FQDN, text.encode()
+
+
+def id_text(id_type: int, data: bytes) -> str:
+    if id_type in (IdType.ID_IPV4_ADDR, IdType.ID_IPV6_ADDR):
+        try:
+            return str(ipaddress.ip_address(data))
+        except ValueError:
+            return data.hex()
+    if id_type == IdType.ID_KEY_ID:
+        return "keyid:" + data.decode(errors="replace")
+    if id_type == IdType.ID_DER_ASN1_DN:
+        return dn_text(data)
+    return data.decode(errors="replace")
+
+
+def nat_hash(spi_i: bytes, spi_r: bytes, addr: str, port: int) -> bytes:
+    """RFC 7296 §2.23: SHA-1(SPIi | SPIr | IP | Port)."""
+    return hashlib.sha1(spi_i + spi_r + ipaddress.ip_address(addr).packed + port.to_bytes(2, "big")).digest()
+
+
+def same_identity(a: tuple[int, bytes], b: tuple[int, bytes]) -> bool:
+    """Two IKE identities are the same; DNs compare attribute by attribute (RFC 4517 matching, simplified)."""
+    if a[0] == b[0] == IdType.ID_DER_ASN1_DN:
+        return same_dn(a[1], b[1])
+    return a == b
+
+
+def _hashes(msg: m.Message) -> frozenset[int] | None:
+    n = next((n for n in msg.notifies() if n.notify_type == Notify.SIGNATURE_HASH_ALGORITHMS), None)
+    return None if n is None else auth.parse_hashes(n.data)
+
+
+def _notify_name(n: int) -> str:
+    try:
+        return Notify(n).name
+    except ValueError:
+        return str(n)

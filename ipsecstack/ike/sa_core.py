@@ -1,0 +1,258 @@
+"""The state of one IKE SA and what every exchange needs: Message IDs, sending, key derivation, closing.
+
+Theory of operation: the base of :class:`~ipsecstack.ike.session.IkeSa`, which is built in layers
+(this core, then :mod:`ike_rekey`, :mod:`child_sa`, :mod:`auth_exchange`, then ``session`` with
+IKE_SA_INIT, dispatch and timers); each layer calls only the ones below it. Here: the instance
+state, the window-1 request/response machinery (§2.2, §2.3: one outstanding request, cached
+responses), SK payload sealing/opening, SKEYSEED derivation (§2.14), NAT detection (§2.23), and
+``_close``, which turns the end of the IKE SA into ChildDown/IkeDown events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from cryptography import x509
+
+from ipsecstack.entropy import Rng
+from ipsecstack.ike import message as m
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike import sk
+from ipsecstack.ike.const import Flag, Notify
+from ipsecstack.ike.groups import Group, KeyExchangeError
+from ipsecstack.ike.keymat import IkeKeys, ike_sa_keys
+from ipsecstack.ike.model import (
+    NAT_T_PORT,
+    ChildConfig,
+    ChildDown,
+    ChildFailed,
+    ChildUp,
+    Datagram,
+    Event,
+    IkeDown,
+    PeerConfig,
+    nat_hash,
+)
+from ipsecstack.ike.pools import Pool
+
+if TYPE_CHECKING:
+    from ipsecstack.ike.session import IkeSa
+
+
+class IkeSaCore:
+    def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
+                 remote_port: int | None = None, wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.wallclock = wallclock  # seconds since the epoch, for certificate validity (certs only)
+        self.peer_cert: x509.Certificate | None = None
+        self.send_initial_contact = True  # §2.4: only when we hold no other IKE SA with this peer (the manager knows)
+        self.peer_auth = ""  # how the peer proved itself: "psk" or the signature scheme, for logs and listings
+        self._peer_hashes: frozenset[int] | None = None  # RFC 7427 §4: None until the peer announces them
+        self.initiator = initiator
+        self.rng = rng
+        self.created = now
+        self.remote = remote or cfg.remote_addr or ""
+        self.remote_port = remote_port or cfg.remote_port
+        self.local_port = cfg.local_port
+        self.state = "new"
+        self.spi_i = b""
+        self.spi_r = bytes(8)
+        self.chosen: props.Chosen | None = None
+        self.keys: IkeKeys | None = None
+        self.tx: sk.SkKeys | None = None
+        self.rx: sk.SkKeys | None = None
+        self.nat = False
+        self.behind_nat = False
+        self.peer_id: tuple[int, bytes] | None = None
+        self.stats: dict[str, int] = {}
+        self._group: Group | None = None
+        self._dh: Any = None
+        self._pub = b""
+        self._ni = b""
+        self._nr = b""
+        self._init_request = b""
+        self._init_response = b""
+        self._next_mid = 0
+        self._peer_mid = 0
+        self._outstanding: tuple[int, bytes, int, float] | None = None  # mid, data, tries, next retransmit
+        self._cached_response: tuple[int, bytes] | None = None
+        self._out: list[Datagram] = []
+        self._events: list[Event] = []
+        self._child_spi = 0
+        self._child: ChildConfig | None = None
+        self._cookie = b""
+        self._ke_retries = 0
+        self.children: list[ChildUp] = []
+        self.last_heard = now
+        self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
+        self.rekey_at: float | None = None
+        self.reauth_at: float | None = None  # when reauth_time is due (ReauthDue; the manager does the rest)
+        self._reauth_tries = 0
+        self._delete_cause = "local"  # the IkeDown cause once our DELETE is done (delete())
+        self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
+        self._lease: tuple[Pool, bytes] | None = None
+        self.virtual_ip: str | None = None  # what the peer assigned us (client side)
+        self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
+        self._rekeys_done: dict[int, list[tuple[bytes, bytes, ChildUp, bool]]] = {}
+        self.up_at: float | None = None  # when it was established (or took over by rekeying)
+        self.expire_at: float | None = None  # hard lifetime: rekey_time + over_time after up_at
+        self.initial_contact = False  # responder: the peer's IKE_AUTH carried INITIAL_CONTACT (§2.4)
+
+    @property
+    def _sa(self) -> IkeSa:
+        """This IKE SA as events name it: every instance is an IkeSa, the layers are never used alone."""
+        return cast("IkeSa", self)
+
+    def __repr__(self) -> str:
+        return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
+
+    def datagrams(self) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        ev, self._events = self._events, []
+        return ev
+
+    @property
+    def established(self) -> bool:
+        return self.state == "established"
+
+    @property
+    def idle(self) -> bool:
+        """No request of ours outstanding or queued (the window is free)."""
+        return self._outstanding is None and not self._queue
+
+    def _send_request(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
+        assert self.tx is not None
+        flags = Flag.INITIATOR if self.initiator else 0
+        msg = m.Message(self.spi_i, self.spi_r, exchange, flags, self._next_mid)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        mid = self._next_mid
+        self._next_mid += 1
+        self._request(mid, data, now)
+
+    def _request(self, mid: int, data: bytes, now: float) -> None:
+        self._outstanding = (mid, data, 0, now + self.cfg.retransmit_timeout)
+        self._emit(data)
+
+    def _respond(self, req: m.Message, inner: list[m.AnyPayload]) -> None:
+        assert self.tx is not None
+        flags = Flag.RESPONSE | (Flag.INITIATOR if self.initiator else 0)
+        msg = m.Message(self.spi_i, self.spi_r, req.exchange, flags, req.message_id)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        self._cached_response = (req.message_id, data)
+        self._emit(data)
+
+    def _reply_plain(self, req: m.Message, payloads: list[m.AnyPayload]) -> None:
+        """Unprotected IKE_SA_INIT error response (§2.21.1); no state is kept."""
+        resp = m.Message(req.spi_i, bytes(8), req.exchange, Flag.RESPONSE, req.message_id, payloads)
+        self._emit(resp.encode())
+
+    def _open(self, msg: m.Message) -> list[m.AnyPayload] | None:
+        assert self.rx is not None
+        try:
+            return sk.open_(msg.raw, msg, self.rx)
+        except sk.SkError:
+            self._drop("sk_invalid")
+            return None
+
+    def _emit(self, data: bytes, port: int | None = None) -> None:
+        # Only the initiator moves to port 4500 (§2.23); the responder answers wherever requests come from.
+        self._out.append(Datagram(data, self.remote, self.remote_port, port if port is not None else self.local_port))
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    failure: str = ""
+
+    def _drop(self, reason: str) -> None:
+        self._count(f"dropped_{reason}")
+
+    def _close(self, reason: str, cause: str | None = None) -> None:
+        """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
+        established and "failed" before."""
+        if self.state == "closed":
+            return
+        if cause is None:
+            cause = "local" if self.up_at is not None else "failed"
+            if self.state == "deleting":
+                cause = self._delete_cause  # our DELETE went unanswered: still why we deleted it
+        if self._lease is not None and self.successor is None:
+            self._lease[0].release(self._lease[1])  # the address goes back to the pool
+            self._lease = None
+        self.state = "closed"
+        self._outstanding = None
+        for c in self.children:
+            self._events.append(ChildDown(self._sa, c.spi_in, c.spi_out, c.child, "ike"))
+        self.children.clear()
+        self._events.append(IkeDown(self._sa, reason, cause))
+
+    def _next_queued(self, now: float) -> None:
+        """Send the next deferred request once the window (one outstanding request) is free."""
+        while self._queue and self._outstanding is None and self.state == "established":
+            self._queue.pop(0)(now)
+
+    def _child_failed(self, reason: str, counter: str = "child_failed") -> None:
+        self._count(counter)
+        self.failure = reason
+        self._events.append(ChildFailed(self._sa, reason))
+
+    def _new_child_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256:
+                return spi
+
+    def _derive(self, chosen: props.Chosen, peer_ke: bytes) -> bool:
+        assert chosen.dh is not None and chosen.prf is not None
+        try:
+            shared = chosen.dh.shared(self._dh, peer_ke)
+        except KeyExchangeError as e:
+            self._close(f"unusable key exchange data: {e}")
+            return False
+        self.chosen = chosen
+        encr_len = chosen.encr.key_len + chosen.encr.salt_len
+        integ_len = 0 if chosen.encr.aead or chosen.integ is None else chosen.integ.key_len
+        _, keys = ike_sa_keys(chosen.prf, shared, self._ni, self._nr, self.spi_i, self.spi_r, encr_len, integ_len)
+        self.keys = keys
+        integ = None if chosen.encr.aead else chosen.integ
+        i_keys = sk.SkKeys(chosen.encr, integ, keys.sk_ei, keys.sk_ai)
+        r_keys = sk.SkKeys(chosen.encr, integ, keys.sk_er, keys.sk_ar)
+        self.tx, self.rx = (i_keys, r_keys) if self.initiator else (r_keys, i_keys)
+        return True
+
+    def _detect_nat(self, msg: m.Message) -> None:
+        src = msg.notify(Notify.NAT_DETECTION_SOURCE_IP)
+        dst = msg.notify(Notify.NAT_DETECTION_DESTINATION_IP)
+        if src is None or dst is None:
+            return
+        # the peer's view: its source is (remote, remote_port); our address is its destination
+        want_src = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.remote, self.remote_port)
+        want_dst = nat_hash(msg.spi_i, msg.spi_r if msg.is_response else bytes(8), self.cfg.local_addr,
+                            self.local_port)  # fmt: skip
+        # §2.23: a different destination hash means *our* address was translated: we are behind the NAT
+        # and keep its mapping open with NAT-keepalives (RFC 3948 §2.3)
+        if dst.data != want_dst:
+            self.behind_nat = True
+        if src.data != want_src or dst.data != want_dst or self.nat:
+            self.nat = True
+            if self.initiator:
+                self.local_port = NAT_T_PORT
+                self.remote_port = NAT_T_PORT
+
+    def _nat_notifies(self) -> list[m.AnyPayload]:
+        local = self.cfg.local_addr
+        if self.cfg.encap:
+            # RFC 7296 §2.23 allows faking the source hash to force UDP encapsulation
+            self.nat = True
+            src_hash = self.rng(20)
+        else:
+            src_hash = nat_hash(self.spi_i, self.spi_r, local, self.local_port)
+        return [
+            m.Notify(Notify.NAT_DETECTION_SOURCE_IP, src_hash),
+            m.Notify(
+                Notify.NAT_DETECTION_DESTINATION_IP, nat_hash(self.spi_i, self.spi_r, self.remote, self.remote_port)
+            ),
+        ]
