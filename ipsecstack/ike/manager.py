@@ -218,7 +218,9 @@ class IkeManager:
 
     def events(self) -> list[Event]:
         out, self._closed_events = self._closed_events, []
-        for key, sa in list(self.sas.items()):
+        # live IKE SAs first: an SA replaced by a newer one (unique, reauth) reports its ChildDown after
+        # the newer one's ChildUp, so the shared policies (same reqid) never go away in between
+        for key, sa in sorted(self.sas.items(), key=lambda kv: kv[1].state == "closed"):
             evs = sa.events()
             for ev in evs:
                 if isinstance(ev, IkeRekeyed):

@@ -87,6 +87,9 @@ def test_unique_policy_on_the_responder(unique: str, initial_contact: bool, repl
         assert "replaced by a new IKE SA of '172.31.0.1'" in downs[0].reason
         assert ("unique = replace" if unique == "replace" else "INITIAL_CONTACT") in downs[0].reason
         assert [(e.spi_in, e.cause) for e in ev_b if isinstance(e, ChildDown)] == [(old_child, "ike")]
+        # the new child is reported up before the old one down: shared policies never disappear in between
+        order = [type(e).__name__ for e in ev_b if isinstance(e, ChildUp | ChildDown)]
+        assert order == ["ChildUp", "ChildDown"], order
         # the old peer state is told (one DELETE, not waited for): a1 sees the peer delete it
         assert [e.cause for e in a1.events() if isinstance(e, IkeDown)] == ["peer"]
         assert b.stats["unique_replaced"] == 1
