@@ -130,7 +130,8 @@ class ChildExchanges(IkeRekeying):
             jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * child.rekey_time
             rekey_at = now + child.rekey_time - jitter
         up = ChildUp(self._sa, child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote,
-                     encap, replaces, rekey_at, "ah" if chosen.protocol == Protocol.AH else "esp")  # fmt: skip
+                     encap, replaces, rekey_at, "ah" if chosen.protocol == Protocol.AH else "esp",
+                     initiator)  # fmt: skip
         self.children.append(up)
         self._events.append(up)
 

@@ -181,6 +181,7 @@ class ChildUp:
     replaces: int | None = None  # inbound SPI of the child SA this one rekeys (make-before-break)
     rekey_at: float | None = None
     protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
+    initiated: bool = True  # we initiated the exchange that created it (for a rekey: §2.8's "initiator")
 
 
 @dataclass

@@ -57,6 +57,8 @@ from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
+PENDING_POLL = 0.02  # how often a held-back outbound SA checks for traffic on its inbound half ...
+PENDING_TRIES = 250  # ... for at most 5 s; then it is used anyway
 KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
 
@@ -79,6 +81,8 @@ class IkeEndpoint:
         self.clock = clock
         self._socks: dict[str, socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # §2.8: outbound SAs of rekeys we answered, held back until the peer is ready: spi_in -> (SA, replaced spi_in)
+        self._pending_out: dict[int, tuple[SecurityAssociation, int]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._reqid = 0
         self._spi_reqid: dict[int, int] = {}
@@ -398,7 +402,14 @@ class IkeEndpoint:
         inb, out, pols = child_objects(ev, reqid)
         now = self.clock()
         self.dp.install(inb, now)
-        self.dp.install(out, now)
+        if rekey and not ev.initiated:
+            # §2.8: the responder of a rekey sends on the new SA only once the initiator is surely ready:
+            # traffic arrived on the new inbound SA, or the replaced SA is deleted; until then, the old one
+            assert ev.replaces is not None  # a rekey
+            self._pending_out[ev.spi_in] = (out, ev.replaces)
+            self._watch_pending(ev.spi_in, 0)
+        else:
+            self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
         self._pairs[ev.spi_in] = (inb, out)
         if continues:
@@ -417,13 +428,36 @@ class IkeEndpoint:
                       remote_ts=[str(r) for r in ev.remote_ts], key_in_fp=_fp(ev.key_in),
                       key_out_fp=_fp(ev.key_out), **extra)  # fmt: skip
 
+    def _activate_out(self, spi_in: int, why: str) -> None:
+        """Start sending on the outbound SA held back by §2.8 (see ``_install``)."""
+        pending = self._pending_out.pop(spi_in, None)
+        if pending is not None and spi_in in self._pairs:
+            self.dp.install(pending[0], self.clock())
+            self.node.notify_sas_changed()
+            self.log.info("child sa outbound switched", spi_in=f"0x{spi_in:08x}", spi_out=f"0x{pending[0].spi:08x}",
+                          why=why)  # fmt: skip
+
+    def _watch_pending(self, spi_in: int, tries: int) -> None:
+        """Poll (every PENDING_POLL s, at most PENDING_TRIES times) for traffic on the new inbound SA."""
+        if spi_in not in self._pending_out:
+            return
+        pair = self._pairs.get(spi_in)
+        if tries >= PENDING_TRIES or (pair is not None and pair[0].packets > 0):
+            self._activate_out(spi_in, "no traffic from the peer yet" if tries >= PENDING_TRIES else "peer sends on it")
+        elif self._loop is not None and not self._closing:
+            self._loop.call_later(PENDING_POLL, self._watch_pending, spi_in, tries + 1)
+
     def _uninstall_spi(self, spi_in: int) -> None:
+        for new_spi, (_, replaced) in list(self._pending_out.items()):
+            if replaced == spi_in:
+                self._activate_out(new_spi, "peer deleted the old SA")  # so it is ready for the new one
+        self._pending_out.pop(spi_in, None)
         reqid = self._spi_reqid.pop(spi_in, None)
         pair = self._pairs.pop(spi_in, None)
         if reqid is None or pair is None:
             return
         for s in pair:
-            self.dp.remove(s)
+            self.dp.remove(s)  # an outbound SA still held back was never installed: removing it is a no-op
         if reqid not in self._spi_reqid.values():
             for p in self._policies.pop(reqid, []):
                 with contextlib.suppress(ValueError):

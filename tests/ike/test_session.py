@@ -269,6 +269,8 @@ def test_child_rekey_make_before_break(esp: str) -> None:
     new_i, new_r = ev_i[0], ev_r[0]
     assert isinstance(new_i, ChildUp) and isinstance(new_r, ChildUp)
     assert new_i.replaces == old_i.spi_in and new_r.replaces == old_r.spi_in
+    # §2.8: the runtime holds back the responder's new outbound SA until the initiator is surely ready
+    assert new_i.initiated and not new_r.initiated
     assert new_i.key_out == new_r.key_in and new_i.key_in == new_r.key_out
     assert new_i.key_out != old_i.key_out and new_i.spi_out == new_r.spi_in
     assert ev_i[1].spi_in == old_i.spi_in and ev_r[1].spi_in == old_r.spi_in  # type: ignore[attr-defined]

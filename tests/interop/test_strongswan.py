@@ -153,6 +153,8 @@ def test_child_rekey_under_traffic_loses_no_ping(rekeyer: str, tmp_path: Path) -
                     threading.Timer(3.0, lambda: swan.rekey(child="net")).start()
                 sent, got, out = _flood_ping(pair, 90)  # 9 s: at least one rekey at ~3-4 s
                 assert "child sa rekeyed" in d.output(), d.output() + swan.log_tail(60)
+                if rekeyer == "strongswan":  # we answered the rekey: §2.8, our new outbound SA waited for charon
+                    assert "child sa outbound switched" in d.output(), d.output()
                 assert got == sent, f"lost {sent - got} of {sent} pings across the rekey:\n{out}\n{d.output()}"
                 time.sleep(0.5)
                 (ike_sa,) = swan.list_sas()
