@@ -320,9 +320,8 @@ def parse_connections(
         vips = _list(c.get("vips", []), f"{path}.vips")
         if any(v not in ("0.0.0.0", "%any") for v in vips):
             raise ConfigError(f"{path}.vips", c["vips"], 'use ["0.0.0.0"] to ask the peer for an IPv4 address')
-        for unsupported in ("mobike",):
-            if c.get(unsupported):
-                raise ConfigError(f"{path}.{unsupported}", c[unsupported], "not supported yet; remove it")
+        if c.get("mobike"):
+            raise ConfigError(f"{path}.mobike", c["mobike"], "not supported yet; remove it")
         local_addr = _single_addr(c.get("local_addrs", []), f"{path}.local_addrs", False)
         remote_addr = _single_addr(c.get("remote_addrs", ["%any"]), f"{path}.remote_addrs", True)
         assert local_addr is not None

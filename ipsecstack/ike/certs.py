@@ -205,12 +205,23 @@ def _ca_limit(cert: x509.Certificate) -> tuple[bool, int | None]:
     return bc.ca, bc.path_length
 
 
-def _signs(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+def signs(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+    """``issuer`` issued ``cert``: names match and its key verifies the signature."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _as_issuer(ca: x509.Certificate, below: int, what: str) -> str | None:
+    """Why ``ca`` may not issue a path with ``below`` CA certificates under it (None: it may)."""
+    is_ca, limit = _ca_limit(ca)
+    if not is_ca:
+        return f"{what} {subject(ca)!r} is not a CA certificate (basicConstraints)"
+    if limit is not None and below > limit:
+        return f"path too long for CA {subject(ca)!r} (pathLenConstraint {limit})"
+    return None
 
 
 def _signing_allowed(cert: x509.Certificate) -> bool:
@@ -242,22 +253,12 @@ def verify_path(
         if any(a == cert for a in anchors):
             return None
         for anchor in anchors:
-            if anchor.subject == cert.issuer and _signs(anchor, cert):
-                is_ca, limit = _ca_limit(anchor)
-                if not is_ca:
-                    return f"trust anchor {subject(anchor)!r} is not a CA certificate (basicConstraints)"
-                if limit is not None and below > limit:
-                    return f"path too long for CA {subject(anchor)!r} (pathLenConstraint {limit})"
-                return _when(anchor, now)
-        up = next((c for c in intermediates if c.subject == cert.issuer and _signs(c, cert)), None)
+            if anchor.subject == cert.issuer and signs(anchor, cert):
+                return _as_issuer(anchor, below, "trust anchor") or _when(anchor, now)
+        up = next((c for c in intermediates if c.subject == cert.issuer and signs(c, cert)), None)
         if up is None:
             return f"no trusted CA issued {subject(cert)!r} (issuer {dn_text(cert.issuer.public_bytes())!r})"
-        is_ca, limit = _ca_limit(up)
-        if not is_ca:
-            return f"issuer {subject(up)!r} is not a CA certificate (basicConstraints)"
-        if limit is not None and below > limit:
-            return f"path too long for CA {subject(up)!r} (pathLenConstraint {limit})"
-        if (why := _when(up, now)) is not None:
+        if (why := _as_issuer(up, below, "issuer") or _when(up, now)) is not None:
             return why
         cert, below = up, below + 1  # ``up`` is one more CA between the next issuer and the leaf
     return f"certificate path longer than {MAX_PATH}"

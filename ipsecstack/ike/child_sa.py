@@ -305,15 +305,10 @@ class ChildExchanges(IkeRekeying):
         out: list[m.AnyPayload] = [m.SA([reply.to_payload()]), m.Nonce(nr)]
         shared = None
         if chosen.dh is not None:
-            if ke is None or ke.group != chosen.dh.number:
-                self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+            answer = self._answer_ke(msg, chosen.dh, ke)
+            if answer is None:
                 return None
-            priv, pub = chosen.dh.generate(self.rng)
-            try:
-                shared = chosen.dh.shared(priv, ke.data)
-            except KeyExchangeError:
-                self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
-                return None
+            pub, shared = answer
             out.append(m.KE(chosen.dh.number, pub))
         out += [m.TS([r.to_payload() for r in tsi], True), m.TS([r.to_payload() for r in tsr], False)]
         if mode == "transport":

@@ -71,15 +71,10 @@ class IkeRekeying(IkeSaCore):
         if chosen is None or chosen.dh is None or len(chosen.spi) != 8:
             self._respond(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
             return
-        if ke is None or ke.group != chosen.dh.number:
-            self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
+        answer = self._answer_ke(msg, chosen.dh, ke)
+        if answer is None:
             return
-        priv, pub = chosen.dh.generate(self.rng)
-        try:
-            shared = chosen.dh.shared(priv, ke.data)
-        except KeyExchangeError:
-            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
-            return
+        pub, shared = answer
         spi_r = self.rng(8)
         nr = self.rng(32)
         reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, chosen.prf, chosen.dh, False, chosen.number,

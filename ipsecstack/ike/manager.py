@@ -128,9 +128,7 @@ class IkeManager:
         policy = new.cfg.unique
         if policy == "never" or (policy == "no" and not new.initial_contact):
             return
-        others = [sa for sa in self.sas.values() if sa is not new and sa.established
-                  and sa.cfg.name == new.cfg.name and sa.peer_id is not None and new.peer_id is not None
-                  and same_identity(sa.peer_id, new.peer_id)]  # fmt: skip
+        others = self._same_peer(new)
         if not others:
             return
         peer = id_text(*new.peer_id) if new.peer_id else "?"
@@ -248,11 +246,16 @@ class IkeManager:
         self._reauths.append((new, old))
         self._count("reauths_started")
 
+    def _same_peer(self, sa: IkeSa) -> list[IkeSa]:
+        """The other established IKE SAs of ``sa``'s connection with the same peer identity."""
+        if sa.peer_id is None:
+            return []
+        return [o for o in self.sas.values() if o is not sa and o.established and o.cfg.name == sa.cfg.name
+                and o.peer_id is not None and same_identity(o.peer_id, sa.peer_id)]  # fmt: skip
+
     def _superseded(self, sa: IkeSa) -> bool:
         """Another established IKE SA of the same connection and peer identity stays (the peer reauthenticated)."""
-        return sa.peer_id is not None and any(
-            o is not sa and o.established and o.cfg.name == sa.cfg.name and o.peer_id is not None
-            and same_identity(o.peer_id, sa.peer_id) for o in self.sas.values())  # fmt: skip
+        return bool(self._same_peer(sa))
 
     def _reauth_progress(self, now: float) -> list[Event]:
         """Retire the old IKE SA of every reauthentication whose new SA is up with all its children."""

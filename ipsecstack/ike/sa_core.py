@@ -205,6 +205,19 @@ class IkeSaCore:
             if spi >= 256:
                 return spi
 
+    def _answer_ke(self, msg: m.Message, group: Group, ke: m.KE | None) -> tuple[bytes, bytes] | None:
+        """Responder's key exchange in CREATE_CHILD_SA (§1.3, §1.2): (our KE data, the shared secret), or
+        None once it answered INVALID_KE_PAYLOAD (the group it wants) or INVALID_SYNTAX (a bad public value)."""
+        if ke is None or ke.group != group.number:
+            self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, group.number.to_bytes(2, "big"))])
+            return None
+        priv, pub = group.generate(self.rng)
+        try:
+            return pub, group.shared(priv, ke.data)
+        except KeyExchangeError:
+            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+            return None
+
     def _derive(self, chosen: props.Chosen, peer_ke: bytes) -> bool:
         assert chosen.dh is not None and chosen.prf is not None
         try:

@@ -381,8 +381,6 @@ class IkeEndpoint:
         sa = ev.sa
         rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
         trap = self.traps.get((sa.cfg.name, ev.child.name))
-        peer = sa.peer_id if sa.peer_id is not None else sa.remote
-        key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)), tuple(map(str, ev.remote_ts)))
         if rekey:
             # make-before-break (RFC 7296 §2.8): same reqid, so the policies stay and the newest
             # outbound SA takes over at once; the old pair goes when its DELETE is done
@@ -391,6 +389,9 @@ class IkeEndpoint:
             reqid = trap  # the trap policies (installed at start) bind the negotiated SAs
         else:
             # the same child and selectors already up in another IKE SA of this peer (reauthentication): its reqid
+            peer = sa.peer_id if sa.peer_id is not None else sa.remote
+            key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)),
+                   tuple(map(str, ev.remote_ts)))  # fmt: skip
             in_use = set(self._spi_reqid.values())
             reqid = next((r for r, k in self._reqid_keys.items() if k == key and r in in_use), 0)
             if not reqid:
