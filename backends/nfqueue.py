@@ -216,7 +216,8 @@ def plan_rules(
         add("filter", CHAIN_OUT, "-p", "esp", "-j", "RETURN")
         add("filter", CHAIN_OUT, *_proto_arg(51, fam), "-j", "RETURN")
         for port in encap:
-            add("filter", CHAIN_OUT, "-p", "udp", "--sport", str(port), "--dport", str(port), "-j", "RETURN")
+            # our ESP in UDP and IKE on the NAT-T port leave from it (to any port: a NAT maps the peer's)
+            add("filter", CHAIN_OUT, "-p", "udp", "--sport", str(port), "-j", "RETURN")
         if fam == 6:
             for nd in _ND_TYPES:
                 add("filter", CHAIN_OUT, "-p", "icmpv6", "--icmpv6-type", nd, "-j", "RETURN")
@@ -517,6 +518,10 @@ class NfqueueTransport:
                     )
         encap = {c.encap_port for c in cfg.manual if c.encap}
         ike_ports = {500} if cfg.connections else set()
+        if cfg.connections:
+            # RFC 7296 §2.23: IKE floats to 4500 across a NAT; ESP in UDP and IKE there are queued inbound
+            # (the datapath hands IKE to the endpoint's socket, runtime/agent.py attach_ike)
+            encap.add(a.encap_port)
         return cls(
             dp, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, bypass=a.queue_bypass, mss_clamp=a.mss_clamp,
             encap_ports=encap, log=log, ike_ports=ike_ports,

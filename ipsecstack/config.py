@@ -45,8 +45,9 @@ _TS_RE = re.compile(r"^(?P<net>[^\[\]]+?)(?:\[(?P<proto>[\w]+)?(?:/(?P<port>[\w\
 
 @dataclass
 class AgentConfig:
-    inner_backend: str = "tun"
-    outer_backend: str = "raw"
+    # None until resolved from the children (``resolve_backends``): transport mode -> nfqueue, tunnel -> tun + raw
+    inner_backend: str | None = None
+    outer_backend: str | None = None
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None
     tun_addrs: list[str] = field(default_factory=list)
@@ -237,13 +238,10 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
         else:
             _type(path, v, int, "an integer")
         setattr(a, k, v)
-    if a.inner_backend not in INNER_BACKENDS:
-        raise ConfigError("agent.inner_backend", a.inner_backend, f"use one of {', '.join(INNER_BACKENDS)}")
-    if a.outer_backend not in OUTER_BACKENDS:
-        raise ConfigError("agent.outer_backend", a.outer_backend, f"use one of {', '.join(OUTER_BACKENDS)}")
-    if (a.inner_backend == "nfqueue") != (a.outer_backend == "nfqueue"):
-        raise ConfigError("agent.outer_backend", a.outer_backend,
-                          "NFQUEUE handles both sides: set inner_backend and outer_backend to nfqueue")  # fmt: skip
+    for key, value, known in (("inner", a.inner_backend, INNER_BACKENDS), ("outer", a.outer_backend, OUTER_BACKENDS)):
+        if value is not None and value not in known:
+            fix = f"use one of {', '.join(known)}, or leave it out: it follows from the children"
+            raise ConfigError(f"agent.{key}_backend", value, fix)
     if a.log_format not in ("console", "json"):
         raise ConfigError("agent.log_format", a.log_format, "use console or json")
     if not 1 <= a.batch_size <= 4096:
@@ -366,6 +364,7 @@ def parse(
     from ipsecstack.connections import parse_connections
 
     ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools, read_bytes)
+    resolve_backends(agent, manual, ike.peers)
     for peer in ike.peers:
         ah = next((ch.name for ch in peer.children if ch.protocol == "ah"), None)
         if ah is not None and agent.outer_backend == "udp":
@@ -379,6 +378,60 @@ def parse(
     if not manual and not ike.peers:
         raise ConfigError("connections", "<missing>", "define a [connections.<name>] or a [manual.<name>] connection")
     return Config(agent, manual, ike.peers, ike.start, ike.trap, ike.notices)
+
+
+def _modes(manual: list[ManualConnection], peers: list[PeerConfig]) -> dict[str, list[str]]:
+    """Key paths of every connection/child by mode."""
+    out: dict[str, list[str]] = {"tunnel": [], "transport": []}
+    for c in manual:
+        out[c.mode].append(f"manual.{c.name}")
+    for peer in peers:
+        for child in peer.children:
+            out[child.mode].append(f"connections.{peer.name}.children.{child.name}")
+    return out
+
+
+def resolve_backends(a: AgentConfig, manual: list[ManualConnection], peers: list[PeerConfig]) -> None:
+    """Pick the packet I/O backends the children need, or refuse a choice that cannot carry them.
+
+    Protection that is reported but not applied must be impossible (RFC 4301 §4.4.1: traffic a PROTECT
+    policy covers is protected or dropped). A TUN device only sees packets routed into it, i.e. tunnel
+    mode traffic to remote subnets; the host's own traffic to a peer (transport mode) never enters it,
+    so transport mode needs NFQUEUE, which queues exactly that traffic and also carries the protected
+    side (inner and outer in one). So: all children in transport mode -> ``nfqueue``/``nfqueue``; all
+    in tunnel mode -> ``tun`` + ``raw`` (raw ESP/AH plus the UDP encapsulation socket for NAT
+    traversal, per SA); both in one file -> an error (one daemon runs one inner plane; run two).
+    """
+    modes = _modes(manual, peers)
+    if "nfqueue" in (a.inner_backend, a.outer_backend) and None in (a.inner_backend, a.outer_backend):
+        a.inner_backend = a.outer_backend = "nfqueue"  # NFQUEUE is both planes
+    if a.inner_backend is None and a.outer_backend is None:
+        if modes["tunnel"] and modes["transport"]:
+            raise ConfigError("agent.inner_backend", "<missing>",
+                              f"tunnel-mode ({', '.join(modes['tunnel'])}) and transport-mode "
+                              f"({', '.join(modes['transport'])}) children in one file: one daemon carries one "
+                              "kind (TUN for tunnel mode, NFQUEUE for transport mode); split them into two "
+                              "configuration files and run two daemons")  # fmt: skip
+        a.inner_backend, a.outer_backend = ("nfqueue", "nfqueue") if modes["transport"] else ("tun", "raw")
+    if a.inner_backend is None:
+        a.inner_backend = "tun" if a.outer_backend in ("raw", "udp") else a.outer_backend
+    if a.outer_backend is None:
+        a.outer_backend = "raw" if a.inner_backend == "tun" else a.inner_backend
+    if (a.inner_backend == "nfqueue") != (a.outer_backend == "nfqueue"):
+        raise ConfigError("agent.outer_backend", a.outer_backend,
+                          f"NFQUEUE is both planes: with inner_backend = {a.inner_backend!r} use raw or udp, "
+                          "or set both to nfqueue (or leave both out: they follow from the children)")  # fmt: skip
+    why = "leave agent.inner_backend and agent.outer_backend out: they follow from the children"
+    if a.inner_backend == "tun" and modes["transport"]:
+        raise ConfigError("agent.inner_backend", "tun",
+                          f"{modes['transport'][0]} is transport mode: it protects this host's own traffic to "
+                          "the peer, which never enters a TUN device, so it would flow in clear; use nfqueue, "
+                          f"or {why}")  # fmt: skip
+    if a.inner_backend == "nfqueue" and modes["tunnel"]:
+        raise ConfigError("agent.inner_backend", "nfqueue",
+                          f"{modes['tunnel'][0]} is tunnel mode: NFQUEUE protects this host's own traffic "
+                          "(transport mode) only; tunnel mode routes the subnets into a TUN device: use tun, "
+                          f"or {why}")  # fmt: skip
 
 
 def manual_sas(c: ManualConnection) -> tuple[SecurityAssociation, SecurityAssociation]:

@@ -42,6 +42,8 @@ class Reason:
     NO_POLICY: Final = "no_policy"
     NO_SA: Final = "no_sa"
     ECN_DROP: Final = "ecn_drop"
+    # decrypted, but this node has no inner plane for it (ESP in UDP on the NFQUEUE node's IKE socket)
+    NO_INNER_PLANE: Final = "no_inner_plane"
 
 
 #: Reasons that are normal protocol behaviour, counted but never logged as anomalies.

@@ -93,6 +93,13 @@ def write_wireshark(keys: dict[str, Any], directory: str) -> list[str]:
     return out
 
 
+def _nat_text(e: dict[str, Any]) -> str:
+    """strongSwan's words: what NAT detection found (nat-local, nat-remote) and forced encapsulation (nat-fake)."""
+    found = [w for k, w in (("nat_local", "nat-local"), ("nat_remote", "nat-remote"), ("encap_forced", "nat-fake"))
+             if e.get(k)]  # fmt: skip
+    return f" ({', '.join(found)}, ESP in UDP)" if found else ""
+
+
 def render(command: str, result: Any) -> str:
     """Plain-text listing of a control-socket answer."""
     if command == "status":
@@ -126,7 +133,7 @@ def render(command: str, result: Any) -> str:
                                  f"{s['transform']} {s['packets']} packets {s['bytes']} bytes")  # fmt: skip
                 continue
             lines.append(f"{e['name']}: {e['state']}, {e['proposal']}, spi {e['spi_i']}_{e['spi_r']}, peer "
-                         f"{e['remote']}:{e['remote_port']}{' (NAT)' if e['nat'] else ''}")  # fmt: skip
+                         f"{e['remote']}:{e['remote_port']}{_nat_text(e)}")  # fmt: skip
             if e.get("remote_id"):
                 cert = f", certificate {e['remote_cert']!r}" if e.get("remote_cert") else ""
                 lines.append(f"  {e['local_id']!r} === {e['remote_id']!r} (authenticated by {e['remote_auth']}{cert})")

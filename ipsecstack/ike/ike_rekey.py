@@ -93,6 +93,8 @@ class IkeRekeying(IkeSaCore):
         new.local_port = self.local_port
         new.nat = self.nat
         new.behind_nat = self.behind_nat
+        new.peer_behind_nat = self.peer_behind_nat
+        new.nat_fake = self.nat_fake
         new.peer_id = self.peer_id
         new._lease = self._lease
         new.spi_i, new.spi_r = spi_i, spi_r

@@ -62,8 +62,10 @@ class IkeSaCore:
         self.keys: IkeKeys | None = None
         self.tx: sk.SkKeys | None = None
         self.rx: sk.SkKeys | None = None
-        self.nat = False
-        self.behind_nat = False
+        self.nat = False  # ESP goes in UDP (RFC 3948): a NAT was detected, or encapsulation is forced
+        self.behind_nat = False  # NAT detection: our address is translated (we send the keepalives)
+        self.peer_behind_nat = False  # NAT detection: the peer's address is translated (or it fakes it)
+        self.nat_fake = False  # we faked our source hash to force encapsulation (``encap = true``)
         self.peer_id: tuple[int, bytes] | None = None
         self.stats: dict[str, int] = {}
         self._group: Group | None = None
@@ -249,17 +251,24 @@ class IkeSaCore:
         # and keep its mapping open with NAT-keepalives (RFC 3948 §2.3)
         if dst.data != want_dst:
             self.behind_nat = True
+        if src.data != want_src:
+            self.peer_behind_nat = True
         if src.data != want_src or dst.data != want_dst or self.nat:
             self.nat = True
             if self.initiator:
                 self.local_port = NAT_T_PORT
                 self.remote_port = NAT_T_PORT
 
+    def nat_report(self) -> dict[str, bool]:
+        """What NAT detection found (§2.23), and encapsulation forced by config, reported separately."""
+        return {"nat_local": self.behind_nat, "nat_remote": self.peer_behind_nat, "encap_forced": self.nat_fake,
+                "encap": self.nat}  # fmt: skip
+
     def _nat_notifies(self) -> list[m.AnyPayload]:
         local = self.cfg.local_addr
         if self.cfg.encap:
             # RFC 7296 §2.23 allows faking the source hash to force UDP encapsulation
-            self.nat = True
+            self.nat = self.nat_fake = True
             src_hash = self.rng(20)
         else:
             src_hash = nat_hash(self.spi_i, self.spi_r, local, self.local_port)

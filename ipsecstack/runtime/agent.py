@@ -44,21 +44,35 @@ def local_address(cfg: Config) -> str:
     return cfg.connections[0].local_addr
 
 
-def force_encap(cfg: Config, udp_outer: bool) -> None:
-    """ESP leaves through the UDP socket only: make every IKE SA negotiate UDP encapsulation."""
-    if udp_outer:
+def force_encap(cfg: Config, agent: Any = None) -> None:
+    """``outer_backend = "udp"``: ESP leaves through the UDP socket only, so every IKE SA negotiates UDP
+    encapsulation (RFC 7296 §2.23 allows faking NAT detection for that). Any other outer plane sends each
+    SA the way IKE found the path: raw ESP/AH without NAT, ESP in UDP across one."""
+    if (agent or cfg.agent).outer_backend == "udp":
         for peer in cfg.connections:
             peer.encap = True
 
 
 def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
-    """Create the IKE endpoint for ``[connections]`` (None without any) and hook it to the node."""
+    """Create the IKE endpoint for ``[connections]`` (None without any) and hook it to the node.
+
+    IKE always listens on UDP 500 and on the NAT-T port 4500 (RFC 7296 §2.23: a peer behind a NAT, or
+    one that always encapsulates, floats there after IKE_SA_INIT). Port 4500 is the outer plane's UDP
+    socket when it has one (ESP in UDP shares it); with NFQUEUE it is a socket of its own for IKE, while
+    ESP in UDP to it is queued with the rest of the inbound ESP.
+    """
     if not cfg.connections:
         return None
     from ipsecstack.runtime.ike import IkeEndpoint
 
     encap = node.outer if hasattr(node.outer, "send_ike") else None
-    force_encap(cfg, encap is not None)
+    if encap is None:
+        from backends.udp import UdpEncapPort
+
+        encap = UdpEncapPort(local_address(cfg), cfg.agent.encap_port)
+        node.on_stop.append(encap.close)
+        node.side_ports.append(encap)
+    force_encap(cfg)
     ike = IkeEndpoint(node, cfg.connections, cfg.start, encap=encap, log=log or node.log, traps=node.traps,
                       acquire_names=cfg.trap)  # fmt: skip
     node.on_start.append(ike.start)
@@ -118,6 +132,17 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
             from backends.rawsock import RawPort
 
             outer = RawPort(family, local=local)
+            if cfg.connections or any(c.encap for c in cfg.manual):
+                # the outer plane is a set of ports, as in the kernel: ESP/AH in IP, and ESP in UDP (with
+                # IKE on 4500) for the SAs that cross a NAT
+                from backends.outer import OuterSet
+                from backends.udp import UdpEncapPort
+
+                try:
+                    outer = OuterSet(outer, UdpEncapPort(local, a.encap_port))
+                except BaseException:
+                    outer.close()
+                    raise
         else:
             raise BackendError(f"outer_backend = {a.outer_backend!r} cannot be combined with inner_backend = 'tun'")
     except BaseException:
@@ -215,7 +240,7 @@ class Reloader:
         from ipsecstack.ike.install import trap_policies
 
         old, dp, now = self.cfg, self.node.datapath, time.monotonic()
-        force_encap(new, self.ike is not None and self.ike.encap is not None)  # as attach_ike did
+        force_encap(new, old.agent)  # as attach_ike did: the running outer plane decides
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
         if new.agent != old.agent:
             self.log.warning("[agent] changed: restart the daemon to apply it (the rest is reloaded)")

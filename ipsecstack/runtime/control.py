@@ -125,7 +125,7 @@ class ControlServer:
                 entry: dict[str, Any] = {
                     "name": sa.cfg.name, "state": sa.state, "initiator": sa.initiator, "remote": sa.remote,
                     "remote_port": sa.remote_port, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
-                    "proposal": sa.chosen.describe() if sa.chosen else None, "nat": sa.nat,
+                    "proposal": sa.chosen.describe() if sa.chosen else None, **sa.nat_report(),
                     "rekey_at": sa.rekey_at, "reauth_at": sa.reauth_at, "children": [],
                     "local_id": id_text(*sa.cfg.local_id), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
                     "remote_auth": sa.peer_auth or None,

@@ -289,7 +289,7 @@ class IkeEndpoint:
             suite = sa.chosen.describe() if sa.chosen else "?"
             extra = {"peer_cert_issuer": dn_text(sa.peer_cert.issuer.public_bytes())} if sa.peer_cert else {}
             self.log.info("ike sa established", conn=sa.cfg.name, peer=sa.remote, peer_id=peer, proposal=suite,
-                          peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), nat=sa.nat,
+                          peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), **sa.nat_report(),
                           **extra)  # fmt: skip
             self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):

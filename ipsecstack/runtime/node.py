@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any
 import structlog
 
 from ipsecstack.datapath import Acquire, Datapath, IkeDatagram, Result
+from ipsecstack.errors import Reason
 from ipsecstack.runtime.io import PacketPort, QueuePort
 from ipsecstack.runtime.logs import DropReporter
 from ipsecstack.sa import SAEvent
@@ -77,6 +79,8 @@ class Node:
         self.traps: dict[tuple[str, str], int] = {}  # reqids of trap policies by (connection, child)
         self.control_task: Any = None
         self.on_reload: Callable[[], None] | None = None  # SIGHUP
+        # outer ports beside the main planes, read only: IKE's NAT-T socket next to NFQUEUE (runtime/agent.py)
+        self.side_ports: list[PacketPort] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -91,6 +95,8 @@ class Node:
             self.queue_out.attach(self._loop, self._queue_out_readable)
         if self.queue_in is not None:
             self.queue_in.attach(self._loop, self._queue_in_readable)
+        for port in self.side_ports:
+            port.attach(self._loop, functools.partial(self._side_readable, port))
         self._arm_timer()
         self.log.info("node started", batch=self.batch_size)
         for hook in self.on_start:
@@ -167,6 +173,21 @@ class Node:
         self._after(res, "in")
         if len(pkts) >= self.batch_size:
             self._again("outer", self._outer_readable)
+
+    def _side_readable(self, port: PacketPort) -> None:
+        """A side port (no inner plane behind it): IKE goes to ``on_ike``; plaintext has nowhere to go."""
+        pkts = port.read_batch(self.batch_size)
+        if not pkts:
+            return
+        res = self.datapath.inbound(pkts, self.clock())
+        if res.to_inner:
+            # ESP in UDP that the NFQUEUE rules did not queue (a peer without a policy): counted, not delivered
+            res.dropped.extend((Reason.NO_INNER_PLANE, p) for p in res.to_inner)
+            drops = self.datapath.drops
+            drops[Reason.NO_INNER_PLANE] = drops.get(Reason.NO_INNER_PLANE, 0) + len(res.to_inner)
+        self._after(res, "in")
+        if len(pkts) >= self.batch_size:
+            self._again(f"side{id(port)}", functools.partial(self._side_readable, port))
 
     def _queue_out_readable(self) -> None:
         assert self.queue_out is not None

@@ -1,7 +1,10 @@
 """The truth test: ipsecstack against strongSwan (charon + kernel-libipsec) in namespaces.
 
-ipsecstack runs ``ipsecstack run`` in namespace A (TUN inner side, ESP in UDP on 4500 outer side,
-IKE on 500/4500); strongSwan runs in namespace B with its userspace ESP. Site-to-site layout:
+ipsecstack runs ``ipsecstack run`` in namespace A with the configuration a user writes: no backend
+keys, so TUN for the tunnel-mode child and the default outer plane (raw ESP, plus ESP in UDP on 4500
+with IKE on 500/4500; kernel-libipsec always encapsulates, so IKE floats and ESP goes in UDP);
+``test_interop_udp_outer`` runs once with ``outer_backend = "udp"``. strongSwan runs in namespace B
+with its userspace ESP. Site-to-site layout:
 10.1.0.0/16 behind A, 10.2.0.0/16 behind B. Either side initiates; then ping and a TCP transfer
 cross the tunnel, and both sides must agree on the SAs.
 """
@@ -23,9 +26,6 @@ PSK = "interop-psk-0123456789abcdef"
 
 CONFIG = """
 [agent]
-inner_backend = "tun"
-outer_backend = "udp"
-tun_name = "ips0"
 tun_addrs = ["10.1.0.1/16"]
 log_level = "info"
 
@@ -71,11 +71,22 @@ def _lan(ns: nsutil.Netns, addr: str) -> None:
 @pytest.mark.parametrize("initiator", ["ipsecstack", "strongswan"])
 @pytest.mark.parametrize(("ike", "esp", "swan_encr", "swan_dh"), SUITES, ids=[s[0] for s in SUITES])
 def test_interop(initiator: str, ike: str, esp: str, swan_encr: str, swan_dh: str, tmp_path: Path) -> None:
+    _interop(initiator, ike, esp, swan_encr, swan_dh, tmp_path, "")
+
+
+def test_interop_udp_outer(tmp_path: Path) -> None:
+    """The same with the outer plane named: everything in UDP (RFC 3948), encapsulation forced."""
+    _interop("strongswan", *SUITES[0], tmp_path, 'outer_backend = "udp"\n')
+
+
+def _interop(initiator: str, ike: str, esp: str, swan_encr: str, swan_dh: str, tmp_path: Path, agent: str) -> None:
     _require()
     with nsutil.netns_pair("ix") as pair:
         _lan(pair.b, "10.2.0.1/16")
         cfg = CONFIG.format(local=pair.addr_a, remote=pair.addr_b, ike=ike, esp=esp, psk=PSK,
                             start="start" if initiator == "ipsecstack" else "none")  # fmt: skip
+        cfg = cfg.replace("[agent]\n", "[agent]\n" + agent)
+        assert ("outer_backend" in cfg) == bool(agent) and "inner_backend" not in cfg
         (tmp_path / "a.toml").write_text(cfg)
         with sw.strongswan(pair.b, local=pair.addr_b, remote=pair.addr_a, psk=PSK, local_ts="10.2.0.0/16",
                            remote_ts="10.1.0.0/16", ike_proposals=ike, esp_proposals=esp, conn="swan",
@@ -239,9 +250,6 @@ def test_ike_sa_rekey_under_traffic_loses_no_ping(rekeyer: str, tmp_path: Path) 
 
 CONCENTRATOR = """
 [agent]
-inner_backend = "tun"
-outer_backend = "udp"
-tun_name = "ips0"
 tun_addrs = ["10.1.0.1/16"]
 log_level = "info"
 

@@ -3,6 +3,10 @@
 Host A has a trap policy (``start_action = "trap"``): the first TCP segment to B hits it, the datapath
 raises an acquire, A negotiates with B, and the retransmitted SYN finds the child SA. The transfer is
 checked end to end, and the wire carries only IKE (UDP 500) and ESP between the hosts.
+
+The configuration names no backend: a transport-mode child means NFQUEUE on both planes
+(``config.resolve_backends``). Before that rule the default TUN backend was started, the child SA was
+reported installed and the hosts' traffic flowed in clear.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ pytestmark = [pytest.mark.root]
 
 CONFIG = """
 [agent]
-inner_backend = "nfqueue"
-outer_backend = "nfqueue"
 log_level = "info"
 
 [connections.host]
