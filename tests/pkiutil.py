@@ -73,6 +73,7 @@ def issue(
     days: tuple[int, int] = (-1, 365),
     key_usage: str | None = None,
     org: str = "ipsecstack test",
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
 ) -> Issued:
     """A certificate for ``cn`` signed by ``issuer`` (self-signed when None)."""
     key = new_key(kind)
@@ -96,6 +97,8 @@ def issue(
             names.append(x509.RFC822Name(s) if "@" in s else x509.DNSName(s))
     if names:
         b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    for ext, critical in extensions:  # (extension, critical)
+        b = b.add_extension(ext, critical=critical)
     if key_usage == "encipher-only":
         b = b.add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False, False), critical=True)
     signer = issuer.key if issuer else key
