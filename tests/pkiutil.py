@@ -104,3 +104,22 @@ def issue(
     signer = issuer.key if issuer else key
     algo = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return Issued(b.sign(signer, algo), key)
+
+
+def crl(
+    issuer: Issued, revoked: tuple[Issued, ...] = (), *, reason: x509.ReasonFlags | None = None, next_days: int = 7
+) -> x509.CertificateRevocationList:
+    """A CRL by ``issuer`` listing ``revoked`` (each with ``reason`` if given)."""
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(NOW - datetime.timedelta(days=1))
+        .next_update(NOW + datetime.timedelta(days=next_days))
+    )
+    for r in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(r.cert.serial_number).revocation_date(NOW)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        b = b.add_revoked_certificate(entry.build())
+    algo = None if isinstance(issuer.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return b.sign(issuer.key, algo)

@@ -19,7 +19,9 @@ passed in (seconds since the epoch), so the sans-IO core never reads a clock.
   must name a purpose IKE may use (RFC 4945 §5.1.3.12), and it needs no subjectAltName (whether the
   peer's identity is in it is ``cert_has_id``'s question). The verifier decides; when it refuses, the
   path is walked again here only to name the cause in words. A pinned peer certificate
-  (``remote.certs``) is its own and only trust anchor. Revocation (CRL, OCSP) is not checked.
+  (``remote.certs``) is its own and only trust anchor.
+* Revocation: the path the verifier built (not the anchor) is looked up in the configured CRLs
+  (``remote.crls``, direct CRLs signed by the certificate's issuer, RFC 5280 §6.3); OCSP is not used.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -223,11 +226,15 @@ _KNOWN = {
 }  # fmt: skip
 
 
-def _ext(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+def _ext_of(extensions: x509.Extensions, kind: type[_E]) -> _E | None:
     try:
-        return cert.extensions.get_extension_for_class(kind).value
+        return extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+
+
+def _ext(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    return _ext_of(cert.extensions, kind)
 
 
 def _signing_problem(cert: x509.Certificate) -> str | None:
@@ -361,17 +368,54 @@ def _diagnose(
     return f"certificate {subject(leaf)!r} refused by path validation: {said}"
 
 
+def _crl_usable(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """A direct CRL (RFC 5280 §5) of ``issuer``: its name, its signature, no critical extension we do not know."""
+    if crl.issuer != issuer.subject:
+        return False
+    for ext in crl.extensions:
+        if isinstance(ext.value, x509.IssuingDistributionPoint) and ext.value.indirect_crl:
+            return False  # RFC 5280 §5.2.5: entries may belong to other issuers; not supported
+        if ext.critical and isinstance(ext.value, x509.UnrecognizedExtension):
+            return False  # RFC 5280 §5.2: a CRL with an unknown critical extension must not be used
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def revoked(chain: list[x509.Certificate], crls: Sequence[x509.CertificateRevocationList]) -> str | None:
+    """Why a certificate of ``chain`` (leaf first, trust anchor last) is revoked by its issuer's CRL (None: none is).
+
+    The anchor itself is trusted as configured. A stale CRL (past nextUpdate) still counts: a serial it
+    lists stays revoked. A delta CRL's removeFromCRL entry (RFC 5280 §5.3.1) is not a revocation.
+    """
+    for cert, issuer in itertools.pairwise(chain):
+        for crl in crls:
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is None or not _crl_usable(crl, issuer):
+                continue
+            reason = _ext_of(entry.extensions, x509.CRLReason)
+            if reason is not None and reason.reason == x509.ReasonFlags.remove_from_crl:
+                continue
+            why = f", reason {reason.reason.value}" if reason is not None else ""
+            return (f"certificate {subject(cert)!r} revoked {entry.revocation_date_utc:%Y-%m-%d %H:%M:%S}Z "
+                    f"(CRL of {subject(issuer)!r}{why})")  # fmt: skip
+    return None
+
+
 def verify_path(
     leaf: x509.Certificate,
     intermediates: list[x509.Certificate],
     anchors: list[x509.Certificate],
     pinned: list[x509.Certificate],
     now: float,
+    crls: Sequence[x509.CertificateRevocationList] = (),
 ) -> str | None:
     """None if ``leaf`` is trusted at time ``now``; otherwise why not, in words.
 
     cryptography's RFC 5280 verifier decides, with our IKE profile (RFC 4945 §5.1.3) as extension
-    policies; a pinned ``leaf`` is its own trust anchor and nothing else is.
+    policies; a pinned ``leaf`` is its own trust anchor and nothing else is. Then the path it built
+    is checked against ``crls``.
     """
     pin = any(p == leaf for p in pinned)
     if not pin and not anchors:
@@ -386,7 +430,7 @@ def verify_path(
         .build_client_verifier()  # the client profile asks for no subjectAltName: the identity check is ours
     )
     try:
-        verifier.verify(leaf, [] if pin else intermediates)
+        chain = verifier.verify(leaf, [] if pin else intermediates).chain
     except VerificationError as e:
         return _diagnose(leaf, intermediates, [] if pin else anchors, t, _verifier_says(e))
-    return None
+    return revoked(chain, crls)

@@ -6,6 +6,7 @@ test run with ``tests/pkiutil.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from ipsecstack.ike.certs import verify_path
 from ipsecstack.ike.session import IkeDown, IkeUp
 from tests.ike.test_auth import _cert_cfg, _wire
 from tests.ike.test_session import A, B, _cfg, _events
-from tests.pkiutil import Issued, issue
+from tests.pkiutil import Issued, crl, issue
 
 NOW = time.time()
 DAY = 86400.0
@@ -222,3 +223,42 @@ def test_ike_auth_refuses_a_peer_certificate_not_for_ike() -> None:
     down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
     assert down and "is not for IKE" in down[0].reason, down
     assert not any(isinstance(e, IkeUp) for e in _events(w.i))
+
+
+# --- revocation (remote.crls) ----------------------------------------------------------------------------
+
+
+def test_revoked_end_entity_and_intermediate() -> None:
+    leaf, (sub,), (root,) = _via({}, {})
+    path = ([sub.cert], [root.cert], [])
+    assert verify_path(leaf.cert, *path, NOW, [crl(sub), crl(root)]) is None  # CRLs listing nothing
+    why = verify_path(leaf.cert, *path, NOW, [crl(root), crl(sub, (leaf,), reason=x509.ReasonFlags.key_compromise)])
+    assert why is not None and f"certificate {LEAF} revoked" in why and f"(CRL of {SUB}, reason keyCompromise)" in why
+    why = verify_path(leaf.cert, *path, NOW, [crl(root, (sub,))])
+    assert why is not None and f"certificate {SUB} revoked" in why, why
+    stale = crl(sub, (leaf,), next_days=-1)  # past nextUpdate: what it lists is still revoked
+    assert "revoked" in (verify_path(leaf.cert, *path, NOW, [stale]) or "")
+
+
+def test_crls_that_do_not_apply() -> None:
+    leaf, (sub,), (root,) = _via({}, {})
+    path = ([sub.cert], [root.cert], [])
+    impostor = issue("Paths Sub CA", ca=True)  # the issuer's name, another key: its CRL is not the issuer's
+    assert verify_path(leaf.cert, *path, NOW, [crl(impostor, (leaf,))]) is None
+    assert verify_path(leaf.cert, *path, NOW, [crl(root, (leaf,))]) is None  # the serial is the sub CA's to revoke
+    assert verify_path(leaf.cert, *path, NOW, [crl(sub, (leaf,), reason=x509.ReasonFlags.remove_from_crl)]) is None
+    pinned = issue("gw.example", sub)
+    assert verify_path(pinned.cert, [], [], [pinned.cert], NOW, [crl(sub, (pinned,))]) is None  # pinned: no path
+
+
+def test_ike_auth_refuses_a_revoked_peer() -> None:
+    root = _root()
+    a = issue("gw-a.example", root, san=("gw-a.example",))
+    b = issue("gw-b.example", root, san=("gw-b.example",))
+    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), a, (root,))
+    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), b, (root,))
+    r.creds = dataclasses.replace(r.creds, crls=(crl(root, (a,)),))
+    w = _wire(i, r, NOW)
+    w.run()
+    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    assert down and "certificate 'C=CH, O=ipsecstack test, CN=gw-a.example' revoked" in down[0].reason, down
