@@ -47,7 +47,7 @@ _CHILD_KEYS = {
     "local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "close_action", "dpd_action",
     "rekey_time", "life_time", "rekey_bytes", "rekey_packets", "replay_window", "updown",
 }  # fmt: skip
-_AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls"}
 # swanctl keys that are understood but have no effect yet: reported (``ipsecstack check`` and the log), never silent
 _NOT_APPLIED: set[str] = set()
 _DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
@@ -145,7 +145,7 @@ def _authentication(
 ) -> tuple[tuple[int, bytes], tuple[int, bytes] | None, bytes, Credentials]:
     """``local``/``remote`` of one connection: identities, the PSK if either side uses one, certificates."""
     path = f"connections.{name}"
-    kinds, texts, certs, cacerts = [], [], [], []
+    kinds, texts, certs, cacerts, crls = [], [], [], [], []
     for side in ("local", "remote"):
         t = c.get(side, {})
         if not isinstance(t, dict):
@@ -159,6 +159,7 @@ def _authentication(
         kinds.append(kind)
         certs.append(pki.load_certs(t.get("certs", []), f"{path}.{side}.certs", read_bytes))
         cacerts.append(pki.load_certs(t.get("cacerts", []), f"{path}.{side}.cacerts", read_bytes))
+        crls.append(pki.load_crls(t.get("crls", []), f"{path}.{side}.crls", read_bytes))
         texts.append(str(t["id"]) if "id" in t else None)
     ids: list[tuple[int, bytes] | None] = []
     for side, text in zip(("local", "remote"), texts, strict=True):
@@ -182,6 +183,10 @@ def _authentication(
         raise ConfigError(f"{path}.remote.cacerts", "<missing>", fix)
     if kinds[1] == "psk" and (cacerts[1] or certs[1]):
         raise ConfigError(f"{path}.remote.cacerts", "...", "certificates are only used with remote.auth = pubkey")
+    if crls[0]:
+        raise ConfigError(f"{path}.local.crls", "...", "CRLs are for checking the peer's certificate: use remote.crls")
+    if kinds[1] == "psk" and crls[1]:
+        raise ConfigError(f"{path}.remote.crls", "...", "CRLs are only used with remote.auth = pubkey")
     local_id = ids[0] or identity(local_addr)
     psk = b""
     if "psk" in kinds:
@@ -192,7 +197,7 @@ def _authentication(
         raise ConfigError(f"{path}.send_certreq", send_certreq, "true or false")
     creds = Credentials(
         kinds[0], kinds[1], key, certs[0] + tuple(x for x in cacerts[0] if not pki.is_self_signed(x)),
-        cacerts=cacerts[1], peer_certs=certs[1], send_certreq=send_certreq,
+        cacerts=cacerts[1], peer_certs=certs[1], send_certreq=send_certreq, crls=crls[1],
     )  # fmt: skip
     return local_id, ids[1], psk, creds
 

@@ -8,6 +8,7 @@
     [connections.gw.remote]
     auth = "pubkey"
     cacerts = ["x509ca/root-ca.pem"]    # trust anchors for the peer's certificate
+    crls = ["x509crl/root-ca.crl"]      # optional: revocation lists of those CAs (PEM or DER)
     id = "C=CH, O=example, CN=gw-b.example"
 
     [secrets.private.gw-a]              # swanctl's secrets.private<suffix> (also rsa, ecdsa, pkcs8)
@@ -20,6 +21,7 @@ the value and the fix, and never shows key material or a passphrase.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,14 +46,18 @@ def _read(read_bytes: ReadBytes, name: str, path: str) -> bytes:
         raise ConfigError(path, name, f"cannot read it: {e.strerror or e}") from None
 
 
-def load_certs(value: Any, path: str, read_bytes: ReadBytes) -> tuple[x509.Certificate, ...]:
-    """Certificates from a list of files; a PEM file may hold several."""
+def _files(value: Any, path: str, example: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(path, value, 'give a list of certificate files, e.g. ["x509/gw.pem"]')
+        raise ConfigError(path, value, example)
+    return value
+
+
+def load_certs(value: Any, path: str, read_bytes: ReadBytes) -> tuple[x509.Certificate, ...]:
+    """Certificates from a list of files; a PEM file may hold several."""
     out: list[x509.Certificate] = []
-    for i, name in enumerate(value):
+    for i, name in enumerate(_files(value, path, 'give a list of certificate files, e.g. ["x509/gw.pem"]')):
         raw = _read(read_bytes, name, f"{path}[{i}]")
         try:
             out += (
@@ -59,6 +65,26 @@ def load_certs(value: Any, path: str, read_bytes: ReadBytes) -> tuple[x509.Certi
             )
         except ValueError:
             raise ConfigError(f"{path}[{i}]", name, "not an X.509 certificate in PEM or DER") from None
+    return tuple(out)
+
+
+def load_crls(value: Any, path: str, read_bytes: ReadBytes) -> tuple[x509.CertificateRevocationList, ...]:
+    """Certificate revocation lists (RFC 5280 §5) from a list of files; a PEM file may hold several."""
+    out: list[x509.CertificateRevocationList] = []
+    for i, name in enumerate(_files(value, path, 'give a list of CRL files, e.g. ["x509crl/ca.crl"]')):
+        raw = _read(read_bytes, name, f"{path}[{i}]")
+        try:
+            if b"-----BEGIN" in raw:
+                pems = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", raw, re.DOTALL)
+                if not pems:
+                    raise ValueError("no CRL")
+                out += [x509.load_pem_x509_crl(pem) for pem in pems]
+            else:
+                out.append(x509.load_der_x509_crl(raw))
+            for c in out:  # parsed lazily: a malformed extension is a config error now, not a handshake error
+                _ = c.extensions, [entry.extensions for entry in c]
+        except ValueError:
+            raise ConfigError(f"{path}[{i}]", name, "not an X.509 CRL in PEM or DER") from None
     return tuple(out)
 
 

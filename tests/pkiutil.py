@@ -73,6 +73,7 @@ def issue(
     days: tuple[int, int] = (-1, 365),
     key_usage: str | None = None,
     org: str = "ipsecstack test",
+    extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
 ) -> Issued:
     """A certificate for ``cn`` signed by ``issuer`` (self-signed when None)."""
     key = new_key(kind)
@@ -96,8 +97,29 @@ def issue(
             names.append(x509.RFC822Name(s) if "@" in s else x509.DNSName(s))
     if names:
         b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    for ext, critical in extensions:  # (extension, critical)
+        b = b.add_extension(ext, critical=critical)
     if key_usage == "encipher-only":
         b = b.add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False, False), critical=True)
     signer = issuer.key if issuer else key
     algo = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return Issued(b.sign(signer, algo), key)
+
+
+def crl(
+    issuer: Issued, revoked: tuple[Issued, ...] = (), *, reason: x509.ReasonFlags | None = None, next_days: int = 7
+) -> x509.CertificateRevocationList:
+    """A CRL by ``issuer`` listing ``revoked`` (each with ``reason`` if given)."""
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(NOW - datetime.timedelta(days=1))
+        .next_update(NOW + datetime.timedelta(days=next_days))
+    )
+    for r in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(r.cert.serial_number).revocation_date(NOW)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        b = b.add_revoked_certificate(entry.build())
+    algo = None if isinstance(issuer.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return b.sign(issuer.key, algo)

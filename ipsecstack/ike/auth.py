@@ -74,7 +74,7 @@ class Credentials:
 
     ``certs``: our end-entity certificate first, then intermediates to send; ``key`` its private key.
     ``cacerts``: trust anchors for the peer's certificate; ``peer_certs``: peer certificates trusted
-    as they are (pinned, strongSwan's ``remote.certs``).
+    as they are (pinned, strongSwan's ``remote.certs``); ``crls``: revocation lists for the peer's path.
     """
 
     local: str = "psk"
@@ -84,6 +84,7 @@ class Credentials:
     cacerts: tuple[x509.Certificate, ...] = ()
     peer_certs: tuple[x509.Certificate, ...] = ()
     send_certreq: bool = True
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     def cert_payloads(self) -> list[m.AnyPayload]:
         from cryptography.hazmat.primitives.serialization import Encoding

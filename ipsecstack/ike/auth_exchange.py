@@ -240,7 +240,7 @@ class AuthExchange(ChildExchanges):
         leaf = sent[0] if sent else pinned[0]
         if self.wallclock is None:
             return "no wall clock was given to check certificate validity"
-        why = verify_path(leaf, sent[1:], list(creds.cacerts), list(creds.peer_certs), self.wallclock())
+        why = verify_path(leaf, sent[1:], list(creds.cacerts), list(creds.peer_certs), self.wallclock(), creds.crls)
         if why is not None:
             return why
         if not cert_has_id(leaf, ident.id_type, ident.data):

@@ -13,7 +13,7 @@ from ipsecstack.config import load
 from ipsecstack.errors import ConfigError
 from ipsecstack.ike.const import IdType
 from ipsecstack.ike.session import id_text
-from tests.pkiutil import issue
+from tests.pkiutil import crl, issue
 
 CONFIG = """
 [connections.gw]
@@ -77,6 +77,50 @@ def test_der_certificate_encrypted_key_and_san_identity(tree: Path) -> None:
     text = text.replace('auth = "pubkey", certs', 'auth = "pubkey", id = "gw-a.example", certs')
     (peer,) = _load(tree, text, {"KP": "open sesame"}).connections  # type: ignore[attr-defined]
     assert peer.local_id == (IdType.ID_FQDN, b"gw-a.example")
+
+
+def _write_crls(tree: Path) -> None:
+    ca = issue("Root", ca=True)
+    (tree / "x509crl").mkdir()
+    pem = serialization.Encoding.PEM
+    two = crl(ca).public_bytes(pem) + crl(ca, (issue("x", ca),)).public_bytes(pem)
+    (tree / "x509crl/two.pem").write_bytes(b"comment line\n" + two)  # two CRLs in one PEM file
+    (tree / "x509crl/one.der").write_bytes(crl(ca).public_bytes(serialization.Encoding.DER))
+
+
+def test_remote_crls_pem_and_der(tree: Path) -> None:
+    _write_crls(tree)
+    text = CONFIG.replace(
+        'remote = { auth = "pubkey",', 'remote = { auth = "pubkey", crls = ["x509crl/two.pem", "x509crl/one.der"],'
+    )
+    (peer,) = _load(tree, text).connections  # type: ignore[attr-defined]
+    assert [len(list(c)) for c in peer.creds.crls] == [0, 1, 0]
+    assert _load(tree, CONFIG).connections[0].creds.crls == ()  # type: ignore[attr-defined]
+
+
+REMOTE = 'remote = { auth = "pubkey", cacerts = ["x509ca/root.pem"],'
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "hint"),
+    [
+        ((REMOTE, REMOTE + ' crls = ["x509crl/none.pem"],'), "connections.gw.remote.crls[0]", "cannot read"),
+        ((REMOTE, REMOTE + ' crls = ["x509/a.pem"],'), "connections.gw.remote.crls[0]", "not an X.509 CRL"),
+        ((REMOTE, REMOTE + ' crls = ["x509/a.der"],'), "connections.gw.remote.crls[0]", "not an X.509 CRL"),
+        ((REMOTE, REMOTE + " crls = 3,"), "connections.gw.remote.crls", "list of CRL files"),
+        ((REMOTE, 'remote = { auth = "psk", crls = ["x509crl/one.der"],'), "connections.gw.remote.crls",
+         "only used with remote.auth = pubkey"),
+        (('local = { auth = "pubkey",', 'local = { auth = "pubkey", crls = ["x509crl/one.der"],'),
+         "connections.gw.local.crls", "use remote.crls"),
+    ],
+)  # fmt: skip
+def test_crl_errors(tree: Path, change: tuple[str, str], path: str, hint: str) -> None:
+    _write_crls(tree)
+    assert change[0] in CONFIG
+    with pytest.raises(ConfigError) as e:
+        _load(tree, CONFIG.replace(*change))
+    assert e.value.field == path, str(e.value)
+    assert hint in str(e.value), str(e.value)
 
 
 def test_check_command_with_certificates(tree: Path) -> None:
