@@ -95,6 +95,10 @@ CHAINS: tuple[tuple[str, str, str], ...] = (
 )
 TOOLS = {4: "iptables", 6: "ip6tables"}
 QUEUE_MAXLEN = 4096
+SOL_NETLINK = 270  # Linux <linux/socket.h>; not every Python names these
+NETLINK_NO_ENOBUFS = 5  # <linux/netlink.h>
+SO_RCVBUFFORCE = 33
+NETLINK_RCVBUF = 8 << 20
 MAX_COPY = 4096 - 80  # NetfilterQueue's copy range: its 4 KiB receive buffer less the netlink metadata
 IPTABLES_TIMEOUT = 20.0
 MAX_JUMP_DELETES = 64
@@ -344,7 +348,34 @@ class NfqueuePort:
             ) from None
         self._fd: int = self._nfq.get_fd()
         os.set_blocking(self._fd, False)
+        self._no_enobufs()
         self._reader = _BatchReader(self._fd)
+
+    def _no_enobufs(self) -> None:
+        """Overflow of the netlink socket must not become a socket error.
+
+        When packets arrive faster than we read them, the kernel drops what does not fit into the
+        netlink socket's receive buffer (counted in /proc/net/netfilter/nfnetlink_queue, user_dropped)
+        and, by default, also sets an ENOBUFS error on the socket. That error shows as POLLERR, and
+        libuv (uvloop) stops polling a descriptor that reports POLLERR for good: the agent never read
+        the queue again, the queue filled, and with fail-closed rules every protected packet was
+        dropped from then on (a UDP flood followed by a stall of all traffic). NETLINK_NO_ENOBUFS keeps
+        the drops and drops the error; a larger buffer makes them rarer.
+        """
+        import socket
+
+        s = socket.socket(fileno=os.dup(self._fd))
+        try:
+            with contextlib.suppress(OSError):
+                s.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+            for opt, fallback in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, NETLINK_RCVBUF)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, fallback, NETLINK_RCVBUF)
+        finally:
+            s.close()  # only the duplicate: the options belong to the socket, not the descriptor
 
     def _on_packet(self, pkt: Any) -> None:
         try:
