@@ -69,6 +69,8 @@ from ipsecstack.ike.model import (
     _notify_name,
     id_text,
     identity,
+    is_wildcard,
+    match_identity,
     nat_hash,
     same_identity,
 )
@@ -453,6 +455,8 @@ __all__ = [
     "ReauthFailed",
     "id_text",
     "identity",
+    "is_wildcard",
+    "match_identity",
     "nat_hash",
     "same_identity",
 ]
