@@ -36,6 +36,7 @@ from ipsecstack.ike.model import (
     id_text,
     is_wildcard,
     match_identity,
+    same_identity,
 )
 from ipsecstack.ike.ts import Range
 
@@ -141,7 +142,12 @@ class AuthExchange(ChildExchanges):
             self._close(f"authentication of {id_text(idi.id_type, idi.data)!r} failed: {why}")
             return
         self.peer_id = (idi.id_type, idi.data)
-        idr = m.Identification(*self.cfg.local_id, initiator=False)
+        self.local_identity = self.cfg.local_id
+        if idr_asked is not None and not same_identity(self.cfg.local_id, (idr_asked.id_type, idr_asked.data)):
+            # profiles.rank accepted it, so it is in our certificate: answer as asked (RFC 7296 §3.5; strongSwan
+            # insists on the identity it asked for)
+            self.local_identity = (idr_asked.id_type, idr_asked.data)
+        idr = m.Identification(*self.local_identity, initiator=False)
         out: list[m.AnyPayload] = [idr, *self._prove(idr)]
         vip_ts: list[Range] | None = None
         request = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REQUEST), None)

@@ -94,6 +94,7 @@ class IkeRekeying(IkeSaCore):
         new.nat = self.nat
         new.behind_nat = self.behind_nat
         new.peer_id = self.peer_id
+        new.local_identity = self.local_identity
         new._lease = self._lease
         new.spi_i, new.spi_r = spi_i, spi_r
         new._ni, new._nr = ni, nr

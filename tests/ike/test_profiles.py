@@ -282,3 +282,14 @@ def test_patterns_take_linear_time_on_hostile_identities() -> None:
         match_identity(identity("a*b*c"), identity("aXbYbZc"))
         and match_identity(identity("ab*ba"), identity("aba")) == 0
     )
+
+
+def test_an_idr_in_our_certificate_is_the_identity_we_answer_with() -> None:
+    # strongSwan asks for "gw.example" (a subjectAltName of our certificate) and insists on getting exactly it
+    net = Net(_profiles())
+    sa = net.connect(_client(CARL, remote_id="gw.example"))
+    assert sa.established and sa.peer_id == identity("gw.example"), sa.events()
+    r = net.responder(sa)
+    assert r.cfg.name == "certs" and r.local_identity == identity("gw.example") and r.cfg.local_id == _dn(GW)
+    plain = net.connect(_client("client-a@example", psk=b"secret of group a", remote_id="gw.example"))
+    assert plain.established and net.responder(plain).local_identity == identity("gw.example")
