@@ -125,6 +125,9 @@ class IkeManager:
             self._count("dropped_unknown_spi")
             return
         before = sa.state
+        if before == "init_done":
+            # IKE_AUTH may switch to another candidate: only to one still configured (not replaced by a reload)
+            sa.candidates = [c for c in sa.candidates if c is sa.cfg or self.peers.get(c.name) is c]
         sa.receive(data, src, src_port, dst_port, now)
         if before == "init_done" and sa.established:
             self._enforce_unique(sa, now)

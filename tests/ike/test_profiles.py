@@ -293,3 +293,27 @@ def test_an_idr_in_our_certificate_is_the_identity_we_answer_with() -> None:
     assert r.cfg.name == "certs" and r.local_identity == identity("gw.example") and r.cfg.local_id == _dn(GW)
     plain = net.connect(_client("client-a@example", psk=b"secret of group a", remote_id="gw.example"))
     assert plain.established and net.responder(plain).local_identity == identity("gw.example")
+
+
+def test_a_reload_leaves_no_stale_candidate() -> None:
+    # IKE_SA_INIT happened under the old configuration; psk-b changed (new secret) before IKE_AUTH arrives
+    profiles = _profiles()
+    net = Net(profiles)
+    client = _client("client-b@example", psk=b"secret of group b")
+    client.local_addr = "198.51.100.9"
+    cm = IkeManager([client], seeded_rng(77), wallclock=time.time)
+    net.clients[client.local_addr] = cm
+    cm.initiate(client.name, 0.0)
+    for d in cm.datagrams():
+        net.gw.receive(d.data, client.local_addr, d.src_port, d.dst_port, 0.0)
+    renewed = _gateway("psk-b", "client-b@example", "10.9.2.0/30", "10.2.0.0/16", psk=b"new secret of group b")
+    net.gw.peers = {**net.gw.peers, "psk-b": renewed}
+    for _ in range(4):
+        for d in net.gw.datagrams():
+            cm.receive(d.data, B, d.src_port, d.dst_port, 0.0)
+        for d in cm.datagrams():
+            net.gw.receive(d.data, client.local_addr, d.src_port, d.dst_port, 0.0)
+    (sa,) = cm.sas.values()
+    assert not sa.established
+    (down,) = [e for e in net.gw.events() if isinstance(e, IkeDown)]
+    assert "psk-a: identity mismatch" in down.reason and "psk-b" not in down.reason, down.reason
