@@ -35,7 +35,7 @@ from ipsecstack.ike import proposals as props
 from ipsecstack.ike.auth import Credentials
 from ipsecstack.ike.certs import cert_has_id
 from ipsecstack.ike.const import IdType, Protocol
-from ipsecstack.ike.session import ChildConfig, PeerConfig, identity
+from ipsecstack.ike.session import ChildConfig, PeerConfig, identity, is_wildcard
 from ipsecstack.ike.ts import Range
 
 _CONN_KEYS = {
@@ -100,14 +100,21 @@ def _ts(value: Any, path: str) -> list[Range]:
 def _psk(
     name: str, ids: tuple[str, str], secrets: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str]
 ) -> bytes:
+    # the secret named like the connection, else the one whose ids name most of (local id, remote id): with
+    # [secrets.ike.a] id = ["gw", "client-a"] and [secrets.ike.b] id = ["gw", "client-b"], client-b's gets b
+    best: tuple[int, str, dict[str, Any]] | None = None
     for sname, s in secrets.items():
         path = f"secrets.ike.{sname}"
         if not isinstance(s, dict):
             raise ConfigError(path, "...", "each secret is a table with id and secret")
         sid = s.get("id", [])
         sids = set(_list(sid, f"{path}.id")) if sid else set()
-        if sname != name and not (sids & set(ids)):
-            continue
+        rank = 3 if sname == name else len(sids & set(ids))
+        if rank and (best is None or rank > best[0]):
+            best = (rank, sname, s)
+    if best is not None:
+        _, sname, s = best
+        path = f"secrets.ike.{sname}"
         sources = [k for k in ("secret", "secret_file", "secret_env") if k in s]
         if len(sources) != 1:
             raise ConfigError(f"{path}.secret", "<missing>", "give exactly one of secret, secret_file, secret_env")
@@ -167,6 +174,9 @@ def _authentication(
             ids.append(None if text in (None, "%any") else identity(str(text)))
         except ValueError as e:
             raise ConfigError(f"{path}.{side}.id", text, f"{e}; e.g. 'C=CH, O=example, CN=gw.example'") from None
+    if is_wildcard(ids[0]):
+        raise ConfigError(f"{path}.local.id", texts[0], "'*' patterns are for remote.id (which peers a connection "
+                          "accepts); our own identity is exact")  # fmt: skip
     key = None
     if kinds[0] == "pubkey":
         if not certs[0]:

@@ -98,6 +98,24 @@ class Credentials:
         return [m.Certificate(CERT_X509_SIGNATURE, b"".join(ca_hash(c) for c in self.cacerts), request=True)]
 
 
+def certreqs(creds: list[Credentials]) -> list[m.AnyPayload]:
+    """The CERTREQ a responder sends in IKE_SA_INIT for several candidate connections (profiles chosen in
+    IKE_AUTH): one payload with the CA key hashes of all of them, so a client of any of them sends its
+    certificate (RFC 7296 §3.7). One candidate: its own CERTREQ, unchanged."""
+    if len(creds) == 1:
+        return creds[0].certreq()
+    hashes: list[bytes] = []
+    asked = False
+    for c in creds:
+        for p in c.certreq():
+            assert isinstance(p, m.Certificate)
+            asked = True
+            for i in range(0, len(p.data), 20):  # SHA-1 key hashes, 20 octets each
+                if p.data[i : i + 20] not in hashes:
+                    hashes.append(p.data[i : i + 20])
+    return [m.Certificate(CERT_X509_SIGNATURE, b"".join(hashes), request=True)] if asked else []
+
+
 def signed_octets(first_message: bytes, peer_nonce: bytes, prf: Prf, sk_p: bytes, ident: m.Identification) -> bytes:
     """RFC 7296 §2.15: <message> | <peer's nonce> | prf(SK_p, ID type | RESERVED | ID data)."""
     return first_message + peer_nonce + prf(sk_p, bytes((ident.id_type, 0, 0, 0)) + ident.data)

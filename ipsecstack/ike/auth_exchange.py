@@ -1,9 +1,11 @@
 """IKE_AUTH in both roles (RFC 7296 §1.2, §2.15, §3.15).
 
 Theory of operation: a layer of :class:`~ipsecstack.ike.session.IkeSa`. The initiator sends IDi,
-CERT, CERTREQ, [IDr], AUTH, a configuration request and its first child; the responder checks the
-proof, leases a virtual IP from a pool, and answers with its own proof and the first child, or
-AUTHENTICATION_FAILED. Proofs: :mod:`ipsecstack.ike.auth`; certificate paths: :mod:`ipsecstack.ike.certs`.
+CERT, CERTREQ, [IDr], AUTH, a configuration request and its first child; the responder picks the
+connection that takes this peer among its candidates (:mod:`ipsecstack.ike.profiles`: by IDi, IDr and
+the AUTH its credentials verify) and switches to it, leases a virtual IP from that connection's pool,
+and answers with its own proof and the first child, or AUTHENTICATION_FAILED. Proofs:
+:mod:`ipsecstack.ike.auth`; certificate paths: :mod:`ipsecstack.ike.certs`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ipsecstack.ike import auth
+from ipsecstack.ike import auth, profiles
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.certs import cert_has_id, subject, verify_path
@@ -29,8 +31,11 @@ from ipsecstack.ike.model import (
     CP_INTERNAL_IP4_DNS,
     CP_INTERNAL_IP6_ADDRESS,
     CP_INTERNAL_IP6_DNS,
+    PeerConfig,
     _notify_name,
     id_text,
+    is_wildcard,
+    match_identity,
     same_identity,
 )
 from ipsecstack.ike.ts import Range
@@ -42,8 +47,8 @@ class AuthExchange(ChildExchanges):
         idi = m.Identification(*self.cfg.local_id, initiator=True)
         proof = self._prove(idi)
         inner: list[m.AnyPayload] = [idi, *proof[:-1], *self.cfg.creds.certreq()]
-        if self.cfg.remote_id is not None:
-            inner.append(m.Identification(*self.cfg.remote_id, initiator=False))
+        if self.cfg.remote_id is not None and not is_wildcard(self.cfg.remote_id):
+            inner.append(m.Identification(*self.cfg.remote_id, initiator=False))  # a pattern is no identity to ask for
         inner.append(proof[-1])
         if self.cfg.request_vip:
             inner.append(m.CP(CFG_REQUEST, [(CP_INTERNAL_IP4_ADDRESS, b"")]))
@@ -74,7 +79,8 @@ class AuthExchange(ChildExchanges):
             self._close("IKE_AUTH response without IDr/AUTH")
             return
         why = None
-        if self.cfg.remote_id is not None and not same_identity((idr.id_type, idr.data), self.cfg.remote_id):
+        if not match_identity(self.cfg.remote_id, (idr.id_type, idr.data)):
+            assert self.cfg.remote_id is not None
             why = f"identity mismatch: remote.id is {id_text(*self.cfg.remote_id)!r}"
         why = why or self._verify_peer(idr, proof, inner)
         if why is not None:
@@ -128,18 +134,20 @@ class AuthExchange(ChildExchanges):
             self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])
             self._close("IKE_AUTH request without IDi/AUTH")
             return
-        want = self.cfg.remote_id
-        if want is not None and not same_identity((idi.id_type, idi.data), want):
-            why: str | None = f"identity mismatch: remote.id is {id_text(*want)!r}"
-        else:
-            why = self._verify_peer(idi, proof, inner)
+        idr_asked = next((p for p in inner if isinstance(p, m.Identification) and not p.initiator), None)
+        why = self._authenticate_peer(idi, idr_asked, proof, inner)
         if why is not None:
             self._count("auth_failed")
             self._respond(msg, [m.Notify(Notify.AUTHENTICATION_FAILED)])
             self._close(f"authentication of {id_text(idi.id_type, idi.data)!r} failed: {why}")
             return
         self.peer_id = (idi.id_type, idi.data)
-        idr = m.Identification(*self.cfg.local_id, initiator=False)
+        self.local_identity = self.cfg.local_id
+        if idr_asked is not None and not same_identity(self.cfg.local_id, (idr_asked.id_type, idr_asked.data)):
+            # profiles.rank accepted it, so it is in our certificate: answer as asked (RFC 7296 §3.5; strongSwan
+            # insists on the identity it asked for)
+            self.local_identity = (idr_asked.id_type, idr_asked.data)
+        idr = m.Identification(*self.local_identity, initiator=False)
         out: list[m.AnyPayload] = [idr, *self._prove(idr)]
         vip_ts: list[Range] | None = None
         request = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REQUEST), None)
@@ -216,15 +224,41 @@ class AuthExchange(ChildExchanges):
         assert self.chosen is not None and self.chosen.prf is not None
         return [m.Auth(AuthMethod.PSK, auth.psk_auth(self.chosen.prf, self.cfg.psk, octets))]
 
-    def _verify_peer(self, ident: m.Identification, proof: m.Auth, inner: list[m.AnyPayload]) -> str | None:
-        """Why the peer's AUTH does not prove its identity (None: it does)."""
-        creds = self.cfg.creds
+    def _authenticate_peer(self, idi: m.Identification, idr: m.Identification | None, proof: m.Auth,
+                           inner: list[m.AnyPayload]) -> str | None:  # fmt: skip
+        """Responder: find the connection that accepts this peer and switch to it (:mod:`profiles`); why none does.
+
+        The candidates that fit IDi, IDr and the IKE proposal are tried best first; the first whose credentials
+        verify AUTH becomes ``self.cfg`` (its PSK, its trust anchors)."""
+        assert self.chosen is not None
+        idr_id = None if idr is None else (idr.id_type, idr.data)
+        ranked, why_not = profiles.rank(self.candidates, self.cfg, self.chosen, (idi.id_type, idi.data), idr_id,
+                                        self.remote)  # fmt: skip
+        for cfg in ranked:
+            why = self._verify_peer(idi, proof, inner, cfg)
+            if why is None:
+                if cfg is not self.cfg:
+                    self.switched_from, self.cfg = self.cfg.name, cfg
+                    self._count("connection_switched")
+                return None
+            why_not.append((cfg.name, why))
+        if len(self.candidates) == 1:
+            return why_not[0][1]
+        order = [c.name for c in self.candidates]
+        why_not.sort(key=lambda w: order.index(w[0]))
+        return "no connection accepts it: " + "; ".join(f"{name}: {why}" for name, why in why_not)
+
+    def _verify_peer(self, ident: m.Identification, proof: m.Auth, inner: list[m.AnyPayload],
+                     cfg: PeerConfig | None = None) -> str | None:  # fmt: skip
+        """Why the peer's AUTH does not prove its identity with the credentials of ``cfg`` (ours by default)."""
+        cfg = cfg or self.cfg
+        creds = cfg.creds
         octets = self._octets(not self.initiator, ident)
         if creds.remote == "psk":
             if proof.method != AuthMethod.PSK:
                 return f"it signed ({auth.describe(proof)}) but remote.auth = psk expects a pre-shared key"
             assert self.chosen is not None and self.chosen.prf is not None
-            ok = hmac.compare_digest(proof.data, auth.psk_auth(self.chosen.prf, self.cfg.psk, octets))
+            ok = hmac.compare_digest(proof.data, auth.psk_auth(self.chosen.prf, cfg.psk, octets))
             self.peer_auth = "psk" if ok else ""
             return None if ok else "AUTH does not verify: the PSK differs"
         if proof.method == AuthMethod.PSK:

@@ -171,6 +171,24 @@ def same_dn(a: bytes, b: bytes) -> bool:
         return a == b
 
 
+def dn_matches(pattern: bytes, der: bytes) -> bool:
+    """``der`` matches the DN ``pattern``: the same attributes in the same order, each value equal (as in
+    ``same_dn``) or ``*`` in the pattern (strongSwan's wildcard, e.g. ``C=CH, O=example, CN=*``)."""
+    try:
+        want, got = _norm(parse_dn(pattern)), _norm(parse_dn(der))
+    except DnError:
+        return False
+    if len(want) != len(got):
+        return False
+    for w_rdn, g_rdn in zip(want, got, strict=True):
+        if len(w_rdn) != len(g_rdn):
+            return False
+        for (w_oid, w_val), (g_oid, g_val) in zip(w_rdn, g_rdn, strict=True):
+            if w_oid != g_oid or w_val not in ("*", g_val):
+                return False
+    return True
+
+
 # --- identities in certificates ------------------------------------------------------------------
 
 

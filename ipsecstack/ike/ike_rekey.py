@@ -96,6 +96,7 @@ class IkeRekeying(IkeSaCore):
         new.peer_behind_nat = self.peer_behind_nat
         new.nat_fake = self.nat_fake
         new.peer_id = self.peer_id
+        new.local_identity = self.local_identity
         new._lease = self._lease
         new.spi_i, new.spi_r = spi_i, spi_r
         new._ni, new._nr = ni, nr

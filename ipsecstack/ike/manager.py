@@ -8,6 +8,11 @@ that initiator SPI and address); anything else is looked up by our own SPI (the 
 we started, the responder SPI for the others). Datagrams for no SA are dropped and counted; nothing an
 unauthenticated peer sends creates more than one half-open SA per IKE_SA_INIT.
 
+Connections (profiles): every connection whose ``remote_addrs`` fits the source address is a candidate
+of the new responder SA; IKE_SA_INIT is answered with the first whose proposals fit the offer (a
+connection naming that exact address before the ``%any`` ones), and IKE_AUTH may switch the SA to
+another candidate by the peer's identity and authentication (:mod:`ipsecstack.ike.profiles`).
+
 Cookies (§2.6): once ``cookie_threshold`` half-open SAs exist, an IKE_SA_INIT request must carry a
 COOKIE notify equal to <version> | SHA-256(Ni | IPi | SPIi | secret); without one it gets a COOKIE
 answer and no state at all. The secret is drawn from the injected rng and rotated every
@@ -44,7 +49,8 @@ from collections.abc import Callable
 
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
-from ipsecstack.ike.const import Exchange, Notify
+from ipsecstack.ike import proposals as props
+from ipsecstack.ike.const import Exchange, Notify, Protocol
 from ipsecstack.ike.session import (
     Datagram,
     Event,
@@ -119,6 +125,9 @@ class IkeManager:
             self._count("dropped_unknown_spi")
             return
         before = sa.state
+        if before == "init_done":
+            # IKE_AUTH may switch to another candidate: only to one still configured (not replaced by a reload)
+            sa.candidates = [c for c in sa.candidates if c is sa.cfg or self.peers.get(c.name) is c]
         sa.receive(data, src, src_port, dst_port, now)
         if before == "init_done" and sa.established:
             self._enforce_unique(sa, now)
@@ -151,8 +160,7 @@ class IkeManager:
         if existing is not None:
             existing.receive(data, src, src_port, dst_port, now)  # retransmitted IKE_SA_INIT
             return
-        cfg = next((p for p in self.peers.values() if p.remote_addr in (None, src)), None)
-        if cfg is None:
+        if not any(p.remote_addr in (None, src) for p in self.peers.values()):
             self._count("dropped_no_config")
             return
         half_open = sum(1 for sa in self.sas.values() if sa.state == "init_done")
@@ -162,9 +170,12 @@ class IkeManager:
         if half_open >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
             self._send_cookie(msg, src, src_port, dst_port, now)
             return
+        candidates = self._candidates(msg, src)
+        cfg = candidates[0]
         sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port,
                    wallclock=self.wallclock)  # fmt: skip
         sa.local_port = dst_port
+        sa.candidates = candidates
         if sa.respond_init(msg, now):
             self.sas[sa.spi_r] = sa
             self._init_index[(msg.spi_i, src)] = sa
@@ -173,6 +184,20 @@ class IkeManager:
             if sa.failure:
                 self.failures.append((cfg.name, sa.failure))
             self._count("init_refused")
+
+    def _candidates(self, msg: m.Message, src: str) -> list[PeerConfig]:
+        """The connections an IKE_SA_INIT from ``src`` may belong to (profiles.py: IKE_AUTH picks one), the one
+        to answer it with first: the peer's exact address before ``%any``, then the first whose proposals fit the
+        offer (else the first: its NO_PROPOSAL_CHOSEN names both sides' proposals). Only connections on the same
+        local address as that one stay candidates."""
+        fits = sorted(
+            (p for p in self.peers.values() if p.remote_addr in (None, src)), key=lambda p: p.remote_addr is None
+        )
+        offer = [p for pl in msg.payloads if isinstance(pl, m.SA) for p in pl.proposals]
+        first = next((p for p in fits if props.select(p.proposals, offer, Protocol.IKE) is not None), None)
+        if first is None:
+            return fits[:1]
+        return [first, *(p for p in fits if p is not first and p.local_addr == first.local_addr)]
 
     # --- cookies (§2.6) ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from ipsecstack.ike import auth
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.certs import DnError, dn_from_text, dn_text, same_dn
+from ipsecstack.ike.certs import DnError, dn_from_text, dn_matches, dn_text, parse_dn, same_dn
 from ipsecstack.ike.const import IdType, Notify, Protocol
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.ts import Range
@@ -260,6 +260,63 @@ def same_identity(a: tuple[int, bytes], b: tuple[int, bytes]) -> bool:
     if a[0] == b[0] == IdType.ID_DER_ASN1_DN:
         return same_dn(a[1], b[1])
     return a == b
+
+
+# how well a peer's identity matches ``remote.id`` (profile selection, RFC 7296 §2.15 leaves it to policy)
+ID_MATCH_EXACT = 100  # the same identity
+ID_MATCH_ANY = 1  # no remote.id (%any): any identity
+
+
+def is_wildcard(ident: tuple[int, bytes] | None) -> bool:
+    """A ``remote.id`` pattern (``*@example.com``, ``*.example.com``, ``C=CH, O=example, CN=*``): never sent as IDr."""
+    return ident is not None and _wildcards(ident) > 0
+
+
+def _wildcards(ident: tuple[int, bytes]) -> int:
+    if ident[0] in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+        return ident[1].count(b"*")
+    if ident[0] == IdType.ID_DER_ASN1_DN:
+        try:
+            return sum(v == "*" for rdn in parse_dn(ident[1]) for _, v in rdn)
+        except DnError:
+            return 0
+    return 0
+
+
+def match_identity(want: tuple[int, bytes] | None, got: tuple[int, bytes]) -> int:
+    """How well the identity a peer sent (``got``) matches ``remote.id`` (``want``): 0 not at all, ``ID_MATCH_ANY``
+    with no remote.id, ``ID_MATCH_EXACT`` for the same identity, in between for a pattern (fewer ``*``, higher).
+
+    A ``*`` in an FQDN or RFC 822 pattern stands for any run of characters (case-insensitive, like DNS); in a DN
+    it is a whole attribute value: ``C=CH, O=example, CN=*`` matches every CN of that O (same attributes, in order).
+    """
+    if want is None:
+        return ID_MATCH_ANY
+    n = _wildcards(want)
+    if n == 0:
+        return ID_MATCH_EXACT if same_identity(want, got) else 0
+    if want[0] != got[0]:
+        return 0
+    score = max(ID_MATCH_ANY + 1, ID_MATCH_EXACT - n)
+    if want[0] == IdType.ID_DER_ASN1_DN:
+        return score if dn_matches(want[1], got[1]) else 0
+    return score if _glob(want[1].decode(errors="replace"), got[1].decode(errors="replace")) else 0
+
+
+def _glob(pattern: str, text: str) -> bool:
+    """``*`` matches any run of characters, case-insensitively. Linear in the (peer-chosen) text: the fixed parts
+    are found leftmost, in order, between the prefix and the suffix (no backtracking regex)."""
+    first, *middle, last = pattern.casefold().split("*")
+    text = text.casefold()
+    if len(text) < len(first) + len(last) or not text.startswith(first) or not text.endswith(last):
+        return False
+    pos, end = len(first), len(text) - len(last)
+    for part in middle:
+        found = text.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 def _hashes(msg: m.Message) -> frozenset[int] | None:

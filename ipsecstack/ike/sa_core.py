@@ -44,6 +44,11 @@ class IkeSaCore:
     def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
                  remote_port: int | None = None, wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        # responder: the connections IKE_SA_INIT left possible; IKE_AUTH may switch ``cfg`` to one of them (profiles)
+        self.candidates: list[PeerConfig] = [cfg]
+        self.switched_from: str | None = None  # the connection IKE_SA_INIT answered with, if IKE_AUTH switched
+        # who we authenticate as: local.id, or (responder) the IDr the peer asked for when it is in our certificate
+        self.local_identity: tuple[int, bytes] = cfg.local_id
         self.wallclock = wallclock  # seconds since the epoch, for certificate validity (certs only)
         self.peer_cert: x509.Certificate | None = None
         self.send_initial_contact = True  # §2.4: only when we hold no other IKE SA with this peer (the manager knows)

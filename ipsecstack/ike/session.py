@@ -69,6 +69,8 @@ from ipsecstack.ike.model import (
     _notify_name,
     id_text,
     identity,
+    is_wildcard,
+    match_identity,
     nat_hash,
     same_identity,
 )
@@ -246,7 +248,7 @@ class IkeSa(AuthExchange):
             return False
         self._detect_nat(msg)
         payloads: list[m.AnyPayload] = [m.SA([chosen.to_payload()]), m.KE(chosen.dh.number, pub), m.Nonce(self._nr)]
-        payloads += [*self._nat_notifies(), auth.hash_notify(), *self.cfg.creds.certreq()]
+        payloads += [*self._nat_notifies(), auth.hash_notify(), *auth.certreqs([c.creds for c in self.candidates])]
         self._peer_hashes = _hashes(msg)
         resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, payloads)
         self._init_response = resp.encode()
@@ -453,6 +455,8 @@ __all__ = [
     "ReauthFailed",
     "id_text",
     "identity",
+    "is_wildcard",
+    "match_identity",
     "nat_hash",
     "same_identity",
 ]

@@ -127,7 +127,7 @@ class ControlServer:
                     "remote_port": sa.remote_port, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
                     "proposal": sa.chosen.describe() if sa.chosen else None, **sa.nat_report(),
                     "rekey_at": sa.rekey_at, "reauth_at": sa.reauth_at, "children": [],
-                    "local_id": id_text(*sa.cfg.local_id), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
+                    "local_id": id_text(*sa.local_identity), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
                     "remote_auth": sa.peer_auth or None,
                     "remote_cert": dn_text(sa.peer_cert.subject.public_bytes()) if sa.peer_cert else None,
                 }  # fmt: skip

@@ -288,6 +288,8 @@ class IkeEndpoint:
             peer = id_text(*sa.peer_id) if sa.peer_id else "?"
             suite = sa.chosen.describe() if sa.chosen else "?"
             extra = {"peer_cert_issuer": dn_text(sa.peer_cert.issuer.public_bytes())} if sa.peer_cert else {}
+            if sa.switched_from is not None:
+                extra["switched_from"] = sa.switched_from  # IKE_AUTH chose this connection (profiles.py)
             self.log.info("ike sa established", conn=sa.cfg.name, peer=sa.remote, peer_id=peer, proposal=suite,
                           peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), **sa.nat_report(),
                           **extra)  # fmt: skip

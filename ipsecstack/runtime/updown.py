@@ -64,7 +64,7 @@ def environment(ev: ChildUp, reqid: int, up: bool, local: Range, remote: Range, 
         "PLUTO_PROTO": ev.protocol,  # esp or ah, as strongSwan's
         "PLUTO_UNIQUEID": str(unique_id),
         "PLUTO_ME": me,
-        "PLUTO_MY_ID": id_text(*sa.cfg.local_id),
+        "PLUTO_MY_ID": id_text(*sa.local_identity),
         "PLUTO_MY_CLIENT": _subnet(local),
         "PLUTO_MY_PORT": _port(local),
         "PLUTO_MY_PROTOCOL": str(local.proto),

@@ -134,3 +134,51 @@ def netns_pair(tag: str = "t", mtu: int = 1500) -> Iterator[Pair]:
             ns.stop_all()
         for name in created:
             run(["ip", "netns", "del", name], check=False)
+
+
+@dataclass
+class Hub:
+    """One namespace ``hub`` with a bridge, and ``spokes`` namespaces each joined to that bridge by a veth
+    (``eth0`` in the spoke): one IPv4 LAN, the hub at ``addr``, spoke ``i`` at ``spoke_addrs[i]``."""
+
+    hub: Netns
+    spokes: list[Netns]
+    addr: str
+    spoke_addrs: list[str]
+
+
+@contextlib.contextmanager
+def netns_hub(tag: str = "h", spokes: int = 3) -> Iterator[Hub]:
+    """Create a hub namespace and ``spokes`` namespaces on one bridged LAN (172.31.x.0/24: hub .1, spokes .2,
+    .3, ...), e.g. a gateway and several clients that reach it at the same address; always removed afterwards."""
+    need_root()
+    n = next(_counter)
+    suffix = f"{os.getpid() % 100000}{n}"
+    third = 16 + (os.getpid() + n) % 200
+    hub = Netns(f"ips{tag}h{suffix}")
+    rim = [Netns(f"ips{tag}{i}x{suffix}") for i in range(spokes)]
+    net = Hub(hub, rim, f"172.31.{third}.1", [f"172.31.{third}.{i + 2}" for i in range(spokes)])
+    created: list[str] = []
+    try:
+        for ns in (hub, *rim):
+            run(["ip", "netns", "add", ns.name])
+            created.append(ns.name)
+            ns.run("ip", "link", "set", "lo", "up")
+        hub.run("ip", "link", "add", "br0", "type", "bridge")
+        hub.run("ip", "addr", "add", f"{net.addr}/24", "dev", "br0")
+        hub.run("ip", "link", "set", "br0", "up")
+        for i, (ns, addr) in enumerate(zip(rim, net.spoke_addrs, strict=True)):
+            near, far = f"vh{suffix}{i}", f"vs{suffix}{i}"
+            run(["ip", "link", "add", near, "type", "veth", "peer", "name", far])
+            run(["ip", "link", "set", near, "netns", hub.name])
+            run(["ip", "link", "set", far, "netns", ns.name])
+            hub.run("ip", "link", "set", near, "master", "br0", "up")
+            ns.run("ip", "link", "set", far, "name", "eth0")
+            ns.run("ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+            ns.run("ip", "link", "set", "eth0", "up")
+        yield net
+    finally:
+        for ns in (hub, *rim):
+            ns.stop_all()
+        for name in created:
+            run(["ip", "netns", "del", name], check=False)

@@ -288,3 +288,51 @@ def test_reauth_time_needs_a_peer_address() -> None:
         parse(text)
     assert e.value.field == "connections.gw.reauth_time" and "remote_addrs" in str(e.value)
     assert parse(text.replace('reauth_time = "1h"', 'reauth_time = "0"')).connections[0].reauth_time is None
+
+
+PROFILES = """
+[pools.a]
+addrs = "10.9.1.0/24"
+
+[pools.b]
+addrs = "10.9.2.0/24"
+
+[connections.group-a]
+local_addrs = ["192.0.2.1"]
+pools = ["a"]
+local = { auth = "psk", id = "gw.example" }
+remote = { auth = "psk", id = "*@a.example" }
+children.net.local_ts = ["10.1.0.0/16"]
+
+[connections.group-b]
+local_addrs = ["192.0.2.1"]
+pools = ["b"]
+local = { auth = "psk", id = "gw.example" }
+remote = { auth = "psk", id = "carol@b.example" }
+children.net.local_ts = ["10.2.0.0/16"]
+
+[secrets.ike.first]
+id = ["gw.example", "*@a.example"]
+secret = "secret of a"
+
+[secrets.ike.second]
+id = ["gw.example", "carol@b.example"]
+secret = "secret of b"
+"""
+
+
+def test_remote_access_profiles() -> None:
+    from ipsecstack.ike.session import identity
+
+    a, b = parse(PROFILES, env={}).connections
+    assert (a.name, a.remote_addr, a.remote_id) == ("group-a", None, identity("*@a.example"))
+    assert [str(p.first) for p in a.pools] == ["10.9.1.1"] and [str(p.first) for p in b.pools] == ["10.9.2.1"]
+    # each connection's secret is the one naming both of its identities, not the first naming one of them
+    assert (a.psk, b.psk) == (b"secret of a", b"secret of b")
+    # a secret named like the connection comes first
+    named = PROFILES + '\n[secrets.ike.group-b]\nsecret = "by name"\n'
+    assert parse(named, env={}).connections[1].psk == b"by name"
+    with pytest.raises(ConfigError) as e:
+        parse(PROFILES.replace('id = "gw.example" }\nremote = { auth = "psk", id = "*@a', 'id = "*.example" }\n'
+                               'remote = { auth = "psk", id = "*@a'), env={})  # fmt: skip
+    assert e.value.field == "connections.group-a.local.id" and "remote.id" in str(e.value)
