@@ -45,6 +45,7 @@ from collections.abc import Callable
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Exchange, Notify
+from ipsecstack.ike.groups import KeyPairSource
 from ipsecstack.ike.session import (
     Datagram,
     Event,
@@ -67,10 +68,12 @@ COOKIE_LIFETIME = 120.0
 class IkeManager:
     def __init__(self, peers: list[PeerConfig], rng: Rng, *, half_open_limit: int = DEFAULT_HALF_OPEN_LIMIT,
                  cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD,
-                 wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
+                 wallclock: Callable[[], float] | None = None,
+                 keypairs: KeyPairSource | None = None) -> None:  # fmt: skip
         self.peers = {p.name: p for p in peers}
         self.rng = rng
         self.wallclock = wallclock  # time of day for certificate validity, handed to every IKE SA
+        self.keypairs = keypairs  # KE key pairs made ahead of time (ike/groups.py), handed to every IKE SA
         self.half_open_limit = half_open_limit
         self.cookie_threshold = cookie_threshold
         self._secrets: list[tuple[int, bytes]] = []  # (version, secret), newest first
@@ -91,7 +94,7 @@ class IkeManager:
     def initiate(self, name: str, now: float) -> IkeSa:
         self._now = max(self._now, now)
         cfg = self.peers[name]
-        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock)
+        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock, keypairs=self.keypairs)
         # §2.4: INITIAL_CONTACT tells the peer to drop every other IKE SA with us: only if we have none
         sa.send_initial_contact = not any(o.cfg.name == name and o.state != "closed" for o in self.sas.values())
         sa.start(now)
@@ -163,7 +166,7 @@ class IkeManager:
             self._send_cookie(msg, src, src_port, dst_port, now)
             return
         sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port,
-                   wallclock=self.wallclock)  # fmt: skip
+                   wallclock=self.wallclock, keypairs=self.keypairs)  # fmt: skip
         sa.local_port = dst_port
         if sa.respond_init(msg, now):
             self.sas[sa.spi_r] = sa
