@@ -162,7 +162,7 @@ class ChildExchanges(IkeRekeying):
         group = child.proposals[0].dh[0] if child.proposals[0].dh else None
         dh = None
         if group is not None:
-            dh, pub = group.generate(self.rng)
+            dh, pub = self._keypair(group)
             inner.append(m.KE(group.number, pub))
         inner.append(m.TS([r.to_payload() for r in local], True))
         inner.append(m.TS([r.to_payload() for r in remote], False))

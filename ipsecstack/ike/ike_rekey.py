@@ -35,7 +35,7 @@ class IkeRekeying(IkeSaCore):
         spi = self.rng(8)
         nonce = self.rng(32)
         group = self.chosen.dh
-        priv, pub = group.generate(self.rng)
+        priv, pub = self._keypair(group)
         sa = m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(self.cfg.proposals)])
         self._pending = ("rekey_ike", (spi, nonce, priv))
         self._count("ike_rekeys_started")
@@ -89,7 +89,7 @@ class IkeRekeying(IkeSaCore):
 
         assert self.keys is not None and self.chosen is not None and chosen.prf is not None
         new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, wallclock=self.wallclock, remote=self.remote,
-                    remote_port=self.remote_port)  # fmt: skip
+                    remote_port=self.remote_port, keypairs=self.keypairs)  # fmt: skip
         new.local_port = self.local_port
         new.nat = self.nat
         new.behind_nat = self.behind_nat

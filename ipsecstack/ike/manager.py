@@ -36,6 +36,13 @@ deleted), the old one stays and tries again later (``ReauthFailed``). On either 
 deletes while a newer established IKE SA of the same connection and peer identity stays reports cause
 ``"reauth"`` instead of ``"peer"``: the connection is up, so no close action applies.
 
+Unknown major version (§2.5, §1.5): a message whose header says a major version above 2 is dropped
+and counted. If it is a request (never a response, as in §2.21.1) and the header length is the
+datagram's, it gets an unauthenticated response: the SPIs, exchange type and Message ID copied, the
+Response flag, version 2.0 (the highest we speak) in the header, and one N(INVALID_MAJOR_VERSION)
+without data; the answers share a token bucket of ``MAJOR_VERSION_BURST`` answers that refills at
+``MAJOR_VERSION_RATE`` per second of ``now``, so the stateless answers cannot be turned into a flood.
+
 Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
 once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
 """
@@ -50,7 +57,8 @@ from collections.abc import Callable
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.const import Exchange, Notify, Protocol
+from ipsecstack.ike.const import Exchange, Flag, Notify, Protocol
+from ipsecstack.ike.groups import KeyPairSource
 from ipsecstack.ike.session import (
     Datagram,
     Event,
@@ -68,15 +76,19 @@ from ipsecstack.ike.session import (
 DEFAULT_HALF_OPEN_LIMIT = 256
 DEFAULT_COOKIE_THRESHOLD = 32
 COOKIE_LIFETIME = 120.0
+MAJOR_VERSION_BURST = 10  # INVALID_MAJOR_VERSION answers at once ...
+MAJOR_VERSION_RATE = 2.0  # ... and then per second
 
 
 class IkeManager:
     def __init__(self, peers: list[PeerConfig], rng: Rng, *, half_open_limit: int = DEFAULT_HALF_OPEN_LIMIT,
                  cookie_threshold: int = DEFAULT_COOKIE_THRESHOLD,
-                 wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
+                 wallclock: Callable[[], float] | None = None,
+                 keypairs: KeyPairSource | None = None) -> None:  # fmt: skip
         self.peers = {p.name: p for p in peers}
         self.rng = rng
         self.wallclock = wallclock  # time of day for certificate validity, handed to every IKE SA
+        self.keypairs = keypairs  # KE key pairs made ahead of time (ike/groups.py), handed to every IKE SA
         self.half_open_limit = half_open_limit
         self.cookie_threshold = cookie_threshold
         self._secrets: list[tuple[int, bytes]] = []  # (version, secret), newest first
@@ -90,6 +102,8 @@ class IkeManager:
         self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
         self._reauth_why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
         self._now = 0.0  # the latest time we were given (events() acts on ReauthDue with it)
+        self._version_tokens = float(MAJOR_VERSION_BURST)  # token bucket for INVALID_MAJOR_VERSION (§2.5)
+        self._version_tokens_at = 0.0
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -97,7 +111,7 @@ class IkeManager:
     def initiate(self, name: str, now: float) -> IkeSa:
         self._now = max(self._now, now)
         cfg = self.peers[name]
-        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock)
+        sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock, keypairs=self.keypairs)
         # §2.4: INITIAL_CONTACT tells the peer to drop every other IKE SA with us: only if we have none
         sa.send_initial_contact = not any(o.cfg.name == name and o.state != "closed" for o in self.sas.values())
         sa.start(now)
@@ -110,9 +124,12 @@ class IkeManager:
     def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
         self._now = max(self._now, now)
         try:
-            spi_i, spi_r, _np, _v, exchange, flags, _mid, _len = m.decode_header(data)
+            spi_i, spi_r, _np, version, exchange, flags, _mid, _len = m.decode_header(data)
         except m.ParseError:
             self._count("dropped_truncated")
+            return
+        if version >> 4 > m.MAJOR_VERSION:
+            self._unknown_major_version(data, src, src_port, dst_port, now)
             return
         response = bool(flags & 0x20)
         if exchange == Exchange.IKE_SA_INIT and not response and spi_r == bytes(8):
@@ -173,7 +190,7 @@ class IkeManager:
         candidates = self._candidates(msg, src)
         cfg = candidates[0]
         sa = IkeSa(cfg, initiator=False, rng=self.rng, now=now, remote=src, remote_port=src_port,
-                   wallclock=self.wallclock)  # fmt: skip
+                   wallclock=self.wallclock, keypairs=self.keypairs)  # fmt: skip
         sa.local_port = dst_port
         sa.candidates = candidates
         if sa.respond_init(msg, now):
@@ -198,6 +215,24 @@ class IkeManager:
         if first is None:
             return fits[:1]
         return [first, *(p for p in fits if p is not first and p.local_addr == first.local_addr)]
+
+    def _unknown_major_version(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
+        """§2.5: drop it; answer a request with INVALID_MAJOR_VERSION in our version (§1.5), rate-limited."""
+        spi_i, spi_r, _np, _v, exchange, flags, mid, length = m.decode_header(data)
+        self._count("dropped_major_version")
+        if flags & Flag.RESPONSE or length != len(data):
+            return  # never answer a response (§2.21.1), nor what is not one whole message
+        elapsed = max(0.0, now - self._version_tokens_at)
+        self._version_tokens = min(float(MAJOR_VERSION_BURST), self._version_tokens + elapsed * MAJOR_VERSION_RATE)
+        self._version_tokens_at = max(self._version_tokens_at, now)
+        if self._version_tokens < 1.0:
+            self._count("invalid_major_version_limited")
+            return
+        self._version_tokens -= 1.0
+        # §1.5: a response with the request's SPIs, exchange type and Message ID; no notification data
+        reply = m.Message(spi_i, spi_r, exchange, Flag.RESPONSE, mid, [m.Notify(Notify.INVALID_MAJOR_VERSION)])
+        self._stateless.append(Datagram(reply.encode(), src, src_port, dst_port))
+        self._count("invalid_major_version_sent")
 
     # --- cookies (§2.6) ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from ipsecstack.ike.const import ATTR_KEY_LENGTH, Payload
 
 HEADER = struct.Struct("!8s8sBBBBII")
 HEADER_LEN: Final = 28
+MAJOR_VERSION: Final = 2  # RFC 7296 §3.1: we speak 2.0; a higher major version is refused (§2.5)
 GENERIC = struct.Struct("!BBH")
 MAX_MESSAGE: Final = 65535
 
@@ -273,7 +274,7 @@ def decode_header(data: bytes) -> tuple[bytes, bytes, int, int, int, int, int, i
 def decode(data: bytes) -> Message:
     """Decode a whole message (the SK payload stays encrypted)."""
     spi_i, spi_r, first, version, exchange, flags, mid, length = decode_header(data)
-    if version >> 4 != 2:
+    if version >> 4 != MAJOR_VERSION:
         raise ParseError("bad_version", f"major version {version >> 4}")
     if length != len(data):
         raise ParseError("bad_length", f"header says {length}, datagram has {len(data)}")

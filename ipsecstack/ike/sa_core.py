@@ -20,7 +20,7 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike import sk
 from ipsecstack.ike.const import Flag, Notify
-from ipsecstack.ike.groups import Group, KeyExchangeError
+from ipsecstack.ike.groups import Group, KeyExchangeError, KeyPair, KeyPairSource
 from ipsecstack.ike.keymat import IkeKeys, ike_sa_keys
 from ipsecstack.ike.model import (
     NAT_T_PORT,
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 class IkeSaCore:
     def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
-                 remote_port: int | None = None, wallclock: Callable[[], float] | None = None) -> None:  # fmt: skip
+                 remote_port: int | None = None, wallclock: Callable[[], float] | None = None,
+                 keypairs: KeyPairSource | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         # responder: the connections IKE_SA_INIT left possible; IKE_AUTH may switch ``cfg`` to one of them (profiles)
         self.candidates: list[PeerConfig] = [cfg]
@@ -56,6 +57,7 @@ class IkeSaCore:
         self._peer_hashes: frozenset[int] | None = None  # RFC 7427 §4: None until the peer announces them
         self.initiator = initiator
         self.rng = rng
+        self.keypairs = keypairs  # KE key pairs made ahead of time (the runtime's pool), else from rng
         self.created = now
         self.remote = remote or cfg.remote_addr or ""
         self.remote_port = remote_port or cfg.remote_port
@@ -206,6 +208,11 @@ class IkeSaCore:
         self.failure = reason
         self._events.append(ChildFailed(self._sa, reason))
 
+    def _keypair(self, group: Group) -> KeyPair:
+        """A KE private value and public data: made ahead of time by ``keypairs`` if it has one, else now."""
+        made = self.keypairs(group) if self.keypairs is not None else None
+        return made if made is not None else group.generate(self.rng)
+
     def _new_child_spi(self) -> int:
         while True:
             spi = int.from_bytes(self.rng(4), "big")
@@ -218,7 +225,7 @@ class IkeSaCore:
         if ke is None or ke.group != group.number:
             self._respond(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, group.number.to_bytes(2, "big"))])
             return None
-        priv, pub = group.generate(self.rng)
+        priv, pub = self._keypair(group)
         try:
             return pub, group.shared(priv, ke.data)
         except KeyExchangeError:

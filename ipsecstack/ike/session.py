@@ -6,7 +6,8 @@ An :class:`IkeSa` never touches a socket or a clock. ``receive(data, src, src_po
 feeds it a datagram addressed to it (the manager demultiplexes by SPI), ``handle_timer(now)`` lets
 it retransmit or give up, and the caller collects what it produced with ``datagrams()`` and
 ``events()``; ``get_timer()`` says when it next needs the clock. Randomness (SPIs, nonces, DH
-private values, CBC IVs) comes from the injected ``rng``.
+private values, CBC IVs) comes from the injected ``rng``; KE key pairs may instead come ready-made from
+the injected ``keypairs`` callable (the runtime's pool of MODP pairs, :mod:`ipsecstack.ike.groups`).
 
 States: initiator ``init_sent`` -> ``auth_sent`` -> ``established``; responder ``init_done`` ->
 ``established``; either -> ``deleting`` -> ``closed``. A message that does not fit the state is
@@ -159,7 +160,7 @@ class IkeSa(AuthExchange):
         """Send IKE_SA_INIT; ``fresh=False`` (a COOKIE retry) keeps KE and nonce unchanged (§2.6)."""
         assert self._group is not None
         if fresh:
-            self._dh, self._pub = self._group.generate(self.rng)
+            self._dh, self._pub = self._keypair(self._group)
             self._ni = self.rng(32)
         pub = self._pub
         payloads: list[m.AnyPayload] = []
@@ -243,7 +244,7 @@ class IkeSa(AuthExchange):
         self._nr = self.rng(32)
         self.spi_r = self.rng(8)
         self._group = chosen.dh
-        self._dh, pub = chosen.dh.generate(self.rng)
+        self._dh, pub = self._keypair(chosen.dh)
         if not self._derive(chosen, ke.data):
             return False
         self._detect_nat(msg)

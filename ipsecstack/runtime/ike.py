@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The sans-IO :class:`~ipsecstack.ike.manager.IkeManager` does the protocol; this module moves its
-datagrams and acts on its events. Port 500 is a UDP socket of its own per local address; IKE on
+datagrams and acts on its events, and gives it MODP key pairs made ahead of time in a worker thread
+(:mod:`ipsecstack.runtime.kepool`). Port 500 is a UDP socket of its own per local address; IKE on
 port 4500 shares the ESP-in-UDP socket (the outer ``udp`` backend), where the datapath hands
 non-ESP-marker datagrams back through ``Node.on_ike``. After every input (datagram or timer) the
 endpoint sends what the manager queued, applies its events and re-arms its single timer.
@@ -51,6 +52,7 @@ from ipsecstack.ike.session import (
 )
 from ipsecstack.runtime import actions
 from ipsecstack.runtime.io import BackendError
+from ipsecstack.runtime.kepool import KeyPairPool
 from ipsecstack.runtime.node import Node
 from ipsecstack.runtime.updown import Updown
 from ipsecstack.sa import SecurityAssociation
@@ -74,7 +76,10 @@ class IkeEndpoint:
                  acquire_names: list[str] | None = None) -> None:  # fmt: skip
         self.node = node
         self.dp: Datapath = node.datapath
-        self.manager = IkeManager(peers, rng, wallclock=time.time)
+        # MODP key pairs made ahead of time in a worker thread (runtime/kepool.py); other groups are cheap
+        algs = [a for p in peers for a in p.proposals] + [a for p in peers for c in p.children for a in c.proposals]
+        self.keypairs = KeyPairPool({g for a in algs for g in a.dh}, rng)
+        self.manager = IkeManager(peers, rng, wallclock=time.time, keypairs=self.keypairs.take)
         self.start_names = start
         self.encap = encap
         self.log = log
@@ -116,6 +121,7 @@ class IkeEndpoint:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.keypairs.start(self._loop)
         for s in self._socks.values():
             self._loop.add_reader(s.fileno(), self._readable, s)
         self.node.on_ike = self._on_encap_ike
@@ -149,6 +155,7 @@ class IkeEndpoint:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._send(self.manager.datagrams())
+        self.keypairs.close()
         self.updown.close()  # the down scripts of the children still up (bounded, synchronous at shutdown)
         for s in self._socks.values():
             if self._loop is not None:

@@ -6,13 +6,14 @@ import hmac
 import os
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import dh
 
 from ipsecstack.crypto.registry import ENCR, INTEG, parse_esp_transform
 from ipsecstack.entropy import seeded_rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike import sk
 from ipsecstack.ike.const import Exchange, Flag
-from ipsecstack.ike.groups import GROUPS, MODP_2048, KeyExchangeError
+from ipsecstack.ike.groups import GROUPS, MODP_2048, MODP_3072, MODP_4096, KeyExchangeError
 from ipsecstack.ike.keymat import PRFS, child_keymat, ike_sa_keys, prf_plus
 
 
@@ -43,6 +44,35 @@ def test_modp_rejects_degenerate_values(bad: bytes) -> None:
     priv, _ = g.generate(seeded_rng(1))
     with pytest.raises(KeyExchangeError):
         g.shared(priv, bad)
+
+
+@pytest.mark.parametrize("number", [14, 15, 16])
+def test_modp_runs_in_openssl_with_the_exponent_from_rng(number: int) -> None:
+    """The private value is still ``rng(size) mod (p-3) + 2`` (seeded runs keep their bytes); OpenSSL computes
+    g^x and y^x, which must equal the RFC 3526 definitions; g^ir keeps its leading zeros (§2.14)."""
+    g = GROUPS[number]
+    p = {14: MODP_2048, 15: MODP_3072, 16: MODP_4096}[number]
+    raw = seeded_rng(number)(g.size)
+    x = int.from_bytes(raw, "big") % (p - 3) + 2
+    priv, pub = g.generate(seeded_rng(number))
+    assert isinstance(priv, dh.DHPrivateKey) and priv.private_numbers().x == x
+    assert pub == pow(2, x, p).to_bytes(g.size, "big")
+    _, peer = g.generate(seeded_rng(number + 100))
+    assert g.shared(priv, peer) == pow(int.from_bytes(peer, "big"), x, p).to_bytes(g.size, "big")
+    # a peer value whose g^ir is 2^100 (g = 2 generates the order-q subgroup): 8 * size - 101 leading zero bits
+    q = (p - 1) // 2
+    small = pow(2, 100 * pow(x, -1, q) % q, p).to_bytes(g.size, "big")
+    assert g.shared(priv, small) == (2**100).to_bytes(g.size, "big")
+
+
+def test_modp_never_uses_the_exponent_q() -> None:
+    """x = (p-1)/2 would make g^x = 1 (and OpenSSL refuse the key): such a draw is drawn again."""
+    g = GROUPS[14]
+    q = (MODP_2048 - 1) // 2
+    draws = [(q - 2).to_bytes(256, "big"), (5).to_bytes(256, "big")]  # x = raw mod (p-3) + 2: q, then 7
+    priv, pub = g.generate(lambda n: draws.pop(0))
+    assert not draws and pub == pow(2, 7, MODP_2048).to_bytes(256, "big")
+    assert isinstance(priv, dh.DHPrivateKey) and priv.private_numbers().x == 7
 
 
 def test_ecp_rejects_points_off_the_curve() -> None:

@@ -362,6 +362,76 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     assert not a.sas and not b.sas
 
 
+def _modp_run(a_source: object, b_source: object) -> tuple[object, object, list[bytes]]:
+    """IKE_SA_INIT + IKE_AUTH, an IKE SA rekey and a child rekey with PFS, all MODP2048, between two managers
+    given KE key pair sources; returns (a, b, every datagram in order)."""
+    from ipsecstack.ike.manager import IkeManager
+
+    ike, esp = "aes128-sha256-modp2048", "aes128gcm16-modp2048"
+    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp)
+    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp)
+    a = IkeManager([cfg_a], seeded_rng(41), keypairs=a_source)  # type: ignore[arg-type]
+    b = IkeManager([cfg_b], seeded_rng(42), keypairs=b_source)  # type: ignore[arg-type]
+    wire: list[bytes] = []
+
+    def pump(now: float) -> None:
+        for _ in range(20):
+            moved = False
+            for src, dst, addr in ((a, b, A), (b, a, B)):
+                for d in src.datagrams():  # before events(): that forgets closed SAs, with what they queued
+                    moved = True
+                    wire.append(d.data)
+                    dst.receive(d.data, addr, d.src_port, d.dst_port, now)
+                src.events()
+            if not moved:
+                return
+
+    a.initiate("conn", 0.0)
+    pump(0.0)
+    (sa_a,) = a.sas.values()
+    sa_a.rekey_at = 50.0
+    a.handle_timer(50.0)
+    pump(50.0)
+    (sa_a,) = a.sas.values()
+    assert sa_a.established and sa_a.stats.get("ike_rekeys_started") is None and len(sa_a.children) == 1
+    sa_a.children[0].rekey_at = 60.0
+    a.handle_timer(60.0)
+    pump(60.0)
+    return a, b, wire
+
+
+def test_ke_key_pairs_can_come_ready_made() -> None:
+    """The runtime's pool (runtime/kepool.py) hands IKE SAs MODP pairs through ``keypairs``: IKE_SA_INIT, the IKE SA
+    rekey (also in the successor) and PFS in a child rekey use them, on both sides; None falls back to the rng."""
+    from ipsecstack.ike.groups import GROUPS, Group, KeyPair
+    from ipsecstack.ike.manager import IkeManager
+
+    made = {side: [GROUPS[14].generate(seeded_rng(seed)) for _ in range(3)] for side, seed in (("a", 7), ("b", 8))}
+    handed: dict[str, list[KeyPair]] = {"a": [], "b": []}
+
+    def source(side: str) -> object:
+        def take(group: Group) -> KeyPair | None:
+            assert group.number == 14
+            pair = made[side].pop(0)
+            handed[side].append(pair)
+            return pair
+
+        return take
+
+    a, b, wire = _modp_run(source("a"), source("b"))
+    assert isinstance(a, IkeManager) and isinstance(b, IkeManager)
+    assert made == {"a": [], "b": []}  # 3 pairs each: IKE_SA_INIT, IKE SA rekey, child rekey with PFS
+    (sa_a,), (sa_b,) = a.sas.values(), b.sas.values()
+    assert sa_a.established and sa_b.established and sa_a.keys == sa_b.keys  # the pairs agree with the peer's
+    assert sa_a.children[0].key_in == sa_b.children[0].key_out
+    assert sa_a.stats.get("child_rekeys") == 1 and sa_b.stats.get("child_rekeys") == 1
+    init_i, init_r = m.decode(wire[0]), m.decode(wire[1])
+    assert init_i.get(m.KE)[0].data == handed["a"][0][1]  # type: ignore[union-attr]
+    assert init_r.get(m.KE)[0].data == handed["b"][0][1]  # type: ignore[union-attr]
+    # a source with nothing ready changes nothing: the same bytes as without one
+    assert _modp_run(lambda g: None, lambda g: None)[2] == _modp_run(None, None)[2]
+
+
 def test_cookies_under_half_open_pressure() -> None:
     from ipsecstack.ike.manager import IkeManager
 
