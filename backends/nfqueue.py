@@ -28,6 +28,12 @@ Limitation: a selector with ports does not match non-first IPv4/IPv6 fragments i
 fragments of unprotected plaintext are not refused in the kernel (selectors without ports, the
 transport-mode default, match every fragment).
 
+Path MTU (RFC 4301 §8): the datapath is given the link MTU towards each peer; a protected packet that
+would exceed it is fragmented by the kernel when the host's packet had DF clear, or refused with an
+ICMP error carrying the MTU less the overhead, which :class:`LocalInjector` hands to this host's stack
+(the sending socket learns it). Replacements carry a firewall mark that routes them by a table of their
+own (:mod:`backends.esp_routes`), so that MTU does not shrink the protected packets' route as well.
+
 Fail closed
 -----------
 By default the NFQUEUE rules have no ``--queue-bypass``: while the rules are in place and no process
@@ -79,6 +85,7 @@ from typing import Any, cast
 
 import structlog
 
+from backends.esp_routes import MARK, EspRoutes
 from ipsecstack.config import Config
 from ipsecstack.datapath import Datapath
 from ipsecstack.runtime.io import BackendError, PortStats, QueuedPacket
@@ -325,6 +332,7 @@ class NfqueuePort:
         self.queue_num = queue_num
         self.stats = PortStats()
         self.verdict_errors = 0
+        self.mark: int | None = None  # set on the replacements this port's verdicts give (outbound queue)
         self._log = log
         self._on_close = on_close
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -431,6 +439,8 @@ class NfqueuePort:
                     continue
                 if rep is not qp.payload:
                     pkt.set_payload(rep if type(rep) is bytes else bytes(rep))
+                    if self.mark is not None:
+                        pkt.set_mark(self.mark)  # routed by the protected packets' table (esp_routes.py)
                 pkt.accept()
                 stats.tx_packets += 1
                 stats.tx_bytes += len(rep)
@@ -471,6 +481,53 @@ def link_mtu(addr: str, runner: Runner = _run_tool) -> int:
         with contextlib.suppress(OSError, ValueError), open(f"/sys/class/net/{dev.group(1)}/mtu") as f:
             return int(f.read().strip())
     return DEFAULT_LINK_MTU
+
+
+class LocalInjector:
+    """Packets for this host's own sockets (ICMP errors from the datapath: path MTU, RFC 4301 §8), sent to it
+    through IPPROTO_RAW sockets, so the kernel takes them in as any received packet (the sender's socket
+    learns the smaller path MTU). Write-only; a packet the kernel refuses is dropped and counted."""
+
+    name = "local"
+    mtu = DEFAULT_LINK_MTU
+
+    def __init__(self) -> None:
+        import socket
+
+        self.stats = PortStats()
+        self._socks: dict[int, Any] = {}
+        for version, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            try:
+                s = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError:
+                continue  # no IPv6 here, or not permitted: those errors are dropped and counted
+            s.setblocking(False)
+            self._socks[version] = s
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+        pass  # write-only
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        return []
+
+    def write_batch(self, packets: Sequence[bytes]) -> int:
+        sent = 0
+        for pkt in packets:
+            try:
+                version = pkt[0] >> 4
+                dst = str(ipaddress.ip_address(pkt[16:20] if version == 4 else pkt[24:40]))
+                self._socks[version].sendto(pkt, (dst, 0))
+            except (OSError, KeyError, ValueError, IndexError):
+                self.stats.tx_dropped += 1
+                continue
+            sent += 1
+        self.stats.tx_packets += sent
+        return sent
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()
 
 
 class NfqueueTransport:
@@ -520,8 +577,12 @@ class NfqueueTransport:
             self.out_port.close()
             raise
         self._open_ports = 2
+        # RFC 4301 §8: the protected packets get a route (and so a path MTU) apart from the host's own packets
+        self.routes = EspRoutes({r.family for r in self.rules}, self._run, self.log)
+        self.out_port.mark = MARK
         try:
             self._clean_stale()
+            self.routes.install()
             self._install()
         except BaseException:
             self.close()
@@ -651,6 +712,7 @@ class NfqueueTransport:
         self._open_ports -= 1
         if self._open_ports <= 0:
             self.remove_rules()
+            self.routes.remove()
             self.log.info("nfqueue rules removed")
 
     def close(self) -> None:
@@ -662,6 +724,9 @@ class NfqueueTransport:
             if port is not None:
                 port.close()
         self.remove_rules()
+        routes = getattr(self, "routes", None)
+        if routes is not None:
+            routes.remove()
 
 
 def _preflight() -> None:

@@ -20,11 +20,19 @@ Nothing raises out of a batch call: each rejected packet is a ``(reason, packet)
 ``dropped`` and a count in ``drops`` (and in the SA's ``drops`` when the SA is known). Lifetime
 events (soft: rekey; hard: the SA was removed) come back in ``events``. Time passes only through
 ``now``; ``handle_timer(now)`` fires time-based lifetimes and ``get_timer()`` says when it is next due.
+
+Path MTU (RFC 4301 §8): with ``link_mtu`` given (a callable: outer destination address -> MTU of the
+link towards it, asked once per destination and cached), a protected packet longer than that MTU is
+sent on as it is when it may be fragmented (IPv4 without DF: the kernel fragments the outer packet),
+and otherwise (IPv4 with DF, any IPv6 packet) dropped (``pmtu_exceeded``) with an ICMP "fragmentation
+needed" / ICMPv6 "packet too big" for the sender in ``to_local``, carrying the MTU less the SA's
+worst-case overhead, so the sender's path MTU leaves room for ESP/AH.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -32,7 +40,7 @@ from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SAEvent, SecurityAssociation
 from ipsecstack.sad import SAD
 from ipsecstack.spd import SPD, Action, Policy
-from ipsecstack.wire import ip
+from ipsecstack.wire import icmp, ip
 from ipsecstack.wire.udp_encap import ENCAP_PORT, KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER_LEN, classify
 from ipsecstack.xform import ah as ah_xform
 from ipsecstack.xform import esp as esp_xform
@@ -64,10 +72,11 @@ class IkeDatagram(NamedTuple):
 class Result:
     """What one batch call produced."""
 
-    __slots__ = ("acquires", "dropped", "events", "to_ike", "to_inner", "to_network")
+    __slots__ = ("acquires", "dropped", "events", "to_ike", "to_inner", "to_local", "to_network")
 
     def __init__(self) -> None:
         self.to_network: list[bytes] = []
+        self.to_local: list[bytes] = []  # ICMP errors for local senders (path MTU, RFC 4301 §8)
         self.to_inner: list[bytes] = []
         self.to_ike: list[IkeDatagram] = []
         self.dropped: list[tuple[str, bytes]] = []
@@ -82,8 +91,11 @@ class Datapath:
         *,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         encap_ports: Iterable[int] = (ENCAP_PORT,),
+        link_mtu: Callable[[str], int] | None = None,
     ) -> None:
         self.spd = spd if spd is not None else SPD()
+        self.link_mtu = link_mtu
+        self._mtus: dict[bytes, int] = {}
         self.sad = SAD()
         self.acquire_timeout = acquire_timeout
         self.encap_ports = frozenset(encap_ports)
@@ -162,7 +174,10 @@ class Datapath:
                     if sa is None:
                         self._acquire(res, pol, flow, pkt, now)
                         continue
-                    to_network.append(protect(sa, pkt))
+                    out = protect(sa, pkt)
+                    if self.link_mtu is not None and len(out) > 1280 and self._too_big(res, sa, pkt, out):
+                        raise Dropped(Reason.PMTU_EXCEEDED)
+                    to_network.append(out)
                     if sa.pending:
                         res.events.extend(self._take_events(sa))
                 elif action is Action.BYPASS:
@@ -175,6 +190,28 @@ class Datapath:
                     res.events.extend(self._take_events(sa))
         self.out_packets += len(packets)
         return res
+
+    def _too_big(self, res: Result, sa: SecurityAssociation, pkt: bytes, out: bytes) -> bool:
+        """``out`` exceeds the link MTU and may not be fragmented: tell the sender (RFC 4301 §8.1, §8.2)."""
+        v4 = out[0] >> 4 == 4
+        dst = out[16:20] if v4 else out[24:40]
+        mtu = self._mtus.get(dst)
+        if mtu is None:
+            assert self.link_mtu is not None
+            if len(self._mtus) >= 4096:
+                self._mtus.clear()
+            mtu = self._mtus[dst] = self.link_mtu(str(ipaddress.ip_address(dst)))
+        if len(out) <= mtu or (v4 and not pkt[6] & 0x40):
+            return False  # fits, or the kernel fragments the outer packet (inner DF clear)
+        # from this host (the outer source); a tunnel of the other family has no address of the inner one
+        # here, so the error then names the inner destination as its source (any source updates a PMTU)
+        src = out[12:16] if v4 else out[8:24]
+        room = mtu - sa.overhead
+        if pkt[0] >> 4 == 4:
+            res.to_local.append(icmp.frag_needed(pkt, max(room, 68), src if v4 else pkt[16:20]))
+        else:
+            res.to_local.append(icmp.packet_too_big(pkt, max(room, 1280), src if not v4 else pkt[24:40]))
+        return True
 
     def _acquire(self, res: Result, pol: Policy, flow: Flow, pkt: bytes, now: float) -> None:
         until = self._acquiring.get(pol)

@@ -42,6 +42,8 @@ class Reason:
     NO_POLICY: Final = "no_policy"
     NO_SA: Final = "no_sa"
     ECN_DROP: Final = "ecn_drop"
+    # RFC 4301 §8: protected, it would exceed the path MTU and may not be fragmented (ICMP sent to the sender)
+    PMTU_EXCEEDED: Final = "pmtu_exceeded"
     # decrypted, but this node has no inner plane for it (ESP in UDP on the NFQUEUE node's IKE socket)
     NO_INNER_PLANE: Final = "no_inner_plane"
 

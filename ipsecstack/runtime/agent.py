@@ -106,11 +106,16 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
     # IKE-negotiated SAs do not exist yet: assume the worst case of the transforms we support
     overhead = max((sa.overhead for sa in dp.sad), default=IKE_OVERHEAD if cfg.connections else 0)
     if a.inner_backend == "nfqueue":
-        from backends.nfqueue import NfqueueTransport
+        from backends.nfqueue import LocalInjector, NfqueueTransport, link_mtu
 
         nfq = NfqueueTransport.from_config(cfg, dp)
         node = Node(dp, queue_out=nfq.out_port, queue_in=nfq.in_port, batch_size=a.batch_size, log=log)
         node.traps = traps
+        # RFC 4301 §8: the host's packets grow by the ESP/AH overhead after the kernel chose their size, so
+        # oversized ones that may not be fragmented come back to their socket as ICMP with the smaller MTU
+        dp.link_mtu = link_mtu
+        node.local_out = LocalInjector()
+        node.on_stop.append(node.local_out.close)
         return node
     inner: PacketPort
     if a.inner_backend == "tun":

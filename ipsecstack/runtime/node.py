@@ -81,6 +81,9 @@ class Node:
         self.on_reload: Callable[[], None] | None = None  # SIGHUP
         # outer ports beside the main planes, read only: IKE's NAT-T socket next to NFQUEUE (runtime/agent.py)
         self.side_ports: list[PacketPort] = []
+        # where ICMP errors for local senders go (Result.to_local, path MTU): the inner port by default
+        # (TUN: the kernel routes them to the sender), a raw socket to this host with NFQUEUE
+        self.local_out: PacketPort | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -218,6 +221,10 @@ class Node:
 
     def _after(self, res: Result, direction: str) -> None:
         self.batches += 1
+        if res.to_local:
+            port = self.local_out or self.inner
+            if port is not None:
+                port.write_batch(res.to_local)
         if res.dropped:
             self.drops.report(direction, res.dropped)
         if res.events:
