@@ -55,8 +55,8 @@ dst, mode, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IP, 10, {"dont": 0, "want": 1, "do": 2}[mode])  # IP_MTU_DISCOVER
 errors = {}
-for n in range(64, 1473):
-    for _ in range(rounds):
+for _ in range(rounds):  # a second sweep resends what was lost while the sender learnt the MTU
+    for n in range(64, 1473):
         try:
             s.sendto(b"u" * n, (dst, 9000))
         except OSError as e:
