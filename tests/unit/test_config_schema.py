@@ -270,3 +270,5 @@ def test_published_json_schema_is_current() -> None:
     conn = committed["$defs"]["Connection"]
     assert conn["additionalProperties"] is False and conn["properties"]["remote_port"]["maximum"] == 65535
     assert committed["$defs"]["Agent"]["properties"]["log_level"]["enum"][:2] == ["debug", "info"]
+    for example in (ROOT / "deploy" / "examples").glob("*.toml"):  # editors find it from each example
+        assert example.read_text().startswith("#:schema ../ipsecstack.schema.json\n"), example
