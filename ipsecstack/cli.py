@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
     c.add_argument("--packets", type=int, default=300, help="packets each way (default 300)")
     sub.add_parser("transforms", help="list the ESP/AH transforms this build supports")
+    sub.add_parser("schema", help="print the configuration file's JSON Schema (for editors: taplo, Even Better TOML)",
+                   description="The JSON Schema of the TOML configuration; deploy/ipsecstack.schema.json is a copy. "
+                   "Point an editor at it with a '#:schema PATH' first line in the file.")  # fmt: skip
     for name, text in (
         ("run", "run the daemon in the foreground with the given configuration (SIGINT/SIGTERM stop it)"),
         ("check", "validate a configuration file and exit (0: valid, 2: invalid)"),
@@ -69,6 +72,14 @@ def _load(path: str) -> Config:
     return load(path, os.environ)
 
 
+def _print_errors(path: str, error: ConfigError) -> None:
+    """Every error in the file, one per line (key path, value, fix), then how many."""
+    for e in error.errors:
+        print(f"ipsecstack: {path}: {e}", file=sys.stderr)
+    if len(error.errors) > 1:
+        print(f"ipsecstack: {path}: {len(error.errors)} errors", file=sys.stderr)
+
+
 def _run(cfg: Config, path: str) -> int:
     import structlog
 
@@ -94,6 +105,8 @@ def _run(cfg: Config, path: str) -> int:
         node.on_reload = Reloader(path, cfg, node, ike, log)
         for key in cfg.notices:
             log.warning("configuration key has no effect yet", key=key)
+        for w in cfg.warnings:  # never a secret: the value of a warning about one is "<secret>"
+            log.warning("configuration warning", key=w.field, advice=w.fix)
         log.info(
             "agent starting", loop=loop_name(), inner=cfg.agent.inner_backend, outer=cfg.agent.outer_backend,
             connections=[c.name for c in cfg.manual] + [p.name for p in cfg.connections],
@@ -120,8 +133,11 @@ def _control(args: argparse.Namespace) -> int:
     if args.config:
         try:
             path = _load(args.config).agent.control_socket
-        except (OSError, ConfigError) as e:
+        except OSError as e:
             print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
+            return 2
+        except ConfigError as e:
+            _print_errors(args.config, e)
             return 2
     extra = {"name": args.name} if args.command in ("initiate", "terminate") else {}
     try:
@@ -170,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ipsecstack: cannot read {args.config}: {e.strerror}", file=sys.stderr)
             return 2
         except ConfigError as e:
-            print(f"ipsecstack: {args.config}: {e}", file=sys.stderr)
+            _print_errors(args.config, e)
             return 2
         if args.command == "check":
             for key in cfg.notices:
                 print(f"{args.config}: note: {key} is accepted but has no effect yet", file=sys.stderr)
+            for w in cfg.warnings:
+                print(f"{args.config}: warning: {w}", file=sys.stderr)
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
         return _run(cfg, args.config)
@@ -208,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in CONTROL_COMMANDS:
         return _control(args)
+    if args.command == "schema":
+        import json
+
+        from ipsecstack.config_schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+        return 0
     if args.command == "transforms":
         print("ESP encryption: " + ", ".join(ENCR))
         print("ESP/AH integrity: " + ", ".join(INTEG))

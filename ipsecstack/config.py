@@ -8,38 +8,39 @@ Every error names the key path, the value and the fix; secrets are never echoed.
 Theory of operation: ``parse()`` turns TOML text into validated dataclasses without touching the
 system (file and environment lookups for secrets go through the ``read_file`` / ``env`` callables it
 is given; ``[agent] user`` is looked up in the user database); ``build_datapath()`` turns them into SAs
-and SPD policies.
+and SPD policies. Two layers read the document: the schema (``config_schema``: types, enumerations,
+ranges, known keys; strict, nothing coerced) and then the meaning checks here and in
+``connections.py``, ``pki.py``, ``ike/``, which run only on the tables the schema accepted and whose
+types they may therefore trust. Every error of both layers is collected, in file order, and raised
+together (:class:`ConfigErrors`; one alone is a plain :class:`ConfigError`); warnings (a short PSK)
+come back in ``Config.warnings``.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import math
 import pwd
 import re
 import tomllib
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ipsecstack.datapath import Datapath
-from ipsecstack.errors import ConfigError
+from ipsecstack.errors import ConfigError, ConfigErrors, ConfigWarning
 from ipsecstack.ike.session import PeerConfig
 from ipsecstack.sa import Lifetime, SecurityAssociation
 from ipsecstack.spd import Action, Policy, Selector, Template
 
+if TYPE_CHECKING:
+    from ipsecstack.connections import IkeSettings
+
 INNER_BACKENDS = ("tun", "nfqueue", "memory")
 OUTER_BACKENDS = ("raw", "udp", "nfqueue", "memory")
 
-_AGENT_KEYS = {
-    "inner_backend", "outer_backend", "tun_name", "tun_mtu", "nfqueue_out", "nfqueue_in", "queue_bypass",
-    "log_format", "log_level", "batch_size", "encap_port", "mss_clamp", "tun_addrs", "retransmit_timeout",
-    "retransmit_base", "retransmit_tries", "control_socket", "metrics", "user",
-}  # fmt: skip
-_MANUAL_KEYS = {
-    "mode", "protocol", "transform", "local_addrs", "remote_addrs", "local_ts", "remote_ts", "spi_in", "spi_out",
-    "key_in", "key_out", "key_in_file", "key_out_file", "key_in_env", "key_out_env", "esn", "replay_window",
-    "encap", "encap_port", "tfc_padding", "life_time", "life_bytes", "life_packets",
-}  # fmt: skip
 _TS_RE = re.compile(r"^(?P<net>[^\[\]]+?)(?:\[(?P<proto>[\w]+)?(?:/(?P<port>[\w\-]+))?\])?$")
 
 
@@ -97,6 +98,7 @@ class Config:
     start: list[str] = field(default_factory=list)
     trap: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # keys accepted but not applied yet
+    warnings: list[ConfigWarning] = field(default_factory=list)  # valid but unwise (a short PSK)
 
 
 def _type(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
@@ -104,21 +106,17 @@ def _type(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> No
         raise ConfigError(path, value, f"expected {what}")
 
 
-def _unknown(path: str, table: Mapping[str, Any], known: set[str]) -> None:
-    for k in table:
-        if k not in known:
-            hint = ", ".join(sorted(known))
-            raise ConfigError(f"{path}.{k}", table[k], f"unknown key; known keys here: {hint}")
-
-
 def parse_duration(value: Any, path: str) -> float:
     """swanctl durations: ``30s``, ``10m``, ``1h``, ``2d`` or a number of seconds."""
+    seconds = math.inf
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+        seconds = float(value) if value < 1e15 else math.inf  # (an int too large for a float is no duration)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", value)
         if m:
-            return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+            seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds < 1e15:  # about 30 million years; refuses NaN and infinity too
+        return seconds
     raise ConfigError(path, value, "give seconds or a duration like 30s, 10m, 1h, 2d")
 
 
@@ -197,7 +195,7 @@ def _user(path: str, name: Any) -> None:
     _type(path, name, str, 'a user name, e.g. "nobody"')
     try:
         uid = pwd.getpwnam(name).pw_uid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL character in the name
         fix = "no such user on this system: create it (useradd --system --shell /usr/sbin/nologin ipsecstack)"
         raise ConfigError(path, name, f"{fix} or name an existing one, e.g. nobody") from None
     if uid == 0:
@@ -205,64 +203,34 @@ def _user(path: str, name: Any) -> None:
 
 
 def _agent(table: Mapping[str, Any]) -> AgentConfig:
-    _unknown("agent", table, _AGENT_KEYS)
+    """``[agent]``, its types, enumerations and ranges checked by the schema: the meaning checks."""
     a = AgentConfig()
     for k, v in table.items():
         path = f"agent.{k}"
         if k == "metrics":
-            _type(path, v, str, 'a listen address, e.g. "127.0.0.1:9505"')
             _host, sep, port = v.rpartition(":")
             if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(path, v, 'give host:port, e.g. "127.0.0.1:9505" or "[::1]:9505"')
         elif k == "user":
             _user(path, v)
-        elif k in ("inner_backend", "outer_backend", "tun_name", "log_format", "log_level", "control_socket"):
-            _type(path, v, str, "a string")
-        elif k in ("queue_bypass", "mss_clamp"):
-            _type(path, v, bool, "true or false")
-        elif k in ("retransmit_timeout", "retransmit_base"):
-            _type(path, v, (int, float), "a number of seconds / a factor")
-            if v <= 0 or (k == "retransmit_base" and v < 1):
-                raise ConfigError(path, v, "must be positive (and the base at least 1)")
-            setattr(a, k, float(v))
-            continue
         elif k == "tun_addrs":
-            _type(path, v, list, "a list of addresses with prefix length, e.g. ['10.1.0.1/16']")
             for i, x in enumerate(v):
                 try:
                     ipaddress.ip_interface(x)
-                except (ValueError, TypeError):
+                except ValueError:
                     raise ConfigError(
                         f"{path}[{i}]", x, "give an address with prefix length, e.g. 10.1.0.1/16"
                     ) from None
-        else:
-            _type(path, v, int, "an integer")
-        setattr(a, k, v)
-    for key, value, known in (("inner", a.inner_backend, INNER_BACKENDS), ("outer", a.outer_backend, OUTER_BACKENDS)):
-        if value is not None and value not in known:
-            fix = f"use one of {', '.join(known)}, or leave it out: it follows from the children"
-            raise ConfigError(f"agent.{key}_backend", value, fix)
-    if a.log_format not in ("console", "json"):
-        raise ConfigError("agent.log_format", a.log_format, "use console or json")
-    if not 1 <= a.batch_size <= 4096:
-        raise ConfigError("agent.batch_size", a.batch_size, "use 1..4096 (default 64)")
+        setattr(a, k, float(v) if k in ("retransmit_timeout", "retransmit_base") else v)
     return a
 
 
 def _manual(
     name: str, t: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str]
 ) -> ManualConnection:
-    path = f"manual.{name}"
-    _unknown(path, t, _MANUAL_KEYS)
+    path = f"manual.{name}"  # types, enumerations, ranges and required keys: checked by the schema
     mode = t.get("mode", "tunnel")
-    if mode not in ("tunnel", "transport"):
-        raise ConfigError(f"{path}.mode", mode, "use tunnel or transport")
     protocol = t.get("protocol", "esp")
-    if protocol not in ("esp", "ah"):
-        raise ConfigError(f"{path}.protocol", protocol, "use esp or ah")
-    for req in ("local_addrs", "remote_addrs", "spi_in", "spi_out"):
-        if req not in t:
-            raise ConfigError(f"{path}.{req}", "<missing>", "this key is required for a manual connection")
     local = _addr(t["local_addrs"], f"{path}.local_addrs")
     remote = _addr(t["remote_addrs"], f"{path}.remote_addrs")
     default_ts = {"local_ts": [local], "remote_ts": [remote]}
@@ -275,22 +243,10 @@ def _manual(
             )
         if isinstance(raw, str):
             raw = [raw]
-        _type(f"{path}.{k}", raw, list, "a list of subnets")
         if not raw:
             raise ConfigError(f"{path}.{k}", raw, "give at least one subnet")
         ts[k] = [parse_ts(x, f"{path}.{k}[{i}]") for i, x in enumerate(raw)]
-    for k in ("spi_in", "spi_out"):
-        _type(f"{path}.{k}", t[k], int, "an integer (TOML accepts hex: 0x1001)")
-        if not 256 <= t[k] <= 0xFFFFFFFF:
-            raise ConfigError(f"{path}.{k}", t[k], "use 0x100..0xffffffff (0-255 are reserved, RFC 4303 §2.1)")
     transform = t.get("transform", "aes128gcm16" if protocol == "esp" else "sha256")
-    _type(f"{path}.transform", transform, str, "a transform keyword, e.g. aes128gcm16")
-    for k in ("esn", "encap"):
-        if k in t:
-            _type(f"{path}.{k}", t[k], bool, "true or false")
-    for k in ("replay_window", "encap_port", "tfc_padding"):
-        if k in t:
-            _type(f"{path}.{k}", t[k], int, "an integer")
     hard = Lifetime(
         seconds=parse_duration(t["life_time"], f"{path}.life_time") if "life_time" in t else None,
         bytes=parse_size(t["life_bytes"], f"{path}.life_bytes") if "life_bytes" in t else None,
@@ -309,21 +265,102 @@ def _manual(
     except ConfigError as e:
         field_name = {"key": "key_in", "transform": "transform"}.get(e.field, e.field)
         raise ConfigError(f"{path}.{field_name}", e.value, e.fix) from None
+    local_v, remote_v = _families(conn.local_ts), _families(conn.remote_ts)
+    if not local_v & remote_v:  # manual_policies() would install no policy at all
+        raise ConfigError(f"{path}.remote_ts", t.get("remote_ts", [remote]), f"local_ts is IPv{min(local_v)} only "
+                          f"and remote_ts IPv{min(remote_v)} only: no packet can match both; give subnets of one "
+                          "family on both sides")  # fmt: skip
     return conn
+
+
+def _families(selectors: list[Selector]) -> set[int]:
+    """IP versions a list of selectors covers (a selector without an address covers both)."""
+    out: set[int] = set()
+    for sel in selectors:
+        out |= {sel.dst.version} if sel.dst is not None else {4, 6}
+    return out
 
 
 def load(path: str, env: Mapping[str, str]) -> Config:
     """Read and validate the config file ``path``; files it names are relative to its directory.
 
     The one place that reads files for the config: :func:`parse` itself only sees callables.
+    Raises OSError when ``path`` cannot be read, ConfigError for everything else.
     """
     from pathlib import Path
 
     base = Path(path).resolve().parent
-    text = Path(path).read_text()
-    return parse(
-        text, read_file=lambda p: (base / p).read_text(), env=env, read_bytes=lambda p: (base / p).read_bytes()
-    )
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", f"byte 0x{raw[e.start]:02x} at offset {e.start}", "not UTF-8 text; TOML files "
+                          "are UTF-8 (convert it, e.g. iconv -f latin1 -t utf-8)") from None  # fmt: skip
+
+    def read_bytes(name: str) -> bytes:
+        try:
+            return (base / name).read_bytes()
+        except ValueError:  # a NUL character in the name
+            raise OSError(errno.EINVAL, "not a valid file name") from None
+
+    def read_file(name: str) -> str:
+        try:
+            return read_bytes(name).decode("utf-8")
+        except UnicodeDecodeError:
+            raise OSError(errno.EILSEQ, "not UTF-8 text") from None
+
+    return parse(text, read_file=read_file, env=env, read_bytes=read_bytes)
+
+
+T = TypeVar("T")
+
+
+class _Errors:
+    """The errors found so far: each meaning check runs through :meth:`run`, which keeps going after one."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def run(self, check: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return check(*args)
+        except ConfigError as e:
+            self.found.extend(e.errors)
+            return None
+
+
+def _toml(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("<file>", "<toml>", f"not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError("<file>", "<toml>", "not valid TOML here: arrays or tables nested too deeply") from None
+
+
+def _in_file_order(doc: Mapping[str, Any], errors: list[ConfigError]) -> list[ConfigError]:
+    """``errors`` sorted by where their key is in the file (a missing key: where its table is), duplicates once."""
+    from ipsecstack.config_schema import path_text
+
+    where: dict[str, int] = {}
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), doc)]
+    while stack:  # depth first, in file order, without recursion (arrays may be nested deeply)
+        loc, node = stack.pop()
+        where.setdefault(path_text(loc), len(where))
+        items: list[tuple[str | int, Any]] = []
+        if isinstance(node, dict):
+            items = list(node.items())
+        elif isinstance(node, list):
+            items = list(enumerate(node))
+        stack.extend(((*loc, k), v) for k, v in reversed(items))
+
+    def position(key: str) -> int:
+        while key not in where and key:
+            key = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key) if re.search(r"[.\[]", key) else ""
+        return where.get(key, len(where))
+
+    unique = {(e.field, repr(e.value), e.fix): e for e in reversed(errors)}  # the first of each, below
+    return sorted(reversed(unique.values()), key=lambda e: position(e.field))
 
 
 def parse(
@@ -333,39 +370,133 @@ def parse(
     env: Mapping[str, str] | None = None,
     read_bytes: Callable[[str], bytes] | None = None,
 ) -> Config:
-    """Parse and validate a configuration; raises :class:`ConfigError` naming the key path."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("<file>", "<toml>", f"not valid TOML: {e}") from None
-    _unknown("<top>", doc, {"agent", "manual", "connections", "secrets", "pools"})
-    agent = _agent(doc.get("agent", {}))
-    from ipsecstack.ike.pools import Pool
+    """Parse and validate a configuration; raises :class:`ConfigError` naming the key path.
 
-    pools: dict[str, Pool] = {}
-    for pname, pt in doc.get("pools", {}).items():
-        ppath = f"pools.{pname}"
-        if not isinstance(pt, dict):
-            raise ConfigError(ppath, pt, 'each pool is a table: addrs = "10.9.0.0/24", dns = ["10.1.0.53"]')
-        _unknown(ppath, pt, {"addrs", "dns"})
-        if not isinstance(pt.get("addrs"), str):
-            raise ConfigError(f"{ppath}.addrs", pt.get("addrs"), 'give a prefix or range, e.g. "10.9.0.0/24"')
-        dns = pt.get("dns", [])
-        _type(f"{ppath}.dns", dns, list, "a list of resolver addresses")
-        pools[pname] = Pool.parse(pname, pt["addrs"], dns, ppath)
+    Every error in the file is reported: several at once as :class:`ConfigErrors` (``.errors``).
+    """
+    doc = _toml(text)
 
     def no_files(p: str) -> str:
         raise OSError(2, "file access not provided")
 
-    manual = [
-        _manual(name, t, read_file or no_files, env if env is not None else {})
-        for name, t in doc.get("manual", {}).items()
-    ]
-    from ipsecstack.connections import parse_connections
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg, errors = _validate(doc, read_file or no_files, env if env is not None else {}, read_bytes)
+    for w in caught:
+        if not isinstance(w.message, ConfigWarning):  # not ours: pass it on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if errors:
+        raise ConfigErrors.of(_in_file_order(doc, errors))
+    cfg.warnings = [w.message for w in caught if isinstance(w.message, ConfigWarning)]
+    return cfg
 
-    ike = parse_connections(doc, read_file or no_files, env if env is not None else {}, pools, read_bytes)
-    resolve_backends(agent, manual, ike.peers)
-    for peer in ike.peers:
+
+def _names(value: Any) -> list[str]:
+    """A list of strings or one comma-separated string (swanctl's lists), as ``connections._list`` reads it."""
+    return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+
+
+def _validate(
+    doc: Mapping[str, Any], read_file: Callable[[str], str], env: Mapping[str, str],
+    read_bytes: Callable[[str], bytes] | None,
+) -> tuple[Config, list[ConfigError]]:  # fmt: skip
+    """The schema first; then the meaning checks of every table it accepted, each on its own."""
+    from ipsecstack.config_schema import check
+    from ipsecstack.connections import IkeSettings
+    from ipsecstack.ike.pools import Pool
+
+    shape = check(doc)
+    errors = _Errors()
+    errors.found += [e for _loc, e in shape]
+
+    def clean(*prefix: str) -> bool:
+        """No schema error in this table (so its meaning checks may trust its types)."""
+        return not any(loc[: len(prefix)] == prefix for loc, _e in shape)
+
+    def table(*prefix: str) -> bool:
+        """This is a table (its entries may be looked at one by one)."""
+        return not any(loc == prefix for loc, _e in shape)
+
+    agent = errors.run(_agent, doc.get("agent", {})) if clean("agent") else None
+    pools: dict[str, Pool] = {}
+    if table("pools"):
+        for pname, pt in doc.get("pools", {}).items():
+            if clean("pools", pname):
+                pool = errors.run(Pool.parse, pname, pt["addrs"], pt.get("dns", []), f"pools.{pname}")
+                if pool is not None:
+                    pools[pname] = pool
+    manual: list[ManualConnection] = []
+    if table("manual"):
+        for name, t in doc.get("manual", {}).items():
+            if clean("manual", name):
+                conn = errors.run(_manual, name, t, read_file, env)
+                if conn is not None:
+                    manual.append(conn)
+    ike = IkeSettings([], [], [])
+    if table("connections"):
+        ike = errors.run(_ike, doc, clean, table, pools, read_file, env, read_bytes) or ike
+    if agent is not None:
+        errors.run(_cross_checks, agent, manual, ike.peers)
+    if not manual and not ike.peers and not errors.found:
+        errors.found.append(ConfigError("connections", "<missing>",
+                                        "define a [connections.<name>] or a [manual.<name>] connection"))  # fmt: skip
+    return Config(agent or AgentConfig(), manual, ike.peers, ike.start, ike.trap, ike.notices), errors.found
+
+
+_SECRET_SECTIONS = ("ike", "private", "rsa", "ecdsa", "pkcs8")
+
+
+def _stand_in(entry: Any, id_ok: bool) -> dict[str, Any]:
+    """For a [secrets.ike.<name>] in error: a table with its ids (if they are right) and a placeholder PSK."""
+    from ipsecstack.connections import MIN_PSK
+
+    ids = {"id": entry["id"]} if id_ok and isinstance(entry, dict) and "id" in entry else {}
+    return {"secret": "?" * MIN_PSK, **ids}  # never used: a file with errors gives no Config
+
+
+def _ike(
+    doc: Mapping[str, Any], clean: Callable[..., bool], table: Callable[..., bool], pools: Mapping[str, Any],
+    read_file: Callable[[str], str], env: Mapping[str, str], read_bytes: Callable[[str], bytes] | None,
+) -> IkeSettings:  # fmt: skip
+    """``[connections]`` the schema accepted, with the secrets and pools it accepted.
+
+    A secret in error is left out, and so are the connections naming a pool in error; the errors that
+    only follow from that (no PSK or private key found for a connection) are not reported twice.
+    """
+    from ipsecstack.connections import IkeSettings, parse_connections
+
+    declared = doc.get("pools", {}) if table("pools") else None
+
+    def pools_usable(c: Mapping[str, Any]) -> bool:
+        names = _names(c.get("pools", []))
+        return not names if declared is None else not any(n in declared and n not in pools for n in names)
+
+    usable = {name: c for name, c in doc.get("connections", {}).items()
+              if clean("connections", name) and pools_usable(c)}  # fmt: skip
+    secrets: dict[str, dict[str, Any]] = {}
+    if table("secrets"):
+        for section, entries in doc.get("secrets", {}).items():
+            if table("secrets", section) and section in _SECRET_SECTIONS:
+                secrets[section] = {n: t for n, t in entries.items() if clean("secrets", section, n)}
+                if section == "ike":  # stand-ins, so that the connections using them are checked all the same
+                    secrets[section] |= {n: _stand_in(t, clean("secrets", section, n, "id"))
+                                         for n, t in entries.items() if n not in secrets[section]}  # fmt: skip
+    dropped = secrets != doc.get("secrets", {})
+    try:
+        return parse_connections({"connections": usable, "secrets": secrets}, read_file, env, pools, read_bytes)
+    except ConfigError as e:
+        if not dropped:
+            raise
+        rest = [x for x in e.errors if not x.field.startswith("secrets.") and x.value != "<certificate>"]
+        if rest:
+            raise ConfigErrors.of(rest) from None
+        return IkeSettings([], [], [])
+
+
+def _cross_checks(agent: AgentConfig, manual: list[ManualConnection], peers: list[PeerConfig]) -> None:
+    """What needs the whole file: the backends the children need, and what the agent gives the peers."""
+    resolve_backends(agent, manual, peers)
+    for peer in peers:
         ah = next((ch.name for ch in peer.children if ch.protocol == "ah"), None)
         if ah is not None and agent.outer_backend == "udp":
             # the udp backend sends everything as ESP in UDP (runtime/agent.py forces encap); AH needs raw IP
@@ -375,9 +506,6 @@ def parse(
         peer.retransmit_timeout = agent.retransmit_timeout
         peer.retransmit_base = agent.retransmit_base
         peer.retransmit_tries = agent.retransmit_tries
-    if not manual and not ike.peers:
-        raise ConfigError("connections", "<missing>", "define a [connections.<name>] or a [manual.<name>] connection")
-    return Config(agent, manual, ike.peers, ike.start, ike.trap, ike.notices)
 
 
 def _modes(manual: list[ManualConnection], peers: list[PeerConfig]) -> dict[str, list[str]]:

@@ -25,12 +25,13 @@ Theory of operation: parsing only; every error names the key path. The result is
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ipsecstack import pki
-from ipsecstack.errors import ConfigError
+from ipsecstack.errors import ConfigError, ConfigErrors, ConfigWarning
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.auth import Credentials
 from ipsecstack.ike.certs import cert_has_id
@@ -52,6 +53,8 @@ _AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls"}
 _NOT_APPLIED: set[str] = set()
 _DEFAULT_IKE = "aes128gcm16-prfsha256-x25519"
 _DEFAULT_ESP = "aes128gcm16"
+# strongSwan warns about shorter ones; with a PSK, whoever answers an IKE_SA_INIT can test guesses offline
+MIN_PSK = 20
 
 
 @dataclass
@@ -133,11 +136,33 @@ def _psk(
             raise ConfigError(f"{path}.{src}", "<secret>", "the secret must be a non-empty string")
         if raw.startswith("0x"):
             try:
-                return bytes.fromhex(raw[2:])
+                return _strong(bytes.fromhex(raw[2:]), f"{path}.{src}")
             except ValueError:
                 raise ConfigError(f"{path}.{src}", "<secret>", "0x-prefixed secrets must be hex") from None
-        return raw.encode()
+        return _strong(raw.encode(), f"{path}.{src}")
     raise ConfigError(f"secrets.ike.{name}", "<missing>", f"add a [secrets.ike.{name}] with the pre-shared key")
+
+
+def _strong(psk: bytes, path: str) -> bytes:
+    """A short PSK works, with a warning: it needs as much unpredictability as the keys it protects (RFC 7296 §2.15)."""
+    if len(psk) < MIN_PSK:
+        fix = (
+            f"only {len(psk)} bytes: whoever answers one IKE_SA_INIT can test guesses offline (RFC 7296 "
+            f"§2.15); use at least {MIN_PSK} random characters, e.g. the output of openssl rand -base64 30"
+        )
+        warnings.warn(ConfigWarning(path, "<secret>", fix), stacklevel=2)
+    return psk
+
+
+def _one_family(lts: list[Range], rts: list[Range], cpath: str) -> None:
+    """local_ts and remote_ts with no address family in common can never match a packet (RFC 7296 §2.9)."""
+    local, remote = {r.start.version for r in lts}, {r.start.version for r in rts}
+    if not local & remote:  # then each side has one family
+        fix = (
+            f"local_ts is IPv{min(local)} only and remote_ts IPv{min(remote)} only: no packet can match both; "
+            "give subnets of one family on both sides (or one child per family)"
+        )
+        raise ConfigError(f"{cpath}.remote_ts", [n for r in rts for n in r.networks()], fix)
 
 
 def _authentication(
@@ -316,7 +341,10 @@ def parse_connections(
     start: list[str] = []
     trap: list[str] = []
     notices: list[str] = []
-    for name, c in conns.items():
+    errors: list[ConfigError] = []
+
+    def _connection(name: str, c: Any) -> None:
+        nonlocal notices
         path = f"connections.{name}"
         if not isinstance(c, dict):
             raise ConfigError(path, c, "each connection is a table")
@@ -349,8 +377,11 @@ def parse_connections(
         local_id, remote_id, psk, creds = _authentication(
             name, c, local_addr, remote_addr, secrets, read_file, read_bytes, env
         )
-        children = []
-        for cname, ch in c.get("children", {}).items():
+        children: list[ChildConfig] = []
+        child_errors: list[ConfigError] = []
+
+        def _child(cname: str, ch: Any) -> None:
+            nonlocal notices
             cpath = f"{path}.children.{cname}"
             for k in ch:
                 if k not in _CHILD_KEYS:
@@ -363,6 +394,7 @@ def parse_connections(
             # a concentrator's clients get their address from a pool: their selectors are narrowed to it
             default_remote = [remote_addr] if remote_addr else (["0.0.0.0/0"] if conn_pools else [])
             rts = _ts(ch.get("remote_ts", default_remote), f"{cpath}.remote_ts")
+            _one_family(lts, rts, cpath)
             esp = _child_proposals(ch, cpath, path, bool(c.get("encap", False)))
             action = ch.get("start_action", "none")
             if action not in ("none", "start", "trap"):
@@ -392,6 +424,14 @@ def parse_connections(
                                         close_action=_action(ch, "close_action", cpath, path, remote_addr),
                                         dpd_action=_action(ch, "dpd_action", cpath, path, remote_addr),
                                         updown=updown))  # fmt: skip
+
+        for cname, ch in c.get("children", {}).items():
+            try:
+                _child(cname, ch)
+            except ConfigError as e:  # report every child's errors, not only the first
+                child_errors.append(e)
+        if child_errors:
+            raise ConfigErrors.of(child_errors)
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
         unique, over_time = _ike_lifetime(c, path, ike_rekey)
@@ -403,4 +443,12 @@ def parse_connections(
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
             unique=unique, over_time=over_time, reauth_time=reauth or None,
         ))  # fmt: skip
+
+    for name, c in conns.items():
+        try:
+            _connection(name, c)
+        except ConfigError as e:  # report every connection's errors, not only the first
+            errors.append(e)
+    if errors:
+        raise ConfigErrors.of(errors)
     return IkeSettings(peers, start, trap, notices)

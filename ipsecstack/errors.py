@@ -7,6 +7,7 @@ A packet the datapath refuses is never an exception escaping to the caller of a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 
@@ -64,6 +65,49 @@ class Dropped(Exception):
 
 class ConfigError(ValueError):
     """Bad configuration. The message names the field, the value and the fix."""
+
+    def __init__(self, field: str, value: object, fix: str) -> None:
+        super().__init__(f"{field} = {value!r}: {fix}")
+        self.field = field
+        self.value = value
+        self.fix = fix
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        """Every error this one stands for: itself, or each of a :class:`ConfigErrors`."""
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors found at once, in file order; one per line in the message.
+
+    Still a :class:`ConfigError`: ``field``, ``value`` and ``fix`` are the first error's.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        flat = [one for e in errors for one in e.errors]
+        if not flat:
+            raise ValueError("ConfigErrors needs at least one error")
+        ValueError.__init__(self, "\n".join(str(e) for e in flat))
+        self.field, self.value, self.fix = flat[0].field, flat[0].value, flat[0].fix
+        self._errors = flat
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return list(self._errors)
+
+    @staticmethod
+    def of(errors: Sequence[ConfigError]) -> ConfigError:
+        """The one error, or all of them as a :class:`ConfigErrors`."""
+        flat = [one for e in errors for one in e.errors]
+        return flat[0] if len(flat) == 1 else ConfigErrors(flat)
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that works but is unwise (a short pre-shared key): ``check`` shows it, ``run`` logs it.
+
+    Raised with :func:`warnings.warn` where it is found; :func:`ipsecstack.config.parse` collects them.
+    """
 
     def __init__(self, field: str, value: object, fix: str) -> None:
         super().__init__(f"{field} = {value!r}: {fix}")
