@@ -182,6 +182,8 @@ class Auth(_Table):
                          "file)", [])  # fmt: skip
     cacerts: StrList = key('give a list of certificate files, e.g. ["x509ca/ca.pem"]: our chain (local) or the '
                            "trust anchors (remote)", [])  # fmt: skip
+    crls: StrList = key('give a list of CRL files, e.g. ["x509crl/ca.crl"] (PEM or DER): revoked peer certificates '
+                        "(remote.crls, with remote.auth = pubkey)", [])  # fmt: skip
 
 
 class Child(_Table):
