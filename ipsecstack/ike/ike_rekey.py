@@ -20,7 +20,7 @@ answered as usual, but its new SA waits (``_peer_rekey``, "standby") until our e
 Waiting for the peer's DELETE (of the old SA, or of the redundant SA it made) is bounded by
 ``linger_until``, the time the peer retransmits one request (``_exchange_span``); then we delete it
 ourselves. A redundant or standby SA closes with cause ``"rekeyed"`` and never carries children.
-Timers are jittered so both ends rarely rekey at once; the reauthentication timer
+Timers are jittered (``rand_time``) so both ends rarely rekey at once; the reauthentication timer
 only emits ``ReauthDue``: the manager makes the new IKE SA (§2.8.3, make-before-break).
 """
 
@@ -219,11 +219,16 @@ class IkeRekeying(IkeSaCore):
         c = self.cfg
         return c.retransmit_timeout * sum(c.retransmit_base**k for k in range(c.retransmit_tries + 1))
 
+    def _jitter(self, t: float) -> float:
+        """How much earlier than ``t`` (rekey_time, reauth_time) to act: random, up to ``rand_time`` (strongSwan's
+        meaning; 0: exactly on time) or, by default, up to ``rekey_jitter`` (10%) of ``t``."""
+        frac = int.from_bytes(self.rng(2), "big") / 65535
+        return frac * self.cfg.rand_time if self.cfg.rand_time is not None else frac * self.cfg.rekey_jitter * t
+
     def _schedule_ike_rekey(self, now: float) -> None:
         t = self.cfg.rekey_time
         if t:
-            jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * t
-            self.rekey_at = now + t - jitter
+            self.rekey_at = now + t - self._jitter(t)
             # strongSwan's over_time: if rekeying keeps failing, the IKE SA ends here (default 10% of rekey_time)
             over = self.cfg.over_time if self.cfg.over_time is not None else t / 10
             self.expire_at = now + t + over
@@ -244,6 +249,5 @@ class IkeRekeying(IkeSaCore):
         t = self.cfg.reauth_time
         if t:
             # strongSwan's reauth_time: independent of rekey_time, a little early by a random amount, like rekeys
-            jitter = int.from_bytes(self.rng(2), "big") / 65535 * self.cfg.rekey_jitter * t
-            self.reauth_at = now + t - jitter
+            self.reauth_at = now + t - self._jitter(t)
         self._events.append(IkeUp(self._sa))

@@ -83,6 +83,7 @@ class PeerConfig:
     dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
     rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
+    rand_time: float | None = None  # strongSwan's rand_time: IKE rekey/reauth up to this early (None: rekey_jitter)
     over_time: float | None = None  # hard lifetime = rekey_time + this (None: 10% of rekey_time, as strongSwan)
     reauth_time: float | None = None  # make-before-break reauthentication: a new IKE SA this long after (§2.8.3)
     unique: str = "no"  # responder: IKE SAs of the same peer identity ("no", "never", "replace", "keep"; manager)

@@ -202,6 +202,62 @@ def test_deletes_that_never_come_are_waited_for_a_bounded_time() -> None:
     assert any(x.startswith("redundant after a simultaneous rekey") for x in reasons), reasons  # the winner's
 
 
+def _crossing(mgrs: tuple[IkeManager, IkeManager], now: float) -> None:
+    """Fire both managers' timers at ``now``, cross their requests on the wire, then move everything until quiet."""
+    a, b = mgrs
+    a.handle_timer(now)
+    b.handle_timer(now)
+    out_a, out_b = a.datagrams(), b.datagrams()
+    for d in out_a:
+        b.receive(d.data, A, d.src_port, d.dst_port, now)
+    for d in out_b:
+        a.receive(d.data, B, d.src_port, d.dst_port, now)
+
+
+def test_rand_time_zero_with_equal_rekey_times_collides_every_round_and_settles() -> None:
+    """rand_time = 0 (strongSwan's meaning: no random part subtracted): both ends rekey exactly at rekey_time,
+    so with equal rekey_time the rekeys collide, round after round; each round ends with one shared IKE SA."""
+    cfgs = [_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")]
+    for cfg in cfgs:
+        cfg.rekey_time, cfg.rand_time = 100.0, 0.0
+    a, b = IkeManager([cfgs[0]], seeded_rng(5)), IkeManager([cfgs[1]], seeded_rng(6))
+    a.initiate("conn", 0.0)
+    _pump(a, b, 0.0)
+    winners = []
+    for rnd in range(1, 5):
+        (sa_a,) = a.sas.values()
+        (sa_b,) = b.sas.values()
+        t = 100.0 * rnd
+        assert sa_a.rekey_at == sa_b.rekey_at == t  # exactly on time: no jitter
+        assert a.get_timer() == b.get_timer() == t
+        _crossing((a, b), t)
+        ev_a, ev_b = _pump(a, b, t)
+        assert len(a.sas) == len(b.sas) == 1, (a.sas, b.sas)
+        (new_a,) = a.sas.values()
+        (new_b,) = b.sas.values()
+        assert (new_a.spi_i, new_a.spi_r) == (new_b.spi_i, new_b.spi_r) != (sa_a.spi_i, sa_a.spi_r)
+        assert len(new_a.children) == len(new_b.children) == 1
+        assert new_a.children[0].spi_out == new_b.children[0].spi_in
+        for evs in (ev_a, ev_b):
+            (rekeyed,) = [e for e in evs if isinstance(e, IkeRekeyed)]
+            assert rekeyed.collision and rekeyed.redundant is not None and rekeyed.redundant.state == "closed"
+            assert not any(isinstance(e, ChildDown | ChildUp) for e in evs)
+        assert sa_a.stats["ike_rekey_collisions"] == sa_b.stats["ike_rekey_collisions"] == 1
+        winners.append("a" if new_a.initiator else "b")
+    assert set(winners) == {"a", "b"}, winners  # the nonces decide: here each end wins at least once
+
+
+def test_rand_time_bounds_the_random_part_of_rekey_and_reauth_times() -> None:
+    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_a.rekey_time, cfg_a.reauth_time, cfg_a.rand_time = 1000.0, 2000.0, 5.0
+    a, b = IkeManager([cfg_a], seeded_rng(3)), IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(4))
+    a.initiate("conn", 0.0)
+    _pump(a, b, 0.0)
+    (sa,) = a.sas.values()
+    assert sa.rekey_at is not None and 995.0 <= sa.rekey_at <= 1000.0 and sa.rekey_at != 1000.0
+    assert sa.reauth_at is not None and 1995.0 <= sa.reauth_at <= 2000.0
+
+
 @pytest.mark.parametrize("b_wins", [False, True])
 def test_what_follows_a_response_overtakes_it(b_wins: bool) -> None:
     """B resolves first; what it sends next (the DELETE of its redundant SA, or of the old SA) reaches A before
