@@ -232,6 +232,8 @@ class Connection(_Table):
     rekey_time: Duration | None = key(f"rekey the IKE SA after {_DURATION} (default 4h, 0: never)")
     reauth_time: Duration | None = key(f"reauthenticate after {_DURATION} (default 0: never)")
     over_time: Duration | None = key(f"hard lifetime beyond rekey_time: {_DURATION} (default 10% of rekey_time)")
+    rand_time: Duration | None = key(f"up to this much earlier than rekey_time/reauth_time, at random: {_DURATION} "
+                                     "(default 10% of each; 0: exactly on time)")  # fmt: skip
     encap: bool = key("force ESP in UDP (RFC 3948) even without a NAT (default false)", False)
     mobike: bool = key("MOBIKE (RFC 4555) is not supported yet: false, or leave it out", False)
     pools: StrList = key("names of [pools.<name>] tables: virtual IPs for remote-access clients", [])

@@ -41,8 +41,8 @@ from ipsecstack.ike.ts import Range
 
 _CONN_KEYS = {
     "local_addrs", "remote_addrs", "proposals", "local", "remote", "children", "version", "dpd_delay",
-    "rekey_time", "reauth_time", "over_time", "encap", "mobike", "pools", "send_certreq", "unique", "local_port",
-    "remote_port", "vips",
+    "rekey_time", "reauth_time", "over_time", "rand_time", "encap", "mobike", "pools", "send_certreq", "unique",
+    "local_port", "remote_port", "vips",
 }  # fmt: skip
 _CHILD_KEYS = {
     "local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "close_action", "dpd_action",
@@ -321,6 +321,19 @@ def _ike_lifetime(c: Mapping[str, Any], path: str, ike_rekey: float) -> tuple[st
     return unique, over
 
 
+def _rand_time(c: Mapping[str, Any], path: str, ike_rekey: float, reauth: float) -> float | None:
+    """strongSwan's ``rand_time``: IKE rekeys and reauthentications happen up to this much early, at random, so
+    both ends rarely start at once (RFC 7296 §2.8.1); 0 turns that off. None (not set): 10% of each time."""
+    if "rand_time" not in c:
+        return None
+    rand = parse_duration(c["rand_time"], f"{path}.rand_time")
+    for key, t in (("rekey_time", ike_rekey), ("reauth_time", reauth)):
+        if t and rand >= t:
+            raise ConfigError(f"{path}.rand_time", c["rand_time"], f"must be shorter than {key} ({t:g}s), from which "
+                              "a random part of it is subtracted; 0 turns the randomness off")  # fmt: skip
+    return rand
+
+
 def parse_connections(
     doc: Mapping[str, Any],
     read_file: Callable[[str], str],
@@ -442,6 +455,7 @@ def parse_connections(
             request_vip=bool(vips),
             dpd_delay=parse_duration(c["dpd_delay"], f"{path}.dpd_delay") or None if "dpd_delay" in c else None,
             unique=unique, over_time=over_time, reauth_time=reauth or None,
+            rand_time=_rand_time(c, path, ike_rekey, reauth),
         ))  # fmt: skip
 
     for name, c in conns.items():

@@ -3,9 +3,9 @@
 The swanctl.conf syntax (strongSwan's settings format): ``name { ... }`` sections, ``key = value``
 lines (a value runs to the end of the line; comma-separated lists; optional double quotes), ``#``
 comments, and ``include`` lines. The common subset is converted: ``connections`` (addresses, ports,
-proposals, version, dpd_delay, rekey_time, reauth_time, over_time, unique, encap, send_certreq, ``local``/``remote``
-rounds with ``auth`` (psk, pubkey), ``id``, ``certs`` and ``cacerts``, and children with ``local_ts``,
-``remote_ts``, ``esp_proposals`` or ``ah_proposals``, ``mode``, ``start_action``, ``close_action``,
+proposals, version, dpd_delay, rekey_time, reauth_time, over_time, rand_time, unique, encap, send_certreq,
+``local``/``remote`` rounds with ``auth`` (psk, pubkey), ``id``, ``certs`` and ``cacerts``, and children with
+``local_ts``, ``remote_ts``, ``esp_proposals`` or ``ah_proposals``, ``mode``, ``start_action``, ``close_action``,
 ``dpd_action``, ``rekey_time``) and ``secrets`` (``ike*`` sections with ``id``/``id-*`` and ``secret``; ``private*``,
 ``rsa*``, ``ecdsa*``, ``pkcs8*`` with ``file`` and ``secret``). Certificate and key file names are
 made relative to the swanctl directory (``x509/``, ``x509ca/``, ``private/``...), where the converted
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _CONN_KEYS = {"local_addrs", "remote_addrs", "local_port", "remote_port", "proposals", "version", "dpd_delay",
-              "rekey_time", "reauth_time", "encap", "unique", "over_time", "send_certreq"}  # fmt: skip
+              "rekey_time", "reauth_time", "encap", "unique", "over_time", "rand_time", "send_certreq"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "ah_proposals", "mode", "start_action", "rekey_time",
                "close_action", "dpd_action"}  # fmt: skip
 _LISTS = {"local_addrs", "remote_addrs", "proposals", "local_ts", "remote_ts", "esp_proposals", "ah_proposals"}
-_DURATIONS = {"dpd_delay", "rekey_time", "reauth_time", "over_time"}
+_DURATIONS = {"dpd_delay", "rekey_time", "reauth_time", "over_time", "rand_time"}
 
 
 class SwanctlSyntaxError(ValueError):

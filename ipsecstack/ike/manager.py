@@ -43,6 +43,10 @@ Response flag, version 2.0 (the highest we speak) in the header, and one N(INVAL
 without data; the answers share a token bucket of ``MAJOR_VERSION_BURST`` answers that refills at
 ``MAJOR_VERSION_RATE`` per second of ``now``, so the stateless answers cannot be turned into a flood.
 
+IKE SA rekeys (§2.18): the new IKE SA an exchange makes is demultiplexed to, under our SPI, from
+the moment it exists (``IkeSa.spawned``), not only once it takes over (``IkeRekeyed``): when both
+ends rekey at once (§2.8.2) the peer may use or delete either new SA before this end has decided.
+
 Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
 once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
 """
@@ -64,7 +68,6 @@ from ipsecstack.ike.session import (
     Event,
     IkeDown,
     IkeReauthed,
-    IkeRekeyed,
     IkeSa,
     PeerConfig,
     ReauthDue,
@@ -146,6 +149,7 @@ class IkeManager:
             # IKE_AUTH may switch to another candidate: only to one still configured (not replaced by a reload)
             sa.candidates = [c for c in sa.candidates if c is sa.cfg or self.peers.get(c.name) is c]
         sa.receive(data, src, src_port, dst_port, now)
+        self._adopt(sa)
         if before == "init_done" and sa.established:
             self._enforce_unique(sa, now)
 
@@ -274,17 +278,22 @@ class IkeManager:
             out += sa.datagrams()
         return out
 
+    def _adopt(self, sa: IkeSa) -> None:
+        """Demultiplex to the new IKE SAs of ``sa``'s rekeys from now on, under our SPI, before one of them takes
+        over: in a simultaneous rekey (RFC 7296 §2.8.2) the peer may already use, or delete, the other one."""
+        for new in sa.spawned():
+            self.sas[new.spi_i if new.initiator else new.spi_r] = new
+
     def events(self) -> list[Event]:
         out, self._closed_events = self._closed_events, []
+        for sa in list(self.sas.values()):
+            self._adopt(sa)
         # live IKE SAs first: an SA replaced by a newer one (unique, reauth) reports its ChildDown after
         # the newer one's ChildUp, so the shared policies (same reqid) never go away in between
         for key, sa in sorted(self.sas.items(), key=lambda kv: kv[1].state == "closed"):
             evs = sa.events()
             for ev in evs:
-                if isinstance(ev, IkeRekeyed):
-                    new = ev.new
-                    self.sas[new.spi_i if new.initiator else new.spi_r] = new
-                elif isinstance(ev, ReauthDue):
+                if isinstance(ev, ReauthDue):
                     self._reauthenticate(ev.sa, self._now)
                 elif isinstance(ev, IkeDown):
                     if ev.cause == "peer" and self._superseded(ev.sa):
@@ -293,6 +302,7 @@ class IkeManager:
                         self._reauth_why[id(ev.sa)] = ev.reason
             out += evs
             if sa.state == "closed":
+                self._stateless += sa.datagrams()  # e.g. the response to the peer's DELETE: still to be sent
                 del self.sas[key]
                 self._init_index.pop((sa.spi_i, sa.remote), None)
         return out + self._reauth_progress(self._now)
@@ -356,3 +366,4 @@ class IkeManager:
             t = sa.get_timer()
             if t is not None and t <= now:
                 sa.handle_timer(now)
+                self._adopt(sa)

@@ -83,6 +83,7 @@ class PeerConfig:
     dpd_delay: float | None = None  # liveness check after this much silence (§2.4)
     rekey_time: float | None = 14400.0  # IKE SA rekeying (CREATE_CHILD_SA, §1.3.2)
     rekey_jitter: float = 0.1  # rekey up to this fraction early, so both ends do not rekey at once
+    rand_time: float | None = None  # strongSwan's rand_time: IKE rekey/reauth up to this early (None: rekey_jitter)
     over_time: float | None = None  # hard lifetime = rekey_time + this (None: 10% of rekey_time, as strongSwan)
     reauth_time: float | None = None  # make-before-break reauthentication: a new IKE SA this long after (§2.8.3)
     unique: str = "no"  # responder: IKE SAs of the same peer identity ("no", "never", "replace", "keep"; manager)
@@ -112,8 +113,14 @@ class PeerMoved:
 
 @dataclass
 class IkeRekeyed:
+    """``new`` took over from ``old`` (its children, §2.18); reported once per rekey, for the IKE SA that survives.
+    ``collision``: both ends rekeyed ``old`` at once (RFC 7296 §2.8.2); ``redundant`` is then the other new IKE SA
+    when one was made (it carries nothing and closes with cause ``"rekeyed"``)."""
+
     old: IkeSa
     new: IkeSa
+    collision: bool = False
+    redundant: IkeSa | None = None
 
 
 @dataclass
@@ -155,9 +162,9 @@ class IkeDown:
     """The IKE SA is gone. ``cause`` says who ended it, for the runtime's close/DPD actions: ``"peer"`` (it
     sent a DELETE, §1.4.1), ``"dead"`` (no answer while established: DPD or any other request, §2.4),
     ``"failed"`` (never established), ``"expired"`` (not rekeyed within its hard lifetime, over_time),
-    ``"rekeyed"`` (replaced by its successor, §2.18), ``"reauth"`` (replaced by a newer IKE SA with the same
-    peer: our reauthentication, or the peer deleted it while its newer one stays; the manager decides) or
-    ``"local"`` (we deleted it)."""
+    ``"rekeyed"`` (replaced by its successor, §2.18, or a new IKE SA made redundant by a simultaneous rekey,
+    §2.8.2), ``"reauth"`` (replaced by a newer IKE SA with the same peer: our reauthentication, or the peer
+    deleted it while its newer one stays; the manager decides) or ``"local"`` (we deleted it)."""
 
     sa: IkeSa
     reason: str
@@ -212,6 +219,7 @@ Event = (
 
 REAUTH_RETRY_DELAY = 30.0  # a failed reauthentication is tried again this much later ...
 REAUTH_TRIES = 5  # ... this many times in all; then the IKE SA stays until it expires (over_time) or is deleted
+REDUNDANT = "redundant after a simultaneous rekey (RFC 7296 §2.8.2)"  # why such an IKE SA closes
 
 
 def identity(text: str) -> tuple[int, bytes]:

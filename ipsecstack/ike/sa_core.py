@@ -100,6 +100,13 @@ class IkeSaCore:
         self._reauth_tries = 0
         self._delete_cause = "local"  # the IkeDown cause once our DELETE is done (delete())
         self.successor: IkeSa | None = None  # set once this IKE SA was rekeyed
+        # RFC 7296 §2.8.2 (ike_rekey.py): the new IKE SA of the peer's rekey that came while ours was outstanding,
+        # kept until ours ends; whether this SA was made by a rekey and has not taken over (it may be redundant);
+        # while deleting, when to stop waiting for the peer's DELETE; new IKE SAs for the manager (spawned())
+        self._peer_rekey: IkeSa | None = None
+        self._standby = False
+        self.linger_until: float | None = None
+        self._spawned: list[IkeSa] = []
         self._lease: tuple[Pool, bytes] | None = None
         self.virtual_ip: str | None = None  # what the peer assigned us (client side)
         self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
@@ -123,6 +130,12 @@ class IkeSaCore:
     def events(self) -> list[Event]:
         ev, self._events = self._events, []
         return ev
+
+    def spawned(self) -> list[IkeSa]:
+        """The IKE SAs our rekey exchanges made since the last call (the manager demultiplexes to them at once,
+        before one of them takes over: RFC 7296 §2.8.2)."""
+        out, self._spawned = self._spawned, []
+        return out
 
     @property
     def established(self) -> bool:
@@ -193,10 +206,14 @@ class IkeSaCore:
             self._lease = None
         self.state = "closed"
         self._outstanding = None
+        self.linger_until = None
         for c in self.children:
             self._events.append(ChildDown(self._sa, c.spi_in, c.spi_out, c.child, "ike"))
         self.children.clear()
         self._events.append(IkeDown(self._sa, reason, cause))
+        standby, self._peer_rekey = self._peer_rekey, None
+        if standby is not None:  # the peer's rekey of this SA never took over: it goes with it, quietly
+            standby._close("its IKE SA closed before a simultaneous rekey was resolved (RFC 7296 §2.8.2)", "rekeyed")
 
     def _next_queued(self, now: float) -> None:
         """Send the next deferred request once the window (one outstanding request) is free."""

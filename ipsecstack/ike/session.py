@@ -52,6 +52,7 @@ from ipsecstack.ike.model import (
     NAT_T_PORT,
     REAUTH_RETRY_DELAY,
     REAUTH_TRIES,
+    REDUNDANT,
     ChildConfig,
     ChildDown,
     ChildFailed,
@@ -89,6 +90,8 @@ class IkeSa(AuthExchange):
             return self._outstanding[3]
         if self.state == "init_done":
             return self.created + self.cfg.half_open_timeout
+        if self.state == "deleting":
+            return self.linger_until  # waiting for the peer's DELETE after a rekey (ike_rekey.py)
         if self.state != "established":
             return None
         times = [c.rekey_at for c in self.children if c.rekey_at is not None]
@@ -107,6 +110,11 @@ class IkeSa(AuthExchange):
         self.last_heard = max(self.last_heard, now)
 
     def handle_timer(self, now: float) -> None:
+        if self.state == "deleting" and self._outstanding is None and self.linger_until is not None \
+                and now >= self.linger_until:  # fmt: skip
+            # the peer did not delete it (RFC 7296 §2.8.2: the old SA, or a redundant one it made): we do
+            self.close_now(REDUNDANT if self._standby else "rekeyed", now, "rekeyed")
+            return
         if self.state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
             self._close("half-open IKE SA timed out (no IKE_AUTH)")
             return
@@ -300,7 +308,8 @@ class IkeSa(AuthExchange):
         elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
-            self._close("reauthenticated" if self._delete_cause == "reauth" else "deleted")
+            why = "reauthenticated" if self._delete_cause == "reauth" else "deleted"
+            self._close(REDUNDANT if self._standby else why)
         elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_child":
             self._on_rekey_response(inner, pending[1], now)
         elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_ike":
@@ -351,6 +360,11 @@ class IkeSa(AuthExchange):
             self._on_informational(msg, inner, now)
         elif msg.exchange == Exchange.CREATE_CHILD_SA and self.state == "established":
             self._on_create_child(msg, inner, now)
+        elif msg.exchange == Exchange.CREATE_CHILD_SA and self.state == "deleting" and self._is_ike_rekey(inner):
+            # RFC 7296 §2.8.2, §2.25.2: this IKE SA is already rekeyed (or being deleted): a peer's rekey that
+            # crossed ours is refused, and our DELETE of this SA tells the peer that our rekey stands
+            self._count("ike_rekeys_refused")
+            self._respond(msg, [m.Notify(Notify.TEMPORARY_FAILURE)])
         else:
             self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)] if msg.exchange != Exchange.CREATE_CHILD_SA
                           else [m.Notify(Notify.NO_ADDITIONAL_SAS)])  # fmt: skip
@@ -379,8 +393,13 @@ class IkeSa(AuthExchange):
             what = "PSK" if self.cfg.creds.local == "psk" else "certificate (is our CA in its cacerts?)"
             self._close(f"peer says AUTHENTICATION_FAILED: check the {what} and the identities on both sides")
         elif closing:
+            if self.successor is None:
+                # §2.8.2: if the peer rekeyed this SA before it saw our rekey request, its new SA takes over
+                self._peer_rekey_wins(now)
             if self.successor is not None:
                 self._close("rekeyed", "rekeyed")
+            elif self._standby:
+                self._close(REDUNDANT, "rekeyed")  # a redundant new SA of a simultaneous rekey (§2.8.2)
             else:
                 self._close("peer deleted the IKE SA", "peer")
 

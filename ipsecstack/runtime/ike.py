@@ -15,9 +15,12 @@ policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``C
 by another IKE SA of the same peer (a reauthentication, ``reauth_time``, on either side) takes that reqid,
 as strongSwan reuses reqids for identical selectors: like a rekey, the policies stay, the newest outbound
 SA takes over, no updown script runs, and removing the old IKE SA's SAs later leaves the policies alone.
-Connections with ``start_action = start`` are initiated at launch and, while that fails, again every
-``RETRY_DELAY`` seconds. What happens once an SA goes away (``close_action``, ``dpd_action``) is decided
-in :mod:`ipsecstack.runtime.actions`; children's ``updown`` scripts run through :mod:`ipsecstack.runtime.updown`.
+An IKE SA rekey (``IkeRekeyed``: one per rekey and end, for the IKE SA that carries the children on, also when
+both ends rekeyed at once, RFC 7296 §2.8.2) keeps every child SA as it is; the old IKE SA and a redundant new one
+close quietly (cause ``rekeyed``). Connections with ``start_action = start`` are initiated at launch and, while
+that fails, again every ``RETRY_DELAY`` seconds. What happens once an SA goes away (``close_action``,
+``dpd_action``) is decided in :mod:`ipsecstack.runtime.actions`; children's ``updown`` scripts run through
+:mod:`ipsecstack.runtime.updown`.
 """
 
 from __future__ import annotations
@@ -320,6 +323,13 @@ class IkeEndpoint:
                 self._unique_ids[id(new)] = self._unique_ids.pop(id(ev.old))
             self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),
                           spi_r=new.spi_r.hex(), children=len(new.children))  # fmt: skip
+            if ev.collision:
+                # RFC 7296 §2.8.2: both ends rekeyed at once; this SA survives (the one IkeRekeyed of the rekey)
+                red = ev.redundant
+                self.log.info("ike sa rekey collision resolved", conn=new.cfg.name, spi_i=new.spi_i.hex(),
+                              spi_r=new.spi_r.hex(), redundant_spi_i=red.spi_i.hex() if red else None,
+                              redundant_spi_r=red.spi_r.hex() if red else None,
+                              old_deleted_by="us" if new.initiator else "peer")  # fmt: skip
         elif isinstance(ev, ReauthDue):
             sa = ev.sa
             self.log.info("ike sa reauthenticating", conn=sa.cfg.name, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex())
@@ -338,6 +348,11 @@ class IkeEndpoint:
             self._unique_ids.pop(id(sa), None)
             if sa.successor is not None:
                 self.log.info("old ike sa closed after rekey", conn=sa.cfg.name, spi_i=sa.spi_i.hex())
+                return
+            if ev.cause == "rekeyed":
+                # a new IKE SA made redundant by a simultaneous rekey (§2.8.2): it never carried anything
+                self.log.info("redundant ike sa closed", conn=sa.cfg.name, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(),
+                              reason=ev.reason)  # fmt: skip
                 return
             if ev.cause == "reauth":
                 # make-before-break: a newer IKE SA with the same peer carries the children on

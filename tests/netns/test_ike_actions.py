@@ -18,12 +18,12 @@ IKE, ESP = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
 
 
 def _configs(pair: nsutil.Pair, tmp_path: Path, *, a_conn: str = "", a_child: str = "", b_child: str = "",
-             psk: str = "actions test secret") -> tuple[str, str]:  # fmt: skip
+             psk: str = "actions test secret", b_conn: str = "") -> tuple[str, str]:  # fmt: skip
     """The two site configurations with a control socket each, quick retransmissions (dead in ~2 s) and
-    extra lines for A's connection and child and B's child."""
+    extra lines for each side's connection and child."""
     a, b = _site_configs(pair, IKE, ESP, psk)
     out = []
-    for name, text, conn, child in (("a", a, a_conn, a_child), ("b", b, "", b_child)):
+    for name, text, conn, child in (("a", a, a_conn, a_child), ("b", b, b_conn, b_child)):
         agent = (f'log_level = "info"\ncontrol_socket = "{tmp_path / name}.sock"\nretransmit_timeout = 0.5\n'
                  "retransmit_base = 1.5\nretransmit_tries = 2")  # fmt: skip
         text = text.replace('log_level = "info"', agent)

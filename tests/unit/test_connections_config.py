@@ -176,6 +176,14 @@ def test_actions_unique_over_time_and_updown_apply(tmp_path: Path) -> None:
     assert (child.close_action, child.dpd_action) == ("start", "trap")
 
 
+@pytest.mark.parametrize(("line", "want"), [("", None), ('rand_time = "0"', 0.0), ('rand_time = "5m"', 300.0),
+                                           ('rand_time = 30\nrekey_time = 0', 30.0)])  # fmt: skip
+def test_rand_time(line: str, want: float | None) -> None:
+    """strongSwan's rand_time: the most a rekey/reauthentication starts early (0: never); unset, 10% of the time."""
+    (peer,) = parse(GOOD.replace('dpd_delay = "30s"', f'dpd_delay = "30s"\n{line}')).connections
+    assert peer.rand_time == want
+
+
 @pytest.mark.parametrize(
     ("change", "path", "hint"),
     [
@@ -192,6 +200,10 @@ def test_actions_unique_over_time_and_updown_apply(tmp_path: Path) -> None:
         ('over_time = "soon"', "connections.gw.over_time", "duration"),
         ('over_time = "0s"', "connections.gw.over_time", "positive duration"),
         ('over_time = "10m"\nrekey_time = 0', "connections.gw.over_time", "rekey_time = 0"),
+        ('rand_time = "soon"', "connections.gw.rand_time", "duration like 30s"),
+        ("rand_time = -1", "connections.gw.rand_time", "duration like 30s"),
+        ('rand_time = "4h"', "connections.gw.rand_time", "shorter than rekey_time (14400s)"),
+        ('rand_time = "2h"\nreauth_time = "1h"', "connections.gw.rand_time", "shorter than reauth_time (3600s)"),
         ('reauth_time = "soon"', "connections.gw.reauth_time", "duration like 30s"),
         ("reauth_time = -5", "connections.gw.reauth_time", "duration like 30s"),
         ("reauth_time = true", "connections.gw.reauth_time", "duration like 30s"),

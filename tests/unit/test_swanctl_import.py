@@ -24,6 +24,7 @@ connections {
         dpd_delay = 30s
         unique = replace
         over_time = 20m
+        rand_time = 5m
         reauth_time = 3h
         mobike = no
         local {
@@ -74,6 +75,7 @@ def test_site_to_site_converts_and_loads() -> None:
     assert [str(r) for r in child.remote_ts] == ["10.2.0.0/16", "10.3.0.0/16"] and child.rekey_time == 3600.0
     assert (child.close_action, child.dpd_action, peer.unique, peer.over_time) == ("trap", "restart", "replace", 1200.0)
     assert peer.reauth_time == 10800.0 and "connections.site-b.reauth_time" not in result.skipped
+    assert peer.rand_time == 300.0
     assert cfg.start == ["site-b"]
 
 
