@@ -191,6 +191,9 @@ def test_ike_modp_key_pair_worker_as_nobody(tmp_path: Path) -> None:
             daemons.append(da)
             for d in daemons:
                 nsutil.wait_for(lambda d=d: "child sa installed" in d.output(), timeout=20, what=d.output())
+            # A's IKE SA may be up before its worker has started (its first pair was made inline); the worker
+            # becomes nobody before it answers anything
+            nsutil.wait_for(lambda: pool(socks["a"]).get("made", 0) >= 1, timeout=20, what="the initiator's pool")
             for d in daemons:
                 _assert_dropped(d.proc.pid)
                 wpid = workers[d.ns.name] = _kex_worker(d.proc.pid)
