@@ -95,7 +95,7 @@ def _run(cfg: Config, path: str) -> int:
         account = privs.preflight(cfg.agent.user) if cfg.agent.user else None  # before anything is opened
         node = build_node(cfg, log=log)
         try:
-            ike = attach_ike(cfg, node, log=log)
+            ike = attach_ike(cfg, node, log=log, user=account)
             control = attach_control(cfg, node, ike, log=log)
             if account is not None:
                 await drop_privileges(control, account, log)

@@ -24,10 +24,11 @@ exponents as before): MODP2048 63 -> 5-6 ms, MODP3072 180-190 -> 18-20 ms, MODP4
 against ECP256 0.15 ms, ECP384 1.0-1.2 ms, ECP521 0.8-1.0 ms, X25519 0.1 ms, X448 0.5 ms.
 ``cryptography`` holds the GIL during these calls, so a worker thread cannot run them alongside the
 event loop (measured: a thread looping on them stalls the loop by a whole exponentiation at a time).
-It can only move them in time. That is what :class:`ipsecstack.runtime.kepool.KeyPairPool` does: it
-makes MODP key pairs (the generate half) ahead of time and hands them to the IKE SAs through the
-injected :data:`KeyPairSource`. An exchange then costs one exponentiation on the loop, the shared
-secret, instead of two. Measured on a responder with the pool warm, an IKE_SA_INIT request holds the
+:class:`ipsecstack.runtime.kepool.KeyPairPool` therefore has a worker process compute g^x
+(:meth:`Group.modp_public`) for exponents drawn on the loop, builds the keys from them
+(:meth:`Group.modp_key`, no exponentiation) and hands these MODP key pairs (the generate half) to the
+IKE SAs through the injected :data:`KeyPairSource`. An exchange then costs one exponentiation on the
+loop, the shared secret, instead of two. Measured on a responder with the pool warm, an IKE_SA_INIT request holds the
 loop for 4.6 / 11 / 25 ms (MODP 2048 / 3072 / 4096) instead of 8 / 22 / 48 ms. The sans-IO core only
 sees the callable; without one (in tests) every pair is made from ``rng`` when it is needed.
 """
@@ -122,6 +123,11 @@ class Group:
         k448 = x448.X448PrivateKey.from_private_bytes(rng(56))
         return k448, k448.public_key().public_bytes_raw()
 
+    @property
+    def prime(self) -> int:
+        """p of a MODP group (KeyError for the others)."""
+        return _MODP[self.number]
+
     def modp_exponent(self, rng: Rng) -> int:
         """A MODP private exponent from ``rng`` (cheap: no exponentiation)."""
         p = _MODP[self.number]
@@ -133,11 +139,19 @@ class Group:
 
     def modp_keypair(self, x: int) -> tuple[dh.DHPrivateKey, bytes]:
         """The OpenSSL key for exponent ``x`` and the public value g^x mod p (one exponentiation)."""
-        params = _DH_PARAMS[self.number]
-        # g^x is x's DH with the generator as the peer; the key's own public half is set once known
+        public = self.modp_public(x)
+        return self.modp_key(x, public), public
+
+    def modp_public(self, x: int) -> bytes:
+        """g^x mod p as KE data (the exponentiation: what the key-pair worker process computes)."""
+        # g^x is x's DH with the generator as the peer
         y = dh.DHPrivateNumbers(x, _DH_GENERATOR[self.number]).private_key().exchange(_DH_G_KEY[self.number])
-        key = dh.DHPrivateNumbers(x, dh.DHPublicNumbers(int.from_bytes(y, "big"), params)).private_key()
-        return key, y.rjust(self.size, b"\0")
+        return y.rjust(self.size, b"\0")
+
+    def modp_key(self, x: int, public: bytes) -> dh.DHPrivateKey:
+        """The OpenSSL key for exponent ``x`` whose public half is ``public`` = g^x (cheap: no exponentiation)."""
+        y = dh.DHPublicNumbers(int.from_bytes(public, "big"), _DH_PARAMS[self.number])
+        return dh.DHPrivateNumbers(x, y).private_key()
 
     def shared(self, private: object, peer: bytes) -> bytes:
         """g^ir from our private value and the peer's KE data (raises KeyExchangeError)."""

@@ -53,13 +53,15 @@ def force_encap(cfg: Config, agent: Any = None) -> None:
             peer.encap = True
 
 
-def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
+def attach_ike(cfg: Config, node: Node, *, log: Any = None, user: Account | None = None) -> Any:
     """Create the IKE endpoint for ``[connections]`` (None without any) and hook it to the node.
 
     IKE always listens on UDP 500 and on the NAT-T port 4500 (RFC 7296 §2.23: a peer behind a NAT, or
     one that always encapsulates, floats there after IKE_SA_INIT). Port 4500 is the outer plane's UDP
     socket when it has one (ESP in UDP shares it); with NFQUEUE it is a socket of its own for IKE, while
-    ESP in UDP to it is queued with the rest of the inbound ESP.
+    ESP in UDP to it is queued with the rest of the inbound ESP. The MODP key-pair worker process, if
+    any group needs one, starts now, before a privilege drop, and becomes ``user`` itself
+    (runtime/kepool.py).
     """
     if not cfg.connections:
         return None
@@ -77,6 +79,7 @@ def attach_ike(cfg: Config, node: Node, *, log: Any = None) -> Any:
                       acquire_names=cfg.trap)  # fmt: skip
     node.on_start.append(ike.start)
     node.on_stop.append(ike.close)
+    ike.keypairs.launch(user)
     return ike
 
 
@@ -186,10 +189,10 @@ def attach_control(cfg: Config, node: Node, ike: Any, *, log: Any = None) -> Any
 async def drop_privileges(server: Any, account: Account, log: Any) -> None:
     """``[agent] user``: listen on the control socket now, then drop root, before the node reads a packet.
 
-    Everything that needs root is open by then: the ports (``build_node``), IKE's port 500
-    (``attach_ike``), the metrics listener and the control socket (``attach_control``, whose start hook
-    then finds it listening). Raises BackendError (PrivilegeError) if either step fails: the caller
-    stops, never running on as root when told not to.
+    Everything that needs root is open by then: the ports (``build_node``), IKE's port 500 and the
+    MODP key-pair worker process (``attach_ike``), the metrics listener and the control socket
+    (``attach_control``, whose start hook then finds it listening). Raises BackendError
+    (PrivilegeError) if either step fails: the caller stops, never running on as root when told not to.
     """
     from ipsecstack.runtime import privs
 

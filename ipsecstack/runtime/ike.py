@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The sans-IO :class:`~ipsecstack.ike.manager.IkeManager` does the protocol; this module moves its
-datagrams and acts on its events, and gives it MODP key pairs made ahead of time in a worker thread
+datagrams and acts on its events, and gives it MODP key pairs made ahead of time in a worker process
 (:mod:`ipsecstack.runtime.kepool`). Port 500 is a UDP socket of its own per local address; IKE on
 port 4500 shares the ESP-in-UDP socket (the outer ``udp`` backend), where the datapath hands
 non-ESP-marker datagrams back through ``Node.on_ike``. After every input (datagram or timer) the
@@ -79,9 +79,9 @@ class IkeEndpoint:
                  acquire_names: list[str] | None = None) -> None:  # fmt: skip
         self.node = node
         self.dp: Datapath = node.datapath
-        # MODP key pairs made ahead of time in a worker thread (runtime/kepool.py); other groups are cheap
+        # MODP key pairs made ahead of time in a worker process (runtime/kepool.py); other groups are cheap
         algs = [a for p in peers for a in p.proposals] + [a for p in peers for c in p.children for a in c.proposals]
-        self.keypairs = KeyPairPool({g for a in algs for g in a.dh}, rng)
+        self.keypairs = KeyPairPool({g for a in algs for g in a.dh}, rng, log=log)
         self.manager = IkeManager(peers, rng, wallclock=time.time, keypairs=self.keypairs.take)
         self.start_names = start
         self.encap = encap

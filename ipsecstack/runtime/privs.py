@@ -36,7 +36,9 @@ SIGHUP reload re-reads must be readable by it. So must the Python installation, 
 on first use; :func:`preload` imports this project's modules and the lazily loaded ones we know of
 (cryptography's OpenSSL backend) beforehand, so an interpreter the user cannot read (one under
 ``/root``, mode 0700) still works. The control socket's directory stays root's, so the socket file is
-left behind at shutdown (the next start replaces it).
+left behind at shutdown (the next start replaces it). For the same reason the MODP key-pair worker
+process (:mod:`ipsecstack.runtime.kexworker`) is started before the drop, as root; it becomes the user
+itself, with no capabilities at all (:func:`confine`), before it reads anything from the daemon.
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ KEPT_CAPS: dict[str, int] = {
 KEPT_MASK = sum(1 << bit for bit in KEPT_CAPS.values())  # 0x3400
 _NEEDED_TO_DROP = {"CAP_SETUID": CAP_SETUID, "CAP_SETGID": CAP_SETGID, **KEPT_CAPS}
 
+PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_IS_SET = 1
 PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 #: third-party modules imported on first use, possibly long after start-up (the first DH of an IKE SA)
 PRELOAD_EXTRA = ("cryptography.hazmat.backends.openssl.backend", "encodings.idna")
@@ -191,6 +196,42 @@ def drop(account: Account) -> None:
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, bit)
     _prctl(PR_SET_KEEPCAPS, 0)
     _verify(account)
+
+
+def confine(account: Account | None) -> None:
+    """For a helper process that needs no privilege at all (the key-pair worker, runtime/kexworker.py).
+
+    Become ``account`` unless it already is (a helper started before the daemon's :func:`drop`, as
+    root), then give up every capability (ambient, effective, permitted, inheritable) and, with
+    ``PR_SET_NO_NEW_PRIVS``, any way to gain one back through ``execve`` (prctl(2)). ``account=None``
+    keeps the ids (a daemon that stays root, or one started as its user) and still drops the
+    capabilities. Raises PrivilegeError.
+    """
+    if account is not None and os.getresuid() != (account.uid,) * 3:
+        try:
+            os.setgroups(list(account.groups))
+            os.setgid(account.gid)
+            os.setuid(account.uid)  # without PR_SET_KEEPCAPS: the kernel clears the permitted set
+        except OSError as e:
+            raise PrivilegeError(f"confining a helper as {account.name!r}: {e.strerror}") from None
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()  # all zero
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise _oserror("capset")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if capabilities() != (0, 0, 0):
+        raise PrivilegeError("confining a helper: capabilities left after capset")
+    if account is not None and (os.getresuid() != (account.uid,) * 3 or os.getresgid() != (account.gid,) * 3):
+        raise PrivilegeError(f"confining a helper as {account.name!r}: the ids did not change")
+
+
+def exit_with_parent(sig: int) -> None:
+    """``sig`` to this process when the thread that started it ends (``PR_SET_PDEATHSIG``, prctl(2)).
+
+    A change of the effective ids clears this setting: call it after :func:`confine`.
+    """
+    _prctl(PR_SET_PDEATHSIG, sig)
 
 
 def _verify(account: Account) -> None:

@@ -153,6 +153,67 @@ def test_ike_tunnel_as_nobody(tmp_path: Path) -> None:
         assert "Traceback" not in da.output() + db.output(), da.output() + db.output()
 
 
+def _kex_worker(daemon_pid: int) -> int:
+    """The pid of the daemon's key-pair worker process (runtime/kexworker.py)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = _status(int(proc.name))["PPid"]
+                cmdline = (proc / "cmdline").read_bytes()
+            except (OSError, KeyError):
+                continue
+            if ppid == str(daemon_pid) and b"ipsecstack.runtime.kexworker" in cmdline:
+                return int(proc.name)
+    raise AssertionError(f"no key-pair worker under pid {daemon_pid}")
+
+
+def test_ike_modp_key_pair_worker_as_nobody(tmp_path: Path) -> None:
+    """MODP key pairs come from a worker process, started before the drop, that runs as nobody without any
+    capability; the responder answers IKE_SA_INIT with one of them; the worker goes with the daemon."""
+    from tests.netns.test_ike_tunnel import _site_configs
+
+    with nsutil.netns_pair("pk") as pair:
+        a, b = _site_configs(pair, "aes128-sha256-modp3072", "aes128gcm16", "privdrop secret")
+        socks = {"a": tmp_path / "a.sock", "b": tmp_path / "b.sock"}
+        for name, text in (("a", a), ("b", b)):
+            (tmp_path / f"{name}.toml").write_text(_with_user(text, socks[name]))
+        db = Daemon(pair.b, tmp_path / "b.toml")
+        daemons, workers = [db], {}
+        try:
+
+            def pool(sock: Path) -> dict[str, int]:
+                res = cli("status", "--socket", str(sock), "--json")
+                return dict(json.loads(res.stdout)["ike"]["keypairs"]) if res.returncode == 0 else {}
+
+            nsutil.wait_for(lambda: db.started() and pool(socks["b"]).get("made", 0) >= 1, timeout=20,
+                            what=f"the responder's pool to fill:\n{db.output()}")  # fmt: skip
+            da = Daemon(pair.a, tmp_path / "a.toml")
+            daemons.append(da)
+            for d in daemons:
+                nsutil.wait_for(lambda d=d: "child sa installed" in d.output(), timeout=20, what=d.output())
+            # A's IKE SA may be up before its worker has started (its first pair was made inline); the worker
+            # becomes nobody before it answers anything
+            nsutil.wait_for(lambda: pool(socks["a"]).get("made", 0) >= 1, timeout=20, what="the initiator's pool")
+            for d in daemons:
+                _assert_dropped(d.proc.pid)
+                wpid = workers[d.ns.name] = _kex_worker(d.proc.pid)
+                st = _status(wpid)
+                assert st["Uid"].split() == [str(NOBODY.pw_uid)] * 4 and st["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+                assert all(int(st[k], 16) == 0 for k in ("CapEff", "CapPrm", "CapInh", "CapAmb")), st
+                assert st["NoNewPrivs"] == "1", st
+            stats_b = pool(socks["b"])
+            assert stats_b["taken"] >= 1 and stats_b["worker_started"] == 1 and "worker_died" not in stats_b, stats_b
+            r = pair.a.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-I", "10.1.0.1", "10.2.0.1",
+                           check=False, timeout=15)  # fmt: skip
+            assert r.returncode == 0, r.stdout.decode() + da.output()
+        finally:
+            codes = [d.terminate() for d in daemons]
+        assert codes == [0] * len(daemons), "".join(d.output() for d in daemons)
+        assert "Traceback" not in "".join(d.output() for d in daemons)
+        for wpid in workers.values():
+            nsutil.wait_for(lambda wpid=wpid: not Path(f"/proc/{wpid}").exists(), timeout=5, what="the worker to go")
+
+
 # Runs in a namespace as root: load the config, optionally become nobody, then run the daemon.
 RUN_AS = """
 import os, sys
