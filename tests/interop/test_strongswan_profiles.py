@@ -22,9 +22,6 @@ PLUGINS = (*sw.PLUGINS, "pkcs8", "constraints")
 
 CONFIG = """
 [agent]
-inner_backend = "tun"
-outer_backend = "udp"
-tun_name = "ips0"
 tun_addrs = ["10.1.0.1/16"]
 log_level = "info"
 
