@@ -41,8 +41,8 @@ def extensions() -> list[Extension]:
     return [
         Extension(
             "ipsecstack.native._engine",
-            sources=[f"{NATIVE}/{name}.c" for name in ("_engine", "esp", "cipher", "replay", "sa")],
-            depends=[f"{NATIVE}/engine.h"],
+            sources=[f"{NATIVE}/{name}.c" for name in ("_engine", "batch", "params", "esp", "cipher", "replay", "sa")],
+            depends=[f"{NATIVE}/engine.h", f"{NATIVE}/pyglue.h"],
             include_dirs=inc,
             library_dirs=libdirs,
             libraries=libs,

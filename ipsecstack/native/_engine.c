@@ -13,10 +13,11 @@
  *   sa_stats(direction, spi) -> dict, stats() -> dict, sas() -> list, poll_events() -> list
  *
  * A batch call runs in three phases: with the GIL, the packets are copied into one C arena and
- * the output bytes objects are allocated at their largest size; without the GIL, the SA table is
- * read-locked, each SA used is locked, and every packet is processed from the arena into its
- * output object (not yet visible to any other thread); with the GIL again, each output is trimmed
- * to its length or replaced by the interned reason string.
+ * the output bytes objects are allocated at their largest size (batch.c); without the GIL, the SA
+ * table is read-locked, each SA used is locked, and every packet is processed from the arena into
+ * its output object, not yet visible to any other thread (here); with the GIL again, each output is
+ * trimmed to its length or replaced by the interned reason string (batch.c). Arguments of install
+ * are checked in params.c.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,6 +29,7 @@
 #include <openssl/rand.h>
 
 #include "engine.h"
+#include "pyglue.h"
 
 const char *const ips_reason_name[IPS_R_COUNT] = {
     [IPS_OK] = "ok",
@@ -57,7 +59,7 @@ static const char *const dir_name[] = {"in", "out"};
 #define EVENT_QUEUE 4096
 #define INITIAL_BUCKETS 64
 
-static PyObject *reason_str[IPS_R_COUNT]; /* interned, created at import */
+PyObject *ips_reason_str[IPS_R_COUNT]; /* interned, created at import */
 
 typedef struct {
     PyObject_HEAD
@@ -153,248 +155,23 @@ static ips_sa *locked_unlink(EngineObject *e, uint8_t dir, uint32_t spi)
     return sa;
 }
 
-/* ---- argument helpers ----------------------------------------------------------------------- */
-
-static int bad_value(const char *field, PyObject *value, const char *fix)
-{
-    PyErr_Format(PyExc_ValueError, "%s = %R: %s", field, value, fix);
-    return -1;
-}
-
-static int get_u64(PyObject *o, const char *field, uint64_t lo, uint64_t hi, const char *fix, uint64_t *out)
-{
-    if (!PyLong_Check(o) || PyBool_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.50s", field, Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
-    uint64_t u;
-    if (overflow > 0) {
-        u = PyLong_AsUnsignedLongLong(o);
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            return bad_value(field, o, fix);
-        }
-    } else if (overflow < 0 || v < 0) {
-        return bad_value(field, o, fix);
-    } else {
-        u = (uint64_t)v;
-    }
-    if (u < lo || u > hi)
-        return bad_value(field, o, fix);
-    *out = u;
-    return 0;
-}
-
-static int get_limit(PyObject *o, const char *field, uint64_t *out)
-{
-    if (o == Py_None) {
-        *out = IPS_NO_LIMIT;
-        return 0;
-    }
-    return get_u64(o, field, 0, IPS_NO_LIMIT - 1, "give a count >= 0, or None for no limit", out);
-}
-
-static int get_dir(const char *s, uint8_t *dir)
-{
-    if (strcmp(s, "in") == 0)
-        *dir = IPS_IN;
-    else if (strcmp(s, "out") == 0)
-        *dir = IPS_OUT;
-    else {
-        PyErr_Format(PyExc_ValueError, "direction = '%s': use 'in' or 'out'", s);
-        return -1;
-    }
-    return 0;
-}
-
-static int get_spi(PyObject *o, uint32_t *spi)
-{
-    uint64_t v;
-    if (get_u64(o, "spi", 1, 0xFFFFFFFFu, "use 1..4294967295; SPI 0 is reserved (RFC 4303 §2.1)", &v) != 0)
-        return -1;
-    *spi = (uint32_t)v;
-    return 0;
-}
-
-/* A packed IPv4 (4 bytes) or IPv6 (16 bytes) address; returns its IP version or -1. */
-static int get_addr(PyObject *o, const char *field, uint8_t out[16])
-{
-    if (!PyBytes_Check(o) || (PyBytes_GET_SIZE(o) != 4 && PyBytes_GET_SIZE(o) != 16))
-        return bad_value(field, o, "give the packed address: 4 bytes (IPv4) or 16 bytes (IPv6)");
-    memcpy(out, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
-    return PyBytes_GET_SIZE(o) == 4 ? 4 : 6;
-}
-
-static int get_encap(PyObject *o, ips_sa_params *p)
-{
-    uint64_t sport, dport;
-    p->udp = 0;
-    if (o == Py_None)
-        return 0;
-    const char *fix = "give (source_port, destination_port), e.g. (4500, 4500)";
-    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2)
-        return bad_value("udp_encap", o, fix);
-    if (get_u64(PyTuple_GET_ITEM(o, 0), "udp_encap", 1, 65535, fix, &sport) != 0 ||
-        get_u64(PyTuple_GET_ITEM(o, 1), "udp_encap", 1, 65535, fix, &dport) != 0)
-        return -1;
-    p->udp = 1;
-    p->sport = (uint16_t)sport;
-    p->dport = (uint16_t)dport;
-    return 0;
-}
-
-static int get_mode(const char *mode, PyObject *src, PyObject *dst, ips_sa_params *p)
-{
-    if (strcmp(mode, "transport") == 0) {
-        p->tunnel = 0;
-        return 0;
-    }
-    if (strcmp(mode, "tunnel") != 0) {
-        PyErr_Format(PyExc_ValueError, "mode = '%s': use 'tunnel' or 'transport'", mode);
-        return -1;
-    }
-    p->tunnel = 1;
-    if (src == Py_None || dst == Py_None)
-        return bad_value(src == Py_None ? "tunnel_src" : "tunnel_dst", Py_None,
-                         "tunnel mode needs tunnel_src and tunnel_dst (the gateways' outer addresses)");
-    int vs = get_addr(src, "tunnel_src", p->outer_src);
-    if (vs < 0)
-        return -1;
-    int vd = get_addr(dst, "tunnel_dst", p->outer_dst);
-    if (vd < 0)
-        return -1;
-    if (vs != vd)
-        return bad_value("tunnel_dst", dst, "tunnel_src and tunnel_dst must be the same IP family");
-    p->outer_version = (uint8_t)vs;
-    return 0;
-}
-
-static int get_header_rules(const char *ecn, const char *df, ips_sa_params *p)
-{
-    if (strcmp(ecn, "normal") == 0 || strcmp(ecn, "compat") == 0) {
-        p->ecn_normal = ecn[0] == 'n';
-    } else {
-        PyErr_Format(PyExc_ValueError, "ecn = '%s': %s", ecn, "use 'normal' (RFC 6040 §4.1) or 'compat' (RFC 6040 §4.1.2)");
-        return -1;
-    }
-    if (strcmp(df, "copy") == 0)
-        p->df_flags = -1;
-    else if (strcmp(df, "set") == 0)
-        p->df_flags = 0x4000;
-    else if (strcmp(df, "clear") == 0)
-        p->df_flags = 0;
-    else {
-        PyErr_Format(PyExc_ValueError, "df = '%s': %s", df, "use 'copy', 'set' or 'clear' (RFC 4301 §8.1)");
-        return -1;
-    }
-    return 0;
-}
-
-static const ips_suite *get_suite(const char *transform, Py_ssize_t key_len)
-{
-    const ips_suite *s = ips_suite_find(transform);
-    if (s == NULL) {
-        PyErr_Format(PyExc_ValueError, "transform = '%s': the native engine implements ESP with AES-GCM-16, "
-                     "ChaCha20-Poly1305, AES-CBC or NULL with HMAC-SHA2 (canonical keywords, see TRANSFORMS)",
-                     transform);
-        return NULL;
-    }
-    Py_ssize_t want = s->key_len + s->salt_len + s->integ_key_len;
-    if (key_len != want) {
-        PyErr_Format(PyExc_ValueError, "key = '<%zd bytes>': %s needs %zd bytes of key material %s", key_len,
-                     transform, want, "(cipher key, then salt or integrity key: RFC 7296 §2.17)");
-        return NULL;
-    }
-    return s;
-}
-
 /* ---- install / remove ----------------------------------------------------------------------- */
-
-static int parse_numbers(PyObject *window, PyObject *seq, PyObject *top, int ttl, PyObject *lim[4],
-                         ips_sa_params *p)
-{
-    uint64_t w, seq_max = p->esn ? UINT64_MAX : 0xFFFFFFFFu;
-    if (get_u64(window, "replay_window", 0, 1u << 20, "use 0 (disabled) or 32..1048576; default is 64", &w) != 0)
-        return -1;
-    if (w > 0 && w < 32)
-        return bad_value("replay_window", window, "RFC 4303 §3.4.3 requires at least 32; the default is 64");
-    p->replay_window = (uint32_t)w;
-    if (get_u64(seq, "seq", 0, seq_max, "the last sequence number sent: 0..2^32-1, or 0..2^64-1 with ESN",
-                &p->seq) != 0 ||
-        get_u64(top, "replay_top", 0, seq_max, "the highest sequence number received: 0..2^32-1 (2^64-1 with ESN)",
-                &p->replay_top) != 0)
-        return -1;
-    if (ttl < 1 || ttl > 255) {
-        PyErr_Format(PyExc_ValueError, "ttl = %d: use 1..255", ttl);
-        return -1;
-    }
-    p->ttl = (uint8_t)ttl;
-    if (get_limit(lim[0], "soft_bytes", &p->soft.bytes) != 0 || get_limit(lim[1], "soft_packets", &p->soft.packets) != 0 ||
-        get_limit(lim[2], "hard_bytes", &p->hard.bytes) != 0 || get_limit(lim[3], "hard_packets", &p->hard.packets) != 0)
-        return -1;
-    return 0;
-}
-
-/* Carry over a window's state (ReplayWindow.snapshot()): numbers received below the top. */
-static int mark_seen(ips_replay *w, PyObject *seen)
-{
-    PyObject *fast = PySequence_Fast(seen, "replay_seen must be a sequence of ints");
-    if (fast == NULL)
-        return -1;
-    uint64_t lo = w->size && w->top >= w->size ? w->top - w->size + 1 : 1;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); i++) {
-        uint64_t s;
-        if (get_u64(PySequence_Fast_GET_ITEM(fast, i), "replay_seen", lo, w->top,
-                    "sequence numbers inside the window: replay_top - replay_window < s <= replay_top", &s) != 0) {
-            Py_DECREF(fast);
-            return -1;
-        }
-        ips_replay_update(w, s);
-    }
-    Py_DECREF(fast);
-    return 0;
-}
 
 static PyObject *Engine_install(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"spi", "direction", "transform", "key", "mode", "tunnel_src", "tunnel_dst", "esn",
-                             "replay_window", "udp_encap", "soft_bytes", "soft_packets", "hard_bytes",
-                             "hard_packets", "seq", "replay_top", "replay_seen", "ttl", "copy_dscp", "ecn", "df",
-                             NULL};
-    PyObject *spi_o, *src = Py_None, *dst = Py_None, *encap = Py_None, *lim[4] = {Py_None, Py_None, Py_None, Py_None};
-    PyObject *window = NULL, *seq = NULL, *top = NULL, *seen = Py_None;
-    const char *direction, *transform, *mode = "tunnel", *ecn = "normal", *df = "copy";
-    int esn = 0, ttl = 64, copy_dscp = 1;
-    Py_buffer key;
-    ips_sa_params p;
-    memset(&p, 0, sizeof(p));
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ossy*|$sOOpOOOOOOOOOipss", kwlist, &spi_o, &direction, &transform,
-                                     &key, &mode, &src, &dst, &esn, &window, &encap, &lim[0], &lim[1], &lim[2],
-                                     &lim[3], &seq, &top, &seen, &ttl, &copy_dscp, &ecn, &df))
-        return NULL;
-    PyObject *zero = PyLong_FromLong(0), *w64 = PyLong_FromLong(64);
-    const ips_suite *suite = NULL;
-    ips_sa *sa = NULL;
+    ips_install_args a;
     const char *why = "";
-    p.esn = (uint8_t)esn;
-    p.copy_dscp = (uint8_t)copy_dscp;
-    if (zero == NULL || w64 == NULL || get_spi(spi_o, &p.spi) != 0 || get_dir(direction, &p.dir) != 0 ||
-        (suite = get_suite(transform, key.len)) == NULL || get_mode(mode, src, dst, &p) != 0 ||
-        get_encap(encap, &p) != 0 || get_header_rules(ecn, df, &p) != 0 ||
-        parse_numbers(window ? window : w64, seq ? seq : zero, top ? top : zero, ttl, lim, &p) != 0)
-        goto done;
-    sa = ips_sa_new(&p, suite, key.buf, &self->events, &why);
+    if (ips_parse_install(args, kwargs, &a) != 0)
+        return NULL;
+    ips_sa *sa = ips_sa_new(&a.p, a.suite, a.key.buf, &self->events, &why);
+    PyBuffer_Release(&a.key); /* the SA keeps only what its OpenSSL contexts derived (and the salt) */
     if (sa == NULL) {
-        PyErr_Format(PyExc_RuntimeError, "cannot install SA 0x%08x: %s", p.spi, why);
-        goto done;
+        PyErr_Format(PyExc_RuntimeError, "cannot install SA 0x%08x: %s", a.p.spi, why);
+        return NULL;
     }
-    if (seen != Py_None && mark_seen(&sa->replay, seen) != 0) {
+    if (a.seen != Py_None && ips_mark_seen(&sa->replay, a.seen) != 0) {
         ips_sa_free(sa);
-        goto done;
+        return NULL;
     }
     int dup;
     Py_BEGIN_ALLOW_THREADS
@@ -402,15 +179,10 @@ static PyObject *Engine_install(EngineObject *self, PyObject *args, PyObject *kw
     Py_END_ALLOW_THREADS
     if (dup != 0) {
         ips_sa_free(sa);
-        PyErr_Format(PyExc_ValueError, "spi = 0x%08x: an %s SA with this SPI is installed; remove it first", p.spi,
-                     p.dir == IPS_IN ? "inbound" : "outbound");
-    }
-done:
-    PyBuffer_Release(&key); /* the SA keeps only what its OpenSSL contexts derived (and the salt) */
-    Py_XDECREF(zero);
-    Py_XDECREF(w64);
-    if (PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "spi = 0x%08x: an %s SA with this SPI is installed; remove it first", a.p.spi,
+                     a.p.dir == IPS_IN ? "inbound" : "outbound");
         return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -420,8 +192,8 @@ static PyObject *Engine_remove(EngineObject *self, PyObject *args)
     PyObject *spi_o;
     uint8_t dir;
     uint32_t spi;
-    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || get_dir(direction, &dir) != 0 ||
-        get_spi(spi_o, &spi) != 0)
+    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
         return NULL;
     ips_sa *sa;
     Py_BEGIN_ALLOW_THREADS
@@ -429,123 +201,6 @@ static PyObject *Engine_remove(EngineObject *self, PyObject *args)
     ips_sa_free(sa); /* nobody else can reach it: batches hold the read lock while they use an SA */
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(sa != NULL);
-}
-
-/* ---- batches -------------------------------------------------------------------------------- */
-
-typedef struct {
-    size_t in_off, len, orig; /* copied bytes at arena + in_off, of an object orig bytes long */
-    PyObject *obj;            /* the output bytes object (len + headroom bytes), or NULL */
-    uint8_t *out;
-    size_t cap, out_len;
-    ips_reason reason;
-} slot;
-
-typedef struct {
-    Py_ssize_t n;
-    slot *slots;
-    uint8_t *arena;
-} batch;
-
-static void batch_free(batch *b)
-{
-    for (Py_ssize_t i = 0; b->slots != NULL && i < b->n; i++)
-        Py_XDECREF(b->slots[i].obj);
-    PyMem_Free(b->slots);
-    PyMem_RawFree(b->arena);
-    b->slots = NULL;
-    b->arena = NULL;
-}
-
-static int batch_copy_in(batch *b, PyObject *fast)
-{
-    Py_buffer *views = PyMem_Calloc((size_t)b->n + 1, sizeof(Py_buffer));
-    Py_ssize_t got = 0;
-    size_t total = 0;
-    int rc = -1;
-    if (views == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (; got < b->n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &views[got], PyBUF_SIMPLE) != 0) {
-            PyErr_Format(PyExc_TypeError, "packets[%zd] is not a bytes-like object", got);
-            goto out;
-        }
-        slot *s = &b->slots[got];
-        s->orig = (size_t)views[got].len;
-        s->len = s->orig < IPS_MAX_DATAGRAM ? s->orig : IPS_MAX_DATAGRAM;
-        s->in_off = total;
-        total += s->len;
-    }
-    b->arena = PyMem_RawMalloc(total ? total : 1);
-    if (b->arena == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    for (Py_ssize_t i = 0; i < b->n; i++)
-        memcpy(b->arena + b->slots[i].in_off, views[i].buf, b->slots[i].len);
-    rc = 0;
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    return rc;
-}
-
-/* Phase 1 (GIL held): copy the packets in, allocate each output at len + headroom bytes. */
-static int batch_init(batch *b, PyObject *packets, size_t headroom)
-{
-    memset(b, 0, sizeof(*b));
-    PyObject *fast = PySequence_Fast(packets, "packets must be a list or tuple of bytes-like objects");
-    if (fast == NULL)
-        return -1;
-    b->n = PySequence_Fast_GET_SIZE(fast);
-    b->slots = PyMem_Calloc((size_t)b->n + 1, sizeof(slot));
-    if (b->slots == NULL) {
-        Py_DECREF(fast);
-        PyErr_NoMemory();
-        return -1;
-    }
-    int rc = batch_copy_in(b, fast);
-    Py_DECREF(fast);
-    for (Py_ssize_t i = 0; rc == 0 && i < b->n; i++) {
-        slot *s = &b->slots[i];
-        s->cap = s->len + headroom;
-        if (s->cap < 20)
-            continue; /* no IP packet fits: it is refused before anything is written */
-        s->obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)s->cap);
-        if (s->obj == NULL)
-            rc = -1;
-        else
-            s->out = (uint8_t *)PyBytes_AS_STRING(s->obj);
-    }
-    if (rc != 0)
-        batch_free(b);
-    return rc;
-}
-
-/* Phase 3 (GIL held): the result list; consumes the batch. */
-static PyObject *batch_results(batch *b)
-{
-    PyObject *list = PyList_New(b->n);
-    for (Py_ssize_t i = 0; list != NULL && i < b->n; i++) {
-        slot *s = &b->slots[i];
-        PyObject *item;
-        if (s->reason == IPS_OK && s->obj != NULL) {
-            item = s->obj;
-            s->obj = NULL;
-            if (s->out_len != s->cap && _PyBytes_Resize(&item, (Py_ssize_t)s->out_len) != 0) {
-                Py_CLEAR(list);
-                break;
-            }
-        } else {
-            item = Py_NewRef(reason_str[s->reason == IPS_OK ? IPS_R_CRYPTO_ERROR : s->reason]);
-        }
-        PyList_SET_ITEM(list, i, item);
-    }
-    batch_free(b);
-    return list;
 }
 
 static void count_batch(EngineObject *e, const uint64_t *drops, Py_ssize_t n, int outbound)
@@ -609,7 +264,7 @@ static PyObject *Engine_protect(EngineObject *self, PyObject *args, PyObject *kw
     uint32_t spi;
     batch b;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", kwlist, &spi_o, &packets, &rand_o) ||
-        get_spi(spi_o, &spi) != 0 || batch_init(&b, packets, IPS_HEADROOM) != 0)
+        ips_get_spi(spi_o, &spi) != 0 || batch_init(&b, packets, IPS_HEADROOM) != 0)
         return NULL;
     uint8_t *rand = NULL;
     if (rand_o != Py_None) {
@@ -704,8 +359,8 @@ static PyObject *Engine_expire(EngineObject *self, PyObject *args)
     int hard;
     uint8_t dir;
     uint32_t spi;
-    if (!PyArg_ParseTuple(args, "sOp", &direction, &spi_o, &hard) || get_dir(direction, &dir) != 0 ||
-        get_spi(spi_o, &spi) != 0)
+    if (!PyArg_ParseTuple(args, "sOp", &direction, &spi_o, &hard) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
         return NULL;
     int found;
     Py_BEGIN_ALLOW_THREADS
@@ -721,7 +376,7 @@ static PyObject *drops_dict(const uint64_t *drops)
         if (drops[r] == 0)
             continue;
         PyObject *v = PyLong_FromUnsignedLongLong(drops[r]);
-        if (v == NULL || PyDict_SetItem(d, reason_str[r], v) != 0)
+        if (v == NULL || PyDict_SetItem(d, ips_reason_str[r], v) != 0)
             Py_CLEAR(d);
         Py_XDECREF(v);
     }
@@ -749,8 +404,8 @@ static PyObject *Engine_sa_stats(EngineObject *self, PyObject *args)
     uint8_t dir;
     uint32_t spi;
     ips_sa copy;
-    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || get_dir(direction, &dir) != 0 ||
-        get_spi(spi_o, &spi) != 0)
+    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
         return NULL;
     int found;
     Py_BEGIN_ALLOW_THREADS
@@ -963,7 +618,7 @@ static const char *suite_at(size_t i)
 PyMODINIT_FUNC PyInit__engine(void)
 {
     for (int r = 0; r < IPS_R_COUNT; r++)
-        if ((reason_str[r] = PyUnicode_InternFromString(ips_reason_name[r])) == NULL)
+        if ((ips_reason_str[r] = PyUnicode_InternFromString(ips_reason_name[r])) == NULL)
             return NULL;
     if (PyType_Ready(&EngineType) < 0)
         return NULL;

@@ -20,7 +20,8 @@
  *              bytes and packets, RFC 4301 §4.4.2.1) and the bounded event queue;
  *   esp.c      one packet: IP parsing, transport/tunnel headers (RFC 4301 §5.1.2, RFC 6040 ECN),
  *              UDP encapsulation (RFC 3948), trailer checks; pure functions on C buffers;
- *   _engine.c  the CPython type: the SA table, batches, locks, counters and events for Python.
+ *   _engine.c  the CPython type: the SA table, batches, locks, counters and events for Python,
+ *              with batch.c (moving packets in and out) and params.c (checking install's arguments).
  *
  * Batches: the Python thread copies the packets into C memory and allocates the output objects
  * while it holds the GIL, then releases the GIL for the whole crypto loop and takes it back only to

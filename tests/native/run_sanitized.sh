@@ -37,7 +37,8 @@ import pathlib, sys, zipfile
 dist, dest = (pathlib.Path(p) for p in sys.argv[1:])
 sos = [n for w in dist.glob("*.whl") for n in zipfile.ZipFile(w).namelist() if n.endswith(".so")]
 if not sos:
-    sys.exit("the sanitized build of ipsecstack.native._engine failed (see the compiler output above)")
+    print("run_sanitized: the sanitized build of ipsecstack.native._engine failed (compiler output above)", file=sys.stderr)
+    sys.exit(3)
 for w in dist.glob("*.whl"):
     zipfile.ZipFile(w).extractall(dest, [n for n in zipfile.ZipFile(w).namelist() if n.endswith(".so")])
 EOF
@@ -77,8 +78,9 @@ if [ "${1:-}" = "--fuzz" ]; then
         secs=$((secs - secs / 2))
     fi
     echo "== seeded random inputs for ${secs}s under ASan + UBSan"
-    exec "$PY" tests/native/fuzz_unprotect.py --random "$secs" "${3:-$RANDOM}"
+    "$PY" tests/native/fuzz_unprotect.py --random "$secs" "${3:-$RANDOM}"
+    exit 0  # (not exec: the EXIT trap removes the temporary directory; set -e reports a failure)
 fi
 echo "== pytest under ASan + UBSan (LD_PRELOAD=$LD_PRELOAD)"
 # --capture=sys: a sanitizer report is written to fd 2 by C code and must reach the terminal
-exec "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${@:-tests/native}"
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${@:-tests/native}"
