@@ -51,14 +51,17 @@ install_pkg() {
 
 case "$what" in
 demo)
+    # the native ESP engine (optional C extension) builds from these; without them the Python datapath runs
+    apt_install gcc python3-dev libssl-dev pkg-config || log "native engine not built: no compiler or OpenSSL headers"
     ensure_venv
     install_pkg ""
     log "ipsecstack demo $*"
     exec "$VENV/bin/ipsecstack" demo "$@"
     ;;
 test)
-    # kernel-facing tests: namespaces, firewall, captures, throughput; NFQUEUE bindings build from source
-    apt_install gcc python3-dev iproute2 iptables iputils-ping tcpdump tshark iperf3 \
+    # kernel-facing tests: namespaces, firewall, captures, throughput; NFQUEUE bindings build from source;
+    # the native ESP engine builds against OpenSSL (libssl-dev)
+    apt_install gcc python3-dev libssl-dev pkg-config iproute2 iptables iputils-ping tcpdump tshark iperf3 \
         libnetfilter-queue-dev libnfnetlink-dev \
         strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins \
         libstrongswan-extra-plugins
@@ -72,7 +75,8 @@ test)
     log "mypy --strict ipsecstack"
     "$VENV/bin/mypy"
     log "pytest"
-    exec "$VENV/bin/python" -m pytest "$@"
+    # the packages above build the native engine: its tests must run, not skip
+    IPSECSTACK_REQUIRE_NATIVE=1 exec "$VENV/bin/python" -m pytest "$@"
     ;;
 *)
     echo "usage: bash deploy/setup.sh demo|test [args...]" >&2

@@ -47,6 +47,8 @@ class Reason:
     PMTU_EXCEEDED: Final = "pmtu_exceeded"
     # decrypted, but this node has no inner plane for it (ESP in UDP on the NFQUEUE node's IKE socket)
     NO_INNER_PLANE: Final = "no_inner_plane"
+    # the native engine's crypto library reported an error it should never report (ipsecstack/native)
+    CRYPTO_ERROR: Final = "crypto_error"
 
 
 #: Reasons that are normal protocol behaviour, counted but never logged as anomalies.

@@ -1,0 +1,638 @@
+/*
+ * ipsecstack.native._engine: the CPython face of the native ESP engine (see engine.h for the
+ * theory of operation of the whole engine).
+ *
+ * Engine() holds a table of SAs keyed by (direction, SPI) and offers:
+ *   install(spi, direction, transform, key, *, mode, tunnel_src, tunnel_dst, esn, replay_window,
+ *           udp_encap, soft_bytes, soft_packets, hard_bytes, hard_packets, seq, replay_top,
+ *           replay_seen, ttl, copy_dscp, ecn, df)   add an SA (ValueError names the field and the fix)
+ *   remove(direction, spi) -> bool
+ *   protect(spi, packets, rand=None)       -> list of bytes (protected) or str (drop reason)
+ *   unprotect(packets)                     -> list of bytes (inner packet) or str (drop reason)
+ *   expire(direction, spi, hard) -> bool   fire a time lifetime (the owner has the clock)
+ *   sa_stats(direction, spi) -> dict, stats() -> dict, sas() -> list, poll_events() -> list
+ *
+ * A batch call runs in three phases: with the GIL, the packets are copied into one C arena and
+ * the output bytes objects are allocated at their largest size (batch.c); without the GIL, the SA
+ * table is read-locked, each SA used is locked, and every packet is processed from the arena into
+ * its output object, not yet visible to any other thread (here); with the GIL again, each output is
+ * trimmed to its length or replaced by the interned reason string (batch.c). Arguments of install
+ * are checked in params.c.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
+#include "engine.h"
+#include "pyglue.h"
+
+const char *const ips_reason_name[IPS_R_COUNT] = {
+    [IPS_OK] = "ok",
+    [IPS_R_TRUNCATED] = "truncated",
+    [IPS_R_MALFORMED] = "malformed",
+    [IPS_R_BAD_IP_VERSION] = "bad_ip_version",
+    [IPS_R_FRAGMENT] = "fragment",
+    [IPS_R_UNKNOWN_SPI] = "unknown_spi",
+    [IPS_R_SA_EXPIRED] = "sa_expired",
+    [IPS_R_SEQ_EXHAUSTED] = "seq_exhausted",
+    [IPS_R_ENCAP_MISMATCH] = "encap_mismatch",
+    [IPS_R_REPLAY] = "replay",
+    [IPS_R_TOO_OLD] = "too_old",
+    [IPS_R_BAD_ICV] = "bad_icv",
+    [IPS_R_BAD_PADDING] = "bad_padding",
+    [IPS_R_BAD_LENGTH] = "bad_length",
+    [IPS_R_BAD_NEXT_HEADER] = "bad_next_header",
+    [IPS_R_DUMMY] = "dummy",
+    [IPS_R_NAT_KEEPALIVE] = "nat_keepalive",
+    [IPS_R_ECN_DROP] = "ecn_drop",
+    [IPS_R_CRYPTO_ERROR] = "crypto_error",
+};
+
+static const char *const trigger_name[] = {"seconds", "bytes", "packets", "seq"};
+static const char *const dir_name[] = {"in", "out"};
+
+#define EVENT_QUEUE 4096
+#define INITIAL_BUCKETS 64
+
+PyObject *ips_reason_str[IPS_R_COUNT]; /* interned, created at import */
+
+typedef struct {
+    PyObject_HEAD
+    pthread_rwlock_t table_lock; /* the buckets and every chain */
+    ips_sa **buckets;
+    size_t nbuckets, count;
+    ips_events events;
+    pthread_mutex_t stats_lock; /* the engine-wide counters below */
+    uint64_t drops[IPS_R_COUNT];
+    uint64_t in_packets, out_packets;
+    int ready;
+} EngineObject;
+
+/* ---- the SA table (callers hold table_lock) ------------------------------------------------- */
+
+static size_t bucket_of(size_t nbuckets, uint8_t dir, uint32_t spi)
+{
+    return ((spi * 2654435761u) ^ dir) & (nbuckets - 1);
+}
+
+static ips_sa *table_find(EngineObject *e, uint8_t dir, uint32_t spi)
+{
+    for (ips_sa *sa = e->buckets[bucket_of(e->nbuckets, dir, spi)]; sa != NULL; sa = sa->next)
+        if (sa->spi == spi && sa->dir == dir)
+            return sa;
+    return NULL;
+}
+
+static void table_grow(EngineObject *e)
+{
+    size_t n = e->nbuckets * 2;
+    ips_sa **b = calloc(n, sizeof(*b));
+    if (b == NULL)
+        return; /* longer chains, still correct */
+    for (size_t i = 0; i < e->nbuckets; i++) {
+        ips_sa *sa = e->buckets[i];
+        while (sa != NULL) {
+            ips_sa *next = sa->next;
+            size_t j = bucket_of(n, sa->dir, sa->spi);
+            sa->next = b[j];
+            b[j] = sa;
+            sa = next;
+        }
+    }
+    free(e->buckets);
+    e->buckets = b;
+    e->nbuckets = n;
+}
+
+static int table_insert(EngineObject *e, ips_sa *sa)
+{
+    if (table_find(e, sa->dir, sa->spi) != NULL)
+        return -1;
+    if (e->count >= e->nbuckets)
+        table_grow(e);
+    size_t i = bucket_of(e->nbuckets, sa->dir, sa->spi);
+    sa->next = e->buckets[i];
+    e->buckets[i] = sa;
+    e->count++;
+    return 0;
+}
+
+static ips_sa *table_unlink(EngineObject *e, uint8_t dir, uint32_t spi)
+{
+    ips_sa **link = &e->buckets[bucket_of(e->nbuckets, dir, spi)];
+    for (; *link != NULL; link = &(*link)->next) {
+        ips_sa *sa = *link;
+        if (sa->spi == spi && sa->dir == dir) {
+            *link = sa->next;
+            e->count--;
+            return sa;
+        }
+    }
+    return NULL;
+}
+
+/* Every section that takes a lock runs between Py_BEGIN_ALLOW_THREADS and Py_END_ALLOW_THREADS and
+ * calls no Python API: no lock is ever waited for, or held, with the GIL held. */
+
+static int locked_insert(EngineObject *e, ips_sa *sa)
+{
+    pthread_rwlock_wrlock(&e->table_lock);
+    int rc = table_insert(e, sa);
+    pthread_rwlock_unlock(&e->table_lock);
+    return rc;
+}
+
+static ips_sa *locked_unlink(EngineObject *e, uint8_t dir, uint32_t spi)
+{
+    pthread_rwlock_wrlock(&e->table_lock);
+    ips_sa *sa = table_unlink(e, dir, spi);
+    pthread_rwlock_unlock(&e->table_lock);
+    return sa;
+}
+
+/* ---- install / remove ----------------------------------------------------------------------- */
+
+static PyObject *Engine_install(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    ips_install_args a;
+    const char *why = "";
+    if (ips_parse_install(args, kwargs, &a) != 0)
+        return NULL;
+    ips_sa *sa = ips_sa_new(&a.p, a.suite, a.key.buf, &self->events, &why);
+    PyBuffer_Release(&a.key); /* the SA keeps only what its OpenSSL contexts derived (and the salt) */
+    if (sa == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "cannot install SA 0x%08x: %s", a.p.spi, why);
+        return NULL;
+    }
+    if (a.seen != Py_None && ips_mark_seen(&sa->replay, a.seen) != 0) {
+        ips_sa_free(sa);
+        return NULL;
+    }
+    int dup;
+    Py_BEGIN_ALLOW_THREADS
+    dup = locked_insert(self, sa);
+    Py_END_ALLOW_THREADS
+    if (dup != 0) {
+        ips_sa_free(sa);
+        PyErr_Format(PyExc_ValueError, "spi = 0x%08x: an %s SA with this SPI is installed; remove it first", a.p.spi,
+                     a.p.dir == IPS_IN ? "inbound" : "outbound");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove(EngineObject *self, PyObject *args)
+{
+    const char *direction;
+    PyObject *spi_o;
+    uint8_t dir;
+    uint32_t spi;
+    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
+        return NULL;
+    ips_sa *sa;
+    Py_BEGIN_ALLOW_THREADS
+    sa = locked_unlink(self, dir, spi);
+    ips_sa_free(sa); /* nobody else can reach it: batches hold the read lock while they use an SA */
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(sa != NULL);
+}
+
+static void count_batch(EngineObject *e, const uint64_t *drops, Py_ssize_t n, int outbound)
+{
+    pthread_mutex_lock(&e->stats_lock);
+    for (int r = 1; r < IPS_R_COUNT; r++)
+        e->drops[r] += drops[r];
+    if (outbound)
+        e->out_packets += (uint64_t)n;
+    else
+        e->in_packets += (uint64_t)n;
+    pthread_mutex_unlock(&e->stats_lock);
+}
+
+/* Phase 2 of protect (no GIL). Returns 0 when no outbound SA has this SPI. */
+static int run_protect(EngineObject *e, uint32_t spi, batch *b, const uint8_t *rand)
+{
+    uint64_t drops[IPS_R_COUNT] = {0};
+    uint8_t *own_rand = NULL;
+    pthread_rwlock_rdlock(&e->table_lock);
+    ips_sa *sa = table_find(e, IPS_OUT, spi);
+    if (sa == NULL) {
+        pthread_rwlock_unlock(&e->table_lock);
+        return 0;
+    }
+    if (sa->cipher.suite->kind == IPS_CBC && rand == NULL && b->n > 0 && b->n <= INT_MAX / 16) {
+        /* one draw for the batch; packet i that reaches the cipher uses the next 16 bytes */
+        own_rand = malloc(16 * (size_t)b->n);
+        if (own_rand != NULL && RAND_bytes(own_rand, 16 * (int)b->n) != 1) {
+            free(own_rand);
+            own_rand = NULL; /* each packet then asks RAND_bytes itself */
+        }
+        rand = own_rand;
+    }
+    size_t used = 0;
+    pthread_mutex_lock(&sa->lock);
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        slot *s = &b->slots[i];
+        const uint8_t *r16 = rand != NULL ? rand + 16 * used : NULL;
+        s->reason = s->obj == NULL ? IPS_R_BAD_LENGTH
+                                   : ips_protect(sa, b->arena + s->in_off, s->len, s->orig, s->out, s->cap,
+                                                 &s->out_len, r16);
+        if (s->reason == IPS_OK || s->reason == IPS_R_CRYPTO_ERROR)
+            used++;
+        if (s->reason != IPS_OK) {
+            sa->drops[s->reason]++;
+            drops[s->reason]++;
+        }
+    }
+    pthread_mutex_unlock(&sa->lock);
+    pthread_rwlock_unlock(&e->table_lock);
+    free(own_rand);
+    count_batch(e, drops, b->n, 1);
+    return 1;
+}
+
+static PyObject *Engine_protect(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"spi", "packets", "rand", NULL};
+    PyObject *spi_o, *packets, *rand_o = Py_None;
+    uint32_t spi;
+    batch b;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", kwlist, &spi_o, &packets, &rand_o) ||
+        ips_get_spi(spi_o, &spi) != 0 || batch_init(&b, packets, IPS_HEADROOM) != 0)
+        return NULL;
+    uint8_t *rand = NULL;
+    if (rand_o != Py_None) {
+        /* test mode: the CBC seeds come from the caller, 16 bytes per packet, in order */
+        if (!PyBytes_Check(rand_o) || PyBytes_GET_SIZE(rand_o) != 16 * b.n) {
+            batch_free(&b);
+            PyErr_Format(PyExc_ValueError, "rand must be bytes, 16 per packet (%zd bytes)", 16 * b.n);
+            return NULL;
+        }
+        rand = PyMem_RawMalloc((size_t)PyBytes_GET_SIZE(rand_o) + 1);
+        if (rand == NULL) {
+            batch_free(&b);
+            return PyErr_NoMemory();
+        }
+        memcpy(rand, PyBytes_AS_STRING(rand_o), (size_t)PyBytes_GET_SIZE(rand_o));
+    }
+    int found;
+    Py_BEGIN_ALLOW_THREADS
+    found = run_protect(self, spi, &b, rand);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(rand);
+    if (!found) {
+        batch_free(&b);
+        PyErr_Format(PyExc_KeyError, "no outbound SA with SPI 0x%08x", spi);
+        return NULL;
+    }
+    return batch_results(&b);
+}
+
+/* Phase 2 of unprotect (no GIL): each packet finds its inbound SA by SPI. */
+static void run_unprotect(EngineObject *e, batch *b)
+{
+    uint64_t drops[IPS_R_COUNT] = {0};
+    pthread_rwlock_rdlock(&e->table_lock);
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        slot *s = &b->slots[i];
+        ips_located loc;
+        const uint8_t *pkt = b->arena + s->in_off;
+        s->reason = ips_locate(pkt, s->len, s->orig, &loc);
+        if (s->reason == IPS_OK) {
+            ips_sa *sa = table_find(e, IPS_IN, loc.spi);
+            if (sa == NULL) {
+                s->reason = IPS_R_UNKNOWN_SPI;
+            } else {
+                pthread_mutex_lock(&sa->lock);
+                s->reason = ips_unprotect(sa, pkt, &loc, s->out, s->cap, &s->out_len);
+                if (s->reason != IPS_OK)
+                    sa->drops[s->reason]++;
+                pthread_mutex_unlock(&sa->lock);
+            }
+        }
+        if (s->reason != IPS_OK)
+            drops[s->reason]++;
+    }
+    pthread_rwlock_unlock(&e->table_lock);
+    count_batch(e, drops, b->n, 0);
+}
+
+static PyObject *Engine_unprotect(EngineObject *self, PyObject *packets)
+{
+    batch b;
+    if (batch_init(&b, packets, 0) != 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    run_unprotect(self, &b);
+    Py_END_ALLOW_THREADS
+    return batch_results(&b);
+}
+
+/* ---- lifetimes, counters, events ------------------------------------------------------------ */
+
+static int locked_expire(EngineObject *e, uint8_t dir, uint32_t spi, int hard)
+{
+    pthread_rwlock_rdlock(&e->table_lock);
+    ips_sa *sa = table_find(e, dir, spi);
+    if (sa != NULL) {
+        pthread_mutex_lock(&sa->lock);
+        if (hard)
+            ips_sa_expire_hard(sa, IPS_TRIG_SECONDS);
+        else
+            ips_sa_expire_soft(sa, IPS_TRIG_SECONDS);
+        pthread_mutex_unlock(&sa->lock);
+    }
+    pthread_rwlock_unlock(&e->table_lock);
+    return sa != NULL;
+}
+
+static PyObject *Engine_expire(EngineObject *self, PyObject *args)
+{
+    const char *direction;
+    PyObject *spi_o;
+    int hard;
+    uint8_t dir;
+    uint32_t spi;
+    if (!PyArg_ParseTuple(args, "sOp", &direction, &spi_o, &hard) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
+        return NULL;
+    int found;
+    Py_BEGIN_ALLOW_THREADS
+    found = locked_expire(self, dir, spi, hard);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(found);
+}
+
+static PyObject *drops_dict(const uint64_t *drops)
+{
+    PyObject *d = PyDict_New();
+    for (int r = 1; d != NULL && r < IPS_R_COUNT; r++) {
+        if (drops[r] == 0)
+            continue;
+        PyObject *v = PyLong_FromUnsignedLongLong(drops[r]);
+        if (v == NULL || PyDict_SetItem(d, ips_reason_str[r], v) != 0)
+            Py_CLEAR(d);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
+/* A snapshot of an SA's counters and state, by value (its pointers are not followed). */
+static int locked_copy(EngineObject *e, uint8_t dir, uint32_t spi, ips_sa *copy)
+{
+    pthread_rwlock_rdlock(&e->table_lock);
+    ips_sa *sa = table_find(e, dir, spi);
+    if (sa != NULL) {
+        pthread_mutex_lock(&sa->lock);
+        *copy = *sa;
+        pthread_mutex_unlock(&sa->lock);
+    }
+    pthread_rwlock_unlock(&e->table_lock);
+    return sa != NULL;
+}
+
+static PyObject *Engine_sa_stats(EngineObject *self, PyObject *args)
+{
+    const char *direction;
+    PyObject *spi_o;
+    uint8_t dir;
+    uint32_t spi;
+    ips_sa copy;
+    if (!PyArg_ParseTuple(args, "sO", &direction, &spi_o) || ips_get_dir(direction, &dir) != 0 ||
+        ips_get_spi(spi_o, &spi) != 0)
+        return NULL;
+    int found;
+    Py_BEGIN_ALLOW_THREADS
+    found = locked_copy(self, dir, spi, &copy);
+    Py_END_ALLOW_THREADS
+    if (!found) {
+        PyErr_Format(PyExc_KeyError, "no %s SA with SPI 0x%08x", dir == IPS_IN ? "inbound" : "outbound", spi);
+        return NULL;
+    }
+    PyObject *drops = drops_dict(copy.drops);
+    if (drops == NULL)
+        return NULL;
+    return Py_BuildValue("{s:k,s:s,s:s,s:s,s:K,s:K,s:N,s:K,s:K,s:O,s:O}", "spi", (unsigned long)copy.spi,
+                         "direction", dir_name[dir], "transform", copy.cipher.suite->keyword, "mode",
+                         copy.tunnel ? "tunnel" : "transport", "packets", (unsigned long long)copy.packets, "bytes",
+                         (unsigned long long)copy.bytes, "drops", drops, "seq", (unsigned long long)copy.seq,
+                         "replay_top", (unsigned long long)copy.replay.top, "soft_fired",
+                         copy.soft_fired ? Py_True : Py_False, "dead", copy.dead ? Py_True : Py_False);
+}
+
+static PyObject *Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t drops[IPS_R_COUNT], in_p, out_p, lost;
+    size_t count;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->stats_lock);
+    memcpy(drops, self->drops, sizeof(drops));
+    in_p = self->in_packets;
+    out_p = self->out_packets;
+    pthread_mutex_unlock(&self->stats_lock);
+    pthread_rwlock_rdlock(&self->table_lock);
+    count = self->count;
+    pthread_rwlock_unlock(&self->table_lock);
+    lost = ips_events_lost(&self->events);
+    Py_END_ALLOW_THREADS
+    PyObject *d = drops_dict(drops);
+    if (d == NULL)
+        return NULL;
+    return Py_BuildValue("{s:n,s:K,s:K,s:N,s:K}", "sas", (Py_ssize_t)count, "in_packets", (unsigned long long)in_p,
+                         "out_packets", (unsigned long long)out_p, "drops", d, "events_lost",
+                         (unsigned long long)lost);
+}
+
+typedef struct {
+    uint8_t dir;
+    uint32_t spi;
+} sa_id;
+
+static sa_id *locked_ids(EngineObject *e, size_t *k)
+{
+    pthread_rwlock_rdlock(&e->table_lock);
+    size_t n = e->count;
+    sa_id *ids = malloc((n + 1) * sizeof(*ids));
+    *k = 0;
+    for (size_t i = 0; ids != NULL && i < e->nbuckets; i++)
+        for (ips_sa *sa = e->buckets[i]; sa != NULL && *k < n; sa = sa->next, (*k)++) {
+            ids[*k].dir = sa->dir;
+            ids[*k].spi = sa->spi;
+        }
+    pthread_rwlock_unlock(&e->table_lock);
+    return ids;
+}
+
+static PyObject *Engine_sas(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    sa_id *ids;
+    size_t k;
+    Py_BEGIN_ALLOW_THREADS
+    ids = locked_ids(self, &k);
+    Py_END_ALLOW_THREADS
+    if (ids == NULL)
+        return PyErr_NoMemory();
+    PyObject *list = PyList_New((Py_ssize_t)k);
+    for (size_t i = 0; list != NULL && i < k; i++) {
+        PyObject *t = Py_BuildValue("(sk)", dir_name[ids[i].dir], (unsigned long)ids[i].spi);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    free(ids);
+    return list;
+}
+
+static PyObject *Engine_poll_events(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    ips_event ev[EVENT_QUEUE];
+    uint32_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = ips_events_take(&self->events, ev, EVENT_QUEUE);
+    Py_END_ALLOW_THREADS
+    PyObject *list = PyList_New(n);
+    for (uint32_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = Py_BuildValue("(ssks)", ev[i].kind == IPS_EV_HARD ? "hard" : "soft", dir_name[ev[i].dir],
+                                    (unsigned long)ev[i].spi, trigger_name[ev[i].trigger]);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+/* ---- the type and the module ---------------------------------------------------------------- */
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "", kwlist))
+        return NULL;
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->buckets = calloc(INITIAL_BUCKETS, sizeof(ips_sa *));
+    self->nbuckets = INITIAL_BUCKETS;
+    if (self->buckets == NULL || ips_events_init(&self->events, EVENT_QUEUE) != 0 ||
+        pthread_rwlock_init(&self->table_lock, NULL) != 0) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    if (pthread_mutex_init(&self->stats_lock, NULL) != 0) {
+        pthread_rwlock_destroy(&self->table_lock);
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->ready = 1;
+    return (PyObject *)self;
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    /* the last reference is gone, so no batch runs: every SA can go */
+    for (size_t i = 0; self->buckets != NULL && i < self->nbuckets; i++) {
+        ips_sa *sa = self->buckets[i];
+        while (sa != NULL) {
+            ips_sa *next = sa->next;
+            ips_sa_free(sa);
+            sa = next;
+        }
+    }
+    free(self->buckets);
+    ips_events_free(&self->events);
+    if (self->ready) {
+        pthread_rwlock_destroy(&self->table_lock);
+        pthread_mutex_destroy(&self->stats_lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"install", (PyCFunction)(void (*)(void))Engine_install, METH_VARARGS | METH_KEYWORDS,
+     "install(spi, direction, transform, key, *, mode='tunnel', tunnel_src=None, tunnel_dst=None, esn=False, "
+     "replay_window=64, udp_encap=None, soft_bytes=None, soft_packets=None, hard_bytes=None, hard_packets=None, "
+     "seq=0, replay_top=0, replay_seen=None, ttl=64, copy_dscp=True, ecn='normal', df='copy')\n--\n\nAdd an ESP SA."},
+    {"remove", (PyCFunction)Engine_remove, METH_VARARGS, "remove(direction, spi) -> bool"},
+    {"protect", (PyCFunction)(void (*)(void))Engine_protect, METH_VARARGS | METH_KEYWORDS,
+     "protect(spi, packets, rand=None) -> list of bytes or drop-reason str"},
+    {"unprotect", (PyCFunction)Engine_unprotect, METH_O, "unprotect(packets) -> list of bytes or drop-reason str"},
+    {"expire", (PyCFunction)Engine_expire, METH_VARARGS, "expire(direction, spi, hard) -> bool"},
+    {"sa_stats", (PyCFunction)Engine_sa_stats, METH_VARARGS, "sa_stats(direction, spi) -> dict"},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "stats() -> dict"},
+    {"sas", (PyCFunction)Engine_sas, METH_NOARGS, "sas() -> list of (direction, spi)"},
+    {"poll_events", (PyCFunction)Engine_poll_events, METH_NOARGS,
+     "poll_events() -> list of (kind, direction, spi, trigger)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipsecstack.native._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The native ESP engine: SAs, batch protect/unprotect with the GIL released, counters, events.",
+    .tp_new = Engine_new,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, .m_name = "ipsecstack.native._engine", .m_doc = "The native ESP engine (see engine.h).",
+    .m_size = -1,
+};
+
+static PyObject *string_tuple(const char *(*at)(size_t), size_t first)
+{
+    PyObject *list = PyList_New(0);
+    for (size_t i = first; list != NULL && at(i) != NULL; i++) {
+        PyObject *s = PyUnicode_FromString(at(i));
+        if (s == NULL || PyList_Append(list, s) != 0)
+            Py_CLEAR(list);
+        Py_XDECREF(s);
+    }
+    if (list == NULL)
+        return NULL;
+    PyObject *t = PyList_AsTuple(list);
+    Py_DECREF(list);
+    return t;
+}
+
+static const char *reason_at(size_t i)
+{
+    return i < IPS_R_COUNT ? ips_reason_name[i] : NULL;
+}
+
+static const char *suite_at(size_t i)
+{
+    const ips_suite *s = ips_suite_at(i);
+    return s ? s->keyword : NULL;
+}
+
+PyMODINIT_FUNC PyInit__engine(void)
+{
+    for (int r = 0; r < IPS_R_COUNT; r++)
+        if ((ips_reason_str[r] = PyUnicode_InternFromString(ips_reason_name[r])) == NULL)
+            return NULL;
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "REASONS", string_tuple(reason_at, 1)) < 0 ||
+        PyModule_AddObject(m, "TRANSFORMS", string_tuple(suite_at, 0)) < 0 ||
+        PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_DATAGRAM", IPS_MAX_DATAGRAM) < 0 ||
+        PyModule_AddIntConstant(m, "EVENT_QUEUE", EVENT_QUEUE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
