@@ -66,7 +66,7 @@ test)
         strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins \
         libstrongswan-extra-plugins
     ensure_venv
-    install_pkg "test,nfqueue"
+    install_pkg "test,nfqueue,fuzz"
     log "ruff"
     lint_dirs=()
     for d in ipsecstack backends tests bench; do [ -d "$d" ] && lint_dirs+=("$d"); done
@@ -74,6 +74,12 @@ test)
     "$VENV/bin/ruff" format --check "${lint_dirs[@]}"
     log "mypy --strict ipsecstack"
     "$VENV/bin/mypy"
+    # the native engine once more, built with AddressSanitizer + UndefinedBehaviorSanitizer: its tests, then
+    # its inbound parser fuzzed (atheris corpus, then random inputs) for a bounded time
+    log "native engine under ASan + UBSan"
+    PYTHON="$VENV/bin/python" bash tests/native/run_sanitized.sh
+    log "native engine fuzzed under ASan + UBSan (40 s)"
+    PYTHON="$VENV/bin/python" bash tests/native/run_sanitized.sh --fuzz 40
     log "pytest"
     # the packages above build the native engine: its tests must run, not skip
     IPSECSTACK_REQUIRE_NATIVE=1 exec "$VENV/bin/python" -m pytest "$@"
