@@ -26,9 +26,8 @@ def _best(fn: Callable[[int], None], n: int, reps: int = 3) -> float:
     return n / best
 
 
-def run(
-    transform: str = "aes128gcm16", size: int = 1400, packets: int = 20000, out: Callable[[str], None] = print
-) -> int:
+def measure(transform: str = "aes128gcm16", size: int = 1400, packets: int = 20000) -> dict[str, float]:
+    """Packets/s of ``protect``, ``unprotect`` and the bare cipher call (``ceiling``), best of 3 runs each."""
     suite = parse_esp_transform(transform)
     key = os.urandom(suite.key_len)
     inner = ip.build_ipv4(0, size, 1, True, 64, 17, bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])) + os.urandom(size - 20)
@@ -47,11 +46,20 @@ def run(
             unprotect(sa, w)
 
     ceiling = _ceiling(suite, key, size)
+    return {"ceiling": _best(ceiling, packets), "protect": _best(do_protect, packets),
+            "unprotect": _best(do_unprotect, packets)}  # fmt: skip
+
+
+def run(
+    transform: str = "aes128gcm16", size: int = 1400, packets: int = 20000, out: Callable[[str], None] = print
+) -> int:
+    parse_esp_transform(transform)  # an unknown transform fails before the banner
     out(f"ipsecstack bench: ESP {transform}, tunnel mode, {size}-byte packets, {packets} per run (best of 3)")
     out(f"  machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    c = _best(ceiling, packets)
-    for name, fn in (("protect", do_protect), ("unprotect", do_unprotect)):
-        pps = _best(fn, packets)
+    res = measure(transform, size, packets)
+    c = res["ceiling"]
+    for name in ("protect", "unprotect"):
+        pps = res[name]
         overhead = (1 / pps - 1 / c) * 1e6
         out(f"  {name:<9} {pps:>10,.0f} packets/s  {pps * size * 8 / 1e9:6.3f} Gbit/s  "
             f"(bare cipher {c:,.0f}/s, ratio {pps / c:.2f}, +{overhead:.2f} us/packet)")  # fmt: skip

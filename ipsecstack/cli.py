@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--transform", default="aes128gcm16", help="ESP transform (default aes128gcm16)")
     c.add_argument("--size", type=int, default=1400, help="IP packet size in bytes (default 1400)")
     c.add_argument("--packets", type=int, default=20000, help="packets per run (default 20000)")
+    c.add_argument("--scenario", metavar="LIST",
+                   help="run the benchmark suite's scenarios instead (micro, backend, tunnel, flood, handshake, "
+                   "compare, all; comma-separated): needs a checkout, runs bench/run.py with this and every further "
+                   "option (see bench/run.py --help)")  # fmt: skip
     c = sub.add_parser("import-swanctl", help="convert a strongSwan swanctl.conf to an ipsecstack configuration",
                        description="Print the ipsecstack TOML for a swanctl.conf; what cannot be converted is listed "
                        "on stderr and in the output's header.")  # fmt: skip
@@ -165,8 +169,26 @@ def _control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_suite(scenario: str, extra: list[str]) -> int:
+    """``ipsecstack bench --scenario ...``: the suite in bench/ of the checkout this package runs from."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    if not script.is_file():
+        print(f"ipsecstack: --scenario runs the benchmark suite of a source checkout, and {script} does not exist "
+              "(an installed package has only the quick benchmark: drop --scenario)", file=sys.stderr)  # fmt: skip
+        return 2
+    return subprocess.run([sys.executable, str(script), "--scenario", scenario, *extra], check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench" and args.scenario is not None:
+        return _bench_suite(args.scenario, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("selfcheck", "demo"):
         try:
             if args.command == "selfcheck":
