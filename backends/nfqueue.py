@@ -376,12 +376,11 @@ class NfqueuePort:
         try:
             with contextlib.suppress(OSError):
                 s.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
-            for opt, fallback in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),):
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, opt, NETLINK_RCVBUF)
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        s.setsockopt(socket.SOL_SOCKET, fallback, NETLINK_RCVBUF)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, NETLINK_RCVBUF)
+            except OSError:  # capped by net.core.rmem_max without CAP_NET_ADMIN
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NETLINK_RCVBUF)
         finally:
             s.close()  # only the duplicate: the options belong to the socket, not the descriptor
 

@@ -27,10 +27,10 @@ import tomllib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from ipsecstack.datapath import Datapath
-from ipsecstack.errors import ConfigError, ConfigErrors, ConfigWarning
+from ipsecstack.errors import ConfigError, ConfigErrors, ConfigWarning, ErrorCollector
 from ipsecstack.ike.session import PeerConfig
 from ipsecstack.sa import Lifetime, SecurityAssociation
 from ipsecstack.spd import Action, Policy, Selector, Template
@@ -312,23 +312,6 @@ def load(path: str, env: Mapping[str, str]) -> Config:
     return parse(text, read_file=read_file, env=env, read_bytes=read_bytes)
 
 
-T = TypeVar("T")
-
-
-class _Errors:
-    """The errors found so far: each meaning check runs through :meth:`run`, which keeps going after one."""
-
-    def __init__(self) -> None:
-        self.found: list[ConfigError] = []
-
-    def run(self, check: Callable[..., T], *args: Any) -> T | None:
-        try:
-            return check(*args)
-        except ConfigError as e:
-            self.found.extend(e.errors)
-            return None
-
-
 def _toml(text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
@@ -406,7 +389,7 @@ def _validate(
     from ipsecstack.ike.pools import Pool
 
     shape = check(doc)
-    errors = _Errors()
+    errors = ErrorCollector()
     errors.found += [e for _loc, e in shape]
 
     def clean(*prefix: str) -> bool:

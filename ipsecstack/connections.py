@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipsecstack import pki
-from ipsecstack.errors import ConfigError, ConfigErrors, ConfigWarning
+from ipsecstack.errors import ConfigError, ConfigWarning, ErrorCollector
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.auth import Credentials
 from ipsecstack.ike.certs import cert_has_id
@@ -354,7 +354,6 @@ def parse_connections(
     start: list[str] = []
     trap: list[str] = []
     notices: list[str] = []
-    errors: list[ConfigError] = []
 
     def _connection(name: str, c: Any) -> None:
         nonlocal notices
@@ -391,7 +390,6 @@ def parse_connections(
             name, c, local_addr, remote_addr, secrets, read_file, read_bytes, env
         )
         children: list[ChildConfig] = []
-        child_errors: list[ConfigError] = []
 
         def _child(cname: str, ch: Any) -> None:
             nonlocal notices
@@ -438,13 +436,10 @@ def parse_connections(
                                         dpd_action=_action(ch, "dpd_action", cpath, path, remote_addr),
                                         updown=updown))  # fmt: skip
 
+        child_errors = ErrorCollector()  # every child's errors, not only the first
         for cname, ch in c.get("children", {}).items():
-            try:
-                _child(cname, ch)
-            except ConfigError as e:  # report every child's errors, not only the first
-                child_errors.append(e)
-        if child_errors:
-            raise ConfigErrors.of(child_errors)
+            child_errors.run(_child, cname, ch)
+        child_errors.raise_any()
         if not children:
             raise ConfigError(f"{path}.children", "<missing>", "define at least one child SA")
         unique, over_time = _ike_lifetime(c, path, ike_rekey)
@@ -458,11 +453,8 @@ def parse_connections(
             rand_time=_rand_time(c, path, ike_rekey, reauth),
         ))  # fmt: skip
 
+    errors = ErrorCollector()  # every connection's errors, not only the first
     for name, c in conns.items():
-        try:
-            _connection(name, c)
-        except ConfigError as e:  # report every connection's errors, not only the first
-            errors.append(e)
-    if errors:
-        raise ConfigErrors.of(errors)
+        errors.run(_connection, name, c)
+    errors.raise_any()
     return IkeSettings(peers, start, trap, notices)

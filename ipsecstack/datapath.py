@@ -203,14 +203,16 @@ class Datapath:
             mtu = self._mtus[dst] = self.link_mtu(str(ipaddress.ip_address(dst)))
         if len(out) <= mtu or (v4 and not pkt[6] & 0x40):
             return False  # fits, or the kernel fragments the outer packet (inner DF clear)
-        # from this host (the outer source); a tunnel of the other family has no address of the inner one
-        # here, so the error then names the inner destination as its source (any source updates a PMTU)
-        src = out[12:16] if v4 else out[8:24]
         room = mtu - sa.overhead
-        if pkt[0] >> 4 == 4:
-            res.to_local.append(icmp.frag_needed(pkt, max(room, 68), src if v4 else pkt[16:20]))
+        inner_v4 = pkt[0] >> 4 == 4
+        if inner_v4 == v4:
+            src = out[12:16] if v4 else out[8:24]  # from this host: the outer source
+        else:  # a tunnel of the other family has no address of the inner one here (any source updates a PMTU)
+            src = pkt[16:20] if inner_v4 else pkt[24:40]
+        if inner_v4:
+            res.to_local.append(icmp.frag_needed(pkt, max(room, 68), src))
         else:
-            res.to_local.append(icmp.packet_too_big(pkt, max(room, 1280), src if not v4 else pkt[24:40]))
+            res.to_local.append(icmp.packet_too_big(pkt, max(room, 1280), src))
         return True
 
     def _acquire(self, res: Result, pol: Policy, flow: Flow, pkt: bytes, now: float) -> None:

@@ -7,8 +7,10 @@ A packet the datapath refuses is never an exception escaping to the caller of a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+T = TypeVar("T")
 
 
 class Reason:
@@ -103,6 +105,25 @@ class ConfigErrors(ConfigError):
         """The one error, or all of them as a :class:`ConfigErrors`."""
         flat = [one for e in errors for one in e.errors]
         return flat[0] if len(flat) == 1 else ConfigErrors(flat)
+
+
+class ErrorCollector:
+    """The configuration errors found so far: each check runs through :meth:`run`, which keeps going after
+    one, so a file's errors are all reported at once (:meth:`raise_any`)."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigError] = []
+
+    def run(self, check: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return check(*args)
+        except ConfigError as e:
+            self.found.extend(e.errors)
+            return None
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigErrors.of(self.found)
 
 
 class ConfigWarning(UserWarning):

@@ -7,7 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ipsecstack.config import Config, build_datapath
+from ipsecstack.config import AgentConfig, Config, build_datapath
 from ipsecstack.datapath import Datapath
 from ipsecstack.runtime.io import BackendError, PacketPort
 from ipsecstack.runtime.node import Node
@@ -44,7 +44,7 @@ def local_address(cfg: Config) -> str:
     return cfg.connections[0].local_addr
 
 
-def force_encap(cfg: Config, agent: Any = None) -> None:
+def force_encap(cfg: Config, agent: AgentConfig | None = None) -> None:
     """``outer_backend = "udp"``: ESP leaves through the UDP socket only, so every IKE SA negotiates UDP
     encapsulation (RFC 7296 §2.23 allows faking NAT detection for that). Any other outer plane sends each
     SA the way IKE found the path: raw ESP/AH without NAT, ESP in UDP across one."""
