@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--esp", default="aes128gcm16", help="ESP proposal, e.g. aes256-sha256, chacha20poly1305")
     c.add_argument("--mode", choices=("tunnel", "transport"), default="tunnel")
     c.add_argument("--packets", type=int, default=300, help="packets each way (default 300)")
+    c.add_argument("--datapath", choices=("native", "python"), default=None,
+                   help="the ESP engine (default: native where it was built, else python)")  # fmt: skip
     sub.add_parser("transforms", help="list the ESP/AH transforms this build supports")
     sub.add_parser("schema", help="print the configuration file's JSON Schema (for editors: taplo, Even Better TOML)",
                    description="The JSON Schema of the TOML configuration; deploy/ipsecstack.schema.json is a copy. "
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 return selfcheck.run(args.proposal, args.mode, count=max(2, args.packets))
             from ipsecstack import demo
 
-            return demo.run(args.mode, args.proposal, args.esp, max(3, args.packets))
+            return demo.run(args.mode, args.proposal, args.esp, max(3, args.packets), datapath=args.datapath)
         except ConfigError as e:
             print(f"ipsecstack: {e}", file=sys.stderr)
             return 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import os
 import pwd
 import re
 import tomllib
@@ -49,6 +50,9 @@ class AgentConfig:
     # None until resolved from the children (``resolve_backends``): transport mode -> nfqueue, tunnel -> tun + raw
     inner_backend: str | None = None
     outer_backend: str | None = None
+    # the ESP engine: "native" (the C engine) or "python"; None until resolved (``resolve_datapath``):
+    # native where it was built, else python
+    datapath: str | None = None
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None
     tun_addrs: list[str] = field(default_factory=list)
@@ -213,6 +217,11 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
                 raise ConfigError(path, v, 'give host:port, e.g. "127.0.0.1:9505" or "[::1]:9505"')
         elif k == "user":
             _user(path, v)
+        elif k == "datapath" and v == "native":
+            from ipsecstack import native
+
+            if not native.available:
+                raise ConfigError(path, v, f'{native.why_not}; or use datapath = "python"')
         elif k == "tun_addrs":
             for i, x in enumerate(v):
                 try:
@@ -580,9 +589,28 @@ def manual_policies(c: ManualConnection) -> list[Policy]:
     return out
 
 
-def build_datapath(cfg: Config, now: float) -> Datapath:
-    """A Datapath with every manual connection's SAs installed and policies added."""
-    dp = Datapath(encap_ports={c.encap_port for c in cfg.manual if c.encap} or {cfg.agent.encap_port})
+def resolve_datapath(a: AgentConfig, env: Mapping[str, str]) -> str:
+    """The ESP engine to run: ``[agent] datapath``, else ``IPSECSTACK_DATAPATH``, else native where built."""
+    from ipsecstack import native
+
+    if a.datapath is None:
+        wanted = env.get("IPSECSTACK_DATAPATH", "").strip().lower()
+        if wanted in ("native", "python"):
+            a.datapath = wanted if native.available or wanted == "python" else "python"
+        else:
+            a.datapath = "native" if native.available else "python"
+    return a.datapath
+
+
+def build_datapath(cfg: Config, now: float, env: Mapping[str, str] | None = None) -> Datapath:
+    """A Datapath (with the engine ``resolve_datapath`` picks) with every manual connection's SAs and policies."""
+    engine = None
+    if resolve_datapath(cfg.agent, os.environ if env is None else env) == "native":
+        from ipsecstack.native import Engine
+
+        engine = Engine()
+    ports = {c.encap_port for c in cfg.manual if c.encap} or {cfg.agent.encap_port}
+    dp = Datapath(encap_ports=ports, engine=engine)
     for c in cfg.manual:
         for sa in manual_sas(c):
             dp.install(sa, now)

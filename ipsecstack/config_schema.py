@@ -108,6 +108,9 @@ class Agent(_Table):
     outer_backend: Literal["raw", "udp", "nfqueue", "memory"] | None = key(
         "the protected side: use one of raw, udp, nfqueue, memory, or leave it out: it follows from the children"
     )
+    datapath: Literal["native", "python"] | None = key(
+        "the ESP engine: native (the C engine) or python; leave it out for native where it was built, else python"
+    )
     tun_name: Annotated[str, Field(pattern=r"^[^/\s]{1,15}$")] = key(
         "the TUN device's name: 1 to 15 characters, no '/' or spaces (default ipsec0)", "ipsec0"
     )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SAEvent, SecurityAssociation
@@ -45,6 +45,10 @@ from ipsecstack.wire.udp_encap import ENCAP_PORT, KIND_ESP, KIND_IKE, KIND_KEEPA
 from ipsecstack.xform import ah as ah_xform
 from ipsecstack.xform import esp as esp_xform
 from ipsecstack.xform import mode, protect
+
+if TYPE_CHECKING:
+    from ipsecstack.native.engine import Engine
+    from ipsecstack.native.link import NativeLink
 
 Flow = tuple[int, int, int, int, int, int]
 DEFAULT_ACQUIRE_TIMEOUT: Final = 30.0
@@ -92,8 +96,18 @@ class Datapath:
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
         encap_ports: Iterable[int] = (ENCAP_PORT,),
         link_mtu: Callable[[str], int] | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.spd = spd if spd is not None else SPD()
+        # the native engine, when given, does the ESP work of every SA it accepts (native/link.py)
+        self.native: NativeLink | None = None
+        if engine is not None:
+            from ipsecstack.native.link import NativeLink
+
+            self.native = NativeLink(engine)
+        # called after every change of the SAD or the SPD (the forwarder's flow cache is flushed)
+        self.on_change: list[Callable[[], None]] = []
+        self.spd.listeners.append(self.changed)
         self.link_mtu = link_mtu
         self._mtus: dict[bytes, int] = {}
         self.sad = SAD()
@@ -111,20 +125,89 @@ class Datapath:
         self.sad.add(sa)
         if sa.added_at is None:
             sa.added_at = now
+        if self.native is not None:
+            self.native.adopt(sa)
         if sa.direction == "out" and self._acquiring:
             for pol in list(self._acquiring):
                 t = pol.template
                 if t is not None and (t.spi == sa.spi or (t.reqid is not None and t.reqid == sa.reqid)):
                     del self._acquiring[pol]
+        self.changed()
 
     def remove(self, sa: SecurityAssociation) -> None:
         self.sad.remove(sa)
+        if self.native is not None:
+            self.native.release(sa)
+        self.changed()
+
+    def changed(self) -> None:
+        """The SAD or the SPD changed: tell who caches decisions."""
+        for hook in self.on_change:
+            hook()
+
+    def move_peer(self, sa: SecurityAssociation, tunnel_dst: str | None, encap_dport: int | None) -> None:
+        """An outbound SA follows its peer to a new address or NAT port (RFC 7296 §2.23)."""
+        sa.move_peer(tunnel_dst, encap_dport)
+        if self.native is not None:
+            self.native.move(sa)
+
+    def expire(self, sa: SecurityAssociation, *, hard: bool) -> None:
+        """The owner fires a time lifetime of ``sa`` now (its events come with the next batch or timer)."""
+        was_soft, was_dead = sa.soft_fired, sa.dead
+        if hard:
+            sa.expire_hard("seconds")
+        else:
+            sa.expire_soft("seconds")
+        if self.native is not None:
+            self.native.sync_time(sa, was_soft, was_dead)
+
+    def replay_top(self, sa: SecurityAssociation) -> int:
+        """The highest authenticated sequence number of an inbound SA, wherever it runs."""
+        if sa.native and self.native is not None:
+            return self.native.replay_top(sa)
+        return sa.replay.top
+
+    @property
+    def engine_name(self) -> str:
+        return "python" if self.native is None else "native"
+
+    def refresh(self, sa: SecurityAssociation | None = None) -> None:
+        """Bring the counters of ``sa`` (default: every SA) held by the native engine up to date."""
+        if self.native is not None:
+            if sa is None:
+                self.native.refresh()
+            elif sa.native:
+                self.native.refresh_sa(sa)
+
+    def drop_totals(self) -> dict[str, int]:
+        """Drops by reason: what the batch calls saw, plus what the native engine dropped on its own."""
+        if self.native is None:
+            return dict(self.drops)
+        out = dict(self.drops)
+        for reason, n in self.native.own_drops().items():
+            out[reason] = out.get(reason, 0) + n
+        return out
+
+    def native_events(self) -> list[SAEvent]:
+        """Lifetime events the native engine raised on its own (its threads); hard-expired SAs are removed."""
+        events: list[SAEvent] = []
+        if self.native is not None:
+            for sa in self.native.events():
+                events.extend(self._take_events(sa))
+        return events
 
     def handle_timer(self, now: float) -> list[SAEvent]:
         """Fire time-based lifetimes due at ``now``; hard-expired SAs are removed."""
         events: list[SAEvent] = []
+        native = self.native
+        if native is not None:
+            for sa in native.events():
+                events.extend(self._take_events(sa))
         for sa in self.sad:
+            was_soft, was_dead = sa.soft_fired, sa.dead
             sa.check_time(now)
+            if native is not None and sa.native:
+                native.sync_time(sa, was_soft, was_dead)
             if sa.pending:
                 events.extend(self._take_events(sa))
         for pol, until in list(self._acquiring.items()):
@@ -144,7 +227,7 @@ class Datapath:
     def _take_events(self, sa: SecurityAssociation) -> list[SAEvent]:
         events = sa.take_events()
         if sa.dead:
-            self.sad.remove(sa)
+            self.remove(sa)
         return events
 
     def _drop(self, res: Result, reason: str, pkt: bytes, sa: SecurityAssociation | None = None) -> None:
@@ -152,6 +235,18 @@ class Datapath:
         res.dropped.append((reason, pkt))
         if sa is not None:
             sa.drops[reason] = sa.drops.get(reason, 0) + 1
+
+    def _engine_drop(self, res: Result, reason: str, pkt: bytes, sa: SecurityAssociation) -> None:
+        """The native engine refused ``pkt`` (and counted it): the datapath counts its own view too."""
+        assert self.native is not None
+        self.native.refused_by_engine(reason)
+        self._drop(res, reason, pkt, sa)  # sa.drops: the mirror, until the next refresh sets it exactly
+
+    def _native_events(self, res: Result) -> None:
+        """Lifetime events the engine raised while it handled a packet, at once (as the Python engine does)."""
+        assert self.native is not None
+        for sa in self.native.events():
+            res.events.extend(self._take_events(sa))
 
     # --- outbound --------------------------------------------------------------------------------
 
@@ -174,7 +269,17 @@ class Datapath:
                     if sa is None:
                         self._acquire(res, pol, flow, pkt, now)
                         continue
-                    out = protect(sa, pkt)
+                    if sa.native:
+                        assert self.native is not None
+                        r = self.native.protect(sa, pkt)
+                        if isinstance(r, str):
+                            self._engine_drop(res, r, pkt, sa)
+                        self._native_events(res)
+                        if isinstance(r, str):
+                            continue
+                        out = r
+                    else:
+                        out = protect(sa, pkt)
                     if self.link_mtu is not None and len(out) > 1280 and self._too_big(res, sa, pkt, out):
                         raise Dropped(Reason.PMTU_EXCEEDED)
                     to_network.append(out)
@@ -240,7 +345,17 @@ class Datapath:
                     sa = lookup_sa(int.from_bytes(pkt[off : off + 4], "big"), ip.PROTO_ESP, dst)
                     if sa is None:
                         raise Dropped(Reason.UNKNOWN_SPI)
-                    inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, False)
+                    if sa.native:
+                        assert self.native is not None
+                        r = self.native.unprotect(pkt)
+                        if isinstance(r, str):
+                            self._engine_drop(res, r, pkt, sa)
+                        self._native_events(res)
+                        if isinstance(r, str):
+                            continue
+                        inner = r
+                    else:
+                        inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, False)
                 elif (
                     proto == ip.PROTO_UDP
                     and end - off >= UDP_HEADER_LEN
@@ -252,7 +367,17 @@ class Datapath:
                         sa = lookup_sa(int.from_bytes(body[:4], "big"), ip.PROTO_ESP, dst)
                         if sa is None:
                             raise Dropped(Reason.UNKNOWN_SPI)
-                        inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, True)
+                        if sa.native:
+                            assert self.native is not None
+                            r = self.native.unprotect(pkt)
+                            if isinstance(r, str):
+                                self._engine_drop(res, r, pkt, sa)
+                            self._native_events(res)
+                            if isinstance(r, str):
+                                continue
+                            inner = r
+                        else:
+                            inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, True)
                     elif kind == KIND_IKE:
                         src = pkt[12:16] if version == 4 else pkt[8:24]
                         sport = (pkt[off] << 8) | pkt[off + 1]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from backends.memory import MemoryLink
 from ipsecstack.datapath import Datapath
 from ipsecstack.entropy import system_rng
+from ipsecstack.errors import ConfigError
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Protocol
@@ -146,14 +147,31 @@ def _traffic_round(dp_a: Datapath, dp_b: Datapath, packets: int, host_a: str, ho
     out(f"  lost on the wire: {wire.lost}, reordered: {wire.reordered}; datapath drops A {dp_a.drops or 'none'}, "
         f"B {dp_b.drops or 'none'}")  # fmt: skip
     for name, dp in (("A", dp_a), ("B", dp_b)):
+        dp.refresh()
         for sa in dp.sad:
             out(f"  {name} SA {sa.direction:>3} spi 0x{sa.spi:08x}: {sa.packets} packets, {sa.bytes} bytes")
     complete = len(got_a) + len(got_b) + wire.lost == 2 * packets
     return intact_a and intact_b and complete and not dp_a.drops and not dp_b.drops
 
 
+def _engine(datapath: str | None, out: Callable[[str], None]) -> Callable[[], Datapath]:
+    """Datapaths on the engine asked for, or the native one where it was built."""
+    from ipsecstack import native
+
+    if datapath == "native" and not native.available:
+        raise ConfigError("--datapath", "native", f"{native.why_not}; or use --datapath python")
+    if datapath == "python" or not native.available:
+        why = "" if datapath == "python" else f" ({native.why_not})"
+        out(f"  ESP datapath: the Python reference engine{why}")
+        return Datapath
+    from ipsecstack.native import Engine, _engine
+
+    out(f"  ESP datapath: the native engine ({_engine.OPENSSL_VERSION})")
+    return lambda: Datapath(engine=Engine())
+
+
 def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", esp: str = "aes128gcm16",
-        packets: int = 300, out: Callable[[str], None] = print) -> int:  # fmt: skip
+        packets: int = 300, out: Callable[[str], None] = print, *, datapath: str | None = None) -> int:  # fmt: skip
     logs.configure("console", "warning")
     lnet, rnet = ("10.1.0.0/16", "10.2.0.0/16") if mode == "tunnel" else (GW_A + "/32", GW_B + "/32")
     host_a, host_b = ("10.1.0.10", "10.2.0.20") if mode == "tunnel" else (GW_A, GW_B)
@@ -162,6 +180,7 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     a, b = IkeManager([peer_a], system_rng), IkeManager([peer_b], system_rng)
     out(f"ipsecstack demo: two gateways, IKEv2 with a pre-shared key, then ESP ({mode} mode)")
     out(f"  A {GW_A} protects {lnet}; B {GW_B} protects {rnet}; proposals IKE {proposal}, ESP {esp}")
+    make_datapath = _engine(datapath, out)
     out("IKEv2:")
     a.initiate("a", time.monotonic())
     ups = _exchange(a, b, out)
@@ -173,7 +192,7 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
     ua, ub = ups_a[0], ups_b[0]
     agree = ua.key_out == ub.key_in and ua.key_in == ub.key_out and ua.spi_out == ub.spi_in
     out(f"  both sides derived the same KEYMAT: {'yes' if agree else 'NO'}")
-    dp_a, dp_b = Datapath(), Datapath()
+    dp_a, dp_b = make_datapath(), make_datapath()
     for dp, ev in ((dp_a, ua), (dp_b, ub)):
         inb, outb, pols = child_objects(ev, reqid=1)
         dp.install(inb, 0.0)

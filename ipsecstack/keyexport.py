@@ -107,6 +107,10 @@ def render(command: str, result: Any) -> str:
         lines = [f"uptime {result.get('uptime')} s, SAs {result.get('sas')}, packets out {result.get('out_packets')} "
                  f"in {result.get('in_packets')}"]  # fmt: skip
         lines.append("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+        if "datapath" in result:
+            lines.append(f"datapath: {result['datapath']}")
+            for sa, why in sorted((result.get("python_sas") or {}).items()):
+                lines.append(f"  SA {sa} runs on the Python engine: {why}")
         if "ike" in result:
             lines.append("ike: " + ", ".join(f"{k}={v}" for k, v in sorted(result["ike"].items())))
         return "\n".join(lines)

@@ -97,6 +97,7 @@ class SecurityAssociation:
         "key_material",
         "mode",
         "name",
+        "native",
         "next_bytes",
         "next_packets",
         "outer_dst",
@@ -258,6 +259,9 @@ class SecurityAssociation:
         self.soft_fired = False
         self.dead = False
         self.pending: list[SAEvent] = []
+        # True while a native engine holds this SA's state (ipsecstack/native/link.py): seq, packets, bytes and
+        # the engine's drop reasons here are then a mirror that the datapath refreshes
+        self.native = False
         self._arm_limits()
 
     def _precompute_outer(self) -> None:

@@ -20,7 +20,7 @@ RFC 4301 §4.4.1.1) matches only selectors that do not constrain ports.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, Literal
@@ -213,6 +213,7 @@ class SPD:
         self._lists: dict[str, list[Policy]] = {"out": [], "in": []}
         self._cache: dict[str, dict[tuple[int, int, int, int, int, int], Policy | None]] = {"out": {}, "in": {}}
         self.generation = 0
+        self.listeners: list[Callable[[], None]] = []  # told of every change (a datapath's caches)
         for p in policies:
             self.add(p)
 
@@ -245,6 +246,8 @@ class SPD:
         self.generation += 1
         for c in self._cache.values():
             c.clear()
+        for hook in self.listeners:
+            hook()
 
     def lookup(self, direction: Direction, flow: tuple[int, int, int, int, int, int]) -> Policy | None:
         """The first policy of ``direction`` matching ``flow``, or ``None``."""

@@ -369,6 +369,71 @@ static PyObject *Engine_expire(EngineObject *self, PyObject *args)
     return PyBool_FromLong(found);
 }
 
+/* RFC 7296 §2.23 (and MOBIKE, RFC 4555): the peer's address or NAT port changed; an outbound SA follows it
+ * under its lock, so no packet is built half with the old endpoint and half with the new one. */
+static int locked_move(EngineObject *e, uint32_t spi, const uint8_t *dst, size_t dst_len, long dport)
+{
+    int r = 0;
+    pthread_rwlock_rdlock(&e->table_lock);
+    ips_sa *sa = table_find(e, IPS_OUT, spi);
+    if (sa == NULL) {
+        r = -1;
+    } else {
+        pthread_mutex_lock(&sa->lock);
+        if (dst != NULL) {
+            if (!sa->tunnel || dst_len != (sa->outer_version == 4 ? 4u : 16u))
+                r = -2;
+            else
+                memcpy(sa->outer_dst, dst, dst_len);
+        }
+        if (r == 0 && dport >= 0 && sa->udp)
+            sa->dport = (uint16_t)dport;
+        pthread_mutex_unlock(&sa->lock);
+    }
+    pthread_rwlock_unlock(&e->table_lock);
+    return r;
+}
+
+static PyObject *Engine_move(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"spi", "tunnel_dst", "dport", NULL};
+    PyObject *spi_o, *dst_o = Py_None, *dport_o = Py_None;
+    uint32_t spi;
+    long dport = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OO", kwlist, &spi_o, &dst_o, &dport_o) ||
+        ips_get_spi(spi_o, &spi) != 0)
+        return NULL;
+    if (dst_o != Py_None && !PyBytes_Check(dst_o)) {
+        PyErr_SetString(PyExc_TypeError, "tunnel_dst must be the packed address (bytes) or None");
+        return NULL;
+    }
+    if (dport_o != Py_None) {
+        dport = PyLong_AsLong(dport_o);
+        if (dport == -1 && PyErr_Occurred())
+            return NULL;
+        if (dport < 1 || dport > 65535) {
+            PyErr_Format(PyExc_ValueError, "dport = %ld: use a UDP port 1..65535", dport);
+            return NULL;
+        }
+    }
+    const uint8_t *dst = dst_o == Py_None ? NULL : (const uint8_t *)PyBytes_AS_STRING(dst_o);
+    size_t dst_len = dst_o == Py_None ? 0 : (size_t)PyBytes_GET_SIZE(dst_o);
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = locked_move(self, spi, dst, dst_len, dport);
+    Py_END_ALLOW_THREADS
+    if (r == -1) {
+        PyErr_Format(PyExc_KeyError, "no outbound SA with SPI 0x%08x", spi);
+        return NULL;
+    }
+    if (r == -2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "tunnel_dst: a tunnel-mode SA moves within its address family (4 or 16 bytes)");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *drops_dict(const uint64_t *drops)
 {
     PyObject *d = PyDict_New();
@@ -565,6 +630,8 @@ static PyMethodDef Engine_methods[] = {
      "protect(spi, packets, rand=None) -> list of bytes or drop-reason str"},
     {"unprotect", (PyCFunction)Engine_unprotect, METH_O, "unprotect(packets) -> list of bytes or drop-reason str"},
     {"expire", (PyCFunction)Engine_expire, METH_VARARGS, "expire(direction, spi, hard) -> bool"},
+    {"move", (PyCFunction)(void (*)(void))Engine_move, METH_VARARGS | METH_KEYWORDS,
+     "move(spi, tunnel_dst=None, dport=None): an outbound SA follows its peer to a new address/NAT port"},
     {"sa_stats", (PyCFunction)Engine_sa_stats, METH_VARARGS, "sa_stats(direction, spi) -> dict"},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "stats() -> dict"},
     {"sas", (PyCFunction)Engine_sas, METH_NOARGS, "sas() -> list of (direction, spi)"},

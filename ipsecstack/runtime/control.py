@@ -119,6 +119,7 @@ class ControlServer:
         return conns
 
     def _list_sas(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        self.node.datapath.refresh()
         child_sas = {sa.spi: sa for sa in self.node.datapath.sad}
         out: list[dict[str, Any]] = []
         if self.ike is not None:
@@ -143,6 +144,7 @@ class ControlServer:
                         "packets_in": inb.packets if inb else 0, "bytes_in": inb.bytes if inb else 0,
                         "packets_out": outb.packets if outb else 0, "bytes_out": outb.bytes if outb else 0,
                         "drops_in": dict(inb.drops) if inb else {},
+                        "engine": "native" if inb is not None and inb.native else "python",
                     })  # fmt: skip
                 out.append(entry)
         manual = [s for s in self.node.sa_counters() if s.get("name") and not any(

@@ -315,7 +315,7 @@ class IkeEndpoint:
             for c in ev.sa.children:
                 pair = self._pairs.get(c.spi_in)
                 if pair is not None:
-                    pair[1].move_peer(ev.addr, ev.port if pair[1].udp_encap else None)
+                    self.dp.move_peer(pair[1], ev.addr, ev.port if pair[1].udp_encap else None)
             self.log.info("peer moved", conn=ev.sa.cfg.name, addr=ev.addr, port=ev.port)
         elif isinstance(ev, IkeRekeyed):
             new = ev.new
@@ -467,6 +467,8 @@ class IkeEndpoint:
         if spi_in not in self._pending_out:
             return
         pair = self._pairs.get(spi_in)
+        if pair is not None:
+            self.dp.refresh(pair[0])  # a native SA's counters live in the engine
         if tries >= PENDING_TRIES or (pair is not None and pair[0].packets > 0):
             self._activate_out(spi_in, "no traffic from the peer yet" if tries >= PENDING_TRIES else "peer sends on it")
         elif self._loop is not None and not self._closing:
@@ -497,6 +499,8 @@ class IkeEndpoint:
         for sa in self.manager.sas.values():
             for c in sa.children:
                 pair = self._pairs.get(c.spi_in)
+                if pair is not None:
+                    self.dp.refresh(pair[0])
                 if pair is not None and pair[0].packets != self._seen.get(c.spi_in):
                     self._seen[c.spi_in] = pair[0].packets
                     sa.heard(now)

@@ -46,7 +46,8 @@ class IpsecCollector(Collector):
         yield ike_sas
         yield ike_events
         drops = CounterMetricFamily("ipsecstack_datapath_drops", "Packets dropped by the datapath", labels=["reason"])
-        for reason, n in sorted(dict(dp.drops).items()):
+        dp.refresh()
+        for reason, n in sorted(dp.drop_totals().items()):
             drops.add_metric([reason], float(n))
         yield drops
         labels = ["connection", "spi", "direction"]

@@ -101,7 +101,7 @@ class Node:
         for port in self.side_ports:
             port.attach(self._loop, functools.partial(self._side_readable, port))
         self._arm_timer()
-        self.log.info("node started", batch=self.batch_size)
+        self.log.info("node started", batch=self.batch_size, datapath=self.datapath.engine_name)
         for hook in self.on_start:
             hook()
 
@@ -271,11 +271,15 @@ class Node:
     def counters(self) -> dict[str, Any]:
         dp = self.datapath
         out: dict[str, Any] = {
+            "datapath": dp.engine_name,
             "out_packets": dp.out_packets,
             "in_packets": dp.in_packets,
-            "drops": dict(dp.drops),
+            "drops": dp.drop_totals(),
             "sas": len(dp.sad),
         }
+        if dp.native is not None:
+            # SAs the engine does not implement run on the Python transforms: say which and why
+            out["python_sas"] = {f"0x{sa.spi:08x} {sa.direction}": why for sa, why in dp.native.refused.values()}
         ports = (
             ("inner", self.inner),
             ("outer", self.outer),
@@ -289,6 +293,7 @@ class Node:
         return out
 
     def sa_counters(self) -> list[dict[str, Any]]:
+        self.datapath.refresh()
         return [
             {
                 "name": sa.name,
@@ -300,6 +305,7 @@ class Node:
                 "packets": sa.packets,
                 "bytes": sa.bytes,
                 "drops": dict(sa.drops),
+                "engine": "native" if sa.native else "python",
             }
             for sa in self.datapath.sad
         ]

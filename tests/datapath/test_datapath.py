@@ -88,6 +88,38 @@ def test_soft_event_reported_in_batch_result() -> None:
     assert len(res.to_network) == 3
 
 
+def test_an_outbound_sa_follows_its_peer(datapath_engine: str) -> None:
+    """RFC 7296 §2.23: the peer's NAT mapping changed; the next packets go to the new address and port."""
+    a, _ = _peers()
+    out = _sa(0x800, "out", reqid=7, udp_encap=(4500, 4500))
+    a.install(out, 0.0)
+    assert out.native == (datapath_engine == "native")
+    before = a.outbound([tcp4()], 1.0).to_network[0]
+    assert before[16:20] == bytes([192, 0, 2, 2]) and before[22:24] == (4500).to_bytes(2, "big")
+    a.move_peer(out, "198.51.100.9", 31337)
+    after = a.outbound([tcp4()], 2.0).to_network[0]
+    assert after[16:20] == bytes([198, 51, 100, 9]) and after[22:24] == (31337).to_bytes(2, "big")
+    assert after[28:32] == (0x800).to_bytes(4, "big") and after[32:36] == (2).to_bytes(4, "big")  # no seq reused
+    with pytest.raises(ConfigError, match="family"):
+        a.move_peer(out, "2001:db8::9", None)
+
+
+def test_counters_and_state_survive_a_remove_and_reinstall(datapath_engine: str) -> None:
+    a, _ = _peers()
+    out = _sa(0x900, "out", reqid=7)
+    a.install(out, 0.0)
+    a.outbound([tcp4(), tcp4()], 1.0)
+    a.refresh()
+    assert (out.seq, out.packets) == (2, 2)
+    a.remove(out)
+    assert not out.native and (out.seq, out.packets) == (2, 2)
+    a.install(out, 2.0)
+    wire = a.outbound([tcp4()], 3.0).to_network[0]
+    assert wire[24:28] == (3).to_bytes(4, "big")  # the sequence space carries on
+    a.refresh()
+    assert (out.seq, out.packets) == (3, 3)
+
+
 def test_sad_spi_collision_resolved_by_destination() -> None:
     sad = SAD()
     x = _sa(0x600, "in", dst="192.0.2.10")

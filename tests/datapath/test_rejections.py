@@ -206,7 +206,7 @@ def test_bad_icv(protocol: str, transform: str, where: str) -> None:
     wire = protect(tx, inner)
     index, mask = _flip_position(protocol, tx, where)
     expect_inbound_drop(dp, [flip(wire, index, mask)], Reason.BAD_ICV, rx)
-    assert rx.replay.top == 0
+    assert dp.replay_top(rx) == 0
     # the untouched packet is still accepted: the forgery changed no state (window, CBC stream)
     assert dp.inbound([wire], NOW).to_inner == [inner]
     assert rx.drops == {Reason.BAD_ICV: 1}
@@ -222,20 +222,20 @@ def test_forged_high_sequence_number_does_not_move_the_window(protocol: str, tra
     forged = flip(protect(tx, inner), -1)  # ESP: last ICV byte; AH: last payload byte
     expect_inbound_drop(dp, [forged], Reason.BAD_ICV, rx)
     # RFC 4303 §3.4.3 / RFC 4302 §3.4.3: the window moves only after the ICV verified
-    assert rx.replay.top == 3
+    assert dp.replay_top(rx) == 3
     tx.seq = 3
     assert dp.inbound([protect(tx, inner)], NOW).to_inner == [inner]
-    assert rx.replay.top == 4
+    assert dp.replay_top(rx) == 4
 
 
 def test_bad_icv_with_esn_high_bits() -> None:
     """With ESN the ICV covers the (untransmitted) high half; a packet for another epoch fails it."""
     tx, rx = make_pair("esp", "aes128-sha256", esn=True)
-    dp = receiver(rx)
     tx.seq = (1 << 32) + 10
     rx.replay.top = 5  # the receiver is still in epoch 0: the low half 11 is inferred as 11, not 2^32 + 11
+    dp = receiver(rx)
     expect_inbound_drop(dp, [protect(tx, tcp4())], Reason.BAD_ICV, rx)
-    assert rx.replay.top == 5
+    assert dp.replay_top(rx) == 5
 
 
 # --- padding ---------------------------------------------------------------------------------------
@@ -331,17 +331,17 @@ def test_esn_packet_from_before_the_sa_began_is_too_old() -> None:
     assert dp.inbound([protect(tx, tcp4()) for _ in range(10)], NOW).to_inner == [tcp4()] * 10
     tx.seq = 0xFFFFFFF0
     expect_inbound_drop(dp, [protect(tx, tcp4())], Reason.TOO_OLD, rx)
-    assert rx.replay.top == 10
+    assert dp.replay_top(rx) == 10
 
 
 def test_esn_replay_across_the_2_32_boundary() -> None:
     tx, rx = make_pair("esp", "aes128-sha256", esn=True)
-    dp = receiver(rx)
     tx.seq = (1 << 32) - 3
     rx.replay.top = (1 << 32) - 4
+    dp = receiver(rx)
     pkts = [protect(tx, tcp4()) for _ in range(4)]  # 2^32 - 2 .. 2^32 + 1: the high half changes
     assert dp.inbound(pkts, NOW).to_inner == [tcp4()] * 4
-    assert rx.replay.top == (1 << 32) + 1
+    assert dp.replay_top(rx) == (1 << 32) + 1
     expect_inbound_drop(dp, pkts, Reason.REPLAY, rx)
 
 
@@ -413,7 +413,7 @@ def test_truncated_esp_body(transform: str, keep: int) -> None:
     dp = receiver(rx)
     wire = protect(tx, tcp4(size=300))
     expect_inbound_drop(dp, [cut_ipv4(wire, 28 + keep)], Reason.TRUNCATED, rx)
-    assert rx.replay.top == 0
+    assert dp.replay_top(rx) == 0
 
 
 def test_truncated_esp_in_udp_payload() -> None:
@@ -475,7 +475,7 @@ def test_dummy_packet(transform: str, mode: str) -> None:
     assert tx.ctx is not None
     pkts = [craft_esp(tx, esp_plaintext(bytes(range(n)), ip.PROTO_NONE, tx.ctx.block)) for n in (0, 1, 40)]
     expect_inbound_drop(dp, pkts, Reason.DUMMY, rx)
-    assert rx.replay.top == 3  # authenticated, so counted by the window
+    assert dp.replay_top(rx) == 3  # authenticated, so counted by the window
 
 
 def test_nat_keepalive() -> None:
@@ -519,7 +519,7 @@ def test_encap_mismatch() -> None:
     assert plain_wire[9] == ip.PROTO_ESP
     expect_inbound_drop(dp2, [plain_wire], Reason.ENCAP_MISMATCH, rx_udp)
     # neither moved the window: the right encapsulation is still accepted
-    assert rx_plain.replay.top == rx_udp.replay.top == 0
+    assert dp.replay_top(rx_plain) == dp2.replay_top(rx_udp) == 0
     tx_udp2, _ = make_pair(spi=OTHER_SPI, udp_encap=(4500, 4500))
     assert dp2.inbound([protect(tx_udp2, inner)], NOW).to_inner == [inner]
 
@@ -740,12 +740,13 @@ def test_outbound_sequence_number_exhausted(protocol: str, transform: str, esn: 
     tx, rx = make_pair(protocol, transform, esn=esn)
     dp = Datapath()
     dp.spd.add(Policy(Selector(NET_A, NET_B), Action.PROTECT, "out", Template(protocol, "tunnel", spi=SPI)))  # type: ignore[arg-type]
-    dp.install(tx, NOW)
     assert tx.seq_max == ((1 << 64) - 1 if esn else (1 << 32) - 1)
     tx.seq = tx.seq_max - 1
+    dp.install(tx, NOW)
     res = dp.outbound([tcp4(), tcp4(), udp4()], NOW)
     assert len(res.to_network) == 1  # the last number, seq_max itself, is still used (RFC 4303 §3.3.3)
     assert reasons(res) == [Reason.SEQ_EXHAUSTED] * 2
+    dp.refresh()
     assert dp.drops == tx.drops == {Reason.SEQ_EXHAUSTED: 2}
     assert tx.seq == tx.seq_max
     assert res.acquires == [] and tx in dp.sad
@@ -776,7 +777,7 @@ def test_outbound_expired_sa_still_installed() -> None:
     dp = Datapath()
     dp.spd.add(_out_policy())
     dp.install(tx, NOW)
-    tx.expire_hard("seconds")  # marked dead by its owner, the timer has not run yet
+    dp.expire(tx, hard=True)  # marked dead by its owner, the timer has not run yet
     res = dp.outbound([tcp4()], NOW)
     assert reasons(res) == [Reason.SA_EXPIRED] and tx.drops == {Reason.SA_EXPIRED: 1}
     assert res.events == [SAEvent("hard", tx, "seconds")] and tx not in dp.sad
@@ -799,7 +800,7 @@ def test_inbound_hard_packet_lifetime(protocol: str, transform: str) -> None:
 def test_inbound_expired_sa_still_installed() -> None:
     tx, rx = make_pair()
     dp = receiver(rx)
-    rx.expire_hard("seconds")
+    dp.expire(rx, hard=True)
     pkt = protect(tx, tcp4())
     res = expect_inbound_drop(dp, [pkt], Reason.SA_EXPIRED, rx)
     assert res.events == [SAEvent("hard", rx, "seconds")] and rx not in dp.sad

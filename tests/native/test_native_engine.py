@@ -213,6 +213,28 @@ def test_expire_time_lifetimes() -> None:
     assert not pair.engine.expire("in", SPI + 1, True)
 
 
+def test_move_follows_the_peer_under_the_sa_lock() -> None:
+    """RFC 7296 §2.23: a new outer destination and NAT port for an outbound SA, nothing else changes."""
+    pair = make_pair("aes128gcm16", encap=(4500, 4500))
+    (first,) = pair.engine.protect(SPI, [INNER])
+    assert isinstance(first, bytes) and first[16:20] == packed("192.0.2.2")
+    pair.engine.move(SPI, packed("198.51.100.7"), 40000)
+    (moved,) = pair.engine.protect(SPI, [INNER])
+    assert isinstance(moved, bytes) and moved[16:20] == packed("198.51.100.7") and moved[22:24] == b"\x9c\x40"
+    assert moved[12:16] == first[12:16] and moved[32:36] == (2).to_bytes(4, "big")
+    pair.engine.move(SPI, dport=4500)  # the port alone
+    (back,) = pair.engine.protect(SPI, [INNER])
+    assert isinstance(back, bytes) and back[16:20] == packed("198.51.100.7") and back[22:24] == b"\x11\x94"
+    with pytest.raises(ValueError, match="address family"):
+        pair.engine.move(SPI, packed("2001:db8::1"))
+    with pytest.raises(ValueError, match="UDP port"):
+        pair.engine.move(SPI, dport=0)
+    with pytest.raises(KeyError):
+        pair.engine.move(SPI + 1, dport=4500)
+    with pytest.raises(TypeError):
+        pair.engine.move(SPI, "198.51.100.7")  # type: ignore[arg-type]
+
+
 def test_event_queue_is_bounded() -> None:
     from ipsecstack.native import _engine
 

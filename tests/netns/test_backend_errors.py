@@ -27,6 +27,9 @@ from backends.rawsock import RawPort
 from backends.tun import TunPort
 from backends.udp import UdpEncapPort
 from ipsecstack.runtime.io import BackendError
+
+# backend errors come before any engine runs
+DATAPATH_ENGINES = ("default",)
 if sys.argv[2] == "nobody":
     os.setgroups([])
     os.setgid(65534)

@@ -46,7 +46,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("esp", ["aes256gcm16", "aes128-sha256"])
-def test_cli_and_tshark_decryption(esp: str, tmp_path: Path) -> None:
+def test_cli_and_tshark_decryption(esp: str, tmp_path: Path, daemon_engine: str) -> None:
     if subprocess.run(["which", "tshark"], capture_output=True).returncode != 0:
         pytest.skip("tshark not installed (deploy/setup.sh test installs it)")
     with nsutil.netns_pair("ck") as pair:
@@ -86,6 +86,9 @@ def test_cli_and_tshark_decryption(esp: str, tmp_path: Path) -> None:
             assert "ipsecstack_sa_packets_total" in metrics
             status = cli("status", "--socket", sock_a)
             assert status.returncode == 0 and "packets out" in status.stdout
+            # the daemon runs the engine the default gave it, and says so (tests/engine_param.py)
+            assert f"datapath: {daemon_engine}" in status.stdout, status.stdout
+            assert json.loads(cli("status", "--socket", sock_a, "--json").stdout)["datapath"] == daemon_engine
             keydir = tmp_path / "keys"
             r = cli("keys", "--socket", sock_a, "--wireshark", str(keydir))
             assert r.returncode == 0, r.stderr

@@ -21,6 +21,9 @@ import pytest
 from tests.netns import nsutil
 from tests.netns.test_tunnel import Daemon, _capture, _ping, _tcp_transfer
 
+# AH runs on the Python transforms with either engine (the native engine implements ESP)
+DATAPATH_ENGINES = ("default",)
+
 pytestmark = [pytest.mark.root]
 
 TRANSPORT = """
