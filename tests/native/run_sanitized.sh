@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the native ESP engine with AddressSanitizer + UndefinedBehaviorSanitizer and run its tests under it.
 #
-#   bash tests/native/run_sanitized.sh                        tests/native (about a minute on 2 cores)
+#   bash tests/native/run_sanitized.sh                        tests/native and tests/datapath (about a minute)
 #   bash tests/native/run_sanitized.sh tests/native/test_native_rejections.py -k icv    (any pytest args)
 #   bash tests/native/run_sanitized.sh --fuzz 50 [SEED]       the fuzz harness for 50 s: atheris (if
 #                                                             installed) builds a corpus, which then runs
@@ -83,4 +83,6 @@ if [ "${1:-}" = "--fuzz" ]; then
 fi
 echo "== pytest under ASan + UBSan (LD_PRELOAD=$LD_PRELOAD)"
 # --capture=sys: a sanitizer report is written to fd 2 by C code and must reach the terminal
-"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${@:-tests/native}"
+# by default the engine's own tests and every datapath test (tests/datapath runs each once on the native engine)
+if [ $# -eq 0 ]; then set -- tests/native tests/datapath; fi
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "$@"
