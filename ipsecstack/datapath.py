@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 Flow = tuple[int, int, int, int, int, int]
 DEFAULT_ACQUIRE_TIMEOUT: Final = 30.0
+DISCARD_FLOW: Final = 0  # Datapath.decide_out: the flow is discarded (SPI 0 is reserved, RFC 4303 §2.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +410,51 @@ class Datapath:
                     res.events.extend(self._take_events(sa))
         self.in_packets += len(packets)
         return res
+
+    # --- the native forwarder's upcalls (runtime/fastpath.py) ------------------------------------
+
+    def decide_out(self, pkt: bytes) -> int | None:
+        """What the native forwarder may do with ``pkt``'s whole flow without asking again.
+
+        The SPI of the native outbound SA that protects it, ``DISCARD_FLOW`` when policy discards it,
+        or ``None`` when every packet of the flow must come here (BYPASS, no SA yet, an SA on the
+        Python transforms, a packet whose selectors cannot be read). Valid until the next ``changed``.
+        """
+        try:
+            pol = self.spd.lookup("out", ip.flow_of(pkt))
+        except Dropped:
+            return None
+        if pol is None or pol.action is Action.BYPASS:
+            return None
+        if pol.action is not Action.PROTECT:
+            return DISCARD_FLOW
+        assert pol.template is not None
+        sa = self.sad.lookup_outbound(pol.template)
+        return sa.spi if sa is not None and sa.native and not sa.dead else None
+
+    def inbound_decrypted(self, items: Sequence[tuple[int, bytes]], now: float) -> tuple[Result, list[int]]:
+        """Inner packets the native forwarder decrypted, by SPI: the inbound policy check (RFC 4301 §5.2).
+
+        Returns the result (``to_inner``: the packets that passed) and, per item, the index into
+        ``items`` of those whose flow the forwarder may now deliver on its own (``Engine.learn_in``).
+        """
+        res = Result()
+        ok: list[int] = []
+        native = self.native
+        for i, (spi, inner) in enumerate(items):
+            sa = native.sas.get(("in", spi)) if native is not None else None
+            try:
+                if sa is None:
+                    raise Dropped(Reason.UNKNOWN_SPI, "the SA left while its packet was on its way")
+                if not sa.selectors:
+                    self._check_inbound_policy(sa, inner)
+            except Dropped as e:
+                self._drop(res, e.reason, inner, sa)
+                continue
+            res.to_inner.append(inner)
+            ok.append(i)
+        self.in_packets += len(items)
+        return res, ok
 
     def _plaintext_in(self, res: Result, pkt: bytes) -> None:
         """Unprotected traffic from the outer side: allowed only where SPD-I says BYPASS."""

@@ -199,3 +199,38 @@ def test_readme_example_runs() -> None:
                                          tunnel_src="192.0.2.1", tunnel_dst="192.0.2.2")  # fmt: skip
     wire = ipsecstack.protect(out, ip_packet)
     assert ipsecstack.unprotect(inb, wire) == ip_packet
+
+
+def test_decide_out_says_what_a_whole_flow_may_skip(datapath_engine: str) -> None:
+    """The native forwarder's flow cache learns only decisions that hold for every packet of the flow."""
+    from ipsecstack.datapath import DISCARD_FLOW
+
+    a, _ = _peers()
+    a.spd.add(Policy(Selector("10.1.0.0/16", "10.9.0.0/16"), Action.DISCARD, "out"), 0)
+    a.spd.add(Policy(Selector("10.1.0.0/16", "10.8.0.0/16"), Action.BYPASS, "out"), 0)
+    assert a.decide_out(tcp4()) is None  # PROTECT without an SA yet: acquire, ask again
+    out = _sa(0xA00, "out", reqid=7)
+    a.install(out, 0.0)
+    assert a.decide_out(tcp4()) == (0xA00 if datapath_engine == "native" else None)
+    assert a.decide_out(tcp4(dst="10.9.0.1")) == DISCARD_FLOW
+    assert a.decide_out(tcp4(dst="10.8.0.1")) is None  # BYPASS goes through Python
+    assert a.decide_out(b"\x45") is None  # unreadable selectors
+    a.expire(out, hard=True)
+    assert a.decide_out(tcp4()) is None
+
+
+def test_inbound_decrypted_checks_the_policy_of_the_sa(datapath_engine: str) -> None:
+    _, b = _peers()
+    inb = _sa(0xB00, "in", reqid=7)
+    b.install(inb, 0.0)
+    other = _sa(0xB01, "in", reqid=8)  # an SA of another child: the policy names reqid 7
+    b.install(other, 0.0)
+    if datapath_engine != "native":
+        res, ok = b.inbound_decrypted([(0xB00, tcp4())], 1.0)
+        assert res.dropped[0][0] == Reason.UNKNOWN_SPI and ok == []  # only the native engine decrypts alone
+        return
+    good, bad = tcp4(), tcp4(dst="10.2.0.5")
+    res, ok = b.inbound_decrypted([(0xB00, good), (0xB01, bad), (0xB02, good)], 1.0)
+    assert res.to_inner == [good] and ok == [0]
+    assert [r for r, _ in res.dropped] == [Reason.POLICY_MISMATCH, Reason.UNKNOWN_SPI]
+    assert other.drops == {Reason.POLICY_MISMATCH: 1}
