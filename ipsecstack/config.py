@@ -595,10 +595,7 @@ def resolve_datapath(a: AgentConfig, env: Mapping[str, str]) -> str:
 
     if a.datapath is None:
         wanted = env.get("IPSECSTACK_DATAPATH", "").strip().lower()
-        if wanted in ("native", "python"):
-            a.datapath = wanted if native.available or wanted == "python" else "python"
-        else:
-            a.datapath = "native" if native.available else "python"
+        a.datapath = "python" if wanted == "python" or not native.available else "native"
     return a.datapath
 
 

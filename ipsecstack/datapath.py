@@ -199,11 +199,8 @@ class Datapath:
 
     def handle_timer(self, now: float) -> list[SAEvent]:
         """Fire time-based lifetimes due at ``now``; hard-expired SAs are removed."""
-        events: list[SAEvent] = []
+        events = self.native_events()
         native = self.native
-        if native is not None:
-            for sa in native.events():
-                events.extend(self._take_events(sa))
         for sa in self.sad:
             was_soft, was_dead = sa.soft_fired, sa.dead
             sa.check_time(now)
@@ -243,11 +240,13 @@ class Datapath:
         self.native.refused_by_engine(reason)
         self._drop(res, reason, pkt, sa)  # sa.drops: the mirror, until the next refresh sets it exactly
 
-    def _native_events(self, res: Result) -> None:
-        """Lifetime events the engine raised while it handled a packet, at once (as the Python engine does)."""
-        assert self.native is not None
-        for sa in self.native.events():
-            res.events.extend(self._take_events(sa))
+    def _engine_result(self, res: Result, r: bytes | str, pkt: bytes, sa: SecurityAssociation) -> bytes | None:
+        """One packet's answer from the native engine: the bytes, or None once the drop is counted. The
+        lifetime events it raised are taken at once, as the Python engine raises them."""
+        if isinstance(r, str):
+            self._engine_drop(res, r, pkt, sa)
+        res.events.extend(self.native_events())
+        return None if isinstance(r, str) else r
 
     # --- outbound --------------------------------------------------------------------------------
 
@@ -272,13 +271,10 @@ class Datapath:
                         continue
                     if sa.native:
                         assert self.native is not None
-                        r = self.native.protect(sa, pkt)
-                        if isinstance(r, str):
-                            self._engine_drop(res, r, pkt, sa)
-                        self._native_events(res)
-                        if isinstance(r, str):
+                        sealed = self._engine_result(res, self.native.protect(sa, pkt), pkt, sa)
+                        if sealed is None:
                             continue
-                        out = r
+                        out = sealed
                     else:
                         out = protect(sa, pkt)
                     if self.link_mtu is not None and len(out) > 1280 and self._too_big(res, sa, pkt, out):
@@ -346,17 +342,10 @@ class Datapath:
                     sa = lookup_sa(int.from_bytes(pkt[off : off + 4], "big"), ip.PROTO_ESP, dst)
                     if sa is None:
                         raise Dropped(Reason.UNKNOWN_SPI)
-                    if sa.native:
-                        assert self.native is not None
-                        r = self.native.unprotect(pkt)
-                        if isinstance(r, str):
-                            self._engine_drop(res, r, pkt, sa)
-                        self._native_events(res)
-                        if isinstance(r, str):
-                            continue
-                        inner = r
-                    else:
-                        inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, False)
+                    opened = self._open(res, sa, pkt, version, off, nh_field, end, False)
+                    if opened is None:
+                        continue
+                    inner = opened
                 elif (
                     proto == ip.PROTO_UDP
                     and end - off >= UDP_HEADER_LEN
@@ -368,17 +357,10 @@ class Datapath:
                         sa = lookup_sa(int.from_bytes(body[:4], "big"), ip.PROTO_ESP, dst)
                         if sa is None:
                             raise Dropped(Reason.UNKNOWN_SPI)
-                        if sa.native:
-                            assert self.native is not None
-                            r = self.native.unprotect(pkt)
-                            if isinstance(r, str):
-                                self._engine_drop(res, r, pkt, sa)
-                            self._native_events(res)
-                            if isinstance(r, str):
-                                continue
-                            inner = r
-                        else:
-                            inner = esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, True)
+                        opened = self._open(res, sa, pkt, version, off, nh_field, end, True)
+                        if opened is None:
+                            continue
+                        inner = opened
                     elif kind == KIND_IKE:
                         src = pkt[12:16] if version == 4 else pkt[8:24]
                         sport = (pkt[off] << 8) | pkt[off + 1]
@@ -455,6 +437,14 @@ class Datapath:
             ok.append(i)
         self.in_packets += len(items)
         return res, ok
+
+    def _open(self, res: Result, sa: SecurityAssociation, pkt: bytes, version: int, off: int, nh_field: int,
+              end: int, udp: bool) -> bytes | None:  # fmt: skip
+        """Unprotect ESP (in UDP when ``udp``) with whichever engine holds ``sa``; None: dropped by the engine."""
+        if sa.native:
+            assert self.native is not None
+            return self._engine_result(res, self.native.unprotect(pkt), pkt, sa)
+        return esp_xform.unprotect_located(sa, pkt, version, off, nh_field, end, udp)
 
     def _plaintext_in(self, res: Result, pkt: bytes) -> None:
         """Unprotected traffic from the outer side: allowed only where SPD-I says BYPASS."""

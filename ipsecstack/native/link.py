@@ -30,13 +30,11 @@ accepts to the engine. :class:`NativeLink` is that hand-over:
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import cast
 
 from ipsecstack.errors import ConfigError
 from ipsecstack.native.engine import Engine
 from ipsecstack.sa import SecurityAssociation
-
-Direction = Literal["in", "out"]
 
 
 class _Base:
