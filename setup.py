@@ -41,8 +41,11 @@ def extensions() -> list[Extension]:
     return [
         Extension(
             "ipsecstack.native._engine",
-            sources=[f"{NATIVE}/{name}.c" for name in ("_engine", "batch", "params", "esp", "cipher", "replay", "sa")],
-            depends=[f"{NATIVE}/engine.h", f"{NATIVE}/pyglue.h"],
+            sources=[f"{NATIVE}/{name}.c" for name in (
+                    "_engine", "batch", "params", "esp", "cipher", "replay", "sa", "table",
+                    "fwd", "fwd_out", "fwd_in", "flowcache", "punt", "pyfwd",
+                )],
+            depends=[f"{NATIVE}/{h}.h" for h in ("engine", "pyglue", "engine_obj", "fwd")],
             include_dirs=inc,
             library_dirs=libdirs,
             libraries=libs,

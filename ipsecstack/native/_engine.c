@@ -29,6 +29,7 @@
 #include <openssl/rand.h>
 
 #include "engine.h"
+#include "engine_obj.h"
 #include "pyglue.h"
 
 const char *const ips_reason_name[IPS_R_COUNT] = {
@@ -51,6 +52,7 @@ const char *const ips_reason_name[IPS_R_COUNT] = {
     [IPS_R_NAT_KEEPALIVE] = "nat_keepalive",
     [IPS_R_ECN_DROP] = "ecn_drop",
     [IPS_R_CRYPTO_ERROR] = "crypto_error",
+    [IPS_R_POLICY_DISCARD] = "policy_discard",
 };
 
 static const char *const trigger_name[] = {"seconds", "bytes", "packets", "seq"};
@@ -61,88 +63,13 @@ static const char *const dir_name[] = {"in", "out"};
 
 PyObject *ips_reason_str[IPS_R_COUNT]; /* interned, created at import */
 
-typedef struct {
-    PyObject_HEAD
-    pthread_rwlock_t table_lock; /* the buckets and every chain */
-    ips_sa **buckets;
-    size_t nbuckets, count;
-    ips_events events;
-    pthread_mutex_t stats_lock; /* the engine-wide counters below */
-    uint64_t drops[IPS_R_COUNT];
-    uint64_t in_packets, out_packets;
-    int ready;
-} EngineObject;
-
-/* ---- the SA table (callers hold table_lock) ------------------------------------------------- */
-
-static size_t bucket_of(size_t nbuckets, uint8_t dir, uint32_t spi)
-{
-    return ((spi * 2654435761u) ^ dir) & (nbuckets - 1);
-}
-
-static ips_sa *table_find(EngineObject *e, uint8_t dir, uint32_t spi)
-{
-    for (ips_sa *sa = e->buckets[bucket_of(e->nbuckets, dir, spi)]; sa != NULL; sa = sa->next)
-        if (sa->spi == spi && sa->dir == dir)
-            return sa;
-    return NULL;
-}
-
-static void table_grow(EngineObject *e)
-{
-    size_t n = e->nbuckets * 2;
-    ips_sa **b = calloc(n, sizeof(*b));
-    if (b == NULL)
-        return; /* longer chains, still correct */
-    for (size_t i = 0; i < e->nbuckets; i++) {
-        ips_sa *sa = e->buckets[i];
-        while (sa != NULL) {
-            ips_sa *next = sa->next;
-            size_t j = bucket_of(n, sa->dir, sa->spi);
-            sa->next = b[j];
-            b[j] = sa;
-            sa = next;
-        }
-    }
-    free(e->buckets);
-    e->buckets = b;
-    e->nbuckets = n;
-}
-
-static int table_insert(EngineObject *e, ips_sa *sa)
-{
-    if (table_find(e, sa->dir, sa->spi) != NULL)
-        return -1;
-    if (e->count >= e->nbuckets)
-        table_grow(e);
-    size_t i = bucket_of(e->nbuckets, sa->dir, sa->spi);
-    sa->next = e->buckets[i];
-    e->buckets[i] = sa;
-    e->count++;
-    return 0;
-}
-
-static ips_sa *table_unlink(EngineObject *e, uint8_t dir, uint32_t spi)
-{
-    ips_sa **link = &e->buckets[bucket_of(e->nbuckets, dir, spi)];
-    for (; *link != NULL; link = &(*link)->next) {
-        ips_sa *sa = *link;
-        if (sa->spi == spi && sa->dir == dir) {
-            *link = sa->next;
-            e->count--;
-            return sa;
-        }
-    }
-    return NULL;
-}
-
 /* Every section that takes a lock runs between Py_BEGIN_ALLOW_THREADS and Py_END_ALLOW_THREADS and
  * calls no Python API: no lock is ever waited for, or held, with the GIL held. */
 
 static int locked_insert(EngineObject *e, ips_sa *sa)
 {
     pthread_rwlock_wrlock(&e->table_lock);
-    int rc = table_insert(e, sa);
+    int rc = ips_table_insert(e, sa);
     pthread_rwlock_unlock(&e->table_lock);
     return rc;
 }
@@ -150,7 +77,7 @@ static int locked_insert(EngineObject *e, ips_sa *sa)
 static ips_sa *locked_unlink(EngineObject *e, uint8_t dir, uint32_t spi)
 {
     pthread_rwlock_wrlock(&e->table_lock);
-    ips_sa *sa = table_unlink(e, dir, spi);
+    ips_sa *sa = ips_table_unlink(e, dir, spi);
     pthread_rwlock_unlock(&e->table_lock);
     return sa;
 }
@@ -203,25 +130,13 @@ static PyObject *Engine_remove(EngineObject *self, PyObject *args)
     return PyBool_FromLong(sa != NULL);
 }
 
-static void count_batch(EngineObject *e, const uint64_t *drops, Py_ssize_t n, int outbound)
-{
-    pthread_mutex_lock(&e->stats_lock);
-    for (int r = 1; r < IPS_R_COUNT; r++)
-        e->drops[r] += drops[r];
-    if (outbound)
-        e->out_packets += (uint64_t)n;
-    else
-        e->in_packets += (uint64_t)n;
-    pthread_mutex_unlock(&e->stats_lock);
-}
-
 /* Phase 2 of protect (no GIL). Returns 0 when no outbound SA has this SPI. */
 static int run_protect(EngineObject *e, uint32_t spi, batch *b, const uint8_t *rand)
 {
     uint64_t drops[IPS_R_COUNT] = {0};
     uint8_t *own_rand = NULL;
     pthread_rwlock_rdlock(&e->table_lock);
-    ips_sa *sa = table_find(e, IPS_OUT, spi);
+    ips_sa *sa = ips_table_find(e, IPS_OUT, spi);
     if (sa == NULL) {
         pthread_rwlock_unlock(&e->table_lock);
         return 0;
@@ -253,7 +168,7 @@ static int run_protect(EngineObject *e, uint32_t spi, batch *b, const uint8_t *r
     pthread_mutex_unlock(&sa->lock);
     pthread_rwlock_unlock(&e->table_lock);
     free(own_rand);
-    count_batch(e, drops, b->n, 1);
+    ips_engine_count(e, drops, (uint64_t)b->n, 1);
     return 1;
 }
 
@@ -305,7 +220,7 @@ static void run_unprotect(EngineObject *e, batch *b)
         const uint8_t *pkt = b->arena + s->in_off;
         s->reason = ips_locate(pkt, s->len, s->orig, &loc);
         if (s->reason == IPS_OK) {
-            ips_sa *sa = table_find(e, IPS_IN, loc.spi);
+            ips_sa *sa = ips_table_find(e, IPS_IN, loc.spi);
             if (sa == NULL) {
                 s->reason = IPS_R_UNKNOWN_SPI;
             } else {
@@ -320,7 +235,7 @@ static void run_unprotect(EngineObject *e, batch *b)
             drops[s->reason]++;
     }
     pthread_rwlock_unlock(&e->table_lock);
-    count_batch(e, drops, b->n, 0);
+    ips_engine_count(e, drops, (uint64_t)b->n, 0);
 }
 
 static PyObject *Engine_unprotect(EngineObject *self, PyObject *packets)
@@ -339,7 +254,7 @@ static PyObject *Engine_unprotect(EngineObject *self, PyObject *packets)
 static int locked_expire(EngineObject *e, uint8_t dir, uint32_t spi, int hard)
 {
     pthread_rwlock_rdlock(&e->table_lock);
-    ips_sa *sa = table_find(e, dir, spi);
+    ips_sa *sa = ips_table_find(e, dir, spi);
     if (sa != NULL) {
         pthread_mutex_lock(&sa->lock);
         if (hard)
@@ -375,7 +290,7 @@ static int locked_move(EngineObject *e, uint32_t spi, const uint8_t *dst, size_t
 {
     int r = 0;
     pthread_rwlock_rdlock(&e->table_lock);
-    ips_sa *sa = table_find(e, IPS_OUT, spi);
+    ips_sa *sa = ips_table_find(e, IPS_OUT, spi);
     if (sa == NULL) {
         r = -1;
     } else {
@@ -452,7 +367,7 @@ static PyObject *drops_dict(const uint64_t *drops)
 static int locked_copy(EngineObject *e, uint8_t dir, uint32_t spi, ips_sa *copy)
 {
     pthread_rwlock_rdlock(&e->table_lock);
-    ips_sa *sa = table_find(e, dir, spi);
+    ips_sa *sa = ips_table_find(e, dir, spi);
     if (sa != NULL) {
         pthread_mutex_lock(&sa->lock);
         *copy = *sa;
@@ -576,6 +491,20 @@ static PyObject *Engine_poll_events(EngineObject *self, PyObject *Py_UNUSED(igno
 
 /* ---- the type and the module ---------------------------------------------------------------- */
 
+/* Writers first: the forwarder's two threads hold the read lock for whole batches, in turns that may
+ * overlap for as long as traffic flows; install/remove must still get in between. Nothing takes the
+ * read lock twice in one thread, so a waiting writer cannot deadlock a reader. */
+static int init_table_lock(pthread_rwlock_t *lock)
+{
+    pthread_rwlockattr_t attr;
+    if (pthread_rwlockattr_init(&attr) != 0)
+        return -1;
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int rc = pthread_rwlock_init(lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return rc;
+}
+
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {NULL};
@@ -587,7 +516,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     self->buckets = calloc(INITIAL_BUCKETS, sizeof(ips_sa *));
     self->nbuckets = INITIAL_BUCKETS;
     if (self->buckets == NULL || ips_events_init(&self->events, EVENT_QUEUE) != 0 ||
-        pthread_rwlock_init(&self->table_lock, NULL) != 0) {
+        init_table_lock(&self->table_lock) != 0) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
@@ -602,6 +531,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
 
 static void Engine_dealloc(EngineObject *self)
 {
+    ips_fwd_dealloc(self); /* the forwarder's threads use the table: they go first */
     /* the last reference is gone, so no batch runs: every SA can go */
     for (size_t i = 0; self->buckets != NULL && i < self->nbuckets; i++) {
         ips_sa *sa = self->buckets[i];
@@ -637,6 +567,18 @@ static PyMethodDef Engine_methods[] = {
     {"sas", (PyCFunction)Engine_sas, METH_NOARGS, "sas() -> list of (direction, spi)"},
     {"poll_events", (PyCFunction)Engine_poll_events, METH_NOARGS,
      "poll_events() -> list of (kind, direction, spi, trigger)"},
+    {"fwd_start", (PyCFunction)(void (*)(void))ips_py_fwd_start, METH_VARARGS | METH_KEYWORDS,
+     "fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536) -> eventfd\n--\n\n"
+     "Start the forwarder's threads on the inner fd and the outer sockets (see fwd.h)."},
+    {"fwd_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "fwd_stop(): stop and join the threads (idempotent)"},
+    {"learn_out", (PyCFunction)ips_py_learn_out, METH_VARARGS,
+     "learn_out(pkt, spi): pkt's flow is protected with outbound SA spi, or discarded (None)"},
+    {"learn_in", (PyCFunction)ips_py_learn_in, METH_VARARGS,
+     "learn_in(spi, inner): inner's flow passed the inbound policy check for SA spi"},
+    {"flush", (PyCFunction)ips_py_flush, METH_NOARGS, "flush(): forget both flow caches"},
+    {"take_punts", (PyCFunction)(void (*)(void))ips_py_take_punts, METH_VARARGS | METH_KEYWORDS,
+     "take_punts(max=256) -> list of ('out', pkt) | ('in', spi, inner) | ('outer', pkt)"},
+    {"fwd_stats", (PyCFunction)ips_py_fwd_stats, METH_NOARGS, "fwd_stats() -> dict"},
     {NULL, NULL, 0, NULL},
 };
 

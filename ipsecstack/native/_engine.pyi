@@ -1,6 +1,6 @@
 # Type stub of the C extension ipsecstack/native/_engine.c (see engine.h for the theory of operation).
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 Buffer = bytes | bytearray | memoryview
 
@@ -50,3 +50,26 @@ class Engine:
     ) -> list[
         tuple[Literal["soft", "hard"], Literal["in", "out"], int, Literal["seconds", "bytes", "packets", "seq"]]
     ]: ...
+    # --- the forwarder (fwd.h): threads that own the TUN fd and the outer sockets -------------------
+    def fwd_start(
+        self,
+        tun_fd: int,
+        outer: Sequence[tuple[str, int]],
+        *,
+        batch: int = 64,
+        punt_capacity: int = 4096,
+        cache_size: int = 65536,
+    ) -> int:
+        """Start; ``outer`` kinds: udp4/udp6 (ESP-in-UDP socket), esp4/esp6 (raw ESP rx), raw4/raw6 (IPPROTO_RAW tx).
+        Returns the punt eventfd (owned by the engine, closed by fwd_stop)."""
+    def fwd_stop(self) -> None: ...
+    def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
+    def learn_in(self, spi: int, inner: Buffer) -> None: ...
+    def flush(self) -> None: ...
+    def take_punts(self, max: int = 256) -> list[tuple[Any, ...]]:
+        """("out", pkt) | ("in", spi, inner) | ("outer", pkt), oldest first."""
+    def fwd_stats(self) -> dict[str, Any]:
+        """running; out_packets/out_bytes (sent on the outer sockets), in_packets/in_bytes (written to the inner
+        fd); syscalls; batches_out/batches_in; punts {out, in, outer} (queued); punt_dropped; punt_waiting;
+        tx_errors/rx_errors {udp4, udp6, esp4, esp6, raw4, raw6, tun}; cache {out: {entries, hits, misses},
+        in: {...}, flushes}; drops {reason: n}."""

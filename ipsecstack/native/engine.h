@@ -74,6 +74,7 @@ typedef enum {
     IPS_R_NAT_KEEPALIVE,
     IPS_R_ECN_DROP,
     IPS_R_CRYPTO_ERROR,
+    IPS_R_POLICY_DISCARD, /* the forwarder: a flow the SPD discards (RFC 4301 §5.1) */
     IPS_R_COUNT
 } ips_reason;
 
@@ -150,6 +151,7 @@ void ips_events_free(ips_events *q);
 void ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind kind, ips_trigger trigger);
 uint32_t ips_events_take(ips_events *q, ips_event *out, uint32_t max);
 uint64_t ips_events_lost(ips_events *q);
+uint32_t ips_events_pending(ips_events *q);
 
 typedef struct {
     uint64_t bytes, packets;  /* IPS_NO_LIMIT: none */

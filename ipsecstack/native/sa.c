@@ -84,6 +84,15 @@ uint64_t ips_events_lost(ips_events *q)
     return lost;
 }
 
+/* Events waiting to be taken. */
+uint32_t ips_events_pending(ips_events *q)
+{
+    pthread_mutex_lock(&q->lock);
+    uint32_t n = q->count;
+    pthread_mutex_unlock(&q->lock);
+    return n;
+}
+
 static uint64_t min_limit(uint64_t a, uint64_t b)
 {
     return a < b ? a : b;

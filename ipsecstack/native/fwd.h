@@ -1,0 +1,197 @@
+/*
+ * The native forwarder: two engine threads own the hot file descriptors (ipsecstack issue #10).
+ *
+ * Theory of operation
+ * -------------------
+ * Engine.fwd_start(tun_fd, outer) starts two threads that move packets with no GIL and no Python:
+ *
+ *   outbound (fwd_out.c)  epoll on the inner fd (a TUN device, or any fd that gives one packet per
+ *                         read(), e.g. a socketpair(AF_UNIX, SOCK_DGRAM) end) and the stop eventfd;
+ *                         read() up to `batch` packets until EAGAIN; per packet the flow key
+ *                         (flowcache.c) is looked up in the outbound flow cache: a cached SPI ->
+ *                         ESP protect (esp.c) under the table's read lock and the SA's mutex, runs of
+ *                         consecutive packets of one SA under one lock -> sendmmsg() on the outer
+ *                         socket the SA needs (UDP-encapsulated SAs: the udp4/udp6 socket, the UDP
+ *                         payload with msg_name = outer destination + UDP destination port, IP_TOS /
+ *                         IPV6_TCLASS when the outer TOS is not zero, RFC 3948; others: the whole packet
+ *                         on the raw4/raw6 IPPROTO_RAW socket); a cached discard -> dropped
+ *                         (policy_discard); no decision, an uncacheable packet (fragment, IPv6
+ *                         extension headers) or an SA no longer in the table -> punted ("out").
+ *   inbound (fwd_in.c)    epoll on the outer receive sockets (udp4/udp6: ESP-in-UDP and IKE on port
+ *                         4500; esp4/esp6: raw IPPROTO_ESP) and the stop eventfd; recvmmsg() up to
+ *                         `batch` datagrams with their control messages into buffers with headroom,
+ *                         where the IP (and UDP) header is rebuilt in front of the payload exactly as
+ *                         backends/udp.py and backends/rawsock.py rebuild it; NAT keepalives (RFC 3948
+ *                         §2.3) are counted, IKE (non-ESP marker, §2.2) and ESP whose SPI the table does
+ *                         not hold are punted ("outer"); ESP with an inbound SA is unprotected (replay
+ *                         window, counters and lifetimes charged as Engine.unprotect charges them); the
+ *                         inner packet's (SPI, flow) is looked up in the inbound flow cache: known ->
+ *                         write() to the inner fd; unknown -> punted ("in", spi, inner), so Python runs
+ *                         the RFC 4301 §5.2 inbound policy check on it and teaches the flow (learn_in).
+ *
+ * Python answers punts (Engine.take_punts) and teaches the caches (learn_out after its own
+ * Datapath.decide_out, learn_in after Datapath.inbound_decrypted); flush() forgets both caches on any
+ * SPD/SAD change in O(1) by bumping a generation counter that every entry carries. The caches have a
+ * fixed power-of-two number of slots (direct-mapped: a new flow overwrites the slot's old one), so their
+ * memory is bounded; so is the punt queue (punt.c: `punt_capacity` malloc'd copies; a full queue drops
+ * and counts punt_dropped) and every buffer (allocated at start: `batch` packet buffers per thread).
+ *
+ * Wake-ups: the punt queue's eventfd is written only when the queue goes from "Python was told" to
+ * "Python must be told" (a burst of punts costs one write); take_punts reads it back when it leaves the
+ * queue empty and no lifetime event waits. Lifetime events raised by the threads (ips_events) signal
+ * the same eventfd, so Python's poll_events runs promptly.
+ *
+ * Locks (never held while calling Python; the Python methods release the GIL before taking any):
+ *   - the engine's table read lock and SA mutexes (engine_obj.h), for the crypto;
+ *   - each flow cache's mutex, taken once per batch by the threads (lookups) and by learn_out, learn_in and flush;
+ *   - the punt queue's mutex, taken once per batch by each thread, and by take_punts;
+ *   - the counters' mutex, once per batch: each thread counts into a private struct and adds it in.
+ * None of the forwarder's locks is held while another lock is taken, except the engine's event and
+ * counter mutexes (innermost everywhere).
+ *
+ * Stopping: a stop flag and the stop eventfd, which both epolls watch; every epoll_wait has a 100 ms
+ * timeout and every loop is bounded by `batch`, so fwd_stop joins within a batch's work + 100 ms.
+ *
+ * Network input never crashes: every length a packet claims is checked against the bytes received
+ * before it is used (esp.c for ESP; here for the rebuilt headers and flow keys); what is refused is
+ * counted by reason (the strings of ipsecstack/errors.py) in fwd_stats and in the engine's drops.
+ */
+#ifndef IPSECSTACK_NATIVE_FWD_H
+#define IPSECSTACK_NATIVE_FWD_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "engine_obj.h"
+
+/* ---- flowcache.c ---------------------------------------------------------------------------- */
+
+/* What a flow is: IP version, addresses, protocol, TCP/UDP/SCTP/UDP-Lite ports or ICMP type and code;
+ * the inbound cache adds the SA's SPI. Every byte is set (zero padding), so keys compare with memcmp. */
+typedef struct {
+    uint32_t spi;
+    uint8_t version, proto;
+    uint16_t a, b, pad;
+    uint8_t src[16], dst[16];
+} ips_flow;
+
+/* 0 and *k filled, or -1 when the packet's flow must not be cached (fragments, IPv6 extension
+ * headers, a header shorter than it claims). */
+int ips_flow_of(const uint8_t *pkt, size_t len, uint32_t spi, ips_flow *k);
+
+typedef struct {
+    ips_flow key;
+    uint32_t gen;   /* valid while equal to the cache's generation */
+    uint32_t value; /* outbound: the SPI, 0 for discard */
+} ips_fc_entry;
+
+typedef struct {
+    pthread_mutex_t lock;
+    ips_fc_entry *slots;
+    uint32_t mask, gen;
+    uint64_t entries, hits, misses;
+    int ready;
+} ips_flowcache;
+
+int ips_fc_init(ips_flowcache *c, uint32_t size); /* size: a power of two */
+void ips_fc_free(ips_flowcache *c);
+/* the callers hold c->lock */
+int ips_fc_lookup(ips_flowcache *c, const ips_flow *k, uint32_t *value);
+void ips_fc_insert(ips_flowcache *c, const ips_flow *k, uint32_t value);
+void ips_fc_flush(ips_flowcache *c);
+
+/* ---- punt.c --------------------------------------------------------------------------------- */
+
+typedef enum { IPS_PUNT_OUT = 0, IPS_PUNT_IN, IPS_PUNT_OUTER, IPS_PUNT_KINDS } ips_punt_kind;
+
+typedef struct ips_punt {
+    struct ips_punt *next;
+    uint32_t spi, len;
+    uint8_t kind;
+    uint8_t data[];
+} ips_punt;
+
+/* A thread's punts of one batch, in arrival order, handed over at once. */
+typedef struct {
+    ips_punt *head, *tail;
+    uint32_t n;
+    uint64_t nomem; /* copies that could not be allocated (counted as punt_dropped) */
+} ips_punt_list;
+
+typedef struct {
+    pthread_mutex_t lock;
+    ips_punt *head, *tail;
+    uint32_t count, cap;
+    int efd;      /* eventfd Python watches */
+    int signaled; /* efd holds a count Python has not read back */
+    uint64_t queued[IPS_PUNT_KINDS], dropped;
+    int ready;
+} ips_puntq;
+
+int ips_pq_init(ips_puntq *q, uint32_t cap);
+void ips_pq_free(ips_puntq *q); /* frees what is queued, closes the eventfd */
+void ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_t *data, size_t len);
+void ips_pq_push(ips_puntq *q, ips_punt_list *l, int wake); /* wake: signal even with nothing new */
+/* Up to max punts, oldest first; the eventfd is read back once the queue is empty and events == 0. */
+ips_punt *ips_pq_take(ips_puntq *q, uint32_t max, uint32_t events_pending);
+void ips_punt_free_chain(ips_punt *p);
+
+/* ---- fwd.c ---------------------------------------------------------------------------------- */
+
+enum { K_UDP4 = 0, K_UDP6, K_ESP4, K_ESP6, K_RAW4, K_RAW6, K_TUN, K_KINDS };
+extern const char *const ips_fd_kind_name[K_KINDS];
+
+typedef struct {
+    uint64_t packets[2], bytes[2]; /* forwarded, by IPS_IN / IPS_OUT */
+    uint64_t syscalls, batches[2];
+    uint64_t tx_errors[K_KINDS], rx_errors[K_KINDS];
+    uint64_t drops[IPS_R_COUNT];
+    uint64_t engine_drops[IPS_R_COUNT]; /* this batch's share of the engine-wide drops */
+    uint64_t engine_packets;            /* packets given to protect / unprotect */
+} ips_fwd_counters;
+
+typedef struct {
+    int fd;
+    uint16_t port;     /* udp: the bound port (the UDP destination of what arrives) */
+    uint8_t local[16]; /* the bound address (udp: default destination; esp: the filter when bound) */
+    int bound;         /* esp: bound to one address */
+} ips_fwd_port;
+
+typedef struct ips_fwd {
+    EngineObject *engine;
+    int tun_fd;
+    ips_fwd_port port[K_KINDS]; /* fd -1: absent */
+    uint32_t batch;
+    int stop_fd;
+    int stop; /* __atomic */
+    pthread_t threads[2];
+    int started[2];
+    int running;
+    ips_puntq punts;
+    ips_flowcache cache[2]; /* by IPS_IN / IPS_OUT */
+    uint64_t flushes;       /* under cache[IPS_OUT].lock */
+    pthread_mutex_t stats_lock;
+    ips_fwd_counters c;
+    int ready;
+} ips_fwd;
+
+/* flush a thread's private counters of one batch into the shared ones and the engine's */
+void ips_fwd_account(ips_fwd *f, ips_fwd_counters *local, int outbound);
+/* after a batch: lifetime events waiting -> make sure Python is woken */
+void ips_fwd_wake_for_events(ips_fwd *f);
+/* epoll_wait on the thread's set: 1 readable work, 0 timeout, -1 stop */
+int ips_fwd_wait(ips_fwd *f, int epfd, struct epoll_event *ev, int max);
+
+/* Allocate (no threads yet); *why set on failure. */
+ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size, const char **why);
+int ips_fwd_run(ips_fwd *f, const char **why); /* start both threads */
+void ips_fwd_stop(ips_fwd *f);                 /* join, free the punts, close the eventfds; idempotent */
+void ips_fwd_free(ips_fwd *f);
+
+void *ips_fwd_out_main(void *arg); /* fwd_out.c */
+void *ips_fwd_in_main(void *arg);  /* fwd_in.c */
+
+#endif

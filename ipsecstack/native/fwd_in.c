@@ -1,0 +1,355 @@
+/*
+ * The forwarder's inbound thread (see fwd.h): recvmmsg -> rebuilt outer header -> ESP unprotect ->
+ * inbound flow cache -> write() to the inner fd.
+ *
+ * Each receive buffer has HEAD bytes of headroom before the payload, so the header the kernel took
+ * away is rebuilt in front of it without a copy, byte for byte as the Python ports rebuild it:
+ *   udp4/udp6 (backends/udp.py read_batch): IPv4 header (TOS from IP_TOS, TTL from IP_TTL, ID 0, no
+ *             DF, checksum) or IPv6 header (traffic class, hop limit; flow label 0), source from the
+ *             sender, destination from IP_PKTINFO / IPV6_PKTINFO (else the bound address); then a UDP
+ *             header with the sender's port, the bound port, the length and a zero checksum;
+ *   esp4      (rawsock.py _drain4): the packet as the raw socket gives it (with its IPv4 header);
+ *   esp6      (rawsock.py _drain6): a 40-byte IPv6 header from the cmsgs, next header 50.
+ * Then: a NAT keepalive (one 0xFF byte, RFC 3948 §2.3) is counted; IKE (non-ESP marker, §2.2) and ESP
+ * for an SPI the table does not hold are punted whole ("outer"); other ESP is located and unprotected
+ * (esp.c checks every length, the encapsulation and the replay window) under the table's read lock
+ * and the SA's mutex; the inner packet goes to the inner fd when its (SPI, flow) is in the inbound
+ * cache, else it is punted ("in"). Receive errors and truncated datagrams are counted per socket.
+ */
+#define _GNU_SOURCE 1 /* recvmmsg, sendmmsg, in6_pktinfo */
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fwd.h"
+
+#define HEAD 64
+#define BUF_SIZE (HEAD + 65536)
+#define CTL_SIZE 256
+
+typedef struct {
+    ips_fwd *f;
+    uint32_t batch;
+    uint8_t *bufs, *ctl, *inner;
+    struct mmsghdr *mm;
+    struct iovec *iov;
+    struct sockaddr_in6 *names;
+    ips_fwd_counters c;
+    ips_punt_list punts;
+} in_ctx;
+
+static void put16(uint8_t *p, unsigned v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static unsigned be16(const uint8_t *p)
+{
+    return ((unsigned)p[0] << 8) | p[1];
+}
+
+static void in_free(in_ctx *x)
+{
+    free(x->bufs);
+    free(x->ctl);
+    free(x->inner);
+    free(x->mm);
+    free(x->iov);
+    free(x->names);
+}
+
+static int in_alloc(in_ctx *x, ips_fwd *f)
+{
+    memset(x, 0, sizeof(*x));
+    x->f = f;
+    x->batch = f->batch;
+    size_t b = f->batch;
+    x->bufs = malloc(b * BUF_SIZE);
+    x->ctl = malloc(b * CTL_SIZE);
+    x->inner = malloc(BUF_SIZE);
+    x->mm = calloc(b, sizeof(*x->mm));
+    x->iov = calloc(b, sizeof(*x->iov));
+    x->names = calloc(b, sizeof(*x->names));
+    if (x->bufs && x->ctl && x->inner && x->mm && x->iov && x->names)
+        return 0;
+    in_free(x);
+    return -1;
+}
+
+static void drop(in_ctx *x, ips_reason r)
+{
+    x->c.drops[r]++;
+    x->c.engine_drops[r]++;
+}
+
+typedef struct {
+    uint8_t dst[16];
+    int have_dst;
+    unsigned tos, ttl;
+} rx_meta;
+
+static void read_cmsgs(struct msghdr *m, int v4, rx_meta *meta)
+{
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(m); cm != NULL; cm = CMSG_NXTHDR(m, cm)) {
+        const uint8_t *d = CMSG_DATA(cm);
+        size_t dlen = cm->cmsg_len - CMSG_LEN(0);
+        int iv = 0;
+        if (dlen >= sizeof(int))
+            memcpy(&iv, d, sizeof(iv));
+        if (v4 && cm->cmsg_level == IPPROTO_IP) {
+            if (cm->cmsg_type == IP_PKTINFO && dlen >= sizeof(struct in_pktinfo)) {
+                struct in_pktinfo pi;
+                memcpy(&pi, d, sizeof(pi));
+                memcpy(meta->dst, &pi.ipi_addr, 4); /* the header's destination */
+                meta->have_dst = 1;
+            } else if (cm->cmsg_type == IP_TOS && dlen >= 1) {
+                meta->tos = d[0];
+            } else if (cm->cmsg_type == IP_TTL && dlen >= sizeof(int)) {
+                meta->ttl = (unsigned)iv & 0xFF;
+            }
+        } else if (!v4 && cm->cmsg_level == IPPROTO_IPV6) {
+            if (cm->cmsg_type == IPV6_PKTINFO && dlen >= sizeof(struct in6_pktinfo)) {
+                memcpy(meta->dst, d, 16);
+                meta->have_dst = 1;
+            } else if (cm->cmsg_type == IPV6_TCLASS && dlen >= sizeof(int)) {
+                meta->tos = (unsigned)iv & 0xFF;
+            } else if (cm->cmsg_type == IPV6_HOPLIMIT && dlen >= sizeof(int)) {
+                meta->ttl = (unsigned)iv & 0xFF;
+            }
+        }
+    }
+}
+
+static unsigned ip_checksum(const uint8_t *p, size_t n)
+{
+    uint32_t s = 0;
+    for (size_t i = 0; i + 1 < n; i += 2)
+        s += be16(p + i);
+    while (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16);
+    return ~s & 0xFFFF;
+}
+
+static uint8_t *build_v4(uint8_t *at, size_t payload, const rx_meta *m, unsigned proto, const uint8_t *src)
+{
+    uint8_t *h = at - 20;
+    h[0] = 0x45;
+    h[1] = (uint8_t)m->tos;
+    put16(h + 2, (unsigned)(20 + payload));
+    memset(h + 4, 0, 4); /* ID 0, no flags */
+    h[8] = (uint8_t)m->ttl;
+    h[9] = (uint8_t)proto;
+    put16(h + 10, 0);
+    memcpy(h + 12, src, 4);
+    memcpy(h + 16, m->dst, 4);
+    put16(h + 10, ip_checksum(h, 20));
+    return h;
+}
+
+static uint8_t *build_v6(uint8_t *at, size_t payload, const rx_meta *m, unsigned proto, const uint8_t *src)
+{
+    uint8_t *h = at - 40;
+    h[0] = (uint8_t)(0x60 | (m->tos >> 4));
+    h[1] = (uint8_t)((m->tos & 0x0F) << 4);
+    h[2] = h[3] = 0;
+    put16(h + 4, (unsigned)payload);
+    h[6] = (uint8_t)proto;
+    h[7] = (uint8_t)m->ttl;
+    memcpy(h + 8, src, 16);
+    memcpy(h + 24, m->dst, 16);
+    return h;
+}
+
+/* Unprotect one ESP packet (pkt, n bytes, whole IP datagram) and deliver or punt its inner packet. */
+static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
+{
+    EngineObject *e = x->f->engine;
+    ips_located loc;
+    ips_reason r = ips_locate(pkt, n, n, &loc);
+    if (r != IPS_OK) {
+        drop(x, r);
+        return;
+    }
+    size_t out_len = 0;
+    pthread_rwlock_rdlock(&e->table_lock);
+    ips_sa *sa = ips_table_find(e, IPS_IN, loc.spi);
+    if (sa == NULL) {
+        pthread_rwlock_unlock(&e->table_lock);
+        ips_pl_add(&x->punts, IPS_PUNT_OUTER, 0, pkt, n); /* Python's SA, or an unknown SPI it counts */
+        return;
+    }
+    pthread_mutex_lock(&sa->lock);
+    r = ips_unprotect(sa, pkt, &loc, x->inner, BUF_SIZE, &out_len);
+    if (r != IPS_OK)
+        sa->drops[r]++;
+    pthread_mutex_unlock(&sa->lock);
+    pthread_rwlock_unlock(&e->table_lock);
+    x->c.engine_packets++;
+    if (r != IPS_OK) {
+        drop(x, r);
+        return;
+    }
+    ips_flow k;
+    uint32_t v;
+    int known = 0;
+    ips_flowcache *c = &x->f->cache[IPS_IN];
+    if (ips_flow_of(x->inner, out_len, loc.spi, &k) == 0) {
+        pthread_mutex_lock(&c->lock);
+        known = ips_fc_lookup(c, &k, &v);
+        pthread_mutex_unlock(&c->lock);
+    }
+    if (!known) {
+        ips_pl_add(&x->punts, IPS_PUNT_IN, loc.spi, x->inner, out_len);
+        return;
+    }
+    ssize_t w;
+    do
+        w = write(x->f->tun_fd, x->inner, out_len);
+    while (w < 0 && errno == EINTR);
+    x->c.syscalls++;
+    if (w < 0) {
+        x->c.tx_errors[K_TUN]++;
+    } else {
+        x->c.packets[IPS_IN]++;
+        x->c.bytes[IPS_IN] += out_len;
+    }
+}
+
+/* One received datagram of socket kind `kind`: rebuild, sort, hand on. */
+static void datagram(in_ctx *x, int kind, uint8_t *payload, size_t n, struct msghdr *m)
+{
+    const ips_fwd_port *port = &x->f->port[kind];
+    int v4 = kind == K_UDP4 || kind == K_ESP4;
+    if (kind == K_ESP4) {
+        if (n < 20) {
+            drop(x, IPS_R_TRUNCATED);
+            return;
+        }
+        if (port->bound && memcmp(payload + 16, port->local, 4) != 0)
+            return; /* not for this address (rawsock.py skips these too) */
+        esp_in(x, payload, n);
+        return;
+    }
+    if (kind == K_ESP6 && (m->msg_flags & MSG_CTRUNC)) {
+        x->c.rx_errors[kind]++;
+        return;
+    }
+    rx_meta meta = {.tos = 0, .ttl = 64, .have_dst = 0};
+    memcpy(meta.dst, port->local, 16);
+    read_cmsgs(m, v4, &meta);
+    const struct sockaddr_in6 *from6 = m->msg_name;
+    const struct sockaddr_in *from4 = m->msg_name;
+    if (m->msg_namelen < (v4 ? sizeof(*from4) : sizeof(*from6))) {
+        x->c.rx_errors[kind]++;
+        return;
+    }
+    const uint8_t *src = v4 ? (const uint8_t *)&from4->sin_addr : (const uint8_t *)&from6->sin6_addr;
+    if (kind == K_ESP6) {
+        if (!meta.have_dst || (port->bound && memcmp(meta.dst, port->local, 16) != 0))
+            return;
+        if (n > 0xFFFF) {
+            x->c.rx_errors[kind]++;
+            return;
+        }
+        esp_in(x, build_v6(payload, n, &meta, 50, src), 40 + n);
+        return;
+    }
+    /* ESP-in-UDP (RFC 3948): the UDP header, then the IP header, in the headroom */
+    if (n > 0xFFFF - 48) {
+        x->c.rx_errors[kind]++;
+        return;
+    }
+    uint8_t *udp = payload - 8;
+    put16(udp, ntohs(v4 ? from4->sin_port : from6->sin6_port));
+    put16(udp + 2, port->port);
+    put16(udp + 4, (unsigned)(8 + n));
+    put16(udp + 6, 0);
+    uint8_t *pkt = v4 ? build_v4(udp, 8 + n, &meta, 17, src) : build_v6(udp, 8 + n, &meta, 17, src);
+    size_t len = (size_t)(payload - pkt) + n;
+    if (n == 1 && payload[0] == 0xFF) {
+        drop(x, IPS_R_NAT_KEEPALIVE);
+    } else if (n >= 4 && payload[0] == 0 && payload[1] == 0 && payload[2] == 0 && payload[3] == 0) {
+        ips_pl_add(&x->punts, IPS_PUNT_OUTER, 0, pkt, len); /* IKE, after the non-ESP marker */
+    } else if (n < 8) {
+        drop(x, IPS_R_TRUNCATED);
+    } else {
+        esp_in(x, pkt, len);
+    }
+}
+
+static void round_in(in_ctx *x, int kind)
+{
+    int fd = x->f->port[kind].fd;
+    for (uint32_t i = 0; i < x->batch; i++) {
+        struct msghdr *m = &x->mm[i].msg_hdr;
+        x->iov[i].iov_base = x->bufs + (size_t)i * BUF_SIZE + HEAD;
+        x->iov[i].iov_len = BUF_SIZE - HEAD;
+        m->msg_name = &x->names[i];
+        m->msg_namelen = sizeof(x->names[i]);
+        m->msg_iov = &x->iov[i];
+        m->msg_iovlen = 1;
+        m->msg_control = x->ctl + (size_t)i * CTL_SIZE;
+        m->msg_controllen = CTL_SIZE;
+        m->msg_flags = 0;
+        x->mm[i].msg_len = 0;
+    }
+    int r = recvmmsg(fd, x->mm, x->batch, MSG_DONTWAIT, NULL);
+    x->c.syscalls++;
+    if (r < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            x->c.rx_errors[kind]++; /* e.g. ECONNREFUSED from an earlier ICMP error */
+        return;
+    }
+    x->c.batches[IPS_IN]++;
+    for (int i = 0; i < r; i++) {
+        struct msghdr *m = &x->mm[i].msg_hdr;
+        if (m->msg_flags & MSG_TRUNC) {
+            x->c.rx_errors[kind]++;
+            continue;
+        }
+        datagram(x, kind, x->iov[i].iov_base, x->mm[i].msg_len, m);
+    }
+    ips_pq_push(&x->f->punts, &x->punts, 0);
+    ips_fwd_account(x->f, &x->c, 0);
+    ips_fwd_wake_for_events(x->f);
+}
+
+void *ips_fwd_in_main(void *arg)
+{
+    ips_fwd *f = arg;
+    in_ctx x;
+    if (in_alloc(&x, f) != 0)
+        return NULL;
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.u32 = K_KINDS;
+    int ok = ep >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, f->stop_fd, &ev) == 0;
+    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
+    for (size_t i = 0; ok && i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
+        int k = rx_kinds[i];
+        if (f->port[k].fd < 0)
+            continue;
+        ev.data.u32 = (uint32_t)k;
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, f->port[k].fd, &ev) != 0) {
+            x.c.rx_errors[k]++;
+            ok = 0;
+        }
+    }
+    struct epoll_event got[K_KINDS + 1];
+    while (ok) {
+        int r = ips_fwd_wait(f, ep, got, K_KINDS + 1);
+        if (r < 0)
+            break;
+        for (int i = 0; i < r; i++)
+            if (got[i].data.u32 < K_KINDS)
+                round_in(&x, (int)got[i].data.u32);
+    }
+    ips_fwd_account(f, &x.c, 0);
+    if (ep >= 0)
+        close(ep);
+    in_free(&x);
+    return NULL;
+}
