@@ -43,7 +43,7 @@ def extensions() -> list[Extension]:
             "ipsecstack.native._engine",
             sources=[f"{NATIVE}/{name}.c" for name in (
                     "_engine", "batch", "params", "esp", "cipher", "replay", "sa", "table",
-                    "fwd", "fwd_out", "fwd_in", "flowcache", "punt", "pyfwd",
+                    "fwd", "fwd_out", "fwd_in", "fwd_seg", "fwd_coal", "flowcache", "punt", "pyfwd",
                 )],
             depends=[f"{NATIVE}/{h}.h" for h in ("engine", "pyglue", "engine_obj", "fwd")],
             include_dirs=inc,

@@ -8,8 +8,14 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
 
 #include "fwd.h"
 
@@ -52,10 +58,21 @@ ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size
 
 int ips_fwd_run(ips_fwd *f, const char **why)
 {
+    f->in_ctx = ips_fwd_in_new(f);
+    f->out_ctx = ips_fwd_out_new(f);
+    if (f->in_ctx == NULL || f->out_ctx == NULL) {
+        /* the buffers: about 2 x batch x 64 KB per thread, or an fd that epoll refuses */
+        *why = "cannot allocate the threads' buffers or their epoll sets (lower batch?)";
+        f->failed = 1;
+        ips_fwd_stop(f);
+        return -1;
+    }
     void *(*mains[2])(void *) = {ips_fwd_in_main, ips_fwd_out_main};
+    void *ctx[2] = {f->in_ctx, f->out_ctx};
     for (int d = 0; d < 2; d++) {
-        if (pthread_create(&f->threads[d], NULL, mains[d], f) != 0) {
+        if (pthread_create(&f->threads[d], NULL, mains[d], ctx[d]) != 0) {
             *why = "cannot create a forwarder thread";
+            f->failed = 1;
             ips_fwd_stop(f);
             return -1;
         }
@@ -79,7 +96,17 @@ void ips_fwd_stop(ips_fwd *f)
             f->started[d] = 0;
         }
     f->running = 0;
-    ips_pq_free(&f->punts); /* pending punts and the eventfd Python watched */
+    ips_fwd_out_free(f->out_ctx);
+    ips_fwd_in_free(f->in_ctx);
+    f->out_ctx = NULL;
+    f->in_ctx = NULL;
+    if (f->gro) { /* Python reads the socket again: one datagram per receive */
+        int off = 0;
+        for (int k = K_UDP4; k <= K_UDP6; k++)
+            if (f->port[k].fd >= 0)
+                (void)setsockopt(f->port[k].fd, SOL_UDP, UDP_GRO, &off, sizeof(off));
+    }
+    ips_pq_free(&f->punts); /* pending punts and the eventfd Python watched (its counters stay) */
     if (f->stop_fd >= 0)
         close(f->stop_fd);
     f->stop_fd = -1;

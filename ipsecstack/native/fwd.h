@@ -139,19 +139,66 @@ void ips_pq_push(ips_puntq *q, ips_punt_list *l, int wake); /* wake: signal even
 ips_punt *ips_pq_take(ips_puntq *q, uint32_t max, uint32_t events_pending);
 void ips_punt_free_chain(ips_punt *p);
 
+/* ---- fwd_seg.c: TUN offloads (virtio_net_hdr, checksums, TSO/USO segmentation) --------------- */
+
+typedef struct {
+    unsigned flags, gso_type, hdr_len, gso_size, csum_start, csum_offset;
+} ips_vnet;
+
+/* A super-packet's segmentation: headers (l3 + transport) copied into every segment. */
+typedef struct {
+    uint32_t l3, hdrs, gso, count;
+    size_t len;
+    uint8_t proto;
+} ips_seg;
+
+uint32_t ips_csum_add(uint32_t sum, const uint8_t *p, size_t n); /* ones' complement sum, folded */
+unsigned ips_csum_fold(uint32_t sum);                            /* folded and complemented */
+uint32_t ips_pseudo_sum(const uint8_t *ip, unsigned proto, size_t l4_len);
+void ips_vnet_read(const uint8_t *h, ips_vnet *v);
+void ips_vnet_write(uint8_t *h, size_t hlen, const ips_vnet *v); /* v NULL: all zero */
+/* finish a NEEDS_CSUM checksum in place */
+ips_reason ips_csum_complete(uint8_t *pkt, size_t len, unsigned start, unsigned offset);
+/* check a GSO super-packet and plan its segments; IPS_OK or why it is dropped */
+ips_reason ips_seg_plan(const uint8_t *pkt, size_t len, const ips_vnet *v, ips_seg *s);
+/* write segment i (< s->count) of pkt to out (room: s->hdrs + s->gso); its length */
+size_t ips_seg_write(const uint8_t *pkt, const ips_seg *s, uint32_t i, uint8_t *out);
+
+/* ---- fwd_coal.c: inbound TCP coalescing into GSO super-packets for a vnet_hdr TUN ------------ */
+
+#define IPS_COAL_MAX 64 /* segments in one super-packet */
+#define IPS_COAL_OPEN 8 /* flows coalesced at once */
+
+typedef struct ips_fwd ips_fwd;
+typedef struct ips_fwd_counters ips_fwd_counters;
+
+typedef struct {
+    uint8_t *pkt; /* the inner packet; VNET_ROOM bytes before it are free for a virtio_net_hdr */
+    uint32_t len;
+} ips_delivery;
+
+#define IPS_VNET_ROOM 16
+
+/* Write `n` decrypted packets to the inner fd: one write each, or (coalesce) TCP runs as one. */
+void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, int coalesce);
+
 /* ---- fwd.c ---------------------------------------------------------------------------------- */
 
 enum { K_UDP4 = 0, K_UDP6, K_ESP4, K_ESP6, K_RAW4, K_RAW6, K_TUN, K_KINDS };
 extern const char *const ips_fd_kind_name[K_KINDS];
 
-typedef struct {
+struct ips_fwd_counters {
     uint64_t packets[2], bytes[2]; /* forwarded, by IPS_IN / IPS_OUT */
     uint64_t syscalls, batches[2];
+    uint64_t tso_super, tso_segments, csum_completed; /* outbound, vnet_hdr TUN */
+    uint64_t gso_sends, gso_segments;                 /* outbound, UDP_SEGMENT */
+    uint64_t gro_super, gro_segments;                 /* inbound, UDP_GRO */
+    uint64_t coal_writes, coal_segments;              /* inbound, coalesced TCP on a vnet_hdr TUN */
     uint64_t tx_errors[K_KINDS], rx_errors[K_KINDS];
     uint64_t drops[IPS_R_COUNT];
     uint64_t engine_drops[IPS_R_COUNT]; /* this batch's share of the engine-wide drops */
     uint64_t engine_packets;            /* packets given to protect / unprotect */
-} ips_fwd_counters;
+};
 
 typedef struct {
     int fd;
@@ -160,15 +207,22 @@ typedef struct {
     int bound;         /* esp: bound to one address */
 } ips_fwd_port;
 
-typedef struct ips_fwd {
+struct ips_fwd {
     EngineObject *engine;
     int tun_fd;
+    int tso;       /* the inner fd carries a virtio_net_hdr of vnet_len bytes (IFF_VNET_HDR) */
+    int vnet_len;  /* 10 or 12 */
+    int coalesce;  /* inbound: TCP segments of a flow written as one GSO super-packet (needs tso) */
+    int gso, gro;  /* UDP_SEGMENT sends, UDP_GRO receives on the udp4/udp6 sockets */
+    int failed;    /* a thread could not start (buffers, epoll): fwd_stats says so */
     ips_fwd_port port[K_KINDS]; /* fd -1: absent */
     uint32_t batch;
     int stop_fd;
     int stop; /* __atomic */
     pthread_t threads[2];
     int started[2];
+    struct ips_fwd_out_ctx *out_ctx;
+    struct ips_fwd_in_ctx *in_ctx;
     int running;
     ips_puntq punts;
     ips_flowcache cache[2]; /* by IPS_IN / IPS_OUT */
@@ -176,7 +230,7 @@ typedef struct ips_fwd {
     pthread_mutex_t stats_lock;
     ips_fwd_counters c;
     int ready;
-} ips_fwd;
+};
 
 /* flush a thread's private counters of one batch into the shared ones and the engine's */
 void ips_fwd_account(ips_fwd *f, ips_fwd_counters *local, int outbound);
@@ -191,7 +245,12 @@ int ips_fwd_run(ips_fwd *f, const char **why); /* start both threads */
 void ips_fwd_stop(ips_fwd *f);                 /* join, free the punts, close the eventfds; idempotent */
 void ips_fwd_free(ips_fwd *f);
 
-void *ips_fwd_out_main(void *arg); /* fwd_out.c */
-void *ips_fwd_in_main(void *arg);  /* fwd_in.c */
+/* Each thread's buffers and epoll set, made by ips_fwd_run before the thread starts (NULL: no memory) */
+struct ips_fwd_out_ctx *ips_fwd_out_new(ips_fwd *f); /* fwd_out.c */
+void ips_fwd_out_free(struct ips_fwd_out_ctx *x);
+struct ips_fwd_in_ctx *ips_fwd_in_new(ips_fwd *f); /* fwd_in.c */
+void ips_fwd_in_free(struct ips_fwd_in_ctx *x);
+void *ips_fwd_out_main(void *ctx); /* fwd_out.c */
+void *ips_fwd_in_main(void *ctx);  /* fwd_in.c */
 
 #endif

@@ -15,24 +15,43 @@
  * (esp.c checks every length, the encapsulation and the replay window) under the table's read lock
  * and the SA's mutex; the inner packet goes to the inner fd when its (SPI, flow) is in the inbound
  * cache, else it is punted ("in"). Receive errors and truncated datagrams are counted per socket.
+ *
+ * Locks per round, not per packet: the table's read lock is held over the whole round and an SA's
+ * mutex over a run of consecutive packets of that SA. Decrypted packets for the inner fd are kept in
+ * an arena (with IPS_VNET_ROOM bytes of room before each for a virtio_net_hdr) and written at the
+ * end of the round, or earlier when the arena is full (fwd_coal.c: one write each, or coalesced TCP
+ * on a vnet_hdr TUN).
+ *
+ * gro: with UDP_GRO on the udp4/udp6 socket a receive may return several datagrams of one flow glued
+ * together, with a UDP_GRO control message giving their size (all but the last are that size). They
+ * are cut apart here and handled one by one, in order; the header of piece i is rebuilt in the last
+ * bytes of piece i - 1, which has been handled (decrypted to the arena or punted as a copy) by then.
  */
 #define _GNU_SOURCE 1 /* recvmmsg, sendmmsg, in6_pktinfo */
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <netinet/udp.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "fwd.h"
 
 #define HEAD 64
+#define GRO_MAX 64 /* datagrams in one UDP_GRO receive (the kernel's UDP_MAX_SEGMENTS) */
 #define BUF_SIZE (HEAD + 65536)
 #define CTL_SIZE 256
 
-typedef struct {
+typedef struct ips_fwd_in_ctx {
     ips_fwd *f;
     uint32_t batch;
-    uint8_t *bufs, *ctl, *inner;
+    int ep;
+    uint8_t *bufs, *ctl;
+    uint8_t *arena; /* decrypted packets waiting for the inner fd */
+    size_t arena_size, arena_used;
+    ips_delivery *dl;
+    uint32_t ndl, dl_cap;
+    ips_sa *sa; /* the SA whose mutex is held, under the table's read lock */
     struct mmsghdr *mm;
     struct iovec *iov;
     struct sockaddr_in6 *names;
@@ -51,32 +70,57 @@ static unsigned be16(const uint8_t *p)
     return ((unsigned)p[0] << 8) | p[1];
 }
 
-static void in_free(in_ctx *x)
+void ips_fwd_in_free(in_ctx *x)
 {
+    if (x == NULL)
+        return;
+    if (x->ep >= 0)
+        close(x->ep);
     free(x->bufs);
     free(x->ctl);
-    free(x->inner);
+    free(x->arena);
+    free(x->dl);
     free(x->mm);
     free(x->iov);
     free(x->names);
+    free(x);
 }
 
-static int in_alloc(in_ctx *x, ips_fwd *f)
+in_ctx *ips_fwd_in_new(ips_fwd *f)
 {
-    memset(x, 0, sizeof(*x));
+    in_ctx *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return NULL;
     x->f = f;
     x->batch = f->batch;
     size_t b = f->batch;
     x->bufs = malloc(b * BUF_SIZE);
     x->ctl = malloc(b * CTL_SIZE);
-    x->inner = malloc(BUF_SIZE);
+    x->arena_size = b * BUF_SIZE;
+    x->arena = malloc(x->arena_size);
+    x->dl_cap = (uint32_t)(b * (f->gro ? GRO_MAX : 1));
+    x->dl = calloc(x->dl_cap, sizeof(*x->dl));
     x->mm = calloc(b, sizeof(*x->mm));
     x->iov = calloc(b, sizeof(*x->iov));
     x->names = calloc(b, sizeof(*x->names));
-    if (x->bufs && x->ctl && x->inner && x->mm && x->iov && x->names)
-        return 0;
-    in_free(x);
-    return -1;
+    x->ep = epoll_create1(EPOLL_CLOEXEC);
+    int ok = x->bufs && x->ctl && x->arena && x->dl && x->mm && x->iov && x->names && x->ep >= 0;
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.u32 = K_KINDS;
+    ok = ok && epoll_ctl(x->ep, EPOLL_CTL_ADD, f->stop_fd, &ev) == 0;
+    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
+    for (size_t i = 0; ok && i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
+        int k = rx_kinds[i];
+        if (f->port[k].fd < 0)
+            continue;
+        ev.data.u32 = (uint32_t)k;
+        ok = epoll_ctl(x->ep, EPOLL_CTL_ADD, f->port[k].fd, &ev) == 0;
+    }
+    if (!ok) {
+        ips_fwd_in_free(x);
+        return NULL;
+    }
+    return x;
 }
 
 static void drop(in_ctx *x, ips_reason r)
@@ -89,6 +133,7 @@ typedef struct {
     uint8_t dst[16];
     int have_dst;
     unsigned tos, ttl;
+    unsigned gro; /* UDP_GRO: the size of the glued datagrams, 0 for one */
 } rx_meta;
 
 static void read_cmsgs(struct msghdr *m, int v4, rx_meta *meta)
@@ -110,6 +155,8 @@ static void read_cmsgs(struct msghdr *m, int v4, rx_meta *meta)
             } else if (cm->cmsg_type == IP_TTL && dlen >= sizeof(int)) {
                 meta->ttl = (unsigned)iv & 0xFF;
             }
+        } else if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO && dlen >= sizeof(int)) {
+            meta->gro = iv > 0 ? (unsigned)iv : 0;
         } else if (!v4 && cm->cmsg_level == IPPROTO_IPV6) {
             if (cm->cmsg_type == IPV6_PKTINFO && dlen >= sizeof(struct in6_pktinfo)) {
                 memcpy(meta->dst, d, 16);
@@ -163,7 +210,25 @@ static uint8_t *build_v6(uint8_t *at, size_t payload, const rx_meta *m, unsigned
     return h;
 }
 
-/* Unprotect one ESP packet (pkt, n bytes, whole IP datagram) and deliver or punt its inner packet. */
+static void sa_release(in_ctx *x)
+{
+    if (x->sa != NULL)
+        pthread_mutex_unlock(&x->sa->lock);
+    x->sa = NULL;
+}
+
+/* Write what waits in the arena to the inner fd (the SA mutex is let go first). */
+static void deliver(in_ctx *x)
+{
+    sa_release(x);
+    if (x->ndl > 0)
+        ips_deliver(x->f, &x->c, x->dl, x->ndl, x->f->coalesce);
+    x->ndl = 0;
+    x->arena_used = 0;
+}
+
+/* Unprotect one ESP packet (pkt, n bytes, whole IP datagram) and queue or punt its inner packet.
+ * The caller holds the table's read lock. */
 static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
 {
     EngineObject *e = x->f->engine;
@@ -173,20 +238,23 @@ static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
         drop(x, r);
         return;
     }
-    size_t out_len = 0;
-    pthread_rwlock_rdlock(&e->table_lock);
-    ips_sa *sa = ips_table_find(e, IPS_IN, loc.spi);
-    if (sa == NULL) {
-        pthread_rwlock_unlock(&e->table_lock);
-        ips_pl_add(&x->punts, IPS_PUNT_OUTER, 0, pkt, n); /* Python's SA, or an unknown SPI it counts */
-        return;
+    if (x->ndl == x->dl_cap || x->arena_size - x->arena_used < IPS_VNET_ROOM + n + 16)
+        deliver(x);
+    if (x->sa == NULL || x->sa->spi != loc.spi) {
+        sa_release(x);
+        ips_sa *sa = ips_table_find(e, IPS_IN, loc.spi);
+        if (sa == NULL) {
+            ips_pl_add(&x->punts, IPS_PUNT_OUTER, 0, pkt, n); /* Python's SA, or an unknown SPI it counts */
+            return;
+        }
+        pthread_mutex_lock(&sa->lock);
+        x->sa = sa;
     }
-    pthread_mutex_lock(&sa->lock);
-    r = ips_unprotect(sa, pkt, &loc, x->inner, BUF_SIZE, &out_len);
+    uint8_t *out = x->arena + x->arena_used + IPS_VNET_ROOM;
+    size_t out_len = 0;
+    r = ips_unprotect(x->sa, pkt, &loc, out, x->arena_size - x->arena_used - IPS_VNET_ROOM, &out_len);
     if (r != IPS_OK)
-        sa->drops[r]++;
-    pthread_mutex_unlock(&sa->lock);
-    pthread_rwlock_unlock(&e->table_lock);
+        x->sa->drops[r]++;
     x->c.engine_packets++;
     if (r != IPS_OK) {
         drop(x, r);
@@ -196,30 +264,23 @@ static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
     uint32_t v;
     int known = 0;
     ips_flowcache *c = &x->f->cache[IPS_IN];
-    if (ips_flow_of(x->inner, out_len, loc.spi, &k) == 0) {
+    if (ips_flow_of(out, out_len, loc.spi, &k) == 0) {
         pthread_mutex_lock(&c->lock);
         known = ips_fc_lookup(c, &k, &v);
         pthread_mutex_unlock(&c->lock);
     }
     if (!known) {
-        ips_pl_add(&x->punts, IPS_PUNT_IN, loc.spi, x->inner, out_len);
+        ips_pl_add(&x->punts, IPS_PUNT_IN, loc.spi, out, out_len);
         return;
     }
-    ssize_t w;
-    do
-        w = write(x->f->tun_fd, x->inner, out_len);
-    while (w < 0 && errno == EINTR);
-    x->c.syscalls++;
-    if (w < 0) {
-        x->c.tx_errors[K_TUN]++;
-    } else {
-        x->c.packets[IPS_IN]++;
-        x->c.bytes[IPS_IN] += out_len;
-    }
+    x->dl[x->ndl].pkt = out;
+    x->dl[x->ndl].len = (uint32_t)out_len;
+    x->ndl++;
+    x->arena_used += IPS_VNET_ROOM + ((out_len + 15) & ~(size_t)15);
 }
 
 /* One received datagram of socket kind `kind`: rebuild, sort, hand on. */
-static void datagram(in_ctx *x, int kind, uint8_t *payload, size_t n, struct msghdr *m)
+static void datagram(in_ctx *x, int kind, uint8_t *payload, size_t n, struct msghdr *m, const rx_meta *rm)
 {
     const ips_fwd_port *port = &x->f->port[kind];
     int v4 = kind == K_UDP4 || kind == K_ESP4;
@@ -237,9 +298,7 @@ static void datagram(in_ctx *x, int kind, uint8_t *payload, size_t n, struct msg
         x->c.rx_errors[kind]++;
         return;
     }
-    rx_meta meta = {.tos = 0, .ttl = 64, .have_dst = 0};
-    memcpy(meta.dst, port->local, 16);
-    read_cmsgs(m, v4, &meta);
+    rx_meta meta = *rm;
     const struct sockaddr_in6 *from6 = m->msg_name;
     const struct sockaddr_in *from4 = m->msg_name;
     if (m->msg_namelen < (v4 ? sizeof(*from4) : sizeof(*from6))) {
@@ -304,14 +363,36 @@ static void round_in(in_ctx *x, int kind)
         return;
     }
     x->c.batches[IPS_IN]++;
+    pthread_rwlock_rdlock(&x->f->engine->table_lock);
+    int v4 = kind == K_UDP4 || kind == K_ESP4;
     for (int i = 0; i < r; i++) {
         struct msghdr *m = &x->mm[i].msg_hdr;
         if (m->msg_flags & MSG_TRUNC) {
             x->c.rx_errors[kind]++;
             continue;
         }
-        datagram(x, kind, x->iov[i].iov_base, x->mm[i].msg_len, m);
+        rx_meta meta = {.tos = 0, .ttl = 64, .have_dst = 0, .gro = 0};
+        memcpy(meta.dst, x->f->port[kind].local, 16);
+        if (kind != K_ESP4)
+            read_cmsgs(m, v4, &meta);
+        uint8_t *p = x->iov[i].iov_base;
+        size_t n = x->mm[i].msg_len;
+        if (meta.gro == 0 || meta.gro >= n) {
+            datagram(x, kind, p, n, m, &meta);
+            continue;
+        }
+        x->c.gro_super++;
+        for (size_t off = 0, pieces = 0; off < n && pieces < GRO_MAX + 1; off += meta.gro, pieces++) {
+            size_t len = n - off < meta.gro ? n - off : meta.gro;
+            x->c.gro_segments++;
+            datagram(x, kind, p + off, len, m, &meta);
+        }
+        if ((size_t)meta.gro * (GRO_MAX + 1) < n)
+            drop(x, IPS_R_MALFORMED); /* more pieces than the kernel ever glues */
     }
+    sa_release(x);
+    pthread_rwlock_unlock(&x->f->engine->table_lock);
+    deliver(x);
     ips_pq_push(&x->f->punts, &x->punts, 0);
     ips_fwd_account(x->f, &x->c, 0);
     ips_fwd_wake_for_events(x->f);
@@ -319,37 +400,16 @@ static void round_in(in_ctx *x, int kind)
 
 void *ips_fwd_in_main(void *arg)
 {
-    ips_fwd *f = arg;
-    in_ctx x;
-    if (in_alloc(&x, f) != 0)
-        return NULL;
-    int ep = epoll_create1(EPOLL_CLOEXEC);
-    struct epoll_event ev = {.events = EPOLLIN};
-    ev.data.u32 = K_KINDS;
-    int ok = ep >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, f->stop_fd, &ev) == 0;
-    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
-    for (size_t i = 0; ok && i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
-        int k = rx_kinds[i];
-        if (f->port[k].fd < 0)
-            continue;
-        ev.data.u32 = (uint32_t)k;
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, f->port[k].fd, &ev) != 0) {
-            x.c.rx_errors[k]++;
-            ok = 0;
-        }
-    }
+    in_ctx *x = arg;
     struct epoll_event got[K_KINDS + 1];
-    while (ok) {
-        int r = ips_fwd_wait(f, ep, got, K_KINDS + 1);
+    for (;;) {
+        int r = ips_fwd_wait(x->f, x->ep, got, K_KINDS + 1);
         if (r < 0)
             break;
         for (int i = 0; i < r; i++)
             if (got[i].data.u32 < K_KINDS)
-                round_in(&x, (int)got[i].data.u32);
+                round_in(x, (int)got[i].data.u32);
     }
-    ips_fwd_account(f, &x.c, 0);
-    if (ep >= 0)
-        close(ep);
-    in_free(&x);
+    ips_fwd_account(x->f, &x->c, 0);
     return NULL;
 }

@@ -1,7 +1,8 @@
 /*
  * The forwarder's methods of Engine (see fwd.h for the theory of operation):
  *
- *   fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536) -> eventfd
+ *   fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536,
+ *             tso=False, coalesce=False, gso=False, gro=False) -> eventfd
  *   fwd_stop()                       stop and join the threads; idempotent (dealloc calls it)
  *   learn_out(pkt, spi | None)       pkt's flow: protect with outbound SA spi, or discard
  *   learn_in(spi, inner)             inner's flow passed the inbound policy check for SA spi
@@ -19,8 +20,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
 
 #include "fwd.h"
 #include "pyglue.h"
@@ -132,13 +137,48 @@ static int parse_outer(PyObject *outer, ips_fwd_port *ports)
     return rc;
 }
 
+/* tso: the virtio_net_hdr size of a TUN opened with IFF_VNET_HDR; another packet fd (a socketpair in
+ * the tests) is taken to carry the 10-byte header. -1 with an exception when the TUN has none. */
+static int vnet_len_of(int fd)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    if (ioctl(fd, TUNGETIFF, &ifr) != 0)
+        return 10; /* not a TUN */
+    if (!(ifr.ifr_flags & IFF_VNET_HDR)) {
+        PyErr_Format(PyExc_ValueError, "tso=True: the TUN %s has no virtio_net_hdr; open it with "
+                     "TunPort(..., vnet_hdr=True)", ifr.ifr_name);
+        return -1;
+    }
+    int sz = 0;
+    if (ioctl(fd, TUNGETVNETHDRSZ, &sz) != 0 || (sz != 10 && sz != 12)) {
+        PyErr_Format(PyExc_ValueError, "tso=True: the TUN's virtio_net_hdr is %d bytes; use 10 or 12", sz);
+        return -1;
+    }
+    return sz;
+}
+
+static int set_gro(const ips_fwd_port *ports, int on)
+{
+    for (int k = K_UDP4; k <= K_UDP6; k++)
+        if (ports[k].fd >= 0 && setsockopt(ports[k].fd, SOL_UDP, UDP_GRO, &on, sizeof(on)) != 0) {
+            PyErr_Format(PyExc_OSError, "gro=True: setsockopt(UDP_GRO) on the %s socket: %s", ips_fd_kind_name[k],
+                         strerror(errno));
+            return -1;
+        }
+    return 0;
+}
+
 PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"tun_fd", "outer", "batch", "punt_capacity", "cache_size", NULL};
+    static char *kwlist[] = {"tun_fd", "outer", "batch", "punt_capacity", "cache_size",
+                             "tso", "coalesce", "gso", "gro", NULL};
     int tun_fd;
     PyObject *outer, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL;
     long batch = 64, cap = 4096, cache = 65536;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|$OOO", kwlist, &tun_fd, &outer, &batch_o, &cap_o, &cache_o) ||
+    int tso = 0, coalesce = 0, gso = 0, gro = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|$OOOpppp", kwlist, &tun_fd, &outer, &batch_o, &cap_o,
+                                     &cache_o, &tso, &coalesce, &gso, &gro) ||
         in_range(batch_o, "batch", 1, 1024, &batch) != 0 || in_range(cap_o, "punt_capacity", 1, 1 << 20, &cap) != 0 ||
         in_range(cache_o, "cache_size", 1, 1 << 24, &cache) != 0)
         return NULL;
@@ -161,6 +201,13 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         ports[k].fd = -1;
     if (parse_outer(outer, ports) != 0)
         return NULL;
+    if (coalesce && !tso) {
+        PyErr_SetString(PyExc_ValueError, "coalesce=True needs tso=True (a TUN with a virtio_net_hdr)");
+        return NULL;
+    }
+    int vnet_len = tso ? vnet_len_of(tun_fd) : 0;
+    if (vnet_len < 0 || (gro && set_gro(ports, 1) != 0))
+        return NULL;
     uint32_t slots = 16;
     while (slots < (uint32_t)cache)
         slots <<= 1;
@@ -175,12 +222,21 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     if (f != NULL) {
         f->engine = self;
         f->tun_fd = tun_fd;
+        f->tso = tso;
+        f->vnet_len = vnet_len;
+        f->coalesce = coalesce;
+        f->gso = gso;
+        f->gro = gro;
         memcpy(f->port, ports, sizeof(ports));
         rc = ips_fwd_run(f, &why);
     }
     Py_END_ALLOW_THREADS
-    if (f == NULL)
+    if (f == NULL) {
+        if (gro)
+            (void)set_gro(ports, 0);
+        PyErr_Clear();
         return PyErr_Format(PyExc_OSError, "cannot start the forwarder: %s", why);
+    }
     self->fwd = f;
     if (rc != 0)
         return PyErr_Format(PyExc_OSError, "cannot start the forwarder: %s", why);
@@ -317,7 +373,7 @@ typedef struct {
     ips_fwd_counters c;
     uint64_t entries[2], hits[2], misses[2], flushes;
     uint64_t queued[IPS_PUNT_KINDS], dropped, waiting;
-    int running;
+    int running, failed, tso, coalesce, gso, gro;
 } fwd_snapshot;
 
 static void snapshot(ips_fwd *f, fwd_snapshot *s)
@@ -345,7 +401,15 @@ static void snapshot(ips_fwd *f, fwd_snapshot *s)
         s->dropped = f->punts.dropped;
         s->waiting = f->punts.count;
         pthread_mutex_unlock(&f->punts.lock);
+    } else { /* stopped: the threads are joined, the queue's counters stay as they were */
+        memcpy(s->queued, f->punts.queued, sizeof(s->queued));
+        s->dropped = f->punts.dropped;
     }
+    s->failed = f->failed;
+    s->tso = f->tso;
+    s->coalesce = f->coalesce;
+    s->gso = f->gso;
+    s->gro = f->gro;
 }
 
 static PyObject *per_kind(const uint64_t *v)
@@ -386,7 +450,17 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
     Py_END_ALLOW_THREADS
     self->fwd_users--;
     const ips_fwd_counters *c = &s.c;
-    return Py_BuildValue(
+    PyObject *d = Py_BuildValue(
+        "{s:O,s:O,s:{s:O,s:O,s:O,s:O},s:{s:K,s:K,s:K},s:{s:K,s:K},s:{s:K,s:K},s:{s:K,s:K}}", "failed",
+        s.failed ? Py_True : Py_False, "vnet_hdr", s.tso ? Py_True : Py_False, "offloads", "tso",
+        s.tso ? Py_True : Py_False, "coalesce", s.coalesce ? Py_True : Py_False, "gso", s.gso ? Py_True : Py_False,
+        "gro", s.gro ? Py_True : Py_False, "tso", "super", U(c->tso_super), "segments", U(c->tso_segments),
+        "csum_completed", U(c->csum_completed), "gso", "sends", U(c->gso_sends), "segments", U(c->gso_segments),
+        "gro", "super", U(c->gro_super), "segments", U(c->gro_segments), "coalesced", "writes", U(c->coal_writes),
+        "segments", U(c->coal_segments));
+    if (d == NULL)
+        return NULL;
+    PyObject *base = Py_BuildValue(
         "{s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K},s:K,s:K,s:N,s:N,"
         "s:{s:{s:K,s:K,s:K},s:{s:K,s:K,s:K},s:K},s:N}",
         "running", s.running ? Py_True : Py_False, "out_packets", U(c->packets[IPS_OUT]), "out_bytes",
@@ -397,4 +471,8 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
         "rx_errors", per_kind(c->rx_errors), "cache", "out", "entries", U(s.entries[IPS_OUT]), "hits",
         U(s.hits[IPS_OUT]), "misses", U(s.misses[IPS_OUT]), "in", "entries", U(s.entries[IPS_IN]), "hits",
         U(s.hits[IPS_IN]), "misses", U(s.misses[IPS_IN]), "flushes", U(s.flushes), "drops", reasons(c->drops));
+    if (base == NULL || PyDict_Update(base, d) != 0)
+        Py_CLEAR(base);
+    Py_DECREF(d);
+    return base;
 }
