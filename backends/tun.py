@@ -15,6 +15,13 @@ was added, in reverse, then closes the descriptor. pyroute2 0.9 runs its netlink
 asyncio loop of its own, which cannot nest in the runtime's running loop (and uvloop cannot open
 netlink endpoints), so these few rtnetlink calls run in a short-lived thread that the caller joins.
 
+With ``vnet_hdr=True`` the device is opened with ``IFF_VNET_HDR`` (``TUNSETVNETHDRSZ`` 10) and
+``TUNSETOFFLOAD`` (``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6``, plus ``TUN_F_USO4 | TUN_F_USO6`` where the
+kernel has them, Linux 6.2): the kernel then hands over TCP (UDP) super-packets of up to 64 KB and
+unfinished checksums, which the native forwarder cuts and finishes in C (``fwd_start(tso=True)``);
+``read_batch``/``write_batch`` strip and add the header and cut super-packets themselves
+(backends/tun_offload.py), so to every other caller the port still moves plain IP packets.
+
 The runtime drives it by readiness (DESIGN.md §3-4): ``attach`` registers the descriptor with
 ``loop.add_reader``; ``read_batch`` calls ``os.read`` until ``EAGAIN`` or ``limit`` packets;
 ``write_batch`` calls ``os.write`` once per packet and counts whatever the kernel refuses
@@ -35,12 +42,17 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from backends import tun_offload
 from ipsecstack.runtime.io import BackendError, PortStats
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_TUN_EXCL = 0x8000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
 IFNAMSIZ = 16
 IFA_F_NODAD = 0x02
 READ_SIZE = 65535  # a TUN read returns at most one packet; a bigger buffer never truncates
@@ -75,7 +87,7 @@ def _off_loop(fn: Callable[[], T], what: str) -> T:
     return value  # type: ignore[no-any-return]
 
 
-def _open_tun(name: str, dev_path: str) -> int:
+def _open_tun(name: str, dev_path: str, extra_flags: int = 0) -> int:
     """Open the TUN clone device and create the interface ``name``; BackendError says what is missing."""
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
         raise BackendError(f"TUN device name {name!r} is not a valid interface name (1-15 characters, no '/')")
@@ -90,7 +102,7 @@ def _open_tun(name: str, dev_path: str) -> int:
         raise BackendError(f"cannot open {dev_path}: permission denied; run as root or with CAP_NET_ADMIN") from None
     except OSError as e:
         raise BackendError(f"cannot open {dev_path}: {e.strerror}") from None
-    ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL)
+    ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL | extra_flags)
     try:
         fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as e:
@@ -122,9 +134,12 @@ class TunPort:
         addresses: Iterable[str] = (),
         routes: Iterable[str] = (),
         dev_path: str = "/dev/net/tun",
+        vnet_hdr: bool = False,
     ) -> None:
         self.name = name
         self.mtu = mtu
+        self.vnet_hdr = vnet_hdr
+        self.offloads = 0  # the TUN_F_* flags the kernel accepted (vnet_hdr only)
         self.stats = PortStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._added_addrs: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
@@ -135,8 +150,10 @@ class TunPort:
             nets = [ipaddress.ip_network(r, strict=False) for r in routes]
         except ValueError as e:
             raise BackendError(f"TUN {name}: {e}") from None
-        self._fd = _open_tun(name, dev_path)
+        self._fd = _open_tun(name, dev_path, IFF_VNET_HDR if vnet_hdr else 0)
         try:
+            if vnet_hdr:
+                self._set_offloads()
             _off_loop(lambda: self._configure(mtu, addrs, nets), "configure")
         except BaseException:
             self._undo()
@@ -145,6 +162,23 @@ class TunPort:
             raise
 
     # --- setup ------------------------------------------------------------------------------------
+
+    def _set_offloads(self) -> None:
+        """Header size 10; checksum + TSO4/6 offloads, and USO4/6 where the kernel knows them."""
+        try:
+            fcntl.ioctl(self._fd, TUNSETVNETHDRSZ, struct.pack("i", tun_offload.VNET_HDR_LEN))
+        except OSError as e:
+            raise BackendError(f"TUN {self.name}: TUNSETVNETHDRSZ: {e.strerror}") from None
+        base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        for flags in (base | TUN_F_USO4 | TUN_F_USO6, base):
+            try:
+                fcntl.ioctl(self._fd, TUNSETOFFLOAD, flags)
+            except OSError as e:
+                if e.errno == errno.EINVAL and flags != base:
+                    continue  # a kernel before 6.2: no UDP segmentation offload
+                raise BackendError(f"TUN {self.name}: TUNSETOFFLOAD: {e.strerror}") from None
+            self.offloads = flags
+            return
 
     def _configure(
         self,
@@ -230,9 +264,10 @@ class TunPort:
             return out
         read = os.read
         nbytes = 0
+        size = READ_SIZE + (tun_offload.VNET_HDR_LEN if self.vnet_hdr else 0)
         while len(out) < limit:
             try:
-                pkt = read(fd, READ_SIZE)
+                pkt = read(fd, size)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -242,6 +277,13 @@ class TunPort:
                 break
             if not pkt:
                 break
+            if self.vnet_hdr:
+                pkts = tun_offload.unwrap(pkt)
+                if not pkts:
+                    self.stats.rx_errors += 1  # a virtio_net_hdr that does not parse
+                out.extend(pkts)
+                nbytes += sum(len(p) for p in pkts)
+                continue
             out.append(pkt)
             nbytes += len(pkt)
         self.stats.rx_packets += len(out)
@@ -257,9 +299,10 @@ class TunPort:
         write = os.write
         sent = 0
         nbytes = 0
+        wrap = tun_offload.wrap if self.vnet_hdr else None
         for pkt in packets:
             try:
-                write(fd, pkt)
+                write(fd, wrap(pkt) if wrap is not None else pkt)
             except OSError:  # EAGAIN (BlockingIOError), ENOBUFS, EINVAL, ...: drop, never queue
                 stats.tx_dropped += 1
                 continue
@@ -282,4 +325,4 @@ class TunPort:
         os.close(fd)
 
     def __repr__(self) -> str:
-        return f"TunPort({self.name!r}, mtu={self.mtu}, fd={self._fd})"
+        return f"TunPort({self.name!r}, mtu={self.mtu}, fd={self._fd}, vnet_hdr={self.vnet_hdr})"

@@ -7,8 +7,9 @@ answers the engine's punts (``out``: protect with the engine, write to the outer
 ``in``: write to the TUN, learn the flow; ``outer``: count) and drains lifetime events, until SIGTERM or
 its stdin closes; then it prints the forwarder's counters as one JSON line and exits.
 
-    fwd_peer.py OUTER LOCAL REMOTE TUN_ADDR REMOTE_NET SPI_OUT KEY_OUT SPI_IN KEY_IN
-    (OUTER: udp | esp; keys in hex)
+    fwd_peer.py OUTER LOCAL REMOTE TUN_ADDR REMOTE_NET SPI_OUT KEY_OUT SPI_IN KEY_IN [OFFLOADS [BATCH]]
+    (OUTER: udp | esp; keys in hex; OFFLOADS: "-" or a comma-separated subset of tso,coalesce,gso,gro,
+    the fwd_start keywords turned on -- tso also opens the TUN with vnet_hdr=True)
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def raw_fds(port: RawPort) -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     outer_kind, local, remote, tun_addr, remote_net, spi_out, key_out, spi_in, key_in = argv[1:10]
-    tun = TunPort(f"fwd{os.getpid() % 10000}", mtu=1400, addresses=[tun_addr], routes=[remote_net])
+    offloads = {o for o in (argv[10] if len(argv) > 10 else "-").split(",") if o and o != "-"}
+    batch = int(argv[11]) if len(argv) > 11 else 64
+    tun = TunPort(f"fwd{os.getpid() % 10000}", mtu=1400, addresses=[tun_addr], routes=[remote_net],
+                  vnet_hdr="tso" in offloads)  # fmt: skip
     encap = (4500, 4500) if outer_kind == "udp" else None
     port: Any
     if outer_kind == "udp":
@@ -59,7 +63,8 @@ def main(argv: list[str]) -> int:
     eng.install(int(spi_in), "in", TRANSFORM, bytes.fromhex(key_in), tunnel_src=_packed(remote),
                 tunnel_dst=_packed(local), **common)  # fmt: skip
     os.set_blocking(tun.fileno(), False)
-    efd = eng.fwd_start(tun.fileno(), fds, batch=64)
+    flags = {k: k in offloads for k in ("tso", "coalesce", "gso", "gro")}
+    efd = eng.fwd_start(tun.fileno(), fds, batch=batch, **flags)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     handled = {"out": 0, "in": 0, "outer": 0}
