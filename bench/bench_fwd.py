@@ -53,7 +53,8 @@ TESTS = {"tcp-1": ["-P", "1"], "tcp-4": ["-P", "4"], "udp-64": ["-u", "-b", "0",
 
 
 def start_peer(ns: nsutil.Netns, outer: str, local: str, remote: str, net: tuple[str, str], remote_net: str,
-               out: tuple[int, str], inn: tuple[int, str], offloads: str, batch: int) -> subprocess.Popen[bytes]:  # fmt: skip
+               out: tuple[int, str], inn: tuple[int, str], offloads: str,
+               batch: int) -> subprocess.Popen[bytes]:  # fmt: skip
     p = ns.popen(sys.executable, str(PEER), outer, local, remote, net[0], remote_net, str(out[0]), out[1],
                  str(inn[0]), inn[1], offloads, str(batch), stdin=subprocess.PIPE)  # fmt: skip
     assert p.stdout is not None
@@ -128,7 +129,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     by: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["config"], {})[r["test"]] = r
-    head = "| technique | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 64 B kpps | CPU µs/pkt TCP-1 | CPU µs/pkt UDP-64 |"
+    head = ("| technique | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 64 B kpps | CPU µs/pkt TCP-1 "
+            "| CPU µs/pkt UDP-64 |")  # fmt: skip
     lines = [head, "|---|---:|---:|---:|---:|---:|"]
     for config, t in by.items():
         udp = t.get("udp-64", {})

@@ -465,8 +465,10 @@ static uint32_t read_inner(out_ctx *x)
 static void round_out(out_ctx *x)
 {
     uint32_t n = read_inner(x);
-    if (n == 0)
+    if (n == 0) { /* only drops (bad headers, empty reads) or a read error: still counted now */
+        ips_fwd_account(x->f, &x->c, 1);
         return;
+    }
     x->c.batches[IPS_OUT]++;
     ips_flowcache *c = &x->f->cache[IPS_OUT];
     ips_flow k;
