@@ -59,9 +59,17 @@ class Engine:
         batch: int = 64,
         punt_capacity: int = 4096,
         cache_size: int = 65536,
+        tso: bool = False,
+        coalesce: bool = False,
+        gso: bool = False,
+        gro: bool = False,
     ) -> int:
         """Start; ``outer`` kinds: udp4/udp6 (ESP-in-UDP socket), esp4/esp6 (raw ESP rx), raw4/raw6 (IPPROTO_RAW tx).
-        Returns the punt eventfd (owned by the engine, closed by fwd_stop)."""
+        Returns the punt eventfd (owned by the engine, closed by fwd_stop).
+        Offloads: ``tso`` the TUN carries a virtio_net_hdr (TunPort(vnet_hdr=True)): super-packets are cut,
+        unfinished checksums finished, writes get a zero header; ``coalesce`` (needs tso) inbound TCP segments
+        of a flow written as one GSO super-packet; ``gso`` UDP_SEGMENT sends of equal-size runs on udp4/udp6;
+        ``gro`` UDP_GRO on udp4/udp6 (turned off again by fwd_stop)."""
     def fwd_stop(self) -> None: ...
     def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
     def learn_in(self, spi: int, inner: Buffer) -> None: ...
@@ -72,4 +80,6 @@ class Engine:
         """running; out_packets/out_bytes (sent on the outer sockets), in_packets/in_bytes (written to the inner
         fd); syscalls; batches_out/batches_in; punts {out, in, outer} (queued); punt_dropped; punt_waiting;
         tx_errors/rx_errors {udp4, udp6, esp4, esp6, raw4, raw6, tun}; cache {out: {entries, hits, misses},
-        in: {...}, flushes}; drops {reason: n}."""
+        in: {...}, flushes}; drops {reason: n}; failed (a thread could not start); vnet_hdr;
+        offloads {tso, coalesce, gso, gro}; tso {super, segments, csum_completed}; gso {sends, segments};
+        gro {super, segments}; coalesced {writes, segments}. Kept after fwd_stop (until the next fwd_start)."""

@@ -29,6 +29,16 @@
  *                         write() to the inner fd; unknown -> punted ("in", spi, inner), so Python runs
  *                         the RFC 4301 §5.2 inbound policy check on it and teaches the flow (learn_in).
  *
+ * Offloads (fwd_start keywords, each off by default; bench/README.md says what each one gives):
+ *   tso       the inner fd is a TUN opened with IFF_VNET_HDR and TUNSETOFFLOAD CSUM|TSO4|TSO6(|USO4|USO6)
+ *             (backends/tun.py TunPort(vnet_hdr=True)): fwd_seg.c finishes NEEDS_CSUM checksums and
+ *             cuts TCP/UDP super-packets into gso_size segments before protect; writes carry a zero
+ *             virtio_net_hdr;
+ *   coalesce  (with tso) fwd_coal.c writes in-order TCP segments of a flow in a round as one GSO
+ *             super-packet (writev, no copy);
+ *   gso       UDP_SEGMENT: runs of equal-size ESP-in-UDP payloads to one destination in one sendmsg;
+ *   gro       UDP_GRO on the udp sockets: glued datagrams are cut by the cmsg's size before ESP.
+ *
  * Python answers punts (Engine.take_punts) and teaches the caches (learn_out after its own
  * Datapath.decide_out, learn_in after Datapath.inbound_decrypted); flush() forgets both caches on any
  * SPD/SAD change in O(1) by bumping a generation counter that every entry carries. The caches have a
@@ -43,11 +53,15 @@
  *
  * Locks (never held while calling Python; the Python methods release the GIL before taking any):
  *   - the engine's table read lock and SA mutexes (engine_obj.h), for the crypto;
- *   - each flow cache's mutex, taken once per batch by the threads (lookups) and by learn_out, learn_in and flush;
+ *   - each flow cache's mutex, taken once per batch by the outbound thread and once per packet by the
+ *     inbound thread (for a few loads; the table read lock is held over the inbound round and an SA's
+ *     mutex over a run of its packets), and by learn_out, learn_in and flush;
  *   - the punt queue's mutex, taken once per batch by each thread, and by take_punts;
  *   - the counters' mutex, once per batch: each thread counts into a private struct and adds it in.
- * None of the forwarder's locks is held while another lock is taken, except the engine's event and
- * counter mutexes (innermost everywhere).
+ * Order: the table read lock, then an SA mutex, then (inbound only) the inbound cache's mutex; the
+ * engine's event and counter mutexes innermost everywhere. Nobody takes a table or SA lock while
+ * holding a cache, punt or counter mutex (learn_*, flush and take_punts hold only their own), so
+ * there is no cycle.
  *
  * Stopping: a stop flag and the stop eventfd, which both epolls watch; every epoll_wait has a 100 ms
  * timeout and every loop is bounded by `batch`, so fwd_stop joins within a batch's work + 100 ms.
