@@ -16,6 +16,7 @@ Everything but micro needs root (network namespaces). bench/README.md explains e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -45,7 +46,7 @@ def parse_rate(text: str) -> int:
     t = text.strip().lower()
     mult = {"k": 1000, "m": 1_000_000}.get(t[-1:], 1)
     number = float(t[:-1] if mult > 1 else t)
-    if not number > 0 or number * mult != number * mult:  # NaN
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(text)
     return round(number * mult)
 

@@ -122,7 +122,7 @@ def _run(pair: nsutil.Pair, pid: int, kind: str, engine: str | None, settings: S
     seen: dict[str, object] = {}
     mismatch = None
     if sock is not None and engine is not None:  # the responder's engine, with the warm-up's child SAs
-        seen = engine_report(sock, children=False)
+        seen = engine_report(sock)
         mismatch = engine_mismatch(engine, seen)
     time.sleep(0.5)
     rss0, cpu0 = status_kb(pid, "VmRSS"), cpu_seconds(pid)
