@@ -12,6 +12,12 @@
 
 ``open_path`` yields a ``Path`` once traffic crosses (a ping got through), and tears everything down
 afterwards. ``Path.pids`` are the daemons whose CPU and memory the scenarios sample.
+
+Engines: each ipsecstack configuration says ``[agent] datapath = "<settings.engine>"`` (``agent_lines``). Once
+the tunnel is up, both daemons are asked over their control socket what they run (``engine_report``:
+``status`` and ``list-sas``, the protocol of ``ipsecstack.runtime.control``); ``engine_mismatch`` says why a
+row would be mislabelled (another datapath, SAs the native engine left to Python), and ``stamp`` puts the
+report in every row's extra and turns a mismatch into the row's error.
 """
 
 from __future__ import annotations
