@@ -158,6 +158,11 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         raise
     node = Node(dp, inner, outer, batch_size=a.batch_size, log=log)
     node.traps = traps
+    if dp.native is not None:
+        from ipsecstack.runtime.fastpath import FastPath
+
+        # the native engine's threads carry the packets; the Node answers what they ask (DESIGN.md §4a)
+        node.forwarder = FastPath.for_node(node)
     return node
 
 
