@@ -119,7 +119,8 @@ ips_nfq_kind ips_nfq_next(const uint8_t *buf, size_t len, size_t *off, ips_nfq_p
             return IPS_NFQ_MALFORMED;
         int32_t e;
         memcpy(&e, body, 4);
-        *err = e < 0 ? -e : e;
+        int64_t mag = e < 0 ? -(int64_t)e : e;
+        *err = mag > INT32_MAX ? INT32_MAX : (int)mag;
         return IPS_NFQ_ERROR;
     }
     if (type == NLMSG_NOOP || type == NLMSG_DONE || type == NLMSG_OVERRUN)
