@@ -25,6 +25,8 @@
 #define CMSG_BYTES CMSG_SPACE(sizeof(int))
 
 enum { ST_MISS = 0, ST_SPI, ST_DISCARD };
+enum { TXQ_UDP4 = 0, TXQ_UDP6, TXQ_RAW4, TXQ_RAW6 };
+static const int txq_kind[4] = {K_UDP4, K_UDP6, K_RAW4, K_RAW6}; /* each queue's socket */
 
 typedef struct {
     struct mmsghdr msg;
@@ -43,7 +45,7 @@ typedef struct {
     size_t *len;
     uint32_t *spi;
     uint8_t *state;
-    tx_slot *tx[4];    /* by K_UDP4 .. K_RAW6 */
+    tx_slot *tx[4]; /* by send queue: TXQ_UDP4 .. TXQ_RAW6 */
     struct mmsghdr *mm[4];
     uint32_t ntx[4];
     ips_fwd_counters c;
@@ -114,13 +116,14 @@ static size_t udp_offset(const uint8_t *p, size_t n)
 static void queue_tx(out_ctx *x, uint8_t *p, size_t n, int udp)
 {
     int v4 = p[0] >> 4 == 4;
-    int kind = udp ? (v4 ? K_UDP4 : K_UDP6) : (v4 ? K_RAW4 : K_RAW6);
+    int q = udp ? (v4 ? TXQ_UDP4 : TXQ_UDP6) : (v4 ? TXQ_RAW4 : TXQ_RAW6);
+    int kind = txq_kind[q];
     size_t off = udp ? udp_offset(p, n) : 0;
     if (x->f->port[kind].fd < 0 || (udp && off == 0)) {
         x->c.tx_errors[kind]++;
         return;
     }
-    tx_slot *t = &x->tx[kind][x->ntx[kind]];
+    tx_slot *t = &x->tx[q][x->ntx[q]];
     memset(&t->name, 0, sizeof(t->name));
     struct msghdr *m = &t->msg.msg_hdr;
     memset(m, 0, sizeof(*m));
@@ -164,17 +167,18 @@ static void queue_tx(out_ctx *x, uint8_t *p, size_t n, int udp)
     m->msg_name = &t->name;
     m->msg_iov = &t->iov;
     m->msg_iovlen = 1;
-    x->ntx[kind]++;
+    x->ntx[q]++;
 }
 
 static void flush_tx(out_ctx *x)
 {
-    for (int k = 0; k < 4; k++) {
-        uint32_t cnt = x->ntx[k], done = 0;
+    for (int q = 0; q < 4; q++) {
+        uint32_t cnt = x->ntx[q], done = 0;
+        int k = txq_kind[q];
         int fd = x->f->port[k].fd;
-        struct mmsghdr *mm = x->mm[k];
+        struct mmsghdr *mm = x->mm[q];
         for (uint32_t i = 0; i < cnt; i++)
-            mm[i] = x->tx[k][i].msg;
+            mm[i] = x->tx[q][i].msg;
         while (done < cnt) {
             int r = sendmmsg(fd, mm + done, cnt - done, MSG_DONTWAIT);
             x->c.syscalls++;
@@ -192,7 +196,7 @@ static void flush_tx(out_ctx *x)
                 done++;
             }
         }
-        x->ntx[k] = 0;
+        x->ntx[q] = 0;
     }
 }
 
