@@ -63,7 +63,8 @@ class Engine:
         """Start; ``outer`` kinds: udp4/udp6 (ESP-in-UDP socket), esp4/esp6 (raw ESP rx), raw4/raw6 (IPPROTO_RAW tx).
         Returns the punt eventfd (owned by the engine, closed by fwd_stop)."""
     def fwd_stop(self) -> None: ...
-    def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
+    def learn_out(self, pkt: Buffer, spi: int | None, *, mtu: int = 0) -> None:
+        """``mtu``: the NFQUEUE threads punt the flow's packets whose protected form would exceed it (0: none)."""
     def learn_in(self, spi: int, inner: Buffer) -> None: ...
     def flush(self) -> None: ...
     def take_punts(self, max: int = 256) -> list[tuple[Any, ...]]:
@@ -72,4 +73,30 @@ class Engine:
         """running; out_packets/out_bytes (sent on the outer sockets), in_packets/in_bytes (written to the inner
         fd); syscalls; batches_out/batches_in; punts {out, in, outer} (queued); punt_dropped; punt_waiting;
         tx_errors/rx_errors {udp4, udp6, esp4, esp6, raw4, raw6, tun}; cache {out: {entries, hits, misses},
-        in: {...}, flushes}; drops {reason: n}."""
+        in: {...}, flushes}; drops {reason: n}; nfq {queues, received, accepted, dropped, python_verdicts,
+        kernel_errors, malformed, tx_errors, truncated, too_big, qout, qin, qouter}."""
+    # --- the NFQUEUE threads (nfq.h, fwd_nfq.c): transport mode on bound netfilter queues ------------
+    def nfq_start(
+        self,
+        queues: Sequence[tuple[str, int, int, int | None]],
+        *,
+        batch: int = 64,
+        punt_capacity: int = 4096,
+        cache_size: int = 65536,
+        encap_ports: Sequence[int] = (4500,),
+    ) -> int:
+        """queues: ("out" | "in", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts are
+        ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt)."""
+    def nfq_stop(self) -> None: ...
+    def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool:
+        """ACCEPT with payload as the packet (and mark), or DROP (None); False when the kernel refused it."""
+
+# --- the NFQUEUE netlink codec (nfq.c), for tests and fuzzing --------------------------------------
+def nfq_parse(data: Buffer) -> list[tuple[Any, ...]]:
+    """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None) | ("error", errno) |
+    ("other",) | ("malformed",), in order; a "malformed" entry ends the list."""
+
+def nfq_build_verdict(
+    queue_num: int, packet_id: int, verdict: int, payload: Buffer | None, mark: int | None
+) -> bytes: ...
+def nfq_config_copy(queue_num: int, copy_range: int) -> bytes: ...

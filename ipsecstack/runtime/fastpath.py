@@ -50,22 +50,26 @@ PROTO_ESP = 50
 Buffer = bytes | bytearray | memoryview
 
 
-class Forwarder(Protocol):
-    """What this module uses of ``ipsecstack.native.Engine`` (the C forwarder's methods)."""
-
-    def fwd_start(self, tun_fd: int, outer: Sequence[tuple[str, int]], *, batch: int = ...) -> int: ...
+class PuntEngine(Protocol):
+    """What the punt loop uses of ``ipsecstack.native.Engine``, whichever threads it runs."""
 
     def fwd_stop(self) -> None: ...
-
-    def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
-
-    def learn_in(self, spi: int, inner: Buffer) -> None: ...
 
     def flush(self) -> None: ...
 
     def take_punts(self, max: int = ...) -> list[tuple[Any, ...]]: ...
 
     def fwd_stats(self) -> dict[str, object]: ...
+
+
+class Forwarder(PuntEngine, Protocol):
+    """The TUN forwarder's methods (native/fwd.h)."""
+
+    def fwd_start(self, tun_fd: int, outer: Sequence[tuple[str, int]], *, batch: int = ...) -> int: ...
+
+    def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
+
+    def learn_in(self, spi: int, inner: Buffer) -> None: ...
 
 
 def outer_fds(outer: object) -> tuple[list[tuple[str, int]], list[RawPort]] | None:
@@ -96,48 +100,35 @@ def outer_fds(outer: object) -> tuple[list[tuple[str, int]], list[RawPort]] | No
     return fds, python_raw
 
 
-class FastPath:
-    """Starts the engine's forwarder on a Node's planes and answers its punts (see the module docstring)."""
+class PuntLoop:
+    """The Python half of engine threads: start them, answer their punts from the loop, stop them.
 
-    def __init__(self, node: Node, engine: Forwarder, tun_fd: int, fds: Sequence[tuple[str, int]],
-                 python_raw: Sequence[RawPort] = ()) -> None:  # fmt: skip
+    Subclasses start their threads (``_start_engine``, returning the engine's eventfd) and answer a
+    batch of punts (``answer``); the wake-ups, their bound and the engine's lifetime events are here.
+    """
+
+    def __init__(self, node: Node, engine: PuntEngine, kinds: Sequence[str]) -> None:
         self.node = node
-        self.tun_fd = tun_fd
-        self.engine = engine
-        self.fds = list(fds)
-        self.python_raw = list(python_raw)
+        self._engine = engine
         self.eventfd = -1
         self.wakeups = 0
-        self.punts = {"out": 0, "in": 0, "outer": 0}
+        self.punts = dict.fromkeys(kinds, 0)  # answered, by kind
         self._loop: asyncio.AbstractEventLoop | None = None
         self._again = False
 
-    @classmethod
-    def for_node(cls, node: Node) -> FastPath | None:
-        """A FastPath when the node runs the native datapath between a TUN device and raw/UDP sockets."""
-        from backends.tun import TunPort
+    def _start_engine(self) -> int:
+        raise NotImplementedError
 
-        dp = node.datapath
-        if dp.native is None or not isinstance(node.inner, TunPort) or node.outer is None:
-            return None
-        got = outer_fds(node.outer)
-        if got is None:
-            return None
-        fds, python_raw = got
-        return cls(node, dp.native.engine, node.inner.fileno(), fds, python_raw)
+    def answer(self, punts: Sequence[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        node = self.node
         self._loop = loop
-        self.eventfd = self.engine.fwd_start(self.tun_fd, self.fds, batch=node.batch_size)
-        node.datapath.on_change.append(self.engine.flush)
+        self.eventfd = self._start_engine()
+        self.node.datapath.on_change.append(self._engine.flush)
         loop.add_reader(self.eventfd, self._wake)
-        for port in self.python_raw:
-            # AH (and any protocol but ESP) on the raw plane: read by the Node as before
-            port.attach(loop, functools.partial(self._raw_readable, port),
-                        protocols=[p for p in port.protocols if p != PROTO_ESP])  # fmt: skip
 
     def stop(self) -> None:
         """Stop the engine's threads (bounded, idempotent); the Node then closes the ports."""
@@ -146,12 +137,12 @@ class FastPath:
                 self._loop.remove_reader(self.eventfd)
         self._loop = None
         with contextlib.suppress(ValueError):
-            self.node.datapath.on_change.remove(self.engine.flush)
-        self.engine.fwd_stop()
+            self.node.datapath.on_change.remove(self._engine.flush)
+        self._engine.fwd_stop()
         self.eventfd = -1  # the engine's own; fwd_stop closed it
 
     def stats(self) -> dict[str, object]:
-        out = dict(self.engine.fwd_stats())
+        out = dict(self._engine.fwd_stats())
         out["punts_answered"] = dict(self.punts)
         out["wakeups"] = self.wakeups
         return out
@@ -171,7 +162,7 @@ class FastPath:
             node._arm_timer()
         limit = node.batch_size
         for _ in range(ROUNDS):
-            punts = self.engine.take_punts(limit)
+            punts = self._engine.take_punts(limit)
             if punts:
                 self.answer(punts)
             if len(punts) < limit:
@@ -187,6 +178,42 @@ class FastPath:
     def _wake_soon(self) -> None:
         if self._again and self._loop is not None:
             self._wake()
+
+
+class FastPath(PuntLoop):
+    """Starts the engine's forwarder on a Node's planes and answers its punts (see the module docstring)."""
+
+    def __init__(self, node: Node, engine: Forwarder, tun_fd: int, fds: Sequence[tuple[str, int]],
+                 python_raw: Sequence[RawPort] = ()) -> None:  # fmt: skip
+        super().__init__(node, engine, ("out", "in", "outer"))
+        self.engine = engine
+        self.tun_fd = tun_fd
+        self.fds = list(fds)
+        self.python_raw = list(python_raw)
+
+    @classmethod
+    def for_node(cls, node: Node) -> FastPath | None:
+        """A FastPath when the node runs the native datapath between a TUN device and raw/UDP sockets."""
+        from backends.tun import TunPort
+
+        dp = node.datapath
+        if dp.native is None or not isinstance(node.inner, TunPort) or node.outer is None:
+            return None
+        got = outer_fds(node.outer)
+        if got is None:
+            return None
+        fds, python_raw = got
+        return cls(node, dp.native.engine, node.inner.fileno(), fds, python_raw)
+
+    def _start_engine(self) -> int:
+        return self.engine.fwd_start(self.tun_fd, self.fds, batch=self.node.batch_size)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().start(loop)
+        for port in self.python_raw:
+            # AH (and any protocol but ESP) on the raw plane: read by the Node as before
+            port.attach(loop, functools.partial(self._raw_readable, port),
+                        protocols=[p for p in port.protocols if p != PROTO_ESP])  # fmt: skip
 
     def answer(self, punts: Sequence[tuple[Any, ...]]) -> None:
         """Handle one batch of punts: the Python datapath's answer, then what the engine may learn from it."""

@@ -18,7 +18,8 @@ only hears of what they cannot decide alone; the timer, events and reporting sta
 
 For NFQUEUE (a :class:`QueuePort`), each queued packet gets a verdict: the outbound queue's packets
 are replaced by their protected form, the inbound queue's by the plaintext (transport mode on the
-host's own traffic), and packets the datapath refuses are dropped.
+host's own traffic), and packets the datapath refuses are dropped; with the native datapath the
+engine's threads answer the queues instead (runtime/fastpath_nfq.py), as on the TUN planes.
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ class Node:
         elif self.inner is not None and self.outer is not None:
             self.inner.attach(self._loop, self._inner_readable)
             self.outer.attach(self._loop, self._outer_readable)
-        if self.queue_out is not None:
+        if self.queue_out is not None and self.forwarder is None:
             self.queue_out.attach(self._loop, self._queue_out_readable)
-        if self.queue_in is not None:
+        if self.queue_in is not None and self.forwarder is None:
             self.queue_in.attach(self._loop, self._queue_in_readable)
         for port in self.side_ports:
             port.attach(self._loop, functools.partial(self._side_readable, port))
