@@ -153,12 +153,31 @@ class RawPort:
 
     # --- PacketPort -------------------------------------------------------------------------------
 
-    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+    def attach(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_readable: Callable[[], None],
+        *,
+        protocols: Iterable[int] | None = None,
+    ) -> None:
+        """Read the sockets of ``protocols`` (default: all) when readable; the others are someone else's."""
         if self._closed:
             raise BackendError(f"{self.name} is closed")
         self._loop = loop
+        wanted = None if protocols is None else frozenset(protocols)
         for i, s in enumerate(self._rx):
-            loop.add_reader(s.fileno(), self._readable, i, on_readable)
+            if wanted is None or self.protocols[i] in wanted:
+                loop.add_reader(s.fileno(), self._readable, i, on_readable)
+            else:
+                self._ready[i] = False  # never drained here
+
+    def receive_fds(self) -> list[tuple[int, int]]:
+        """(protocol, fd) of each receiving socket, for a reader that is not this port (the native forwarder)."""
+        return [(p, s.fileno()) for p, s in zip(self.protocols, self._rx, strict=True)]
+
+    def send_fd(self) -> int:
+        """The IPPROTO_RAW sending socket's fd."""
+        return self._tx.fileno()
 
     def _readable(self, i: int, on_readable: Callable[[], None]) -> None:
         self._ready[i] = True
@@ -285,7 +304,7 @@ class RawPort:
             return
         self._closed = True
         for s in self._rx:
-            if self._loop is not None:
+            if self._loop is not None:  # (a socket attach() left alone was never added: removing it is a no-op)
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(s.fileno())
             s.close()

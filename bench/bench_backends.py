@@ -63,7 +63,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def agent_config(pair: nsutil.Pair, side: str, scenario: str) -> str:
+def agent_config(pair: nsutil.Pair, side: str, scenario: str, datapath: str | None = None,
+                 sock: str | None = None) -> str:  # fmt: skip
+    """The daemon's configuration; ``datapath`` and ``sock`` add ``[agent] datapath`` and ``control_socket``."""
+    text = _agent_config(pair, side, scenario)
+    extra = (f'datapath = "{datapath}"\n' if datapath else "") + (f'control_socket = "{sock}"\n' if sock else "")
+    return text.replace("[agent]\n", "[agent]\n" + extra, 1)
+
+
+def _agent_config(pair: nsutil.Pair, side: str, scenario: str) -> str:
     a_side = side == "a"
     local, remote = (pair.addr_a, pair.addr_b) if a_side else (pair.addr_b, pair.addr_a)
     spi_in, spi_out = (0x2001, 0x1001) if a_side else (0x1001, 0x2001)
@@ -129,14 +137,35 @@ def iperf(pair: nsutil.Pair, server_addr: str, args: list[str], seconds: float) 
         pair.b.procs.remove(server)
 
 
-def measure_kernel(scenario: str, seconds: float, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+def engine_status(sock: str) -> dict[str, Any]:
+    """``datapath`` and ``python_sas`` from a daemon's ``status`` (or {"error": why})."""
+    from ipsecstack.runtime import control
+
+    deadline = time.monotonic() + 10
+    while not Path(sock).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        st = control.request(sock, "status", timeout=5)
+    except (OSError, ValueError) as e:
+        return {"error": f"control socket {sock}: {type(e).__name__}: {e}"}
+    if not st.get("ok"):
+        return {"error": str(st.get("error"))}
+    return {"datapath": st["result"].get("datapath"), "python_sas": st["result"].get("python_sas") or {}}
+
+
+def measure_kernel(scenario: str, seconds: float, sizes: tuple[int, ...],
+                   datapath: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """UDP per size and one TCP run over ``scenario``; with ``datapath``, each row's ``engine_seen`` is what
+    both daemons' control sockets said they run."""
     rows: list[dict[str, Any]] = []
+    seen: dict[str, Any] = {}
     with nsutil.netns_pair("bn") as pair, tempfile.TemporaryDirectory() as tmp:
         target = pair.addr_b
         if scenario != "veth":
             for side, ns in (("a", pair.a), ("b", pair.b)):
                 cfg = Path(tmp) / f"{side}.toml"
-                cfg.write_text(agent_config(pair, side, scenario))
+                sock = str(Path(tmp) / f"{side}.sock") if datapath else None
+                cfg.write_text(agent_config(pair, side, scenario, datapath, sock))
                 ns.ipsecstack("run", "-c", str(cfg))
             if scenario.startswith("tun"):
                 target = "10.2.0.1"
@@ -144,6 +173,8 @@ def measure_kernel(scenario: str, seconds: float, sizes: tuple[int, ...]) -> lis
                                 .returncode == 0, timeout=15, what="tunnel up")  # fmt: skip
             else:
                 time.sleep(1.0)
+            if datapath:
+                seen = {side: engine_status(str(Path(tmp) / f"{side}.sock")) for side in ("a", "b")}
         for size in sizes:
             res = iperf(pair, target, ["-u", "-b", "0", "-l", str(size - 28)], seconds)
             end = res.get("end", {}).get("sum", {})
@@ -154,10 +185,13 @@ def measure_kernel(scenario: str, seconds: float, sizes: tuple[int, ...]) -> lis
         res = iperf(pair, target, [], seconds)
         bps = res.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
         rows.append({"scenario": scenario, "test": "tcp", "pps": None, "gbps": bps / 1e9, "error": res.get("error")})
+    if seen:
+        for r in rows:
+            r["engine_seen"] = seen
     return rows
 
 
-def measure_memory(seconds: float, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+def measure_memory(seconds: float, sizes: tuple[int, ...], datapath: str | None = None) -> list[dict[str, Any]]:
     from backends.memory import MemoryLink
     from ipsecstack.config import build_datapath, parse
     from ipsecstack.runtime import logs
@@ -166,8 +200,10 @@ def measure_memory(seconds: float, sizes: tuple[int, ...]) -> list[dict[str, Any
 
     logs.configure("console", "warning")
 
+    agent = f'[agent]\ndatapath = "{datapath}"\n' if datapath else ""
+
     def cfg(local: str, remote: str, lnet: str, rnet: str, a: bool) -> str:
-        return f"""
+        manual = f"""
 [manual.m]
 local_addrs = "{local}"
 remote_addrs = "{remote}"
@@ -178,8 +214,10 @@ spi_out = {0x1001 if a else 0x2001}
 key_in = "{KEY2 if a else KEY}"
 key_out = "{KEY if a else KEY2}"
 """
+        return agent + manual
 
     rows = []
+    seen: dict[str, Any] = {}
     for size in sizes:
         pkt = ip.build_ipv4(0, size, 1, True, 64, 17, bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])) + bytes(size - 20)
 
@@ -193,6 +231,9 @@ key_out = "{KEY if a else KEY2}"
                       app_a.b, wire.a)  # fmt: skip
             nb = Node(build_datapath(parse(cfg("172.31.0.2", "172.31.0.1", "10.2.0.0/16", "10.1.0.0/16", False)), 0),
                       app_b.a, wire.b)  # fmt: skip
+            seen.update({side: {"datapath": n.datapath.engine_name,
+                                "python_sas": n.counters().get("python_sas") or {}}
+                         for side, n in (("a", na), ("b", nb))})  # fmt: skip
             na.start()
             nb.start()
             got = 0
@@ -214,7 +255,7 @@ key_out = "{KEY if a else KEY2}"
 
         got, dt = run_loop(run())
         rows.append({"scenario": "memory", "test": f"udp-{size}", "pps": got / dt, "gbps": got * size * 8 / dt / 1e9,
-                     "error": None})  # fmt: skip
+                     "error": None, **({"engine_seen": dict(seen)} if datapath else {})})  # fmt: skip
     return rows
 
 

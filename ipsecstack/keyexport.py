@@ -111,6 +111,15 @@ def render(command: str, result: Any) -> str:
             lines.append(f"datapath: {result['datapath']}")
             for sa, why in sorted((result.get("python_sas") or {}).items()):
                 lines.append(f"  SA {sa} runs on the Python engine: {why}")
+        fwd = result.get("forwarder")
+        if fwd:
+            punts = fwd.get("punts") or {}
+            lines.append(
+                f"forwarder: {'running' if fwd.get('running') else 'stopped'}, engine threads carried out "
+                f"{fwd.get('out_packets')} in {fwd.get('in_packets')}; asked Python about "
+                + ", ".join(f"{k}={v}" for k, v in sorted(punts.items()))
+                + f" (dropped for a full queue: {fwd.get('punt_dropped')})"
+            )
         if "ike" in result:
             lines.append("ike: " + ", ".join(f"{k}={v}" for k, v in sorted(result["ike"].items())))
         return "\n".join(lines)

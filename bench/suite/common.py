@@ -33,9 +33,31 @@ if str(REPO) not in sys.path:
 
 from tests.netns import nsutil  # noqa: E402
 
-# The datapath engines a path can run with. Only the Python datapath exists today; a native engine will be
-# chosen by ``[agent] datapath = "native"`` once that key exists (paths.agent_lines is the one place to add it).
-ENGINES = ("python",)
+# The datapath engines an ipsecstack path can run with (``[agent] datapath``, written by paths.agent_lines).
+ENGINES = ("native", "python")
+
+
+def default_engine() -> str:
+    """What the daemon itself picks without a ``datapath`` key: native where the C extension is built."""
+    from ipsecstack import native
+
+    return "native" if native.available else "python"
+
+
+def engine_choice(name: str) -> tuple[str, ...]:
+    """``--engine`` to the engines a run measures: ``native``, ``python`` or ``both`` (native first).
+
+    Raises ValueError naming the fix when the native engine is asked for and is not built here."""
+    wanted = ENGINES if name == "both" else (name,)
+    if any(e not in ENGINES for e in wanted):
+        raise ValueError(f"unknown engine {name!r}: native, python or both")
+    if "native" in wanted:
+        from ipsecstack import native
+
+        if not native.available:
+            raise ValueError(f"the native engine is not built here ({native.why_not}); use --engine python")
+    return wanted
+
 
 # metric -> (unit, higher is better); the unit is part of the metric's meaning, never converted later
 METRICS: dict[str, tuple[str, bool]] = {
@@ -80,7 +102,11 @@ class Settings:
     pings: int = 20  # idle RTT: this many pings, 0.1 s apart
     handshakes: int = 1000  # IKE SAs the handshake scenario sets up (rate and memory per SA)
     window: int = 16  # handshakes in flight at once (below the responder's cookie threshold of 32)
-    engine: str = "python"
+    engine: str = "python"  # the engine of the ipsecstack daemons being measured now
+    engines: tuple[str, ...] = ("python",)  # every engine the run measures, one pass each (--engine both)
+    rates: tuple[int, ...] = ()  # fixed offered UDP rates in packets/s (tunnel: udp-<size>@<rate>)
+    rate_sizes: tuple[int, ...] = (64,)  # the IP packet sizes the fixed-rate runs use
+    idle_sas: int = 0  # handshake: this many more idle IKE SAs after the rate run, for RSS per SA (0: off)
     encap: bool = False  # force ESP-in-UDP between two ipsecstacks (connection key encap = true)
     quick: bool = False
     micro_packets: int = 20000

@@ -16,7 +16,7 @@ offers more than any of the paths carries, so every queue on the way fills). Fig
 from __future__ import annotations
 
 from bench.suite.common import ProcWatch, Progress, Row, Settings, iperf, ping, udp_result
-from bench.suite.paths import Path
+from bench.suite.paths import Path, stamp
 
 FLOOD_SIZE = 1400
 
@@ -60,4 +60,4 @@ def measure(path: Path, settings: Settings, progress: Progress, scenario: str = 
                         {"per_daemon": {k: v / got * 1e6 for k, v in w.cpu.items()} if got else {},
                          "cpu_s": w.cpu}))  # fmt: skip
     progress.done()
-    return rows
+    return stamp(rows, path)

@@ -12,6 +12,12 @@
 
 ``open_path`` yields a ``Path`` once traffic crosses (a ping got through), and tears everything down
 afterwards. ``Path.pids`` are the daemons whose CPU and memory the scenarios sample.
+
+Engines: each ipsecstack configuration says ``[agent] datapath = "<settings.engine>"`` (``agent_lines``). Once
+the tunnel is up, both daemons are asked over their control socket what they run (``engine_report``:
+``status`` and ``list-sas``, the protocol of ``ipsecstack.runtime.control``); ``engine_mismatch`` says why a
+row would be mislabelled (another datapath, SAs the native engine left to Python), and ``stamp`` puts the
+report in every row's extra and turns a mismatch into the row's error.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
+from typing import Any
 
-from bench.suite.common import ENGINES, REPO, Settings, stop
+from bench.suite.common import ENGINES, REPO, Row, Settings, stop
+from ipsecstack.runtime import control
 from tests.interop import strongswan as sw
 from tests.netns import nsutil
 
@@ -65,11 +73,63 @@ secret = "{psk}"
 
 
 def agent_lines(engine: str) -> str:
-    """The ``[agent]`` lines that choose the datapath engine. Today only the Python datapath exists and needs
-    none; a native engine will be ``datapath = "native"`` here once the daemon's configuration has the key."""
+    """The ``[agent]`` line that chooses the datapath engine (``native`` or ``python``)."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown datapath engine {engine!r}: this build has {', '.join(ENGINES)}")
-    return ""
+        raise ValueError(f"unknown datapath engine {engine!r}: one of {', '.join(ENGINES)}")
+    return f'datapath = "{engine}"\n'
+
+
+def engine_report(sock: str, timeout: float = 5.0, children: bool = True) -> dict[str, Any]:
+    """What the daemon behind ``sock`` says it runs: ``status`` (``datapath``, ``python_sas``: the SAs the
+    native engine refused) and, with ``children``, ``list-sas`` (each child SA's ``engine``). On failure,
+    ``{"error": why}``."""
+    try:
+        st = control.request(sock, "status", timeout=timeout)
+        sas: Any = control.request(sock, "list-sas", timeout=timeout) if children else {"ok": True, "result": []}
+    except (OSError, ValueError) as e:
+        return {"error": f"control socket {sock}: {type(e).__name__}: {e}"}
+    if not st.get("ok") or not sas.get("ok"):
+        return {"error": f"control socket {sock}: {st.get('error') or sas.get('error')}"}
+    res = st["result"]
+    engines = [ch.get("engine") for ike in sas["result"] for ch in ike.get("children") or []]
+    return {"datapath": res.get("datapath"), "python_sas": res.get("python_sas") or {}, "child_engines": engines,
+            "ike_sas": (res.get("ike") or {}).get("sas")}  # fmt: skip
+
+
+def engine_mismatch(requested: str, seen: dict[str, Any]) -> str | None:
+    """Why the figures of a daemon asked for ``requested`` would be mislabelled (None: it runs that engine).
+
+    The daemon's ``datapath`` must be the one asked for, and on the native engine no child SA may have been
+    left to the Python transforms (``python_sas``, a child SA whose ``engine`` is python)."""
+    if "error" in seen:
+        return f"engine not verified: {seen['error']}"
+    if seen.get("datapath") != requested:
+        return f"asked for datapath {requested!r}, the daemon runs {seen.get('datapath')!r}"
+    if requested == "native":
+        if seen.get("python_sas"):
+            return f"the native engine left SAs to Python: {seen['python_sas']}"
+        if any(e != "native" for e in seen.get("child_engines", ())):
+            return f"child SAs not on the native engine: {seen['child_engines']}"
+    return None
+
+
+def stamp(rows: list[Row], path: Path) -> list[Row]:
+    """Put the engine each daemon of ``path`` reported in every row's extra. A mismatch is the row's error and
+    takes its value out of the ratios and goals (it is kept as ``extra.unverified_value``)."""
+    if path.kind != "ipsecstack":
+        return rows
+    for r in rows:
+        label(r, path.engine_seen, path.engine_error)
+    return rows
+
+
+def label(r: Row, seen: dict[str, Any], error: str | None) -> Row:
+    r.extra["engine_seen"] = seen
+    if error:
+        r.extra["unverified_value"] = r.value
+        r.error = error if r.error is None else f"{error}; {r.error}"
+        r.value = None
+    return r
 
 
 def ipsecstack_config(local: str, remote: str, side: str, sock: str, *, engine: str = "python", encap: bool = False,
@@ -131,6 +191,8 @@ class Path:
     engine: str | None  # ipsecstack's datapath engine, None on the other paths
     pids: dict[str, int] = field(default_factory=dict)  # daemon of side "a" and "b"
     tmp: FsPath | None = None
+    engine_seen: dict[str, Any] = field(default_factory=dict)  # side -> engine_report of its daemon
+    engine_error: str | None = None  # why the rows would be mislabelled (engine_mismatch), None if not
 
 
 def lan(ns: nsutil.Netns, addr: str) -> None:
@@ -186,7 +248,13 @@ def _ipsecstack(pair: nsutil.Pair, tmp: FsPath, settings: Settings) -> Iterator[
             logs = "\n".join(f"--- {d.ns.name} ---\n{d.output()[-1500:]}" for d in daemons)
             raise RuntimeError(f"{e}\n{logs}") from None
         b, a = daemons
-        yield Path("ipsecstack", pair, INNER_A, INNER_B, settings.engine, {"a": a.pid, "b": b.pid}, tmp)
+        path = Path("ipsecstack", pair, INNER_A, INNER_B, settings.engine, {"a": a.pid, "b": b.pid}, tmp)
+        for side in ("a", "b"):
+            path.engine_seen[side] = engine_report(str(tmp / f"{side}.sock"))
+            why = engine_mismatch(settings.engine, path.engine_seen[side])
+            if why and path.engine_error is None:
+                path.engine_error = f"side {side}: {why}"
+        yield path
         for d in daemons:
             d.check_alive()  # a daemon that died under load makes the figures meaningless: say so
     finally:

@@ -3,7 +3,11 @@
 JSON (``bench/results/suite-<UTC time>.json``)::
 
     {"suite": "ipsecstack-bench", "format": 1, "started": ..., "elapsed_s": ..., "machine": {...},
-     "settings": {...}, "scenarios": [...], "rows": [Row.to_json(), ...], "ratios": {"compare": [...]}}
+     "settings": {...}, "scenarios": [...], "rows": [Row.to_json(), ...], "ratios": {"compare": [...]},
+     "goals": {"compare": [...]}}
+
+Format 2 (engines): each ratio entry has an ``engine`` (ipsecstack's, one entry per engine that ran) and
+there is a ``goals`` section (``goals.evaluate``).
 
 Plots (``suite-<time>-<scenario>.png``, next to the JSON): one figure per scenario with up to three panels,
 throughput (Gbit/s), packets/s and CPU per packet (us), one bar per path (and engine) for each test.
@@ -62,31 +66,53 @@ def rows_table(rows: Iterable[Row]) -> str:
 
 
 def ratio_table(entries: list[dict[str, Any]]) -> str:
-    """The comparison: value per path and ipsecstack's ratios (ours / theirs)."""
-    body = [[e["test"], e["metric"], e["unit"], e["better"], fmt(e["veth"]), fmt(e["strongswan"]), fmt(e["ipsecstack"]),
-             fmt(e["vs_strongswan"]), fmt(e["vs_veth"])] for e in entries]  # fmt: skip
-    header = ["test", "metric", "unit", "better", "veth", "strongSwan", "ipsecstack", "ipsec/swan", "ipsec/veth"]
-    return _columns(header, body, {4, 5, 6, 7, 8})
+    """The comparison: value per path, ipsecstack's on each engine, and its ratios (ours / theirs)."""
+    body = [[e["test"], e["metric"], e["unit"], e["better"], e.get("engine") or "", fmt(e["veth"]),
+             fmt(e["strongswan"]), fmt(e["ipsecstack"]), fmt(e["vs_strongswan"]), fmt(e["vs_veth"])]
+            for e in entries]  # fmt: skip
+    header = ["test", "metric", "unit", "better", "engine", "veth", "strongSwan", "ipsecstack", "ipsec/swan",
+              "ipsec/veth"]  # fmt: skip
+    return _columns(header, body, {5, 6, 7, 8, 9})
 
 
 def markdown_ratio_table(entries: list[dict[str, Any]]) -> str:
     head = (
-        "| test | metric (unit) | better | veth | strongSwan | ipsecstack | ipsecstack / strongSwan "
+        "| test | metric (unit) | better | engine | veth | strongSwan | ipsecstack | ipsecstack / strongSwan "
         "| ipsecstack / veth |"
     )
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for e in entries:
-        lines.append(f"| {e['test']} | {e['metric']} ({e['unit']}) | {e['better']} | {fmt(e['veth'])} | "
-                     f"{fmt(e['strongswan'])} | {fmt(e['ipsecstack'])} | {fmt(e['vs_strongswan'])} | "
-                     f"{fmt(e['vs_veth'])} |")  # fmt: skip
+        lines.append(f"| {e['test']} | {e['metric']} ({e['unit']}) | {e['better']} | {e.get('engine') or '-'} | "
+                     f"{fmt(e['veth'])} | {fmt(e['strongswan'])} | {fmt(e['ipsecstack'])} | "
+                     f"{fmt(e['vs_strongswan'])} | {fmt(e['vs_veth'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _met(g: dict[str, Any]) -> str:
+    return "not measured" if g["met"] is None else "met" if g["met"] else "NOT MET"
+
+
+def goals_table(goals: list[dict[str, Any]]) -> str:
+    """The issue #10 goals: engine, goal, test, measured (ratio or value), target, met / NOT MET / not measured."""
+    body = [[g["engine"], g["goal"], g["test"], g["metric"], fmt(g["measured"]), g["target"], _met(g),
+             g["why"] or ""] for g in goals]  # fmt: skip
+    return _columns(["engine", "goal", "test", "metric", "measured", "target", "status", ""], body, {4})
+
+
+def markdown_goals_table(goals: list[dict[str, Any]]) -> str:
+    lines = ["| engine | goal | test | measured | target | status |", "|---|---|---|---:|---|---|"]
+    for g in goals:
+        lines.append(f"| {g['engine']} | {g['goal']} | {g['test']} {g['metric']} | {fmt(g['measured'])} | "
+                     f"{g['target']} | {_met(g)} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def document(machine: dict[str, Any], settings: dict[str, Any], scenarios: list[str], rows: list[Row],
-             ratios: dict[str, list[dict[str, Any]]], started: str, elapsed: float) -> dict[str, Any]:  # fmt: skip
-    return {"suite": "ipsecstack-bench", "format": 1, "started": started, "elapsed_s": round(elapsed, 1),
+             ratios: dict[str, list[dict[str, Any]]], started: str, elapsed: float,
+             goals: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"suite": "ipsecstack-bench", "format": 2, "started": started, "elapsed_s": round(elapsed, 1),
             "machine": machine, "settings": settings, "scenarios": scenarios,
-            "rows": [r.to_json() for r in rows], "ratios": ratios}  # fmt: skip
+            "rows": [r.to_json() for r in rows], "ratios": ratios, "goals": goals or {}}  # fmt: skip
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> Path:

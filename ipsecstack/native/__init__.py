@@ -10,8 +10,9 @@ build it, and the Python datapath (the reference implementation) is what runs. T
         eng.install_sa(outbound_sa)                # a validated SecurityAssociation
         wire = eng.protect(outbound_sa.spi, [pkt])  # [bytes] or [reason str]
 
-This first step is the crypto core: SAs, batch protect/unprotect with the GIL released, counters,
-events. It is not wired into the Datapath or the Node yet.
+The engine holds the SAs the Datapath hands it (``native/link.py``), runs batch protect/unprotect with
+the GIL released, and, on the TUN planes, forwards packets in threads of its own (``fwd.h``; the daemon's
+side is ``ipsecstack/runtime/fastpath.py``).
 """
 
 from __future__ import annotations

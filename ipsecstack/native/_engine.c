@@ -571,7 +571,7 @@ static PyMethodDef Engine_methods[] = {
      "fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536) -> eventfd\n--\n\n"
      "Start the forwarder's threads on the inner fd and the outer sockets (see fwd.h)."},
     {"fwd_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "fwd_stop(): stop and join the threads (idempotent)"},
-    {"learn_out", (PyCFunction)ips_py_learn_out, METH_VARARGS,
+    {"learn_out", (PyCFunction)(void (*)(void))ips_py_learn_out, METH_VARARGS | METH_KEYWORDS,
      "learn_out(pkt, spi): pkt's flow is protected with outbound SA spi, or discarded (None)"},
     {"learn_in", (PyCFunction)ips_py_learn_in, METH_VARARGS,
      "learn_in(spi, inner): inner's flow passed the inbound policy check for SA spi"},
@@ -579,6 +579,22 @@ static PyMethodDef Engine_methods[] = {
     {"take_punts", (PyCFunction)(void (*)(void))ips_py_take_punts, METH_VARARGS | METH_KEYWORDS,
      "take_punts(max=256) -> list of ('out', pkt) | ('in', spi, inner) | ('outer', pkt)"},
     {"fwd_stats", (PyCFunction)ips_py_fwd_stats, METH_NOARGS, "fwd_stats() -> dict"},
+    {"nfq_start", (PyCFunction)(void (*)(void))ips_py_nfq_start, METH_VARARGS | METH_KEYWORDS,
+     "nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,)) -> eventfd\n--\n\n"
+     "Start one thread per bound NFQUEUE: queues are ('out' | 'in', netlink fd, queue_num, mark | None)."},
+    {"nfq_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "nfq_stop(): fwd_stop() (idempotent)"},
+    {"nfq_verdict", (PyCFunction)(void (*)(void))ips_py_nfq_verdict, METH_VARARGS | METH_KEYWORDS,
+     "nfq_verdict(queue_num, packet_id, payload, mark=None) -> bool: accept with payload, or drop (None)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef module_functions[] = {
+    {"nfq_parse", (PyCFunction)ips_py_nfq_parse, METH_O,
+     "nfq_parse(data) -> list: the NFQUEUE netlink messages of one datagram (nfq.c), for tests"},
+    {"nfq_build_verdict", (PyCFunction)ips_py_nfq_build_verdict, METH_VARARGS,
+     "nfq_build_verdict(queue_num, packet_id, verdict, payload | None, mark | None) -> bytes"},
+    {"nfq_config_copy", (PyCFunction)ips_py_nfq_config_copy, METH_VARARGS,
+     "nfq_config_copy(queue_num, copy_range) -> bytes: NFQNL_MSG_CONFIG with NFQA_CFG_PARAMS"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -594,7 +610,7 @@ static PyTypeObject EngineType = {
 
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT, .m_name = "ipsecstack.native._engine", .m_doc = "The native ESP engine (see engine.h).",
-    .m_size = -1,
+    .m_size = -1, .m_methods = module_functions,
 };
 
 static PyObject *string_tuple(const char *(*at)(size_t), size_t first)

@@ -71,7 +71,8 @@ class Engine:
         of a flow written as one GSO super-packet; ``gso`` UDP_SEGMENT sends of equal-size runs on udp4/udp6;
         ``gro`` UDP_GRO on udp4/udp6 (turned off again by fwd_stop)."""
     def fwd_stop(self) -> None: ...
-    def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
+    def learn_out(self, pkt: Buffer, spi: int | None, *, mtu: int = 0) -> None:
+        """``mtu``: the NFQUEUE threads punt the flow's packets whose protected form would exceed it (0: none)."""
     def learn_in(self, spi: int, inner: Buffer) -> None: ...
     def flush(self) -> None: ...
     def take_punts(self, max: int = 256) -> list[tuple[Any, ...]]:
@@ -82,4 +83,31 @@ class Engine:
         tx_errors/rx_errors {udp4, udp6, esp4, esp6, raw4, raw6, tun}; cache {out: {entries, hits, misses},
         in: {...}, flushes}; drops {reason: n}; failed (a thread could not start); vnet_hdr;
         offloads {tso, coalesce, gso, gro}; tso {super, segments, csum_completed}; gso {sends, segments};
-        gro {super, segments}; coalesced {writes, segments}. Kept after fwd_stop (until the next fwd_start)."""
+        gro {super, segments}; coalesced {writes, segments}. Kept after fwd_stop (until the next fwd_start);
+        nfq {queues, received, accepted, dropped, python_verdicts,
+        kernel_errors, malformed, tx_errors, truncated, too_big, qout, qin, qouter}."""
+    # --- the NFQUEUE threads (nfq.h, fwd_nfq.c): transport mode on bound netfilter queues ------------
+    def nfq_start(
+        self,
+        queues: Sequence[tuple[str, int, int, int | None]],
+        *,
+        batch: int = 64,
+        punt_capacity: int = 4096,
+        cache_size: int = 65536,
+        encap_ports: Sequence[int] = (4500,),
+    ) -> int:
+        """queues: ("out" | "in", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts are
+        ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt)."""
+    def nfq_stop(self) -> None: ...
+    def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool:
+        """ACCEPT with payload as the packet (and mark), or DROP (None); False when the kernel refused it."""
+
+# --- the NFQUEUE netlink codec (nfq.c), for tests and fuzzing --------------------------------------
+def nfq_parse(data: Buffer) -> list[tuple[Any, ...]]:
+    """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None) | ("error", errno) |
+    ("other",) | ("malformed",), in order; a "malformed" entry ends the list."""
+
+def nfq_build_verdict(
+    queue_num: int, packet_id: int, verdict: int, payload: Buffer | None, mark: int | None
+) -> bytes: ...
+def nfq_config_copy(queue_num: int, copy_range: int) -> bytes: ...

@@ -43,11 +43,19 @@ void ips_engine_count(EngineObject *e, const uint64_t *drops, uint64_t n, int ou
 
 PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs);
 PyObject *ips_py_fwd_stop(EngineObject *self, PyObject *unused);
-PyObject *ips_py_learn_out(EngineObject *self, PyObject *args);
+PyObject *ips_py_learn_out(EngineObject *self, PyObject *args, PyObject *kwargs);
 PyObject *ips_py_learn_in(EngineObject *self, PyObject *args);
 PyObject *ips_py_flush(EngineObject *self, PyObject *unused);
 PyObject *ips_py_take_punts(EngineObject *self, PyObject *args, PyObject *kwargs);
 PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *unused);
 void ips_fwd_dealloc(EngineObject *self); /* stop and free the forwarder, with the GIL held */
+
+/* ---- pynfq.c: the NFQUEUE threads' methods of Engine, and the codec's module functions --------- */
+
+PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs);
+PyObject *ips_py_nfq_verdict(EngineObject *self, PyObject *args, PyObject *kwargs);
+PyObject *ips_py_nfq_parse(PyObject *module, PyObject *data);
+PyObject *ips_py_nfq_build_verdict(PyObject *module, PyObject *args);
+PyObject *ips_py_nfq_config_copy(PyObject *module, PyObject *args);
 
 #endif

@@ -126,11 +126,12 @@ void ips_fc_free(ips_flowcache *c)
     c->ready = 0;
 }
 
-int ips_fc_lookup(ips_flowcache *c, const ips_flow *k, uint32_t *value)
+int ips_fc_lookup_aux(ips_flowcache *c, const ips_flow *k, uint32_t *value, uint32_t *aux)
 {
     const ips_fc_entry *e = &c->slots[hash_flow(k) & c->mask];
     if (e->gen == c->gen && memcmp(&e->key, k, sizeof(*k)) == 0) {
         *value = e->value;
+        *aux = e->aux;
         c->hits++;
         return 1;
     }
@@ -138,13 +139,20 @@ int ips_fc_lookup(ips_flowcache *c, const ips_flow *k, uint32_t *value)
     return 0;
 }
 
-void ips_fc_insert(ips_flowcache *c, const ips_flow *k, uint32_t value)
+int ips_fc_lookup(ips_flowcache *c, const ips_flow *k, uint32_t *value)
+{
+    uint32_t aux;
+    return ips_fc_lookup_aux(c, k, value, &aux);
+}
+
+void ips_fc_insert(ips_flowcache *c, const ips_flow *k, uint32_t value, uint32_t aux)
 {
     ips_fc_entry *e = &c->slots[hash_flow(k) & c->mask];
     if (e->gen != c->gen)
         c->entries++;
     e->key = *k;
     e->value = value;
+    e->aux = aux;
     e->gen = c->gen;
 }
 

@@ -1,6 +1,6 @@
 /*
  * The forwarder's life cycle and shared plumbing (see fwd.h for the theory of operation): allocation,
- * the two threads, the stop eventfd, epoll waits bounded to 100 ms, and the per-batch accounting into
+ * the two threads (or the NFQUEUE threads, fwd_nfq.c), the stop eventfd, epoll waits bounded to 100 ms, and the per-batch accounting into
  * the forwarder's counters and the engine's own (in_packets/out_packets and drops, so Engine.stats()
  * and the Python mirror in native/link.py count forwarded packets too).
  */
@@ -94,6 +94,11 @@ void ips_fwd_stop(ips_fwd *f)
         if (f->started[d]) {
             pthread_join(f->threads[d], NULL);
             f->started[d] = 0;
+        }
+    for (uint32_t i = 0; i < f->nnfq; i++)
+        if (f->nfq[i].started) {
+            pthread_join(f->nfq[i].thread, NULL);
+            f->nfq[i].started = 0;
         }
     f->running = 0;
     ips_fwd_out_free(f->out_ctx);

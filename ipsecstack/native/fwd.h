@@ -80,6 +80,7 @@
 #include <sys/socket.h>
 
 #include "engine_obj.h"
+#include "nfq.h"
 
 /* ---- flowcache.c ---------------------------------------------------------------------------- */
 
@@ -100,6 +101,7 @@ typedef struct {
     ips_flow key;
     uint32_t gen;   /* valid while equal to the cache's generation */
     uint32_t value; /* outbound: the SPI, 0 for discard */
+    uint32_t aux;   /* outbound: the path MTU Python gave with the flow (learn_out mtu=; 0: none) */
 } ips_fc_entry;
 
 typedef struct {
@@ -114,16 +116,28 @@ int ips_fc_init(ips_flowcache *c, uint32_t size); /* size: a power of two */
 void ips_fc_free(ips_flowcache *c);
 /* the callers hold c->lock */
 int ips_fc_lookup(ips_flowcache *c, const ips_flow *k, uint32_t *value);
-void ips_fc_insert(ips_flowcache *c, const ips_flow *k, uint32_t value);
+int ips_fc_lookup_aux(ips_flowcache *c, const ips_flow *k, uint32_t *value, uint32_t *aux);
+void ips_fc_insert(ips_flowcache *c, const ips_flow *k, uint32_t value, uint32_t aux);
 void ips_fc_flush(ips_flowcache *c);
 
 /* ---- punt.c --------------------------------------------------------------------------------- */
 
-typedef enum { IPS_PUNT_OUT = 0, IPS_PUNT_IN, IPS_PUNT_OUTER, IPS_PUNT_KINDS } ips_punt_kind;
+/* the q* kinds come from the NFQUEUE threads (fwd_nfq.c): the packet waits in the kernel for a verdict */
+typedef enum {
+    IPS_PUNT_OUT = 0,
+    IPS_PUNT_IN,
+    IPS_PUNT_OUTER,
+    IPS_PUNT_QOUT,
+    IPS_PUNT_QIN,
+    IPS_PUNT_QOUTER,
+    IPS_PUNT_KINDS
+} ips_punt_kind;
 
 typedef struct ips_punt {
     struct ips_punt *next;
     uint32_t spi, len;
+    uint32_t id;        /* q*: the NFQUEUE packet id */
+    uint16_t queue_num; /* q*: the queue it waits in */
     uint8_t kind;
     uint8_t data[];
 } ips_punt;
@@ -147,8 +161,13 @@ typedef struct {
 
 int ips_pq_init(ips_puntq *q, uint32_t cap);
 void ips_pq_free(ips_puntq *q); /* frees what is queued, closes the eventfd */
-void ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_t *data, size_t len);
+/* 0, or -1 when no copy could be allocated (counted in l->nomem) */
+int ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_t *data, size_t len);
+int ips_pl_add_q(ips_punt_list *l, ips_punt_kind kind, uint16_t queue_num, uint32_t id, uint32_t spi,
+                 const uint8_t *data, size_t len);
 void ips_pq_push(ips_puntq *q, ips_punt_list *l, int wake); /* wake: signal even with nothing new */
+/* As ips_pq_push, but what does not fit is returned (counted as dropped) for the caller to answer. */
+ips_punt *ips_pq_push_rest(ips_puntq *q, ips_punt_list *l, int wake);
 /* Up to max punts, oldest first; the eventfd is read back once the queue is empty and events == 0. */
 ips_punt *ips_pq_take(ips_puntq *q, uint32_t max, uint32_t events_pending);
 void ips_punt_free_chain(ips_punt *p);
@@ -210,6 +229,10 @@ struct ips_fwd_counters {
     uint64_t coal_writes, coal_segments;              /* inbound, coalesced TCP on a vnet_hdr TUN */
     uint64_t tx_errors[K_KINDS], rx_errors[K_KINDS];
     uint64_t drops[IPS_R_COUNT];
+    /* NFQUEUE threads (fwd_nfq.c): messages read, verdicts sent by verdict, Python's verdicts, netlink
+     * errors the kernel returned, datagrams or messages that did not parse, failed sends */
+    uint64_t nfq_rx, nfq_accept, nfq_drop, nfq_py_verdicts, nfq_kernel_errors, nfq_malformed, nfq_tx_errors;
+    uint64_t nfq_truncated, nfq_too_big; /* cut-short packets; punted for the PMTU check (RFC 4301 §8) */
     uint64_t engine_drops[IPS_R_COUNT]; /* this batch's share of the engine-wide drops */
     uint64_t engine_packets;            /* packets given to protect / unprotect */
 };
@@ -221,8 +244,26 @@ typedef struct {
     int bound;         /* esp: bound to one address */
 } ips_fwd_port;
 
+#define IPS_NFQ_QUEUES 8
+#define IPS_NFQ_ENCAP 8
+
+typedef struct {
+    struct ips_fwd *f;
+    int fd;
+    uint16_t queue_num;
+    uint8_t inbound;  /* 1: the in queue (ESP to unprotect), 0: the out queue (plaintext to protect) */
+    uint8_t has_mark; /* set this mark on the replacements (backends/esp_routes.py) */
+    uint32_t mark;
+    pthread_t thread;
+    int started;
+} ips_nfq_queue;
+
 struct ips_fwd {
     EngineObject *engine;
+    ips_nfq_queue nfq[IPS_NFQ_QUEUES]; /* NFQUEUE mode (fwd_nfq.c): no TUN threads */
+    uint32_t nnfq;
+    uint16_t encap_ports[IPS_NFQ_ENCAP]; /* UDP ports that carry ESP (RFC 3948) on the in queues */
+    uint32_t nencap;
     int tun_fd;
     int tso;       /* the inner fd carries a virtio_net_hdr of vnet_len bytes (IFF_VNET_HDR) */
     int vnet_len;  /* 10 or 12 */
@@ -256,6 +297,7 @@ int ips_fwd_wait(ips_fwd *f, int epfd, struct epoll_event *ev, int max);
 /* Allocate (no threads yet); *why set on failure. */
 ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size, const char **why);
 int ips_fwd_run(ips_fwd *f, const char **why); /* start both threads */
+int ips_nfq_run(ips_fwd *f, const char **why); /* start one thread per NFQUEUE (fwd_nfq.c) */
 void ips_fwd_stop(ips_fwd *f);                 /* join, free the punts, close the eventfds; idempotent */
 void ips_fwd_free(ips_fwd *f);
 
@@ -266,5 +308,6 @@ struct ips_fwd_in_ctx *ips_fwd_in_new(ips_fwd *f); /* fwd_in.c */
 void ips_fwd_in_free(struct ips_fwd_in_ctx *x);
 void *ips_fwd_out_main(void *ctx); /* fwd_out.c */
 void *ips_fwd_in_main(void *ctx);  /* fwd_in.c */
+void *ips_nfq_main(void *arg);     /* fwd_nfq.c: arg is an ips_nfq_queue */
 
 #endif

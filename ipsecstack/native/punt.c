@@ -3,7 +3,8 @@
  *
  * Each punt is one malloc'd copy of its packet. A thread collects the punts of a batch in a private
  * list (no lock) and hands the list over at once: under the queue's mutex the punts that fit in the
- * capacity are appended, the rest are freed and counted (punt_dropped). The eventfd is written only
+ * capacity are appended, the rest are freed and counted (punt_dropped; the NFQUEUE threads get them
+ * back, ips_pq_push_rest, to answer each with a drop verdict). The eventfd is written only
  * when the queue is not yet signalled, so a burst costs one write; take_punts reads the eventfd back
  * (resetting it) when it leaves the queue empty and no lifetime event is waiting, both under the mutex,
  * so no signal is ever lost between a push and a take.
@@ -56,15 +57,18 @@ void ips_pq_free(ips_puntq *q)
     q->ready = 0;
 }
 
-void ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_t *data, size_t len)
+int ips_pl_add_q(ips_punt_list *l, ips_punt_kind kind, uint16_t queue_num, uint32_t id, uint32_t spi,
+                 const uint8_t *data, size_t len)
 {
     ips_punt *p = malloc(sizeof(*p) + (len ? len : 1));
     if (p == NULL) {
         l->nomem++;
-        return;
+        return -1;
     }
     p->next = NULL;
     p->spi = spi;
+    p->id = id;
+    p->queue_num = queue_num;
     p->len = (uint32_t)len;
     p->kind = (uint8_t)kind;
     memcpy(p->data, data, len);
@@ -74,6 +78,12 @@ void ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_
         l->head = p;
     l->tail = p;
     l->n++;
+    return 0;
+}
+
+int ips_pl_add(ips_punt_list *l, ips_punt_kind kind, uint32_t spi, const uint8_t *data, size_t len)
+{
+    return ips_pl_add_q(l, kind, 0, 0, spi, data, len);
 }
 
 static void signal_locked(ips_puntq *q)
@@ -89,6 +99,11 @@ static void signal_locked(ips_puntq *q)
 }
 
 void ips_pq_push(ips_puntq *q, ips_punt_list *l, int wake)
+{
+    ips_punt_free_chain(ips_pq_push_rest(q, l, wake));
+}
+
+ips_punt *ips_pq_push_rest(ips_puntq *q, ips_punt_list *l, int wake)
 {
     ips_punt *over = NULL;
     pthread_mutex_lock(&q->lock);
@@ -112,8 +127,8 @@ void ips_pq_push(ips_puntq *q, ips_punt_list *l, int wake)
     if (l->n > 0 || wake)
         signal_locked(q);
     pthread_mutex_unlock(&q->lock);
-    ips_punt_free_chain(over);
     memset(l, 0, sizeof(*l));
+    return over;
 }
 
 ips_punt *ips_pq_take(ips_puntq *q, uint32_t max, uint32_t events_pending)

@@ -4,7 +4,8 @@
  *   fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536,
  *             tso=False, coalesce=False, gso=False, gro=False) -> eventfd
  *   fwd_stop()                       stop and join the threads; idempotent (dealloc calls it)
- *   learn_out(pkt, spi | None)       pkt's flow: protect with outbound SA spi, or discard
+ *   learn_out(pkt, spi | None, *, mtu=0)  pkt's flow: protect with outbound SA spi, or discard;
+ *                                    mtu: the NFQUEUE threads punt what would exceed it (fwd_nfq.c)
  *   learn_in(spi, inner)             inner's flow passed the inbound policy check for SA spi
  *   flush()                          forget both flow caches (O(1))
  *   take_punts(max=256) -> list      ("out", pkt) | ("in", spi, inner) | ("outer", pkt), in order
@@ -30,7 +31,7 @@
 #include "fwd.h"
 #include "pyglue.h"
 
-static const char *const punt_kind_name[IPS_PUNT_KINDS] = {"out", "in", "outer"};
+static const char *const punt_kind_name[IPS_PUNT_KINDS] = {"out", "in", "outer", "qout", "qin", "qouter"};
 
 static int in_range(PyObject *o, const char *name, long lo, long hi, long *v)
 {
@@ -270,7 +271,7 @@ void ips_fwd_dealloc(EngineObject *self)
 }
 
 /* learn_*: the flow key is read with the GIL held (the buffer is Python's), inserted without it. */
-static PyObject *learn(EngineObject *self, int dir, PyObject *pkt_o, uint32_t key_spi, uint32_t value)
+static PyObject *learn(EngineObject *self, int dir, PyObject *pkt_o, uint32_t key_spi, uint32_t value, uint32_t aux)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(pkt_o, &view, PyBUF_SIMPLE) != 0)
@@ -285,20 +286,23 @@ static PyObject *learn(EngineObject *self, int dir, PyObject *pkt_o, uint32_t ke
     Py_BEGIN_ALLOW_THREADS
     ips_flowcache *c = &f->cache[dir];
     pthread_mutex_lock(&c->lock);
-    ips_fc_insert(c, &k, value);
+    ips_fc_insert(c, &k, value, aux);
     pthread_mutex_unlock(&c->lock);
     Py_END_ALLOW_THREADS
     self->fwd_users--;
     Py_RETURN_NONE;
 }
 
-PyObject *ips_py_learn_out(EngineObject *self, PyObject *args)
+PyObject *ips_py_learn_out(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *pkt, *spi_o;
+    static char *kwlist[] = {"pkt", "spi", "mtu", NULL};
+    PyObject *pkt, *spi_o, *mtu_o = NULL;
     uint32_t spi = 0;
-    if (!PyArg_ParseTuple(args, "OO", &pkt, &spi_o) || (spi_o != Py_None && ips_get_spi(spi_o, &spi) != 0))
+    long mtu = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$O", kwlist, &pkt, &spi_o, &mtu_o) ||
+        (spi_o != Py_None && ips_get_spi(spi_o, &spi) != 0) || in_range(mtu_o, "mtu", 0, 1 << 20, &mtu) != 0)
         return NULL;
-    return learn(self, IPS_OUT, pkt, 0, spi);
+    return learn(self, IPS_OUT, pkt, 0, spi, (uint32_t)mtu);
 }
 
 PyObject *ips_py_learn_in(EngineObject *self, PyObject *args)
@@ -307,7 +311,7 @@ PyObject *ips_py_learn_in(EngineObject *self, PyObject *args)
     uint32_t spi;
     if (!PyArg_ParseTuple(args, "OO", &spi_o, &pkt) || ips_get_spi(spi_o, &spi) != 0)
         return NULL;
-    return learn(self, IPS_IN, pkt, spi, 1);
+    return learn(self, IPS_IN, pkt, spi, 1, 0);
 }
 
 PyObject *ips_py_flush(EngineObject *self, PyObject *Py_UNUSED(unused))
@@ -336,6 +340,11 @@ static PyObject *punt_tuple(const ips_punt *p)
         return NULL;
     if (p->kind == IPS_PUNT_IN)
         return Py_BuildValue("(skN)", punt_kind_name[p->kind], (unsigned long)p->spi, data);
+    if (p->kind == IPS_PUNT_QIN) /* (kind, queue_num, packet id, spi, inner): the packet waits for nfq_verdict */
+        return Py_BuildValue("(sIkkN)", punt_kind_name[p->kind], (unsigned)p->queue_num, (unsigned long)p->id,
+                             (unsigned long)p->spi, data);
+    if (p->kind >= IPS_PUNT_QOUT)
+        return Py_BuildValue("(sIkN)", punt_kind_name[p->kind], (unsigned)p->queue_num, (unsigned long)p->id, data);
     return Py_BuildValue("(sN)", punt_kind_name[p->kind], data);
 }
 
@@ -372,7 +381,7 @@ PyObject *ips_py_take_punts(EngineObject *self, PyObject *args, PyObject *kwargs
 typedef struct {
     ips_fwd_counters c;
     uint64_t entries[2], hits[2], misses[2], flushes;
-    uint64_t queued[IPS_PUNT_KINDS], dropped, waiting;
+    uint64_t queued[IPS_PUNT_KINDS], dropped, waiting, nnfq;
     int running, failed, tso, coalesce, gso, gro;
 } fwd_snapshot;
 
@@ -382,6 +391,7 @@ static void snapshot(ips_fwd *f, fwd_snapshot *s)
     if (f == NULL)
         return;
     s->running = f->running;
+    s->nnfq = f->nnfq;
     pthread_mutex_lock(&f->stats_lock);
     s->c = f->c;
     pthread_mutex_unlock(&f->stats_lock);
@@ -462,7 +472,8 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
         return NULL;
     PyObject *base = Py_BuildValue(
         "{s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K},s:K,s:K,s:N,s:N,"
-        "s:{s:{s:K,s:K,s:K},s:{s:K,s:K,s:K},s:K},s:N}",
+        "s:{s:{s:K,s:K,s:K},s:{s:K,s:K,s:K},s:K},s:N,"
+        "s:{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}}",
         "running", s.running ? Py_True : Py_False, "out_packets", U(c->packets[IPS_OUT]), "out_bytes",
         U(c->bytes[IPS_OUT]), "in_packets", U(c->packets[IPS_IN]), "in_bytes", U(c->bytes[IPS_IN]), "syscalls",
         U(c->syscalls), "batches_out", U(c->batches[IPS_OUT]), "batches_in", U(c->batches[IPS_IN]), "punts", "out",
@@ -470,7 +481,12 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
         "punt_dropped", U(s.dropped), "punt_waiting", U(s.waiting), "tx_errors", per_kind(c->tx_errors),
         "rx_errors", per_kind(c->rx_errors), "cache", "out", "entries", U(s.entries[IPS_OUT]), "hits",
         U(s.hits[IPS_OUT]), "misses", U(s.misses[IPS_OUT]), "in", "entries", U(s.entries[IPS_IN]), "hits",
-        U(s.hits[IPS_IN]), "misses", U(s.misses[IPS_IN]), "flushes", U(s.flushes), "drops", reasons(c->drops));
+        U(s.hits[IPS_IN]), "misses", U(s.misses[IPS_IN]), "flushes", U(s.flushes), "drops", reasons(c->drops),
+        "nfq", "queues", U(s.nnfq), "received", U(c->nfq_rx), "accepted", U(c->nfq_accept), "dropped",
+        U(c->nfq_drop), "python_verdicts", U(c->nfq_py_verdicts), "kernel_errors", U(c->nfq_kernel_errors),
+        "malformed", U(c->nfq_malformed), "tx_errors", U(c->nfq_tx_errors), "truncated", U(c->nfq_truncated),
+        "too_big", U(c->nfq_too_big), "qout", U(s.queued[IPS_PUNT_QOUT]), "qin", U(s.queued[IPS_PUNT_QIN]),
+        "qouter", U(s.queued[IPS_PUNT_QOUTER]));
     if (base == NULL || PyDict_Update(base, d) != 0)
         Py_CLEAR(base);
     Py_DECREF(d);

@@ -119,6 +119,11 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         dp.link_mtu = link_mtu
         node.local_out = LocalInjector()
         node.on_stop.append(node.local_out.close)
+        if dp.native is not None:
+            from ipsecstack.runtime.fastpath_nfq import QueueFastPath
+
+            # the native engine's threads answer the queues; the Node answers what they ask (DESIGN.md §4a)
+            node.forwarder = QueueFastPath.for_node(node)
         return node
     inner: PacketPort
     if a.inner_backend == "tun":
@@ -158,6 +163,11 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         raise
     node = Node(dp, inner, outer, batch_size=a.batch_size, log=log)
     node.traps = traps
+    if dp.native is not None:
+        from ipsecstack.runtime.fastpath import FastPath
+
+        # the native engine's threads carry the packets; the Node answers what they ask (DESIGN.md §4a)
+        node.forwarder = FastPath.for_node(node)
     return node
 
 

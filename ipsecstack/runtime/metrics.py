@@ -3,8 +3,9 @@
 Theory of operation: nothing is counted twice and nothing is added to the packet path. A custom
 collector reads the live counters the datapath, the SAs and the IKE manager already keep, at scrape
 time: per connection up/down (configured connections that are down show 0), per SA packets, bytes
-and drops by reason, datapath drops by reason, IKE SAs by state, half-open SAs, cookies,
-retransmissions and failures by kind. The HTTP server is prometheus-client's own (a thread).
+and drops by reason, datapath drops by reason, the native forwarder's packets and punts, IKE SAs by
+state, half-open SAs, cookies, retransmissions and failures by kind. The HTTP server is
+prometheus-client's own (a thread).
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ class IpsecCollector(Collector):
         yield pk
         yield by
         yield sd
+        fwd = self.node.forwarder.stats() if getattr(self.node, "forwarder", None) is not None else None
+        if fwd is not None:
+            carried = CounterMetricFamily("ipsecstack_forwarder_packets", "Packets the native engine's threads carried "
+                                          "alone", labels=["direction"])  # fmt: skip
+            carried.add_metric(["out"], float(fwd.get("out_packets", 0)))
+            carried.add_metric(["in"], float(fwd.get("in_packets", 0)))
+            yield carried
+            punts = CounterMetricFamily("ipsecstack_forwarder_punts", "Packets the native engine's threads handed "
+                                        "to Python", labels=["kind"])  # fmt: skip
+            for kind, n in sorted((fwd.get("punts") or {}).items()):
+                punts.add_metric([kind], float(n))
+            punts.add_metric(["dropped"], float(fwd.get("punt_dropped", 0)))
+            yield punts
 
 
 def registry_for(node: Any, ike: Any) -> CollectorRegistry:

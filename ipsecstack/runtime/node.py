@@ -12,9 +12,14 @@ with ``call_soon`` (fairness between the directions) instead of looping without 
 Exactly one timer is armed, at ``Datapath.get_timer()``; it runs ``handle_timer`` and re-arms.
 Nothing queues between stages: a port that cannot take a packet drops and counts it.
 
+With the native datapath on a TUN device and raw/UDP sockets, a :class:`Forwarding` (the native engine's
+forwarder, runtime/fastpath.py) carries both directions in the engine's threads instead, and the Node
+only hears of what they cannot decide alone; the timer, events and reporting stay here.
+
 For NFQUEUE (a :class:`QueuePort`), each queued packet gets a verdict: the outbound queue's packets
 are replaced by their protected form, the inbound queue's by the plaintext (transport mode on the
-host's own traffic), and packets the datapath refuses are dropped.
+host's own traffic), and packets the datapath refuses are dropped; with the native datapath the
+engine's threads answer the queues instead (runtime/fastpath_nfq.py), as on the TUN planes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import functools
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -36,6 +41,16 @@ from ipsecstack.runtime.logs import DropReporter
 from ipsecstack.sa import SAEvent
 
 DEFAULT_BATCH = 64
+
+
+class Forwarding(Protocol):
+    """Something that carries the inner and outer planes' packets instead of the Node (runtime/fastpath.py)."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def stats(self) -> dict[str, object]: ...
 
 
 class Node:
@@ -84,6 +99,8 @@ class Node:
         # where ICMP errors for local senders go (Result.to_local, path MTU): the inner port by default
         # (TUN: the kernel routes them to the sender), a raw socket to this host with NFQUEUE
         self.local_out: PacketPort | None = None
+        # the native engine's forwarder, when it owns the TUN and outer fds (then the Node reads neither)
+        self.forwarder: Forwarding | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -91,23 +108,28 @@ class Node:
         """Attach to the ports and begin processing (call from inside the running loop)."""
         self._loop = loop or asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        if self.inner is not None and self.outer is not None:
+        if self.forwarder is not None:
+            self.forwarder.start(self._loop)
+        elif self.inner is not None and self.outer is not None:
             self.inner.attach(self._loop, self._inner_readable)
             self.outer.attach(self._loop, self._outer_readable)
-        if self.queue_out is not None:
+        if self.queue_out is not None and self.forwarder is None:
             self.queue_out.attach(self._loop, self._queue_out_readable)
-        if self.queue_in is not None:
+        if self.queue_in is not None and self.forwarder is None:
             self.queue_in.attach(self._loop, self._queue_in_readable)
         for port in self.side_ports:
             port.attach(self._loop, functools.partial(self._side_readable, port))
         self._arm_timer()
-        self.log.info("node started", batch=self.batch_size, datapath=self.datapath.engine_name)
+        self.log.info("node started", batch=self.batch_size, datapath=self.datapath.engine_name,
+                      forwarder=self.forwarder is not None)  # fmt: skip
         for hook in self.on_start:
             hook()
 
     def stop(self) -> None:
         """Detach and close every port; idempotent."""
         hooks, self.on_stop = self.on_stop, []
+        if self.forwarder is not None:
+            hooks.insert(0, self.forwarder.stop)  # the engine's threads let go of the fds before they close
         for hook in hooks:
             with contextlib.suppress(Exception):
                 hook()
@@ -280,6 +302,13 @@ class Node:
         if dp.native is not None:
             # SAs the engine does not implement run on the Python transforms: say which and why
             out["python_sas"] = {f"0x{sa.spi:08x} {sa.direction}": why for sa, why in dp.native.refused.values()}
+        if self.forwarder is not None:
+            fwd = out["forwarder"] = self.forwarder.stats()
+            # what the engine's threads carried without asking Python, on top of what Python carried
+            for key in ("out_packets", "in_packets"):
+                n = fwd.get(key)
+                if isinstance(n, int):
+                    out[key] += n
         ports = (
             ("inner", self.inner),
             ("outer", self.outer),

@@ -5,7 +5,8 @@
 #   bash tests/native/run_sanitized.sh tests/native/test_native_rejections.py -k icv    (any pytest args)
 #   bash tests/native/run_sanitized.sh --fuzz 50 [SEED]       the fuzz harness for 50 s: atheris (if
 #                                                             installed) builds a corpus, which then runs
-#                                                             under the sanitizers, then random inputs
+#                                                             under the sanitizers, then random inputs;
+#                                                             then the forwarder's (fuzz_datagram.py)
 #
 # How it works:
 # - the sources are copied to a temporary directory (never the worktree: its build/ cache and in-place
@@ -79,6 +80,9 @@ if [ "${1:-}" = "--fuzz" ]; then
     fi
     echo "== seeded random inputs for ${secs}s under ASan + UBSan"
     "$PY" tests/native/fuzz_unprotect.py --random "$secs" "${3:-$RANDOM}"
+    # the forwarder's threads: arbitrary datagrams into its sockets and its inner fd (fuzz_datagram.py)
+    echo "== the forwarder: seeded random datagrams for ${secs}s under ASan + UBSan"
+    "$PY" tests/native/fuzz_datagram.py --random "$secs" "${3:-$RANDOM}"
     exit 0  # (not exec: the EXIT trap removes the temporary directory; set -e reports a failure)
 fi
 echo "== pytest under ASan + UBSan (LD_PRELOAD=$LD_PRELOAD)"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ipsecstack import native
 from tests.netns import nsutil
 
 # the benchmark chooses its engine itself (bench --engine)
@@ -33,28 +34,45 @@ def _run(tmp_path: Path, *args: str) -> dict[str, object]:
     return doc
 
 
+ENGINES = ("native", "python") if native.available else ("python",)
+
+
 def test_tunnel_and_flood_smoke(tmp_path: Path) -> None:
+    """Both engines where the native one is built (--engine both), each row labelled with the engine its daemons
+    reported on the control socket."""
     doc = _run(tmp_path, "--scenario", "tunnel,flood", "--seconds", "1", "--flood-seconds", "1", "--sizes", "64",
-               "--pings", "3")  # fmt: skip
+               "--pings", "3", "--rates", "20k", "--engine", "both" if len(ENGINES) == 2 else "python")  # fmt: skip
     rows = doc["rows"]
     assert isinstance(rows, list)
-    got = {(r["scenario"], r["test"], r["metric"]): r for r in rows}
-    for key in [("tunnel", "tcp-1", "gbps"), ("tunnel", "tcp-4", "gbps"), ("tunnel", "udp-64", "pps"),
-                ("tunnel", "udp-64", "cpu_us_pkt"), ("tunnel", "ping-idle", "rtt_ms"),
-                ("tunnel", "ping-load", "rtt_ms"), ("flood", "flood-1400", "rss_mb"),
-                ("flood", "flood-1400", "cpu_us_pkt")]:  # fmt: skip
-        assert key in got, sorted(got)
-        assert got[key]["error"] is None and got[key]["value"] > 0, got[key]
-        assert got[key]["path"] == "ipsecstack" and got[key]["engine"] == "python"
+    got = {(r["scenario"], r["engine"], r["test"], r["metric"]): r for r in rows}
+    for engine in ENGINES:
+        for key in [("tunnel", "tcp-1", "gbps"), ("tunnel", "tcp-4", "gbps"), ("tunnel", "udp-64", "pps"),
+                    ("tunnel", "udp-64", "cpu_us_pkt"), ("tunnel", "udp-64@20k", "pps"),
+                    ("tunnel", "udp-64@20k", "cpu_us_pkt"), ("tunnel", "ping-idle", "rtt_ms"),
+                    ("tunnel", "ping-load", "rtt_ms"), ("flood", "flood-1400", "rss_mb"),
+                    ("flood", "flood-1400", "cpu_us_pkt")]:  # fmt: skip
+            row = got.get((key[0], engine, *key[1:]))
+            assert row is not None, (engine, key, sorted(got))
+            assert row["error"] is None and row["value"] > 0, row
+            assert row["path"] == "ipsecstack"
+            seen = row["extra"]["engine_seen"]
+            assert {seen[s]["datapath"] for s in ("a", "b")} == {engine}, seen
+    assert {r["engine"] for r in rows} == set(ENGINES)
     machine = doc["machine"]
     assert isinstance(machine, dict) and machine["cores"] and machine["kernel"] and machine["git_commit"]
 
 
 def test_handshake_smoke(tmp_path: Path) -> None:
-    doc = _run(tmp_path, "--scenario", "handshake", "--handshakes", "10")
+    doc = _run(tmp_path, "--scenario", "handshake", "--handshakes", "10", "--idle-sas", "5")
     rows = doc["rows"]
     assert isinstance(rows, list)
-    got = {r["metric"]: r for r in rows}
-    assert set(got) == {"hs_per_s", "cpu_ms_hs", "kb_per_sa"}
-    assert got["hs_per_s"]["error"] is None and got["hs_per_s"]["value"] > 0, got["hs_per_s"]
-    assert got["hs_per_s"]["extra"]["established"] == 10
+    got = {(r["test"], r["metric"]): r for r in rows}
+    assert set(got) == {("handshake", "hs_per_s"), ("handshake", "cpu_ms_hs"), ("handshake", "kb_per_sa"),
+                        ("idle-sas", "rss_mb"), ("idle-sas", "kb_per_sa")}  # fmt: skip
+    hs = got[("handshake", "hs_per_s")]
+    assert hs["error"] is None and hs["value"] > 0, hs
+    assert hs["extra"]["established"] == 10 and hs["engine"] == ENGINES[0]
+    assert hs["extra"]["engine_seen"]["datapath"] == ENGINES[0]
+    idle = got[("idle-sas", "rss_mb")]
+    assert idle["error"] is None and idle["value"] > 0, idle
+    assert idle["extra"]["sas"] == idle["extra"]["daemon_ike_sas"] == 20 + 10 + 5

@@ -88,7 +88,17 @@ def test_cli_and_tshark_decryption(esp: str, tmp_path: Path, daemon_engine: str)
             assert status.returncode == 0 and "packets out" in status.stdout
             # the daemon runs the engine the default gave it, and says so (tests/engine_param.py)
             assert f"datapath: {daemon_engine}" in status.stdout, status.stdout
-            assert json.loads(cli("status", "--socket", sock_a, "--json").stdout)["datapath"] == daemon_engine
+            doc = json.loads(cli("status", "--socket", sock_a, "--json").stdout)
+            assert doc["datapath"] == daemon_engine
+            if daemon_engine == "native":
+                # TUN + raw/UDP on the native engine: its threads carry the packets, Python answered the first
+                fwd = doc["forwarder"]
+                assert fwd["running"] and fwd["out_packets"] >= 2 and fwd["in_packets"] >= 2, fwd
+                assert sum(fwd["punts"].values()) <= 10 and fwd["punt_dropped"] == 0, fwd
+                assert "forwarder: running, engine threads carried out" in status.stdout, status.stdout
+                assert 'ipsecstack_forwarder_packets_total{direction="out"}' in metrics, metrics[-2000:]
+            else:
+                assert "forwarder" not in doc and "forwarder" not in status.stdout
             keydir = tmp_path / "keys"
             r = cli("keys", "--socket", sock_a, "--wireshark", str(keydir))
             assert r.returncode == 0, r.stderr

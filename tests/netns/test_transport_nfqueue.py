@@ -205,9 +205,9 @@ class Capture:
 
     def __init__(self, ns: nsutil.Netns, path: Path) -> None:
         self.path = path
-        self.p = ns.popen(
-            "tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "0", "-Z", "root", "-w", str(path)
-        )
+        # a 32 MiB capture buffer: the native engine sends faster than a default-sized one is drained
+        args = ["-i", "eth0", "-n", "-U", "--immediate-mode", "-B", "32768", "-s", "0", "-Z", "root", "-w", str(path)]
+        self.p = ns.popen("tcpdump", *args)
         line = _readline(self.p, "stderr", timeout=10)
         assert b"listening on" in line, line
 
