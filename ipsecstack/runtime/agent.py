@@ -130,7 +130,10 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         from backends.tun import TunPort
 
         mtu = a.tun_mtu or DEFAULT_LINK_MTU - overhead
-        inner = TunPort(a.tun_name, mtu=mtu, addresses=a.tun_addrs, routes=tunnel_routes(cfg))
+        # the native forwarder reads TCP super-packets (TSO) and writes coalesced ones through the virtio
+        # header; Python's own reads and writes on the device add and strip it (backends/tun.py)
+        inner = TunPort(a.tun_name, mtu=mtu, addresses=a.tun_addrs, routes=tunnel_routes(cfg),
+                        vnet_hdr=dp.native is not None and a.offloads)  # fmt: skip
     else:
         raise BackendError("inner_backend = 'memory' is for tests and the demo; it cannot be run as a daemon")
     local = local_address(cfg)
@@ -167,7 +170,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         from ipsecstack.runtime.fastpath import FastPath
 
         # the native engine's threads carry the packets; the Node answers what they ask (DESIGN.md §4a)
-        node.forwarder = FastPath.for_node(node)
+        node.forwarder = FastPath.for_node(node, offloads=a.offloads)
     return node
 
 
