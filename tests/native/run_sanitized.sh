@@ -7,6 +7,7 @@
 #                                                             installed) builds a corpus, which then runs
 #                                                             under the sanitizers, then random inputs;
 #                                                             then the forwarder's (fuzz_datagram.py)
+#                                                             and the NFQUEUE codec's (fuzz_nfq.py)
 #
 # How it works:
 # - the sources are copied to a temporary directory (never the worktree: its build/ cache and in-place
@@ -83,6 +84,9 @@ if [ "${1:-}" = "--fuzz" ]; then
     # the forwarder's threads: arbitrary datagrams into its sockets and its inner fd (fuzz_datagram.py)
     echo "== the forwarder: seeded random datagrams for ${secs}s under ASan + UBSan"
     "$PY" tests/native/fuzz_datagram.py --random "$secs" "${3:-$RANDOM}"
+    # the NFQUEUE netlink codec against its Python reference (fuzz_nfq.py)
+    echo "== the NFQUEUE codec: seeded random messages for $((secs / 2 + 1))s under ASan + UBSan"
+    "$PY" tests/native/fuzz_nfq.py --random "$((secs / 2 + 1))" "${3:-$RANDOM}"
     exit 0  # (not exec: the EXIT trap removes the temporary directory; set -e reports a failure)
 fi
 echo "== pytest under ASan + UBSan (LD_PRELOAD=$LD_PRELOAD)"
