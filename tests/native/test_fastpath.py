@@ -128,6 +128,9 @@ def test_punts_answered_then_flows_carried_by_the_engine() -> None:
                 a.app.send(p)
             await _until(lambda: bool(got.extend(b.received()) or len(got) >= 50), "50 packets at B")
             assert got == pkts  # byte for byte, in order
+            # each thread counts its round after its last write: wait for the counters, not only the packets
+            await _until(lambda: a.fast.stats()["out_packets"] == 49 and b.fast.stats()["in_packets"] == 49,
+                         "the rounds counted")  # fmt: skip
             fa, fb = a.fast.stats(), b.fast.stats()
             assert fa["punts_answered"] == {"out": 1, "in": 0, "outer": 0}, fa
             assert fb["punts_answered"] == {"out": 0, "in": 1, "outer": 0}, fb

@@ -188,6 +188,8 @@ def test_offloads_end_to_end_tso_gso_gro_coalesce() -> None:
         assert (flags, gso_type, hdr_len, gso_size, start, off) == (1, tun_offload.GSO_TCPV4, l3 + 32, 1000, 20, 16)
         assert tun_offload.unwrap(got) == segs  # cut again, exactly the segments A sent
         wait_until(lambda: a.engine.fwd_stats()["out_packets"] == 16, what="A's round counted")
+        # B counts its round after the write we already read: wait for the counters, not only the packet
+        wait_until(lambda: b.engine.fwd_stats()["in_packets"] == 8, what="B's round counted")
         st_a, st_b = a.engine.fwd_stats(), b.engine.fwd_stats()
         assert st_a["gso"]["sends"] >= 2 and st_a["gso"]["segments"] >= 16, st_a["gso"]
         assert st_b["gro"]["super"] >= 1 and st_b["gro"]["segments"] >= 8, st_b["gro"]
