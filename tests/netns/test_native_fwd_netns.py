@@ -22,6 +22,7 @@ from tests.native.native_helpers import needs_native
 from tests.netns import nsutil
 
 pytestmark = [pytest.mark.root, needs_native]
+DATAPATH_ENGINES = ("default",)  # the engine's forwarder is driven directly, no daemon (tests/engine_param.py)
 
 PEER = Path(__file__).with_name("fwd_peer.py")
 NET_A, NET_B = ("10.71.1.1/24", "10.71.1.0/24"), ("10.71.2.1/24", "10.71.2.0/24")

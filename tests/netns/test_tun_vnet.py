@@ -11,6 +11,7 @@ import pytest
 from tests.netns import nsutil
 
 pytestmark = pytest.mark.root
+DATAPATH_ENGINES = ("default",)  # TunPort's own reads and writes, no datapath engine (tests/engine_param.py)
 
 SCRIPT = r"""
 import json, socket, struct, time
