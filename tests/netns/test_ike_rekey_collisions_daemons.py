@@ -118,8 +118,9 @@ def _round(tmp_path: Path, pair: nsutil.Pair, mode: str, sas: tuple[dict[str, An
     now = (da.output().count(COLLISION), db.output().count(COLLISION))
     if mode == "delay":  # both ends answered the other's request while their own was out: both noticed
         assert now[0] == before[0] + 1 and now[1] == before[1] + 1, (before, now, da.output(), db.output())
-    else:  # only the end that answered while its own request was out noticed
-        assert sum(now) == sum(before) + 1, (before, now, da.output(), db.output())
+    else:  # the end that answered while its own request was out noticed; with the requests dropped for a
+        # while, the retransmissions can cross again, so the other end may notice as well
+        assert sum(before) + 1 <= sum(now) <= sum(before) + 2, (before, now, da.output(), db.output())
     return after
 
 

@@ -338,7 +338,9 @@ def test_procwatch_reads_cpu_and_memory_of_a_process() -> None:
 
     with ProcWatch({"me": os.getpid()}) as w:
         sum(i * i for i in range(300_000))  # some CPU to account
-    assert w.cpu["me"] >= 0 and w.rss_peak_kb["me"] > 0 and w.hwm_kb["me"] >= w.rss_peak_kb["me"] > 1000
+    # VmHWM and the sampled VmRSS are read at different moments while this process still allocates: a few
+    # pages apart either way
+    assert w.cpu["me"] >= 0 and w.rss_peak_kb["me"] > 1000 and w.hwm_kb["me"] + 1024 >= w.rss_peak_kb["me"]
 
 
 def test_cli_bench_scenario_delegates_to_the_suite() -> None:
