@@ -70,6 +70,9 @@ def _socket(af: int, proto: int, what: str) -> socket.socket:
         raise BackendError(f"cannot open a raw {what} socket: {e.strerror}") from None
 
 
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # a plain int: ``int & IntFlag`` is slow per packet
+
+
 class RawPort:
     """Raw IP sockets for ESP/AH as a :class:`~ipsecstack.runtime.io.PacketPort` (the outer plane)."""
 
@@ -234,7 +237,7 @@ class RawPort:
             except OSError:
                 self.stats.rx_errors += 1
                 break
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & _TRUNCATED:
                 self.stats.rx_errors += 1
                 continue
             dst = b""

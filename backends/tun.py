@@ -19,12 +19,14 @@ With ``vnet_hdr=True`` the device is opened with ``IFF_VNET_HDR`` (``TUNSETVNETH
 ``TUNSETOFFLOAD`` (``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6``, plus ``TUN_F_USO4 | TUN_F_USO6`` where the
 kernel has them, Linux 6.2): the kernel then hands over TCP (UDP) super-packets of up to 64 KB and
 unfinished checksums, which the native forwarder cuts and finishes in C (``fwd_start(tso=True)``);
-``read_batch``/``write_batch`` strip and add the header and cut super-packets themselves
-(backends/tun_offload.py), so to every other caller the port still moves plain IP packets.
+``read_batch`` strips the header and cuts super-packets itself, and ``write_batch`` coalesces runs of
+one TCP flow into super-packets (one ``writev`` each) and puts an all-zero header before every other
+packet (backends/tun_offload.py), so to every other caller the port still moves plain IP packets, and
+the Python datapath gets the offloads too: one read per 64 KB the host sends, one write per run.
 
 The runtime drives it by readiness (DESIGN.md §3-4): ``attach`` registers the descriptor with
 ``loop.add_reader``; ``read_batch`` calls ``os.read`` until ``EAGAIN`` or ``limit`` packets;
-``write_batch`` calls ``os.write`` once per packet and counts whatever the kernel refuses
+``write_batch`` calls ``os.write`` once per packet (or per coalesced run) and counts whatever the kernel refuses
 (``EAGAIN``, ``ENOBUFS``, ``EINVAL`` for a malformed packet, ...) in ``stats.tx_dropped``.
 """
 
@@ -135,10 +137,12 @@ class TunPort:
         routes: Iterable[str] = (),
         dev_path: str = "/dev/net/tun",
         vnet_hdr: bool = False,
+        coalesce: bool = True,
     ) -> None:
         self.name = name
         self.mtu = mtu
         self.vnet_hdr = vnet_hdr
+        self.coalesce = coalesce  # vnet_hdr: TCP runs written as super-packets (tun_offload.coalesce)
         self.offloads = 0  # the TUN_F_* flags the kernel accepted (vnet_hdr only)
         self.stats = PortStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,6 +285,8 @@ class TunPort:
                 pkts = tun_offload.unwrap(pkt)
                 if not pkts:
                     self.stats.rx_errors += 1  # a virtio_net_hdr that does not parse
+                elif len(pkts) > 1:
+                    self.stats.rx_super += 1
                 out.extend(pkts)
                 nbytes += sum(len(p) for p in pkts)
                 continue
@@ -296,18 +302,42 @@ class TunPort:
         if fd < 0:
             stats.tx_dropped += len(packets)
             return 0
+        if self.vnet_hdr:
+            return self._write_frames(fd, packets)
         write = os.write
         sent = 0
         nbytes = 0
-        wrap = tun_offload.wrap if self.vnet_hdr else None
         for pkt in packets:
             try:
-                write(fd, wrap(pkt) if wrap is not None else pkt)
+                write(fd, pkt)
             except OSError:  # EAGAIN (BlockingIOError), ENOBUFS, EINVAL, ...: drop, never queue
                 stats.tx_dropped += 1
                 continue
             sent += 1
             nbytes += len(pkt)
+        stats.tx_packets += sent
+        stats.tx_bytes += nbytes
+        return sent
+
+    def _write_frames(self, fd: int, packets: Sequence[bytes]) -> int:
+        """Behind the virtio header: runs of one TCP flow as one super-packet each (tun_offload.coalesce)."""
+        stats = self.stats
+        writev = os.writev
+        sent = 0
+        nbytes = 0
+        frames = tun_offload.coalesce(packets) if self.coalesce else [
+            ([tun_offload.ZERO_HDR, p], 1, len(p)) for p in packets
+        ]  # fmt: skip
+        for bufs, count, size in frames:
+            try:
+                writev(fd, bufs)
+            except OSError:  # EAGAIN (BlockingIOError), ENOBUFS, EINVAL, ...: drop, never queue
+                stats.tx_dropped += count
+                continue
+            sent += count
+            nbytes += size
+            if count > 1:
+                stats.tx_super += 1
         stats.tx_packets += sent
         stats.tx_bytes += nbytes
         return sent

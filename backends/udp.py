@@ -21,6 +21,14 @@ Sending: each packet from the datapath is parsed just enough to find the destina
 ``IPV6_TCLASS`` control message, so DSCP and ECN survive encapsulation. The source address and
 port are the socket's (the SA's encapsulation source port is expected to be the bound port).
 Whatever the kernel refuses (``EAGAIN``, ``ENOBUFS``, no route, ...) is dropped and counted.
+
+Offloads (``offloads=True``, ``[agent] offloads``): with UDP GRO (``UDP_GRO``) the kernel hands over a run
+of same-size datagrams from one peer as one buffer with the datagram size in a control message; the
+port cuts it back into the datagrams (their headers built once per size). With UDP GSO
+(``UDP_SEGMENT``) a run of same-size payloads to one peer with one TOS (the last may be shorter) goes
+out in one ``sendmsg`` that the kernel cuts into exactly those datagrams. A kernel that refuses GSO
+(``EIO``, ``EOPNOTSUPP``) switches it off for the port; a run it cannot cut (``EINVAL``: larger than
+the path MTU) is sent one datagram at a time. One system call per up to 64 datagrams each way.
 """
 
 from __future__ import annotations
@@ -49,12 +57,21 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _INT = struct.Struct("@i")
 _ANC = socket.CMSG_SPACE(20) + 2 * socket.CMSG_SPACE(4)
 _ADDR_CACHE_MAX = 4096
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: send one buffer as datagrams of this size (UDP GSO, Linux 4.18)
+UDP_GRO = 104  # receive runs of same-size datagrams as one buffer, with their size (Linux 5.0)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of the kernels before 6.9
+GSO_MAX_BYTES = 65000  # below the 65,507 bytes of an IPv4 UDP payload
+_ANC_GRO = _ANC + socket.CMSG_SPACE(4)
+_U16 = struct.Struct("=H")
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: ``int & IntFlag`` builds an enum member per packet
+_GSO_REFUSED = frozenset((errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT))
 
 
 class UdpEncapPort:
     """A UDP socket for ESP-in-UDP as a :class:`~ipsecstack.runtime.io.PacketPort` (the outer plane)."""
 
-    def __init__(self, local_addr: str, port: int = 4500, *, mtu: int = 1500) -> None:
+    def __init__(self, local_addr: str, port: int = 4500, *, mtu: int = 1500, offloads: bool = False) -> None:
         try:
             addr = ipaddress.ip_address(local_addr)
         except ValueError:
@@ -95,6 +112,14 @@ class UdpEncapPort:
                     with contextlib.suppress(OSError):
                         s.setsockopt(socket.SOL_SOCKET, fallback, SOCKBUF)
             self._bind(s, self.local_addr, port)
+            self.gso = self.gro = False
+            if offloads:
+                self.gso = True  # a refused GSO send switches it off (write_batch)
+                try:
+                    s.setsockopt(SOL_UDP, UDP_GRO, 1)
+                    self.gro = True
+                except OSError:  # a kernel before 5.0: one datagram per read
+                    pass
         except BaseException:
             s.close()
             raise
@@ -179,25 +204,31 @@ class UdpEncapPort:
         dport = self.port
         default_dst = self._local_bytes
         src_cache = self._src_cache
+        anc_size = _ANC_GRO if self.gro else _ANC
+        stats = self.stats
         nbytes = 0
         while len(out) < limit:
             try:
-                data, anc, flags, addr = recvmsg(RECV_SIZE, _ANC)
+                data, anc, flags, addr = recvmsg(RECV_SIZE, anc_size)
             except BlockingIOError:
                 break
             except InterruptedError:
                 continue
             except OSError:  # e.g. ECONNREFUSED reported from an earlier ICMP error: keep going
-                self.stats.rx_errors += 1
+                stats.rx_errors += 1
                 continue
-            if flags & socket.MSG_TRUNC:
-                self.stats.rx_errors += 1
+            if flags & _MSG_TRUNC:
+                stats.rx_errors += 1
                 continue
             dst = default_dst
             tos = 0
             ttl = 64
+            seg = 0
             for level, kind, value in anc:
-                if v4:
+                if level == SOL_UDP:
+                    if kind == UDP_GRO:
+                        seg = _INT.unpack_from(value)[0] if len(value) >= 4 else _U16.unpack_from(value)[0]
+                elif v4:
                     if level != socket.IPPROTO_IP:
                         continue
                     if kind == IP_PKTINFO:
@@ -223,72 +254,142 @@ class UdpEncapPort:
                     src_cache.clear()
                 src_cache[host] = src
             n = len(data)
-            udp = UDP_HEADER.pack(addr[1], dport, UDP_HEADER_LEN + n, 0)
-            if v4:
-                hdr = build_ipv4(tos, 20 + UDP_HEADER_LEN + n, 0, False, ttl, PROTO_UDP, src, dst)
+            sport = addr[1]
+            if 0 < seg < n:
+                # UDP GRO: a run of datagrams of ``seg`` bytes (the last may be shorter), one buffer
+                stats.rx_super += 1
+                view = memoryview(data)
+                heads: dict[int, bytes] = {}
+                for off in range(0, n, seg):
+                    chunk = view[off : off + seg]
+                    size = len(chunk)
+                    head = heads.get(size)
+                    if head is None:
+                        head = heads[size] = self._headers(v4, tos, ttl, src, dst, sport, dport, size)
+                    out.append(head + chunk)
             else:
-                hdr = build_ipv6(tos, 0, UDP_HEADER_LEN + n, PROTO_UDP, ttl, src, dst)
-            out.append(b"".join((hdr, udp, data)))
+                out.append(self._headers(v4, tos, ttl, src, dst, sport, dport, n) + data)
             nbytes += n
-        self.stats.rx_packets += len(out)
-        self.stats.rx_bytes += nbytes
+        stats.rx_packets += len(out)
+        stats.rx_bytes += nbytes
         return out
 
+    @staticmethod
+    def _headers(v4: bool, tos: int, ttl: int, src: bytes, dst: bytes, sport: int, dport: int, n: int) -> bytes:
+        """The IP and UDP headers the kernel took off ``n`` bytes of payload (UDP checksum left zero)."""
+        udp = UDP_HEADER.pack(sport, dport, UDP_HEADER_LEN + n, 0)
+        if v4:
+            return build_ipv4(tos, 20 + UDP_HEADER_LEN + n, 0, False, ttl, PROTO_UDP, src, dst) + udp
+        return build_ipv6(tos, 0, UDP_HEADER_LEN + n, PROTO_UDP, ttl, src, dst) + udp
+
+    def _parse(self, pkt: bytes) -> tuple[tuple[str, int], memoryview, int]:
+        """Where a datapath packet goes, the bytes after its UDP header, and its TOS / traffic class."""
+        n = len(pkt)
+        if self.version == 4:
+            if n < 28 or pkt[0] >> 4 != 4 or pkt[9] != PROTO_UDP:
+                raise ValueError
+            off = (pkt[0] & 0x0F) * 4
+            end = (pkt[2] << 8) | pkt[3]
+            dst = pkt[16:20]
+            tos = pkt[1]
+        else:
+            if n < 48 or pkt[0] >> 4 != 6:
+                raise ValueError
+            if pkt[6] == PROTO_UDP:
+                off = 40
+                end = 40 + ((pkt[4] << 8) | pkt[5])
+            else:  # extension headers before UDP (transport mode may keep them)
+                _v, off, nh_field, end = parse_outer(pkt)
+                if pkt[nh_field] != PROTO_UDP:
+                    raise ValueError
+            dst = pkt[24:40]
+            tos = ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
+        if end > n or end < off + UDP_HEADER_LEN:
+            raise ValueError
+        cache = self._dst_cache
+        key = (dst, (pkt[off + 2] << 8) | pkt[off + 3])
+        where = cache.get(key)
+        if where is None:
+            where = (socket.inet_ntop(self.af, dst), key[1])
+            if len(cache) >= _ADDR_CACHE_MAX:
+                cache.clear()
+            cache[key] = where
+        return where, memoryview(pkt)[off + UDP_HEADER_LEN : end], tos
+
     def write_batch(self, packets: Sequence[bytes]) -> int:
+        """Send each packet's UDP payload; with GSO, runs to one peer in one ``sendmsg`` (UDP_SEGMENT):
+        consecutive payloads of one size to the same address and port with the same TOS (the last of a
+        run may be shorter), as the kernel cuts them again into exactly these datagrams."""
         stats = self.stats
         if self._closed:
             stats.tx_dropped += len(packets)
             return 0
-        sock = self._sock
-        sendto = sock.sendto
-        cache = self._dst_cache
-        v4 = self.version == 4
-        af = self.af
+        parse = self._parse
+        send = self._send_run
         sent = 0
-        nbytes = 0
+        run: list[memoryview] = []
+        where: tuple[str, int] = ("", 0)
+        tos = size = total = 0
+        ended = False
         for pkt in packets:
             try:
-                n = len(pkt)
-                if v4:
-                    if n < 28 or pkt[0] >> 4 != 4 or pkt[9] != PROTO_UDP:
-                        raise ValueError
-                    off = (pkt[0] & 0x0F) * 4
-                    end = (pkt[2] << 8) | pkt[3]
-                    dst = pkt[16:20]
+                w, payload, t = parse(pkt)
+            except (ValueError, IndexError, Dropped):  # not ESP-in-UDP: drop
+                stats.tx_dropped += 1
+                continue
+            n = len(payload)
+            if run and (
+                ended or w != where or t != tos or n > size or len(run) == GSO_MAX_SEGMENTS or total + n > GSO_MAX_BYTES
+            ):
+                sent += send(run, where, tos, size)
+                run = []
+            if not run:
+                where, tos, size, total, ended = w, t, n, 0, False
+            run.append(payload)
+            total += n
+            ended = n < size or not self.gso
+        if run:
+            sent += send(run, where, tos, size)
+        return sent
+
+    def _send_run(self, run: list[memoryview], where: tuple[str, int], tos: int, size: int) -> int:
+        """Send a run of payloads to one peer: one GSO ``sendmsg`` when there are several; the number sent."""
+        stats = self.stats
+        sock = self._sock
+        cmsg: list[tuple[int, int, bytes]] = []
+        if tos:
+            if self.version == 4:
+                cmsg.append((socket.IPPROTO_IP, socket.IP_TOS, _INT.pack(tos)))
+            else:
+                cmsg.append((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT.pack(tos)))
+        if len(run) > 1 and self.gso:
+            try:
+                sock.sendmsg(run, [*cmsg, (SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, where)
+            except OSError as e:
+                if e.errno not in _GSO_REFUSED:  # EAGAIN, ENOBUFS, no route, ...: the whole run is dropped
+                    stats.tx_dropped += len(run)
+                    return 0
+                if e.errno != errno.EINVAL:  # no GSO here at all (EIO: no checksum offload on the route)
+                    self.gso = False
+                # EINVAL: this run cannot be cut (larger than the path MTU, say): one by one below
+            else:
+                stats.tx_super += 1
+                stats.tx_packets += len(run)
+                stats.tx_bytes += sum(len(p) for p in run)
+                return len(run)
+        sent = 0
+        nbytes = 0
+        for payload in run:
+            try:
+                if cmsg:
+                    sock.sendmsg((payload,), cmsg, 0, where)
                 else:
-                    if n < 48 or pkt[0] >> 4 != 6:
-                        raise ValueError
-                    if pkt[6] == PROTO_UDP:
-                        off = 40
-                        end = 40 + ((pkt[4] << 8) | pkt[5])
-                    else:  # extension headers before UDP (transport mode may keep them)
-                        _v, off, nh_field, end = parse_outer(pkt)
-                        if pkt[nh_field] != PROTO_UDP:
-                            raise ValueError
-                    dst = pkt[24:40]
-                if end > n or end < off + UDP_HEADER_LEN:
-                    raise ValueError
-                key = (dst, (pkt[off + 2] << 8) | pkt[off + 3])
-                sa = cache.get(key)
-                if sa is None:
-                    sa = (socket.inet_ntop(af, dst), key[1])
-                    if len(cache) >= _ADDR_CACHE_MAX:
-                        cache.clear()
-                    cache[key] = sa
-                payload = memoryview(pkt)[off + UDP_HEADER_LEN : end]
-                tos = pkt[1] if v4 else ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
-                if tos:
-                    if v4:
-                        sock.sendmsg((payload,), ((socket.IPPROTO_IP, socket.IP_TOS, _INT.pack(tos)),), 0, sa)
-                    else:
-                        sock.sendmsg((payload,), ((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT.pack(tos)),), 0, sa)
-                else:
-                    sendto(payload, sa)
-            except (OSError, ValueError, IndexError, Dropped):  # refused by the kernel or not ESP-in-UDP: drop
+                    sock.sendto(payload, where)
+            except OSError:  # refused by the kernel: drop
                 stats.tx_dropped += 1
                 continue
             sent += 1
-            nbytes += end - off - UDP_HEADER_LEN
+            nbytes += len(payload)
         stats.tx_packets += sent
         stats.tx_bytes += nbytes
         return sent

@@ -53,7 +53,7 @@ class AgentConfig:
     # the ESP engine: "native" (the C engine) or "python"; None until resolved (``resolve_datapath``):
     # native where it was built, else python
     datapath: str | None = None
-    # the native forwarder's offloads: TUN TSO (vnet header) with coalescing, UDP GSO and GRO (fwd.h)
+    # the datapath's offloads, either engine: TUN TSO (vnet header) with coalescing, UDP GSO and GRO
     offloads: bool = True
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None

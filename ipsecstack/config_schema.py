@@ -112,7 +112,8 @@ class Agent(_Table):
         "the ESP engine: native (the C engine) or python; leave it out for native where it was built, else python"
     )
     offloads: bool = key(
-        "the native forwarder's offloads (TUN TSO with coalescing, UDP GSO/GRO): true or false (default true)", True
+        "the datapath's offloads, either engine (TUN TSO with coalescing, UDP GSO/GRO): true or false (default true)",
+        True,
     )
     tun_name: Annotated[str, Field(pattern=r"^[^/\s]{1,15}$")] = key(
         "the TUN device's name: 1 to 15 characters, no '/' or spaces (default ipsec0)", "ipsec0"

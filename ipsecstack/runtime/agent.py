@@ -130,10 +130,10 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         from backends.tun import TunPort
 
         mtu = a.tun_mtu or DEFAULT_LINK_MTU - overhead
-        # the native forwarder reads TCP super-packets (TSO) and writes coalesced ones through the virtio
-        # header; Python's own reads and writes on the device add and strip it (backends/tun.py)
+        # TCP super-packets (TSO) read and coalesced ones written through the virtio header: the native
+        # forwarder in C, the Python datapath (and what the forwarder punts) in backends/tun_offload.py
         inner = TunPort(a.tun_name, mtu=mtu, addresses=a.tun_addrs, routes=tunnel_routes(cfg),
-                        vnet_hdr=dp.native is not None and a.offloads)  # fmt: skip
+                        vnet_hdr=a.offloads)  # fmt: skip
     else:
         raise BackendError("inner_backend = 'memory' is for tests and the demo; it cannot be run as a daemon")
     local = local_address(cfg)
@@ -143,7 +143,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         if a.outer_backend == "udp":
             from backends.udp import UdpEncapPort
 
-            outer = UdpEncapPort(local, a.encap_port)
+            outer = UdpEncapPort(local, a.encap_port, offloads=a.offloads)
         elif a.outer_backend == "raw":
             from backends.rawsock import RawPort
 
@@ -155,7 +155,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
                 from backends.udp import UdpEncapPort
 
                 try:
-                    outer = OuterSet(outer, UdpEncapPort(local, a.encap_port))
+                    outer = OuterSet(outer, UdpEncapPort(local, a.encap_port, offloads=a.offloads))
                 except BaseException:
                     outer.close()
                     raise

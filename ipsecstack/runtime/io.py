@@ -74,9 +74,14 @@ class SupportsMark(Protocol):
 
 
 class PortStats:
-    """Counters every port keeps; the node reports them."""
+    """Counters every port keeps; the node reports them.
 
-    __slots__ = ("rx_bytes", "rx_errors", "rx_packets", "tx_bytes", "tx_dropped", "tx_packets")
+    ``rx_super`` / ``tx_super``: reads and writes that carried more than one packet (a TSO super-packet
+    read from a TUN, coalesced TCP written to it; UDP GRO reads and GSO sends): the offloads at work.
+    """
+
+    __slots__ = ("rx_bytes", "rx_errors", "rx_packets", "rx_super", "tx_bytes", "tx_dropped", "tx_packets",
+                 "tx_super")  # fmt: skip
 
     def __init__(self) -> None:
         self.rx_packets = 0
@@ -85,6 +90,8 @@ class PortStats:
         self.tx_bytes = 0
         self.tx_dropped = 0
         self.rx_errors = 0
+        self.rx_super = 0
+        self.tx_super = 0
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
