@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--encap", action="store_true",
                     help="force ESP-in-UDP between the two ipsecstacks (connection encap = true), as strongSwan's "
                     "kernel-libipsec always does; default: the default outer plane (raw ESP without NAT)")  # fmt: skip
+    ap.add_argument("--no-offloads", dest="offloads", action="store_false",
+                    help="run the ipsecstack daemons with [agent] offloads = false (no TUN TSO/coalescing, no UDP "
+                    "GSO/GRO), to measure what the offloads give; default: on")  # fmt: skip
     ap.add_argument("--paths", help=f"compare only these paths, comma-separated (default {','.join(PATH_NAMES)})")
     ap.add_argument("--micro-packets", type=int, help="packets per micro run (default 20000, quick 3000)")
     ap.add_argument("--json", type=Path, help="output file (default bench/results/suite-<UTC time>.json)")
@@ -159,6 +162,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_sizes=args.rate_size_list,
         idle_sas=args.idle_sas,
         encap=args.encap,
+        offloads=args.offloads,
         quick=q,
         micro_packets=args.micro_packets or (3000 if q else 20000),
     )

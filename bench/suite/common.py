@@ -108,6 +108,7 @@ class Settings:
     rate_sizes: tuple[int, ...] = (64,)  # the IP packet sizes the fixed-rate runs use
     idle_sas: int = 0  # handshake: this many more idle IKE SAs after the rate run, for RSS per SA (0: off)
     encap: bool = False  # force ESP-in-UDP between two ipsecstacks (connection key encap = true)
+    offloads: bool = True  # [agent] offloads of the ipsecstack daemons (--no-offloads: false)
     quick: bool = False
     micro_packets: int = 20000
 

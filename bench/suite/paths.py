@@ -72,11 +72,12 @@ secret = "{psk}"
 """
 
 
-def agent_lines(engine: str) -> str:
-    """The ``[agent]`` line that chooses the datapath engine (``native`` or ``python``)."""
+def agent_lines(engine: str, offloads: bool = True) -> str:
+    """The ``[agent]`` lines that choose the datapath engine (``native`` or ``python``) and, when they are
+    off, the offloads (``offloads = false``: no TUN TSO/coalescing, no UDP GSO/GRO)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown datapath engine {engine!r}: one of {', '.join(ENGINES)}")
-    return f'datapath = "{engine}"\n'
+    return f'datapath = "{engine}"\n' + ("" if offloads else "offloads = false\n")
 
 
 def engine_report(sock: str, timeout: float = 5.0, children: bool = True) -> dict[str, Any]:
@@ -133,11 +134,11 @@ def label(r: Row, seen: dict[str, Any], error: str | None) -> Row:
 
 
 def ipsecstack_config(local: str, remote: str, side: str, sock: str, *, engine: str = "python", encap: bool = False,
-                      start: str | None = None) -> str:  # fmt: skip
+                      start: str | None = None, offloads: bool = True) -> str:  # fmt: skip
     """The configuration of side "a" (initiator, 10.1/16) or "b" (responder, 10.2/16) at ``local``."""
     a = side == "a"
     return CONFIG.format(
-        tun_addr=f"{INNER_A if a else INNER_B}/16", sock=sock, agent_extra=agent_lines(engine),
+        tun_addr=f"{INNER_A if a else INNER_B}/16", sock=sock, agent_extra=agent_lines(engine, offloads),
         local=local, remote=remote, ike=IKE, esp=ESP,
         conn_extra="encap = true\n" if encap else "", lnet=NET_A if a else NET_B, rnet=NET_B if a else NET_A,
         start=start or ("start" if a else "none"), psk=PSK,
@@ -236,7 +237,7 @@ def _ipsecstack(pair: nsutil.Pair, tmp: FsPath, settings: Settings) -> Iterator[
             cfg = tmp / f"{side}.toml"
             local, remote = (pair.addr_a, pair.addr_b) if side == "a" else (pair.addr_b, pair.addr_a)
             cfg.write_text(ipsecstack_config(local, remote, side, str(tmp / f"{side}.sock"), engine=settings.engine,
-                                             encap=settings.encap))  # fmt: skip
+                                             encap=settings.encap, offloads=settings.offloads))  # fmt: skip
             daemons.append(Daemon(ns, cfg))
             deadline = time.monotonic() + 20
             while not (tmp / f"{side}.sock").exists() and time.monotonic() < deadline:

@@ -117,6 +117,9 @@ def test_the_bench_configuration_is_a_valid_product_configuration() -> None:
     assert conn.encap is False
     assert parse(paths.ipsecstack_config("172.31.1.1", "172.31.1.2", "a", "/s", encap=True)).connections[0].encap
     assert cfg.agent.datapath == "python" and paths.agent_lines("native") == 'datapath = "native"\n'
+    assert cfg.agent.offloads is True and "offloads" not in text  # on by default: the user writes nothing
+    off = parse(paths.ipsecstack_config("172.31.1.1", "172.31.1.2", "a", "/s", offloads=False))
+    assert off.agent.offloads is False  # bench/run.py --no-offloads
     if native.available:
         cfg = parse(paths.ipsecstack_config("172.31.1.1", "172.31.1.2", "a", "/s", engine="native"))
         assert cfg.agent.datapath == "native"
