@@ -137,12 +137,10 @@ class TunPort:
         routes: Iterable[str] = (),
         dev_path: str = "/dev/net/tun",
         vnet_hdr: bool = False,
-        coalesce: bool = True,
     ) -> None:
         self.name = name
         self.mtu = mtu
         self.vnet_hdr = vnet_hdr
-        self.coalesce = coalesce  # vnet_hdr: TCP runs written as super-packets (tun_offload.coalesce)
         self.offloads = 0  # the TUN_F_* flags the kernel accepted (vnet_hdr only)
         self.stats = PortStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -325,10 +323,7 @@ class TunPort:
         writev = os.writev
         sent = 0
         nbytes = 0
-        frames = tun_offload.coalesce(packets) if self.coalesce else [
-            ([tun_offload.ZERO_HDR, p], 1, len(p)) for p in packets
-        ]  # fmt: skip
-        for bufs, count, size in frames:
+        for bufs, count, size in tun_offload.coalesce(packets):
             try:
                 writev(fd, bufs)
             except OSError:  # EAGAIN (BlockingIOError), ENOBUFS, EINVAL, ...: drop, never queue

@@ -33,6 +33,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from ipsecstack.wire.ip import internet_checksum
+
 VNET_HDR_LEN = 10
 F_NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 3, 4, 5, 0x80
@@ -43,7 +45,7 @@ _HDR = struct.Struct("=BBHHHH")
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
 _I = struct.Struct("!I")
-ZERO_HDR = _ZERO = bytes(VNET_HDR_LEN)  # no offload asked
+ZERO_HDR = bytes(VNET_HDR_LEN)  # no offload asked
 
 Frame = list[bytes | bytearray | memoryview]  # the buffers of one write (os.writev)
 
@@ -91,19 +93,12 @@ def _fold(s: int) -> int:
 
 def csum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     """The folded ones' complement sum (not complemented) of ``data``, added to ``start``."""
-    x = int.from_bytes(data, "big")
-    if len(data) & 1:
-        x <<= 8
-    return _fold(x + start)
+    return 0xFFFF ^ internet_checksum(data, start)
 
 
 def pseudo(ip: bytes | bytearray, proto: int, l4_len: int) -> int:
     addrs = ip[12:20] if ip[0] >> 4 == 4 else ip[8:40]
     return csum(addrs, proto + l4_len)
-
-
-def wrap(pkt: bytes, hdr_len: int = VNET_HDR_LEN) -> bytes:
-    return _ZERO[:hdr_len] + pkt if hdr_len <= VNET_HDR_LEN else bytes(hdr_len) + pkt
 
 
 def _complement(s: int) -> int:
@@ -152,10 +147,9 @@ def _segments(pkt: bytes, gso_type: int, gso_size: int) -> list[bytes]:
         hdr[l3 + 4 : l3 + 8] = b"\0\0\0\0"
         hdr[l3 + 16 : l3 + 18] = b"\0\0"
         hdr[l3 + 13] = 0
-        l4_sum = _sum(hdr[l3:])
     else:
         hdr[l3 + 4 : l3 + 8] = b"\0\0\0\0"
-        l4_sum = _sum(hdr[l3:])
+    l4_sum = _sum(hdr[l3:])
     out: list[bytes] = []
     last = count - 1
     for i in range(count):
@@ -262,7 +256,7 @@ class _Run:
     def frame(self) -> Frame:
         segs = self.segs
         if len(segs) == 1:
-            return [_ZERO, self.first]
+            return [ZERO_HDR, self.first]
         l3, hdrs = self.l3, self.hdrs
         h = bytearray(memoryview(self.first)[:hdrs])
         total = hdrs + self.bytes
@@ -318,7 +312,7 @@ def coalesce(packets: Sequence[bytes]) -> list[tuple[Frame, int, int]]:
     for pkt in packets:
         t = _tcp_of(pkt)
         if t is None:
-            out.append(([_ZERO, pkt], 1, len(pkt)))
+            out.append(([ZERO_HDR, pkt], 1, len(pkt)))
             continue
         l3, hdrs, payload, seq, flags = t
         key = pkt[12:24] if l3 == 20 else pkt[8:44]  # addresses and ports
@@ -330,7 +324,7 @@ def coalesce(packets: Sequence[bytes]) -> list[tuple[Frame, int, int]]:
             close(r)  # this flow's older run goes first
             del runs[key]
         if payload == 0 or (flags & ~0x08) != 0x10:  # pure ACKs, SYN, FIN, RST, URG, ECE/CWR
-            out.append(([_ZERO, pkt], 1, len(pkt)))
+            out.append(([ZERO_HDR, pkt], 1, len(pkt)))
             continue
         if len(runs) == COALESCE_OPEN:
             oldest = next(iter(runs))
