@@ -4,14 +4,17 @@ Theory of operation
 -------------------
 The kernel sends each SA the way IKE negotiated it: ESP (protocol 50) or AH (51) straight in IP when
 no NAT is on the path, ESP in UDP (RFC 3948) when there is one, both at once on one host. This port
-does the same for the datapath, which speaks whole IP packets either way: it owns a
-:class:`~backends.rawsock.RawPort` and a :class:`~backends.udp.UdpEncapPort` and
+does the same for the datapath: it owns a :class:`~backends.rawsock.RawPort` and a
+:class:`~backends.udp.UdpEncapPort` and
 
-- **sends** every packet whose IP protocol is UDP (an SA with ``udp_encap``) through the UDP socket,
-  everything else (ESP, AH) through the raw socket;
-- **reads** both: one readiness callback for the pair, ``read_batch`` drains the UDP socket first (it
-  also carries IKE on port 4500, which the datapath hands back through ``to_ike``), then the raw
-  sockets, at most ``limit`` packets in all (a full batch means "call me again");
+- **sends** datagrams (``write_datagrams``) and every whole packet whose IP protocol is UDP (an SA
+  with ``udp_encap`` on the native transforms) through the UDP socket, everything else (ESP, AH)
+  through the raw socket;
+- **reads** both: one readiness callback for the pair; ``read_split`` (a
+  :class:`~ipsecstack.runtime.io.DatagramPort`) drains the UDP socket first as datagrams (it also
+  carries IKE on port 4500, which the datapath hands back through ``to_ike``), then the raw sockets
+  as packets, at most ``limit`` in all (a full batch means "call me again"); ``read_batch`` gives the
+  same as whole packets;
 - offers the UDP socket's extras (``send_ike``, ``send_keepalive``, ``port``) so the IKE endpoint
   serves port 4500 on it, and sets a firewall mark on both.
 
@@ -28,6 +31,7 @@ from backends.rawsock import RawPort
 from backends.udp import UdpEncapPort
 from ipsecstack.runtime.io import PortStats
 from ipsecstack.wire.ip import PROTO_UDP
+from ipsecstack.wire.udp_encap import Datagram, OutDatagram
 from ipsecstack.xform.mode import parse_outer
 
 PROTO_ESP = 50
@@ -95,6 +99,14 @@ class OuterSet:
     def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
         self.udp.attach(loop, on_readable)
         self.raw.attach(loop, on_readable)
+
+    def read_split(self, limit: int) -> tuple[list[Datagram], list[bytes]]:
+        """:class:`~ipsecstack.runtime.io.DatagramPort`: the UDP socket's datagrams first, then raw packets."""
+        dgrams = self.udp.read_datagrams(limit)
+        return dgrams, self.raw.read_batch(limit - len(dgrams)) if len(dgrams) < limit else []
+
+    def write_datagrams(self, items: Sequence[OutDatagram]) -> int:
+        return self.udp.write_datagrams(items)
 
     def read_batch(self, limit: int) -> list[bytes]:
         out = self.udp.read_batch(limit)

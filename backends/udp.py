@@ -2,29 +2,30 @@
 
 Theory of operation
 -------------------
-The datapath reads and writes whole IP packets (outer IP header, UDP header, ESP); the kernel's
-UDP socket takes and gives only the payload. This port converts between the two.
+The outer plane speaks datagrams (``wire.udp_encap``): a UDP socket takes and gives payloads, so the
+datapath hands this port :class:`OutDatagram` (ESP bytes, destination, TOS) and takes
+:class:`Datagram` (payload, peer, and the header fields the socket reports), with no IP header built
+on one side only to be parsed and thrown away on the other.
 
 Receiving: ``recvmsg`` on a socket bound to ``(local_addr, port)``, with ancillary data switched on
 for the header fields the payload lost: the local destination address (``IP_PKTINFO`` /
 ``IPV6_PKTINFO``, right even for a wildcard bind), the TOS / traffic class (its ECN bits matter to
-RFC 6040 decapsulation) and the TTL / hop limit. From these and the sender's address the port
-rebuilds ``IP header + UDP header + payload``: an IPv4 header with a valid header checksum, or a
-40-byte IPv6 header, and a UDP header whose destination port is the bound port. The UDP checksum
-is left zero: the kernel has verified the real one already and neither ``Datapath.inbound`` nor
-``xform.esp`` reads the field (zero is also what RFC 3948 §2.1 sends over IPv4). NAT keepalives
-(one 0xFF byte) and IKE messages (non-ESP marker) pass through the same way; the datapath sorts them.
+RFC 6040 decapsulation) and the TTL / hop limit. NAT keepalives (one 0xFF byte), IKE messages
+(non-ESP marker) and ESP come out alike; the datapath sorts them. ``read_batch`` (for consumers of
+whole packets) rebuilds each as ``IP header + UDP header + payload`` (``wire.udp_encap.to_ip_packet``:
+a valid IPv4 header checksum or a 40-byte IPv6 header, the UDP checksum left zero, as the kernel has
+verified the real one).
 
-Sending: each packet from the datapath is parsed just enough to find the destination address
-(outer IP header) and destination port (UDP header); the bytes after the UDP header go out with
-``sendto``. A non-zero TOS / traffic class is carried over per packet with an ``IP_TOS`` /
-``IPV6_TCLASS`` control message, so DSCP and ECN survive encapsulation. The source address and
-port are the socket's (the SA's encapsulation source port is expected to be the bound port).
-Whatever the kernel refuses (``EAGAIN``, ``ENOBUFS``, no route, ...) is dropped and counted.
+Sending: ``write_datagrams`` sends each payload to its destination with ``sendto``; a non-zero TOS /
+traffic class is carried over with an ``IP_TOS`` / ``IPV6_TCLASS`` control message, so DSCP and ECN
+survive encapsulation. ``write_batch`` takes whole ESP-in-UDP packets instead and keeps only the
+payload, destination and TOS of each. The source address and port are the socket's (the SA's
+encapsulation source port is expected to be the bound port). Whatever the kernel refuses
+(``EAGAIN``, ``ENOBUFS``, no route, ...) is dropped and counted.
 
 Offloads (``offloads=True``, ``[agent] offloads``): with UDP GRO (``UDP_GRO``) the kernel hands over a run
 of same-size datagrams from one peer as one buffer with the datagram size in a control message; the
-port cuts it back into the datagrams (their headers built once per size). With UDP GSO
+port cuts it back into the datagrams (views of the one buffer, not copies). With UDP GSO
 (``UDP_SEGMENT``) a run of same-size payloads to one peer with one TOS (the last may be shorter) goes
 out in one ``sendmsg`` that the kernel cuts into exactly those datagrams. A kernel that refuses GSO
 (``EIO``, ``EOPNOTSUPP``) switches it off for the port; a run it cannot cut (``EINVAL``: larger than
@@ -43,8 +44,15 @@ from collections.abc import Callable, Sequence
 
 from ipsecstack.errors import Dropped
 from ipsecstack.runtime.io import BackendError, PortStats
-from ipsecstack.wire.ip import PROTO_UDP, build_ipv4, build_ipv6
-from ipsecstack.wire.udp_encap import NAT_KEEPALIVE, NON_ESP_MARKER, UDP_HEADER, UDP_HEADER_LEN
+from ipsecstack.wire.ip import PROTO_UDP
+from ipsecstack.wire.udp_encap import (
+    NAT_KEEPALIVE,
+    NON_ESP_MARKER,
+    UDP_HEADER_LEN,
+    Datagram,
+    OutDatagram,
+    to_ip_packet,
+)
 from ipsecstack.xform.mode import parse_outer
 
 RECV_SIZE = 65535
@@ -194,8 +202,11 @@ class UdpEncapPort:
         self._loop = loop
         loop.add_reader(self._sock.fileno(), on_readable)
 
-    def read_batch(self, limit: int) -> list[bytes]:
-        out: list[bytes] = []
+    def read_datagrams(self, limit: int) -> list[Datagram]:
+        """Up to ``limit`` datagrams as the socket gives them (a GRO buffer cut back into its datagrams,
+        each a view of it): payload, the peer's address and port, and the header fields the control
+        messages report."""
+        out: list[Datagram] = []
         if self._closed:
             return out
         recvmsg = self._sock.recvmsg
@@ -259,31 +270,25 @@ class UdpEncapPort:
                 # UDP GRO: a run of datagrams of ``seg`` bytes (the last may be shorter), one buffer
                 stats.rx_super += 1
                 view = memoryview(data)
-                heads: dict[int, bytes] = {}
-                for off in range(0, n, seg):
-                    chunk = view[off : off + seg]
-                    size = len(chunk)
-                    head = heads.get(size)
-                    if head is None:
-                        head = heads[size] = self._headers(v4, tos, ttl, src, dst, sport, dport, size)
-                    out.append(head + chunk)
+                out.extend(Datagram(src, dst, sport, dport, tos, ttl, view[o : o + seg]) for o in range(0, n, seg))
             else:
-                out.append(self._headers(v4, tos, ttl, src, dst, sport, dport, n) + data)
+                out.append(Datagram(src, dst, sport, dport, tos, ttl, data))
             nbytes += n
         stats.rx_packets += len(out)
         stats.rx_bytes += nbytes
         return out
 
-    @staticmethod
-    def _headers(v4: bool, tos: int, ttl: int, src: bytes, dst: bytes, sport: int, dport: int, n: int) -> bytes:
-        """The IP and UDP headers the kernel took off ``n`` bytes of payload (UDP checksum left zero)."""
-        udp = UDP_HEADER.pack(sport, dport, UDP_HEADER_LEN + n, 0)
-        if v4:
-            return build_ipv4(tos, 20 + UDP_HEADER_LEN + n, 0, False, ttl, PROTO_UDP, src, dst) + udp
-        return build_ipv6(tos, 0, UDP_HEADER_LEN + n, PROTO_UDP, ttl, src, dst) + udp
+    def read_split(self, limit: int) -> tuple[list[Datagram], list[bytes]]:
+        """:class:`~ipsecstack.runtime.io.DatagramPort`: everything here is a datagram."""
+        return self.read_datagrams(limit), []
 
-    def _parse(self, pkt: bytes) -> tuple[tuple[str, int], memoryview, int]:
-        """Where a datapath packet goes, the bytes after its UDP header, and its TOS / traffic class."""
+    def read_batch(self, limit: int) -> list[bytes]:
+        """The datagrams as the IP packets they were (for consumers of whole packets)."""
+        return [to_ip_packet(d) for d in self.read_datagrams(limit)]
+
+    def _parse(self, pkt: bytes) -> OutDatagram:
+        """A whole ESP-in-UDP packet as the datagram to send: the bytes after its UDP header, where to,
+        and its TOS / traffic class."""
         n = len(pkt)
         if self.version == 4:
             if n < 28 or pkt[0] >> 4 != 4 or pkt[9] != PROTO_UDP:
@@ -306,53 +311,63 @@ class UdpEncapPort:
             tos = ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
         if end > n or end < off + UDP_HEADER_LEN:
             raise ValueError
-        cache = self._dst_cache
-        key = (dst, (pkt[off + 2] << 8) | pkt[off + 3])
-        where = cache.get(key)
-        if where is None:
-            where = (socket.inet_ntop(self.af, dst), key[1])
-            if len(cache) >= _ADDR_CACHE_MAX:
-                cache.clear()
-            cache[key] = where
-        return where, memoryview(pkt)[off + UDP_HEADER_LEN : end], tos
+        return OutDatagram(memoryview(pkt)[off + UDP_HEADER_LEN : end], dst, (pkt[off + 2] << 8) | pkt[off + 3], tos)
 
     def write_batch(self, packets: Sequence[bytes]) -> int:
-        """Send each packet's UDP payload; with GSO, runs to one peer in one ``sendmsg`` (UDP_SEGMENT):
-        consecutive payloads of one size to the same address and port with the same TOS (the last of a
-        run may be shorter), as the kernel cuts them again into exactly these datagrams."""
-        stats = self.stats
-        if self._closed:
-            stats.tx_dropped += len(packets)
-            return 0
-        parse = self._parse
-        send = self._send_run
-        sent = 0
-        run: list[memoryview] = []
-        where: tuple[str, int] = ("", 0)
-        tos = size = total = 0
-        ended = False
+        """Send whole ESP-in-UDP packets: each one's UDP payload, to its destination (see write_datagrams)."""
+        items: list[OutDatagram] = []
         for pkt in packets:
             try:
-                w, payload, t = parse(pkt)
+                items.append(self._parse(pkt))
             except (ValueError, IndexError, Dropped):  # not ESP-in-UDP: drop
-                stats.tx_dropped += 1
-                continue
+                self.stats.tx_dropped += 1
+        return self.write_datagrams(items)
+
+    def write_datagrams(self, items: Sequence[OutDatagram]) -> int:
+        """Send datagrams; with GSO, runs to one peer in one ``sendmsg`` (UDP_SEGMENT): consecutive
+        payloads of one size to the same address and port with the same TOS (the last of a run may be
+        shorter), as the kernel cuts them again into exactly these datagrams."""
+        stats = self.stats
+        if self._closed:
+            stats.tx_dropped += len(items)
+            return 0
+        send = self._send_run
+        gso = self.gso
+        cache = self._dst_cache
+        sent = 0
+        run: list[bytes | memoryview] = []
+        where: tuple[str, int] = ("", 0)
+        key: tuple[bytes, int] = (b"", 0)
+        tos = size = total = 0
+        ended = False
+        for payload, dst, port, t in items:
             n = len(payload)
+            k = (dst, port)
             if run and (
-                ended or w != where or t != tos or n > size or len(run) == GSO_MAX_SEGMENTS or total + n > GSO_MAX_BYTES
+                ended or k != key or t != tos or n > size or len(run) == GSO_MAX_SEGMENTS or total + n > GSO_MAX_BYTES
             ):
                 sent += send(run, where, tos, size)
                 run = []
             if not run:
-                where, tos, size, total, ended = w, t, n, 0, False
+                w = cache.get(k)
+                if w is None:
+                    try:
+                        w = (socket.inet_ntop(self.af, dst), port)
+                    except (ValueError, OSError):  # not an address of this family: drop
+                        stats.tx_dropped += 1
+                        continue
+                    if len(cache) >= _ADDR_CACHE_MAX:
+                        cache.clear()
+                    cache[k] = w
+                where, key, tos, size, total, ended = w, k, t, n, 0, False
             run.append(payload)
             total += n
-            ended = n < size or not self.gso
+            ended = n < size or not gso
         if run:
             sent += send(run, where, tos, size)
         return sent
 
-    def _send_run(self, run: list[memoryview], where: tuple[str, int], tos: int, size: int) -> int:
+    def _send_run(self, run: list[bytes | memoryview], where: tuple[str, int], tos: int, size: int) -> int:
         """Send a run of payloads to one peer: one GSO ``sendmsg`` when there are several; the number sent."""
         stats = self.stats
         sock = self._sock

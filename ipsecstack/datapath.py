@@ -16,6 +16,12 @@ are dropped silently. After decapsulation the packet must match the SA's selecto
 has none, the SPD-I policy that covers it must be a PROTECT policy bound to that SA (RFC 4301 §5.2).
 Plaintext that matches an SPD-I PROTECT policy is dropped (``policy_requires_protection``).
 
+The outer plane speaks datagrams where the kernel does (``wire.udp_encap``): with
+``outbound(..., datagrams=True)`` ESP in UDP from the Python transforms comes out in ``to_peer`` as
+ESP bytes with their destination and TOS for the UDP socket, and ``inbound(packets, now, datagrams)``
+takes what the socket read as payloads with their endpoints; tunnel mode needs no outer header at all
+(only its ECN bits), transport mode and native SAs get the IP packet rebuilt for them.
+
 Nothing raises out of a batch call: each rejected packet is a ``(reason, packet)`` entry in
 ``dropped`` and a count in ``drops`` (and in the SA's ``drops`` when the SA is known). Lifetime
 events (soft: rekey; hard: the SA was removed) come back in ``events``. Time passes only through
@@ -41,7 +47,17 @@ from ipsecstack.sa import SAEvent, SecurityAssociation
 from ipsecstack.sad import SAD
 from ipsecstack.spd import SPD, Action, Policy
 from ipsecstack.wire import icmp, ip
-from ipsecstack.wire.udp_encap import ENCAP_PORT, KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER_LEN, classify
+from ipsecstack.wire.udp_encap import (
+    ENCAP_PORT,
+    KIND_ESP,
+    KIND_IKE,
+    KIND_KEEPALIVE,
+    UDP_HEADER_LEN,
+    Datagram,
+    OutDatagram,
+    classify,
+    to_ip_packet,
+)
 from ipsecstack.xform import ah as ah_xform
 from ipsecstack.xform import esp as esp_xform
 from ipsecstack.xform import mode, protect
@@ -77,10 +93,11 @@ class IkeDatagram(NamedTuple):
 class Result:
     """What one batch call produced."""
 
-    __slots__ = ("acquires", "dropped", "events", "to_ike", "to_inner", "to_local", "to_network")
+    __slots__ = ("acquires", "dropped", "events", "to_ike", "to_inner", "to_local", "to_network", "to_peer")
 
     def __init__(self) -> None:
         self.to_network: list[bytes] = []
+        self.to_peer: list[OutDatagram] = []  # ESP in UDP for the UDP socket (outbound(datagrams=True))
         self.to_local: list[bytes] = []  # ICMP errors for local senders (path MTU, RFC 4301 §8)
         self.to_inner: list[bytes] = []
         self.to_ike: list[IkeDatagram] = []
@@ -250,11 +267,16 @@ class Datapath:
 
     # --- outbound --------------------------------------------------------------------------------
 
-    def outbound(self, packets: Sequence[bytes], now: float) -> Result:
+    def outbound(self, packets: Sequence[bytes], now: float, *, datagrams: bool = False) -> Result:
+        """Protect a batch of inner packets. With ``datagrams`` (the outer port is a UDP socket), ESP in
+        UDP from the Python transforms comes out as :class:`OutDatagram` in ``to_peer``, with no IP or
+        UDP header for the socket to throw away; everything else is a whole packet in ``to_network``."""
         res = Result()
         lookup = self.spd.lookup
         lookup_sa = self.sad.lookup_outbound
         to_network = res.to_network
+        to_peer = res.to_peer
+        check_mtu = self.link_mtu is not None
         for pkt in packets:
             sa = None
             try:
@@ -275,10 +297,22 @@ class Datapath:
                         if sealed is None:
                             continue
                         out = sealed
+                    elif datagrams and sa.udp_encap is not None:
+                        d = esp_xform.protect_datagram(sa, pkt)
+                        if check_mtu:
+                            n = len(d.payload) + (28 if len(d.dst) == 4 else 48)
+                            if n > 1280 and self._too_big(res, sa, pkt, n, d.dst):
+                                raise Dropped(Reason.PMTU_EXCEEDED)
+                        to_peer.append(d)
+                        if sa.pending:
+                            res.events.extend(self._take_events(sa))
+                        continue
                     else:
                         out = protect(sa, pkt)
-                    if self.link_mtu is not None and len(out) > 1280 and self._too_big(res, sa, pkt, out):
-                        raise Dropped(Reason.PMTU_EXCEEDED)
+                    if check_mtu and len(out) > 1280:
+                        dst = out[16:20] if out[0] >> 4 == 4 else out[24:40]
+                        if self._too_big(res, sa, pkt, len(out), dst):
+                            raise Dropped(Reason.PMTU_EXCEEDED)
                     to_network.append(out)
                     if sa.pending:
                         res.events.extend(self._take_events(sa))
@@ -293,22 +327,23 @@ class Datapath:
         self.out_packets += len(packets)
         return res
 
-    def _too_big(self, res: Result, sa: SecurityAssociation, pkt: bytes, out: bytes) -> bool:
-        """``out`` exceeds the link MTU and may not be fragmented: tell the sender (RFC 4301 §8.1, §8.2)."""
-        v4 = out[0] >> 4 == 4
-        dst = out[16:20] if v4 else out[24:40]
+    def _too_big(self, res: Result, sa: SecurityAssociation, pkt: bytes, length: int, dst: bytes) -> bool:
+        """A protected packet of ``length`` bytes to ``dst`` exceeds the link MTU and may not be
+        fragmented: tell the sender (RFC 4301 §8.1, §8.2)."""
+        v4 = len(dst) == 4
         mtu = self._mtus.get(dst)
         if mtu is None:
             assert self.link_mtu is not None
             if len(self._mtus) >= 4096:
                 self._mtus.clear()
             mtu = self._mtus[dst] = self.link_mtu(str(ipaddress.ip_address(dst)))
-        if len(out) <= mtu or (v4 and not pkt[6] & 0x40):
+        if length <= mtu or (v4 and not pkt[6] & 0x40):
             return False  # fits, or the kernel fragments the outer packet (inner DF clear)
         room = mtu - sa.overhead
         inner_v4 = pkt[0] >> 4 == 4
         if inner_v4 == v4:
-            src = out[12:16] if v4 else out[8:24]  # from this host: the outer source
+            # from this host: the outer source (the SA's tunnel source; transport mode: the packet's own)
+            src = sa.outer_src if sa.tunnel and sa.outer_src is not None else (pkt[12:16] if v4 else pkt[8:24])
         else:  # a tunnel of the other family has no address of the inner one here (any source updates a PMTU)
             src = pkt[16:20] if inner_v4 else pkt[24:40]
         if inner_v4:
@@ -326,8 +361,11 @@ class Datapath:
 
     # --- inbound ---------------------------------------------------------------------------------
 
-    def inbound(self, packets: Sequence[bytes], now: float) -> Result:
+    def inbound(self, packets: Sequence[bytes], now: float, datagrams: Sequence[Datagram] = ()) -> Result:
+        """Unprotect a batch from the outer side: whole IP packets, and datagrams from a UDP socket."""
         res = Result()
+        if datagrams:
+            self._inbound_datagrams(res, datagrams)
         lookup_sa = self.sad.lookup_inbound
         to_inner = res.to_inner
         for pkt in packets:
@@ -392,6 +430,46 @@ class Datapath:
                     res.events.extend(self._take_events(sa))
         self.in_packets += len(packets)
         return res
+
+    def _inbound_datagrams(self, res: Result, datagrams: Sequence[Datagram]) -> None:
+        """The UDP socket's datagrams (RFC 3948 §2): ESP is unprotected without an IP header rebuilt for it
+        (tunnel mode, Python transforms), IKE goes to ``to_ike``, keepalives are dropped silently."""
+        lookup_sa = self.sad.lookup_inbound
+        to_inner = res.to_inner
+        for d in datagrams:  # from the socket bound to the encapsulation port: no port to check
+            sa = None
+            body = d.payload
+            try:
+                kind = classify(body)
+                if kind == KIND_ESP:
+                    sa = lookup_sa(int.from_bytes(body[:4], "big"), ip.PROTO_ESP, d.dst)
+                    if sa is None:
+                        raise Dropped(Reason.UNKNOWN_SPI)
+                    if sa.native:
+                        assert self.native is not None
+                        pkt = to_ip_packet(d)
+                        opened = self._engine_result(res, self.native.unprotect(pkt), pkt, sa)
+                        if opened is None:
+                            continue
+                        inner = opened
+                    else:
+                        inner = esp_xform.unprotect_datagram(sa, d)
+                    if not sa.selectors:
+                        self._check_inbound_policy(sa, inner)
+                    to_inner.append(inner)
+                    if sa.pending:
+                        res.events.extend(self._take_events(sa))
+                elif kind == KIND_IKE:
+                    res.to_ike.append(IkeDatagram(d.src, d.dst, d.sport, d.dport, bytes(body[4:])))
+                elif kind == KIND_KEEPALIVE:
+                    raise Dropped(Reason.NAT_KEEPALIVE)
+                else:
+                    raise Dropped(Reason.TRUNCATED, "ESP-in-UDP payload")
+            except Dropped as e:
+                self._drop(res, e.reason, bytes(body), sa)
+                if sa is not None and sa.pending:
+                    res.events.extend(self._take_events(sa))
+        self.in_packets += len(datagrams)
 
     # --- the native forwarder's upcalls (runtime/fastpath.py) ------------------------------------
 

@@ -2,8 +2,10 @@
 
 Two planes, as in wireguard-go: the *inner* plane carries plaintext IP packets (TUN, memory pipes),
 the *outer* plane protected ones (raw IP sockets for ESP/AH, UDP sockets for ESP-in-UDP, memory
-pipes). Both move whole IP packets as ``bytes``: a UDP outer port rebuilds/strips the IP and UDP
-headers so the datapath always sees the same thing.
+pipes). Both move whole IP packets as ``bytes``, except where the kernel speaks datagrams: a UDP
+outer port is also a :class:`DatagramPort` and exchanges ESP-in-UDP with the datapath as payloads
+with their endpoints (``wire.udp_encap.Datagram`` / ``OutDatagram``), no IP header built on one side
+to be parsed and thrown away on the other.
 
 A port is readiness-driven, never awaited per packet: the runtime calls ``attach(loop, callback)``
 once and the port arranges for ``callback()`` to run when packets may be waiting (for a file
@@ -25,6 +27,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from ipsecstack.wire.udp_encap import Datagram, OutDatagram
+
 
 class BackendError(RuntimeError):
     """A backend cannot start. The message says what is missing and how to get it."""
@@ -42,6 +46,18 @@ class PacketPort(Protocol):
     def write_batch(self, packets: Sequence[bytes]) -> int: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DatagramPort(Protocol):
+    """An outer port (also a :class:`PacketPort`) with a UDP socket in it, which speaks datagrams."""
+
+    def read_split(self, limit: int) -> tuple[list[Datagram], list[bytes]]:
+        """Up to ``limit`` in all: the UDP socket's datagrams, and whole IP packets from any other
+        socket in the port (a raw ESP socket beside the UDP one)."""
+        ...
+
+    def write_datagrams(self, items: Sequence[OutDatagram]) -> int: ...
 
 
 class QueuedPacket(Protocol):

@@ -36,9 +36,10 @@ import structlog
 
 from ipsecstack.datapath import Acquire, Datapath, IkeDatagram, Result
 from ipsecstack.errors import Reason
-from ipsecstack.runtime.io import PacketPort, QueuePort
+from ipsecstack.runtime.io import DatagramPort, PacketPort, QueuePort
 from ipsecstack.runtime.logs import DropReporter
 from ipsecstack.sa import SAEvent
+from ipsecstack.wire.udp_encap import Datagram
 
 DEFAULT_BATCH = 64
 
@@ -74,6 +75,7 @@ class Node:
         self.datapath = datapath
         self.inner = inner
         self.outer = outer
+        self._dgram_outer = outer if isinstance(outer, DatagramPort) else None
         self.queue_out = queue_out
         self.queue_in = queue_in
         self.batch_size = batch_size
@@ -180,38 +182,54 @@ class Node:
         pkts = self.inner.read_batch(self.batch_size)
         if not pkts:
             return
-        res = self.datapath.outbound(pkts, self.clock())
+        dgram = self._dgram_outer
+        res = self.datapath.outbound(pkts, self.clock(), datagrams=dgram is not None)
         if res.to_network:
             self.outer.write_batch(res.to_network)
+        if res.to_peer:
+            assert dgram is not None
+            dgram.write_datagrams(res.to_peer)
         self._after(res, "out")
         if len(pkts) >= self.batch_size:
             self._again("inner", self._inner_readable)
 
     def _outer_readable(self) -> None:
         assert self.inner is not None and self.outer is not None
-        pkts = self.outer.read_batch(self.batch_size)
-        if not pkts:
+        dgram = self._dgram_outer
+        dgrams: list[Datagram] = []
+        if dgram is not None:  # a UDP socket: datagrams, no IP header rebuilt for them (wire.udp_encap)
+            dgrams, pkts = dgram.read_split(self.batch_size)
+            n = len(dgrams) + len(pkts)
+        else:
+            pkts = self.outer.read_batch(self.batch_size)
+            n = len(pkts)
+        if not n:
             return
-        res = self.datapath.inbound(pkts, self.clock())
+        res = self.datapath.inbound(pkts, self.clock(), dgrams)
         if res.to_inner:
             self.inner.write_batch(res.to_inner)
         self._after(res, "in")
-        if len(pkts) >= self.batch_size:
+        if n >= self.batch_size:
             self._again("outer", self._outer_readable)
 
     def _side_readable(self, port: PacketPort) -> None:
         """A side port (no inner plane behind it): IKE goes to ``on_ike``; plaintext has nowhere to go."""
-        pkts = port.read_batch(self.batch_size)
-        if not pkts:
+        dgrams: list[Datagram] = []
+        if isinstance(port, DatagramPort):
+            dgrams, pkts = port.read_split(self.batch_size)
+        else:
+            pkts = port.read_batch(self.batch_size)
+        n = len(dgrams) + len(pkts)
+        if not n:
             return
-        res = self.datapath.inbound(pkts, self.clock())
+        res = self.datapath.inbound(pkts, self.clock(), dgrams)
         if res.to_inner:
             # ESP in UDP that the NFQUEUE rules did not queue (a peer without a policy): counted, not delivered
             res.dropped.extend((Reason.NO_INNER_PLANE, p) for p in res.to_inner)
             drops = self.datapath.drops
             drops[Reason.NO_INNER_PLANE] = drops.get(Reason.NO_INNER_PLANE, 0) + len(res.to_inner)
         self._after(res, "in")
-        if len(pkts) >= self.batch_size:
+        if n >= self.batch_size:
             self._again(f"side{id(port)}", functools.partial(self._side_readable, port))
 
     def _queue_out_readable(self) -> None:

@@ -17,17 +17,30 @@ from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.wire import ip
 from ipsecstack.wire.esp import PAD
-from ipsecstack.wire.udp_encap import KIND_ESP, KIND_IKE, KIND_KEEPALIVE, UDP_HEADER, UDP_HEADER_LEN, classify
+from ipsecstack.wire.udp_encap import (
+    KIND_ESP,
+    KIND_IKE,
+    KIND_KEEPALIVE,
+    UDP_HEADER,
+    UDP_HEADER_LEN,
+    Datagram,
+    OutDatagram,
+    classify,
+    to_ip_packet,
+)
 from ipsecstack.xform import mode
 
 _M32 = 0xFFFFFFFF
 
 
-def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
+def _seal_input(sa: SecurityAssociation, pkt: bytes) -> tuple[int, int, int, bytes, int, bytes, bytes]:
+    """What both outputs of protect share: ``(version, off, nh_field, header, seq, seq_hi, plaintext)``,
+    with the sequence number taken and the lifetimes charged (``off``/``nh_field``: transport mode)."""
     ctx = sa.ctx
     assert ctx is not None
     n = len(pkt)
     version = pkt[0] >> 4 if n else 0
+    off = nh_field = 0
     if sa.tunnel:
         if version == 4:
             nh = ip.PROTO_IPIP
@@ -60,42 +73,69 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
     plaintext = b"".join((payload, PAD[padlen], bytes((padlen, nh))))
     header = sa.spi_bytes + (seq & _M32).to_bytes(4, "big")
     seq_hi = (seq >> 32).to_bytes(4, "big") if sa.esn else b""
-    esp_len = 8 + ctx.iv_len + len(plaintext) + ctx.icv_len
-    encap = sa.udp_encap
-    if encap is not None:
-        src, dst = _outer_addrs(sa, pkt, version)
-        if len(src) == 16:
-            return _protect_udp6(sa, pkt, version, header, seq, seq_hi, plaintext, esp_len, src, dst)
-        after_ip = UDP_HEADER.pack(encap[0], encap[1], UDP_HEADER_LEN + esp_len, 0) if encap else b""
-        ip_payload_len = UDP_HEADER_LEN + esp_len
-        proto = ip.PROTO_UDP
-    else:
-        after_ip = b""
-        ip_payload_len = esp_len
-        proto = ip.PROTO_ESP
     # byte/packet lifetimes (SecurityAssociation.charge, inlined)
     sa.packets += 1
     sa.bytes += n
     if sa.packets >= sa.next_packets or sa.bytes >= sa.next_bytes:
         sa.limits_crossed()
+    return version, off, nh_field, header, seq, seq_hi, plaintext
+
+
+def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
+    """The whole protected IP packet (outer header, UDP header when encapsulated, ESP)."""
+    ctx = sa.ctx
+    assert ctx is not None
+    version, off, nh_field, header, seq, seq_hi, plaintext = _seal_input(sa, pkt)
+    esp_len = 8 + ctx.iv_len + len(plaintext) + ctx.icv_len
+    encap = sa.udp_encap
+    if encap is not None:
+        if (sa.outer_version if sa.tunnel else version) == 6:
+            return _protect_udp6(sa, pkt, version, header, seq, seq_hi, plaintext, esp_len)
+        ip_payload_len = UDP_HEADER_LEN + esp_len
+        proto = ip.PROTO_UDP
+    else:
+        ip_payload_len = esp_len
+        proto = ip.PROTO_ESP
     if sa.tunnel:
         prefix = mode.outer_header(sa, pkt, ip_payload_len, seq)
     else:
         prefix = mode.transport_header(pkt, version, off, nh_field, ip_payload_len, proto)
-    if after_ip:
-        prefix += after_ip
+    if encap is not None:
+        prefix += UDP_HEADER.pack(encap[0], encap[1], ip_payload_len, 0)
     return ctx.seal_packet(prefix, header, seq, seq_hi, plaintext)
+
+
+def protect_datagram(sa: SecurityAssociation, pkt: bytes) -> OutDatagram:
+    """ESP-in-UDP for the UDP socket: the ESP bytes with where they go and their TOS, no IP or UDP
+    header (the socket builds them). The TOS is the outer header's (tunnel mode: DSCP copied per the
+    SA, ECN per RFC 6040) or the packet's own (transport mode)."""
+    ctx = sa.ctx
+    encap = sa.udp_encap
+    assert ctx is not None and encap is not None
+    version, _off, _nh_field, header, seq, seq_hi, plaintext = _seal_input(sa, pkt)
+    esp = ctx.seal_packet(b"", header, seq, seq_hi, plaintext)
+    if sa.tunnel:
+        assert sa.outer_dst is not None
+        dst = sa.outer_dst
+        tos = mode.outer_tos(sa, pkt)
+    elif version == 4:
+        dst = pkt[16:20]
+        tos = pkt[1]
+    else:
+        dst = pkt[24:40]
+        tos = ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
+    return OutDatagram(esp, dst, encap[1], tos)
 
 
 def _protect_udp6(
     sa: SecurityAssociation, pkt: bytes, version: int, header: bytes, seq: int, seq_hi: bytes,
-    plaintext: bytes, esp_len: int, src: bytes, dst: bytes,
+    plaintext: bytes, esp_len: int,
 ) -> bytes:  # fmt: skip
     """ESP-in-UDP over IPv6: the UDP checksum covers the ESP bytes, so it is filled in afterwards."""
     ctx = sa.ctx
     assert ctx is not None
     esp = ctx.seal_packet(b"", header, seq, seq_hi, plaintext)
-    sa.charge(len(pkt))
+    src, dst = _outer_addrs(sa, pkt, version)
     udp = mode.udp_encap_header(sa, esp_len, src, dst, esp)
     if sa.tunnel:
         return mode.outer_header(sa, pkt, UDP_HEADER_LEN + esp_len, seq) + udp + esp
@@ -145,18 +185,59 @@ def unprotect_located(
     sa: SecurityAssociation, pkt: bytes, version: int, off: int, nh_field: int, end: int, udp: bool
 ) -> bytes:
     """Unprotect a packet whose ESP header was found by :func:`locate` (the datapath's entry)."""
-    ctx = sa.ctx
-    assert ctx is not None
     if udp != (sa.udp_encap is not None):
         raise Dropped(Reason.ENCAP_MISMATCH, "SA is UDP-encapsulated" if sa.udp_encap else "SA is not UDP-encapsulated")
     esp_off = off + UDP_HEADER_LEN if udp else off
-    if end - esp_off < 8:
+    plaintext, plen, nh = _open(sa, memoryview(pkt)[esp_off:end])
+    if sa.tunnel:
+        inner = mode.tunnel_inner(plaintext, plen, nh)
+        if pkt[1] & 3 if version == 4 else pkt[1] & 0x30:
+            inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
+    else:
+        payload = plaintext[:plen]
+        inner = mode.transport_header(pkt, version, off, nh_field, plen, nh) + payload
+        if udp and nh in (ip.PROTO_TCP, ip.PROTO_UDP):
+            buf = bytearray(inner)
+            mode.fix_l4_checksum(buf, version, off, nh)
+            inner = bytes(buf)
+    if sa.selectors:
+        mode.check_selectors(sa, inner)
+    return inner
+
+
+def unprotect_datagram(sa: SecurityAssociation, d: Datagram) -> bytes:
+    """Unprotect ESP that arrived in a UDP datagram (``d.payload`` is the ESP header onwards).
+
+    Tunnel mode needs nothing of the outer headers but the ECN bits (``d.tos``); transport mode
+    keeps the outer header as the inner one, so the IP packet is rebuilt for it first.
+    """
+    if sa.udp_encap is None:
+        raise Dropped(Reason.ENCAP_MISMATCH, "SA is not UDP-encapsulated")
+    if not sa.tunnel:
+        pkt = to_ip_packet(d)
+        off = 20 if len(d.src) == 4 else 40
+        return unprotect_located(sa, pkt, 4 if off == 20 else 6, off, 9 if off == 20 else 6, len(pkt), True)
+    plaintext, plen, nh = _open(sa, d.payload)
+    inner = mode.tunnel_inner(plaintext, plen, nh)
+    if d.tos & 3:
+        inner = mode.ecn_decapsulate(d.tos, inner)
+    if sa.selectors:
+        mode.check_selectors(sa, inner)
+    return inner
+
+
+def _open(sa: SecurityAssociation, esp: bytes | memoryview) -> tuple[bytes, int, int]:
+    """Check, decrypt and account one ESP packet (``esp``: SPI onwards): ``(plaintext, plen, nh)``
+    with ``plen`` the payload length before the padding."""
+    ctx = sa.ctx
+    assert ctx is not None
+    if len(esp) < 8:
         raise Dropped(Reason.TRUNCATED, "ESP header")
-    header = pkt[esp_off : esp_off + 8]
+    header = bytes(esp[:8])
     if header[:4] != sa.spi_bytes:
         raise Dropped(Reason.UNKNOWN_SPI, f"0x{header[:4].hex()}")
     seq, seq_hi = sa.inbound_seq(int.from_bytes(header[4:8], "big"))
-    plaintext = ctx.open(header, seq_hi, memoryview(pkt)[esp_off + 8 : end])
+    plaintext = ctx.open(header, seq_hi, esp[8:])
     # RFC 4303 §3.4.3: the window moves only for packets whose ICV verified.
     sa.replay.update(seq)
     n = len(plaintext)
@@ -173,17 +254,4 @@ def unprotect_located(
         sa.limits_crossed()
     if nh == ip.PROTO_NONE:
         raise Dropped(Reason.DUMMY)
-    if sa.tunnel:
-        inner = mode.tunnel_inner(plaintext, plen, nh)
-        if pkt[1] & 3 if version == 4 else pkt[1] & 0x30:
-            inner = mode.ecn_decapsulate(ip.traffic_class(pkt), inner)
-    else:
-        payload = plaintext[:plen]
-        inner = mode.transport_header(pkt, version, off, nh_field, plen, nh) + payload
-        if udp and nh in (ip.PROTO_TCP, ip.PROTO_UDP):
-            buf = bytearray(inner)
-            mode.fix_l4_checksum(buf, version, off, nh)
-            inner = bytes(buf)
-    if sa.selectors:
-        mode.check_selectors(sa, inner)
-    return inner
+    return plaintext, plen, nh

@@ -44,6 +44,13 @@ def outer_header(sa: SecurityAssociation, inner: bytes, payload_len: int, seq: i
     return ip.build_ipv6(tos, 0, payload_len, sa.outer_proto, sa.ttl, sa.outer_src, sa.outer_dst)  # type: ignore[arg-type]
 
 
+def outer_tos(sa: SecurityAssociation, inner: bytes) -> int:
+    """The tunnel-mode outer TOS / traffic class for an inner packet (as :func:`outer_header` sets it)."""
+    if inner[0] >> 4 == 4:
+        return inner[1] & sa.tos_mask
+    return (((inner[0] & 0x0F) << 4) | (inner[1] >> 4)) & sa.tos_mask
+
+
 def udp_encap_header(sa: SecurityAssociation, esp_len: int, src: bytes, dst: bytes, esp: bytes) -> bytes:
     """UDP header for ESP-in-UDP (RFC 3948 §2.1): zero checksum over IPv4, a real one over IPv6."""
     assert sa.udp_encap is not None
