@@ -53,7 +53,8 @@ class AgentConfig:
     # the ESP engine: "native" (the C engine) or "python"; None until resolved (``resolve_datapath``):
     # native where it was built, else python
     datapath: str | None = None
-    # the datapath's offloads, either engine: TUN TSO (vnet header) with coalescing, UDP GSO and GRO
+    # the datapath's offloads, either engine: TUN TSO (vnet header) with coalescing, UDP GSO and GRO;
+    # with NFQUEUE (native engine), in-order inbound TCP segments accepted as one packet
     offloads: bool = True
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None

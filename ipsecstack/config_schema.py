@@ -112,7 +112,8 @@ class Agent(_Table):
         "the ESP engine: native (the C engine) or python; leave it out for native where it was built, else python"
     )
     offloads: bool = key(
-        "the datapath's offloads, either engine (TUN TSO with coalescing, UDP GSO/GRO): true or false (default true)",
+        "the datapath's offloads (TUN TSO with coalescing, UDP GSO/GRO; NFQUEUE: inbound TCP coalescing): "
+        "true or false (default true)",
         True,
     )
     tun_name: Annotated[str, Field(pattern=r"^[^/\s]{1,15}$")] = key(

@@ -580,7 +580,8 @@ static PyMethodDef Engine_methods[] = {
      "take_punts(max=256) -> list of ('out', pkt) | ('in', spi, inner) | ('outer', pkt)"},
     {"fwd_stats", (PyCFunction)ips_py_fwd_stats, METH_NOARGS, "fwd_stats() -> dict"},
     {"nfq_start", (PyCFunction)(void (*)(void))ips_py_nfq_start, METH_VARARGS | METH_KEYWORDS,
-     "nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,)) -> eventfd\n--\n\n"
+     "nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True)"
+     " -> eventfd\n--\n\n"
      "Start one thread per bound NFQUEUE: queues are ('out' | 'in', netlink fd, queue_num, mark | None)."},
     {"nfq_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "nfq_stop(): fwd_stop() (idempotent)"},
     {"nfq_verdict", (PyCFunction)(void (*)(void))ips_py_nfq_verdict, METH_VARARGS | METH_KEYWORDS,
@@ -589,6 +590,9 @@ static PyMethodDef Engine_methods[] = {
 };
 
 static PyMethodDef module_functions[] = {
+    {"tcp_merge", (PyCFunction)(void (*)(void))ips_py_tcp_merge, METH_VARARGS | METH_KEYWORDS,
+     "tcp_merge(packets, max_segments=16, max_bytes=24576) -> list: the NFQUEUE in queue's TCP coalescing\n"
+     "(fwd_coal.c) on bytes, for tests: per packet, what its verdict carries, or None when another took it in"},
     {"nfq_parse", (PyCFunction)ips_py_nfq_parse, METH_O,
      "nfq_parse(data) -> list: the NFQUEUE netlink messages of one datagram (nfq.c), for tests"},
     {"nfq_build_verdict", (PyCFunction)ips_py_nfq_build_verdict, METH_VARARGS,

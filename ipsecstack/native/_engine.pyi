@@ -95,14 +95,20 @@ class Engine:
         punt_capacity: int = 4096,
         cache_size: int = 65536,
         encap_ports: Sequence[int] = (4500,),
+        coalesce: bool = True,
     ) -> int:
         """queues: ("out" | "in", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts are
-        ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt)."""
+        ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt).
+        coalesce: in-order TCP segments of a flow in one in-queue round are accepted as one packet."""
     def nfq_stop(self) -> None: ...
     def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool:
         """ACCEPT with payload as the packet (and mark), or DROP (None); False when the kernel refused it."""
 
 # --- the NFQUEUE netlink codec (nfq.c), for tests and fuzzing --------------------------------------
+def tcp_merge(packets: Sequence[bytes], max_segments: int = 16, max_bytes: int = 24576) -> list[bytes | None]:
+    """The NFQUEUE in queue's TCP coalescing (fwd_coal.c) on bytes, for tests: per packet, what its verdict
+    carries, or None when another packet of the run took it in."""
+
 def nfq_parse(data: Buffer) -> list[tuple[Any, ...]]:
     """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None) | ("error", errno) |
     ("other",) | ("malformed",), in order; a "malformed" entry ends the list."""

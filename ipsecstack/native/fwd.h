@@ -214,6 +214,11 @@ typedef struct {
 
 /* Write `n` decrypted packets to the inner fd: one write each, or (coalesce) TCP runs as one. */
 void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, int coalesce);
+/* Merge the same runs in place, for a consumer of plain packets (NFQUEUE): each run's first packet
+ * grows into the run (its buffer must have room for max_bytes more; full checksums), absorbed[i] = 1
+ * for the packets it took in. At most max_count segments and max_bytes of payload per run. */
+void ips_merge(ips_fwd_counters *c, ips_delivery *d, uint32_t n, uint8_t *absorbed, uint32_t max_count,
+               uint32_t max_bytes);
 
 /* ---- fwd.c ---------------------------------------------------------------------------------- */
 

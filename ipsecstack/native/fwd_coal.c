@@ -57,6 +57,12 @@ typedef struct {
     int closed; /* the last segment was short or had PSH: nothing more joins */
 } run;
 
+typedef struct {
+    uint32_t max_count, max_bytes; /* a run's limits: segments, payload bytes */
+    void (*sink)(void *ctx, ips_delivery *d, const run *r); /* a run of one: an ordinary packet */
+    void *ctx;
+} planner;
+
 static void write_one(ips_fwd *f, ips_fwd_counters *c, const ips_delivery *d)
 {
     size_t vl = f->tso ? (size_t)f->vnet_len : 0;
@@ -114,11 +120,11 @@ static int same_flow(const ips_delivery *a, const ips_delivery *b, uint32_t l3)
 }
 
 /* May segment t (packet b) follow run r (first packet a)? */
-static int joins(const run *r, const ips_delivery *a, const ips_delivery *b, const tcp_seg *t)
+static int joins(const planner *lim, const run *r, const ips_delivery *a, const ips_delivery *b, const tcp_seg *t)
 {
     const tcp_seg *h = &r->first;
-    if (r->closed || r->count == IPS_COAL_MAX || t->payload == 0 || t->payload > r->gso || t->seq != r->next_seq ||
-        t->hdrs != h->hdrs || (t->flags & ~0x08) != 0x10 || r->bytes + t->payload > 65535 - 60)
+    if (r->closed || r->count == lim->max_count || t->payload == 0 || t->payload > r->gso || t->seq != r->next_seq ||
+        t->hdrs != h->hdrs || (t->flags & ~0x08) != 0x10 || r->bytes + t->payload > lim->max_bytes)
         return 0;
     const uint8_t *x = a->pkt, *y = b->pkt;
     if (h->l3 == 20) { /* TOS, DF, TTL */
@@ -133,16 +139,11 @@ static int joins(const run *r, const ips_delivery *a, const ips_delivery *b, con
            memcmp(tx + 20, ty + 20, h->hdrs - h->l3 - 20) == 0;
 }
 
-static void close_run(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, run *r)
+/* The first segment's headers made the run's: lengths, the IPv4 checksum, PSH of the last segment. */
+static size_t run_headers(ips_delivery *d, const run *r)
 {
-    ips_delivery *a = &d[r->idx[0]];
-    if (r->count == 1) {
-        write_one(f, c, a);
-        return;
-    }
     const tcp_seg *h = &r->first;
-    uint8_t *p = a->pkt;
-    uint8_t *th = p + h->l3;
+    uint8_t *p = d[r->idx[0]].pkt;
     size_t total = h->hdrs + r->bytes;
     if (h->l3 == 20) {
         put16(p + 2, (unsigned)total);
@@ -152,7 +153,28 @@ static void close_run(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, run *r)
         put16(p + 4, (unsigned)(total - 40));
     }
     const ips_delivery *last = &d[r->idx[r->count - 1]];
-    th[13] |= last->pkt[h->l3 + 13] & 0x08; /* PSH of the last segment */
+    p[h->l3 + 13] |= last->pkt[h->l3 + 13] & 0x08;
+    return total;
+}
+
+typedef struct {
+    ips_fwd *f;
+    ips_fwd_counters *c;
+} tun_sink_ctx;
+
+static void tun_sink(void *ctx, ips_delivery *d, const run *r)
+{
+    ips_fwd *f = ((tun_sink_ctx *)ctx)->f;
+    ips_fwd_counters *c = ((tun_sink_ctx *)ctx)->c;
+    ips_delivery *a = &d[r->idx[0]];
+    if (r->count == 1) {
+        write_one(f, c, a);
+        return;
+    }
+    const tcp_seg *h = &r->first;
+    uint8_t *p = a->pkt;
+    uint8_t *th = p + h->l3;
+    size_t total = run_headers(d, r);
     uint32_t ps = ips_pseudo_sum(p, 6, total - h->l3);
     while (ps >> 16)
         ps = (ps & 0xFFFF) + (ps >> 16);
@@ -190,19 +212,17 @@ static void close_run(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, run *r)
     c->coal_segments += r->count;
 }
 
-void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, int coalesce)
+static void plan(const planner *pl, ips_delivery *d, uint32_t n)
 {
-    if (!coalesce || !f->tso) {
-        for (uint32_t i = 0; i < n; i++)
-            write_one(f, c, &d[i]);
-        return;
-    }
     run open[IPS_COAL_OPEN];
     uint32_t nopen = 0;
     for (uint32_t i = 0; i < n; i++) {
         tcp_seg t;
         if (!tcp_of(&d[i], &t)) {
-            write_one(f, c, &d[i]);
+            run one; /* a run of one: only count and idx[0] are read */
+            one.count = 1;
+            one.idx[0] = i;
+            pl->sink(pl->ctx, d, &one);
             continue;
         }
         uint32_t k = 0;
@@ -210,22 +230,25 @@ void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, i
             k++;
         if (k < nopen) {
             run *r = &open[k];
-            if (joins(r, &d[r->idx[0]], &d[i], &t)) {
+            if (joins(pl, r, &d[r->idx[0]], &d[i], &t)) {
                 r->idx[r->count++] = i;
                 r->bytes += t.payload;
                 r->next_seq = t.seq + t.payload;
                 r->closed = t.payload < r->gso || (t.flags & 0x08);
                 continue;
             }
-            close_run(f, c, d, r); /* this flow's older run goes first */
+            pl->sink(pl->ctx, d, r); /* this flow's older run goes first */
             open[k] = open[--nopen];
         }
         if (t.payload == 0 || (t.flags & ~0x08) != 0x10) { /* pure ACKs, SYN, FIN, RST, URG, ECE/CWR */
-            write_one(f, c, &d[i]);
+            run one; /* a run of one: only count and idx[0] are read */
+            one.count = 1;
+            one.idx[0] = i;
+            pl->sink(pl->ctx, d, &one);
             continue;
         }
         if (nopen == IPS_COAL_OPEN) {
-            close_run(f, c, d, &open[0]);
+            pl->sink(pl->ctx, d, &open[0]);
             open[0] = open[--nopen];
         }
         run *r = &open[nopen++];
@@ -238,5 +261,64 @@ void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, i
         r->closed = (t.flags & 0x08) != 0;
     }
     for (uint32_t k = 0; k < nopen; k++)
-        close_run(f, c, d, &open[k]);
+        pl->sink(pl->ctx, d, &open[k]);
+}
+
+void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, int coalesce)
+{
+    if (!coalesce || !f->tso) {
+        for (uint32_t i = 0; i < n; i++)
+            write_one(f, c, &d[i]);
+        return;
+    }
+    tun_sink_ctx ctx = {f, c};
+    planner pl = {.max_count = IPS_COAL_MAX, .max_bytes = 65535 - 60, .sink = tun_sink, .ctx = &ctx};
+    plan(&pl, d, n);
+}
+
+/* ---- merging in place (the NFQUEUE in queue) -------------------------------------------------- */
+
+typedef struct {
+    uint8_t *absorbed;
+    ips_fwd_counters *c;
+} merge_ctx;
+
+static void merge_sink(void *ctx, ips_delivery *d, const run *r)
+{
+    merge_ctx *m = ctx;
+    if (r->count == 1)
+        return;
+    const tcp_seg *h = &r->first;
+    ips_delivery *a = &d[r->idx[0]];
+    uint8_t *p = a->pkt;
+    size_t at = a->len;
+    for (uint32_t i = 1; i < r->count; i++) {
+        const ips_delivery *s = &d[r->idx[i]];
+        memmove(p + at, s->pkt + h->hdrs, s->len - h->hdrs);
+        at += s->len - h->hdrs;
+        m->absorbed[r->idx[i]] = 1;
+    }
+    size_t total = run_headers(d, r);
+    uint8_t *th = p + h->l3;
+    uint32_t ps = ips_pseudo_sum(p, 6, total - h->l3);
+    while (ps >> 16)
+        ps = (ps & 0xFFFF) + (ps >> 16);
+    put16(th + 16, ps);
+    ips_csum_complete(p, total, h->l3, 16); /* the kernel checks the whole packet's TCP checksum */
+    a->len = (uint32_t)total;
+    m->c->coal_writes++;
+    m->c->coal_segments += r->count;
+}
+
+void ips_merge(ips_fwd_counters *c, ips_delivery *d, uint32_t n, uint8_t *absorbed, uint32_t max_count,
+               uint32_t max_bytes)
+{
+    memset(absorbed, 0, n);
+    merge_ctx ctx = {absorbed, c};
+    if (max_count > IPS_COAL_MAX)
+        max_count = IPS_COAL_MAX;
+    if (max_bytes > 65535 - 60)
+        max_bytes = 65535 - 60;
+    planner pl = {.max_count = max_count, .max_bytes = max_bytes, .sink = merge_sink, .ctx = &ctx};
+    plan(&pl, d, n);
 }

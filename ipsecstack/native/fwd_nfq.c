@@ -16,7 +16,12 @@
  *              -> ips_unprotect -> the inbound flow cache (learn_in) hit -> ACCEPT with the plaintext;
  *              a miss -> punted ("qin", spi, inner) for the RFC 4301 §5.2 policy check; a refused packet
  *              -> DROP, counted by reason; NAT keepalives -> DROP; IKE (non-ESP marker), an SPI the
- *              engine does not hold, AH, plaintext -> punted ("qouter").
+ *              engine does not hold, AH, plaintext -> punted ("qouter"). With coalescing on
+ *              (nfq_start(coalesce=True), [agent] offloads), the round's in-order TCP segments of one
+ *              flow are accepted as one packet, as the kernel's GRO would have merged them (the
+ *              first's verdict carries the run with full checksums, at most MERGE_MAX_SEGMENTS and
+ *              MERGE_MAX_BYTES, and the others are dropped as absorbed): the local TCP stack takes
+ *              one packet instead of many, which is most of what a queued TCP segment costs.
  *
  * A punted packet stays queued in the kernel until Python's Engine.nfq_verdict names its id; a punt
  * that finds the punt queue full (or no memory for its copy) is answered DROP at once and counted
@@ -46,6 +51,10 @@
 #define PKTS_PER_DGRAM 2 /* room per datagram (the kernel sends one message each; more are tolerated) */
 #define MAX_IOV 1020     /* under UIO_MAXIOV (1024), a multiple of 3 */
 #define SEND_BUDGET_MAX (1u << 20)
+/* Coalesced in-queue runs: the kernel copies the replacement into a linear buffer allocated in
+ * atomic context (nfqnl_mangle), so runs stay small enough for a low-order allocation. */
+#define MERGE_MAX_SEGMENTS 16
+#define MERGE_MAX_BYTES (24 * 1024)
 
 enum { ST_MISS = 0, ST_SPI, ST_DISCARD, ST_DONE, ST_PUNT };
 
@@ -69,6 +78,10 @@ typedef struct {
     uint8_t *state;
     uint32_t *spi, *mtu;
     size_t *out_len;
+    ips_delivery *dl; /* in queue: decrypted packets of known flows, to coalesce (coalesce on) */
+    uint32_t *dl_id;
+    uint8_t *absorbed;
+    uint32_t ndl;
     uint32_t npk, nv;
     verdict *v;
     size_t budget;
@@ -95,6 +108,9 @@ static void ctx_free(nfq_ctx *x)
     free(x->mtu);
     free(x->out_len);
     free(x->v);
+    free(x->dl);
+    free(x->dl_id);
+    free(x->absorbed);
 }
 
 static int ctx_alloc(nfq_ctx *x, ips_nfq_queue *q)
@@ -118,8 +134,11 @@ static int ctx_alloc(nfq_ctx *x, ips_nfq_queue *q)
     x->mtu = calloc(p, sizeof(uint32_t));
     x->out_len = calloc(p, sizeof(size_t));
     x->v = calloc(x->maxv, sizeof(*x->v));
+    x->dl = calloc(p, sizeof(*x->dl));
+    x->dl_id = calloc(p, sizeof(uint32_t));
+    x->absorbed = calloc(p, 1);
     if (!(x->rx && x->out && x->rand && x->mm && x->rx_iov && x->tx_iov && x->pk && x->state && x->spi && x->mtu &&
-          x->out_len && x->v)) {
+          x->out_len && x->v && x->dl && x->dl_id && x->absorbed)) {
         ctx_free(x);
         return -1;
     }
@@ -200,6 +219,17 @@ static void flush_verdicts(nfq_ctx *x)
                 send_single(x, &x->v[j]);
     }
     x->nv = 0;
+}
+
+static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark);
+
+/* A segment another packet of its round took in (coalesced): DROP, but delivered, not a drop. */
+static void absorb(nfq_ctx *x, uint32_t id, size_t len)
+{
+    add_verdict(x, id, NULL, 0, 0);
+    x->c.nfq_drop--;
+    x->c.packets[IPS_IN]++;
+    x->c.bytes[IPS_IN] += len;
 }
 
 static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark)
@@ -434,10 +464,30 @@ static void in_packet(nfq_ctx *x, uint32_t i)
         known = ips_fc_lookup(c, &k, &v);
         pthread_mutex_unlock(&c->lock);
     }
-    if (known)
+    if (known && x->f->coalesce) {
+        x->dl[x->ndl] = (ips_delivery){.pkt = out, .len = (uint32_t)out_len};
+        x->dl_id[x->ndl++] = p->id;
+    } else if (known) {
         accept_engine(x, p->id, out, out_len, IPS_IN);
-    else
+    } else {
         punt(x, IPS_PUNT_QIN, p->id, loc.spi, out, out_len);
+    }
+}
+
+/* The round's deliverable packets: in-order TCP segments of a flow accepted as one packet (the first
+ * one's verdict carries the run, as GRO would have built it; the others are dropped as absorbed). */
+static void deliver_in(nfq_ctx *x)
+{
+    if (x->ndl == 0)
+        return;
+    ips_merge(&x->c, x->dl, x->ndl, x->absorbed, MERGE_MAX_SEGMENTS, MERGE_MAX_BYTES);
+    for (uint32_t i = 0; i < x->ndl; i++) {
+        if (x->absorbed[i])
+            absorb(x, x->dl_id[i], 0);
+        else
+            accept_engine(x, x->dl_id[i], x->dl[i].pkt, x->dl[i].len, IPS_IN);
+    }
+    x->ndl = 0;
 }
 
 /* ---- one round ------------------------------------------------------------------------------- */
@@ -527,10 +577,12 @@ static void round_nfq(nfq_ctx *x)
         }
         collect(x, x->rx_iov[i].iov_base, x->mm[i].msg_len);
     }
-    if (x->q->inbound)
+    if (x->q->inbound) {
+        x->ndl = 0;
         for (uint32_t i = 0; i < x->npk; i++)
             in_packet(x, i);
-    else
+        deliver_in(x);
+    } else
         round_out(x);
     flush_verdicts(x);
     ips_punt *rest = ips_pq_push_rest(&x->f->punts, &x->punts, 0);

@@ -1,7 +1,7 @@
 /*
  * The NFQUEUE methods of Engine (see nfq.h and fwd_nfq.c) and the codec's test entry points:
  *
- *   nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,))
+ *   nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True)
  *       -> the punt eventfd. queues: ("out" | "in", netlink fd, queue number, mark | None) for each
  *       bound queue; sets each queue's copy range to 0xFFFF, then starts one thread per queue.
  *       Stopped by fwd_stop() (nfq_stop is the same call); the punts, learn_*, flush, fwd_stats are
@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <linux/netlink.h>
 #include <string.h>
@@ -165,11 +166,12 @@ static int set_copy_range(const ips_nfq_queue *q)
 
 PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"queues", "batch", "punt_capacity", "cache_size", "encap_ports", NULL};
+    static char *kwlist[] = {"queues", "batch", "punt_capacity", "cache_size", "encap_ports", "coalesce", NULL};
     PyObject *queues, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL, *encap_o = NULL;
     long batch = 64, cap = 4096, cache = 65536;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOO", kwlist, &queues, &batch_o, &cap_o, &cache_o,
-                                     &encap_o) ||
+    int coalesce = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOp", kwlist, &queues, &batch_o, &cap_o, &cache_o,
+                                     &encap_o, &coalesce) ||
         (batch_o && long_in(batch_o, "batch", 1, 256, &batch) != 0) ||
         (cap_o && long_in(cap_o, "punt_capacity", 1, 1 << 20, &cap) != 0) ||
         (cache_o && long_in(cache_o, "cache_size", 1, 1 << 24, &cache) != 0))
@@ -208,6 +210,7 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         f->nnfq = nq;
         memcpy(f->encap_ports, encap, sizeof(encap[0]) * nencap);
         f->nencap = nencap;
+        f->coalesce = coalesce;
         rc = ips_nfq_run(f, &why);
     }
     Py_END_ALLOW_THREADS
@@ -314,6 +317,63 @@ static PyObject *packet_tuple(const char *what, const ips_nfq_packet *p)
     }
     return Py_BuildValue("(sIkNkN)", what, (unsigned)p->queue_num, (unsigned long)p->id, payload,
                          (unsigned long)p->cap_len, mark);
+}
+
+/* tcp_merge(packets, max_segments=16, max_bytes=24576) -> list: the in queue's coalescing (fwd_coal.c
+ * ips_merge) on Python bytes, for tests: per packet, the packet its verdict carries, or None (absorbed). */
+PyObject *ips_py_tcp_merge(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"packets", "max_segments", "max_bytes", NULL};
+    PyObject *seq;
+    unsigned int max_count = 16, max_bytes = 24576;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|II", kwlist, &seq, &max_count, &max_bytes))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "packets must be a sequence of bytes");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > 4096) {
+        Py_DECREF(fast);
+        return PyErr_Format(PyExc_ValueError, "at most 4096 packets");
+    }
+    const size_t slot = 65536 + 2048;
+    uint8_t *buf = malloc((size_t)(n ? n : 1) * slot);
+    ips_delivery *d = calloc((size_t)(n ? n : 1), sizeof(*d));
+    uint8_t *absorbed = calloc((size_t)(n ? n : 1), 1);
+    PyObject *out = NULL;
+    if (buf == NULL || d == NULL || absorbed == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *b;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(PySequence_Fast_GET_ITEM(fast, i), &b, &len) != 0)
+            goto done;
+        if (len > 65535) {
+            PyErr_SetString(PyExc_ValueError, "a packet is longer than 65535 bytes");
+            goto done;
+        }
+        memcpy(buf + (size_t)i * slot, b, (size_t)len);
+        d[i] = (ips_delivery){.pkt = buf + (size_t)i * slot, .len = (uint32_t)len};
+    }
+    ips_fwd_counters c;
+    memset(&c, 0, sizeof(c));
+    ips_merge(&c, d, (uint32_t)n, absorbed, max_count, max_bytes);
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *item = absorbed[i] ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((char *)d[i].pkt, d[i].len);
+        if (item == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, item);
+    }
+done:
+    free(buf);
+    free(d);
+    free(absorbed);
+    Py_DECREF(fast);
+    return out;
 }
 
 PyObject *ips_py_nfq_parse(PyObject *Py_UNUSED(module), PyObject *data)

@@ -123,7 +123,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
             from ipsecstack.runtime.fastpath_nfq import QueueFastPath
 
             # the native engine's threads answer the queues; the Node answers what they ask (DESIGN.md §4a)
-            node.forwarder = QueueFastPath.for_node(node)
+            node.forwarder = QueueFastPath.for_node(node, offloads=a.offloads)
         return node
     inner: PacketPort
     if a.inner_backend == "tun":

@@ -8,7 +8,8 @@ their netlink sockets are handed to the engine (``Engine.nfq_start``): one threa
 packets, raises the copy range to 64 KiB, and gives most verdicts itself, with the GIL released
 (out queue: flow cache -> transport-mode ESP -> ACCEPT with the ESP packet and the protected packets'
 mark, ``backends/esp_routes.py``; in queue: ESP -> unprotect -> inbound flow cache -> ACCEPT with the
-plaintext), the way the kernel's xfrm carries what strongSwan's charon negotiated. Python stays the
+plaintext, a round's in-order TCP segments of a flow as one packet with ``[agent] offloads``), the way
+the kernel's xfrm carries what strongSwan's charon negotiated. Python stays the
 control plane and the source of truth and sees, through the engine's bounded punt queue and its
 eventfd, only what the threads cannot decide alone. Each such packet waits in the kernel until this
 module's ``Engine.nfq_verdict`` names it:
@@ -51,7 +52,7 @@ class QueueForwarder(PuntEngine, Protocol):
     """The C NFQUEUE threads' methods (native/fwd_nfq.c, pynfq.c)."""
 
     def nfq_start(self, queues: Sequence[tuple[str, int, int, int | None]], *, batch: int = ...,
-                  encap_ports: Sequence[int] = ...) -> int: ...  # fmt: skip
+                  encap_ports: Sequence[int] = ..., coalesce: bool = ...) -> int: ...  # fmt: skip
 
     def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool: ...
 
@@ -63,24 +64,29 @@ class QueueForwarder(PuntEngine, Protocol):
 class QueueFastPath(PuntLoop):
     """Starts the engine's NFQUEUE threads on a Node's two queues and answers their punts (module docstring)."""
 
-    def __init__(self, node: Node, engine: QueueForwarder, out_port: NfqueuePort, in_port: NfqueuePort) -> None:
+    def __init__(self, node: Node, engine: QueueForwarder, out_port: NfqueuePort, in_port: NfqueuePort,
+                 *, coalesce: bool = True) -> None:  # fmt: skip
         super().__init__(node, engine, ("qout", "qin", "qouter"))
         self.engine = engine
+        self.coalesce = coalesce
         self.out_port = out_port
         self.in_port = in_port
         self.verdict_errors = 0
         self._mtus: dict[bytes, int] = {}
 
     @classmethod
-    def for_node(cls, node: Node) -> QueueFastPath | None:
-        """A QueueFastPath when the node runs the native datapath on two bound NFQUEUE ports."""
+    def for_node(cls, node: Node, *, offloads: bool = True) -> QueueFastPath | None:
+        """A QueueFastPath when the node runs the native datapath on two bound NFQUEUE ports.
+
+        ``offloads`` (``[agent] offloads``): the in queue's in-order TCP segments of a round are accepted
+        as one packet, as GRO would have merged them."""
         from backends.nfqueue import NfqueuePort
 
         dp = node.datapath
         out, inn = node.queue_out, node.queue_in
         if dp.native is None or not isinstance(out, NfqueuePort) or not isinstance(inn, NfqueuePort):
             return None
-        return cls(node, dp.native.engine, out, inn)
+        return cls(node, dp.native.engine, out, inn, coalesce=offloads)
 
     def _start_engine(self) -> int:
         out, inn = self.out_port, self.in_port
@@ -88,6 +94,7 @@ class QueueFastPath(PuntLoop):
             [("out", out._fd, out.queue_num, out.mark), ("in", inn._fd, inn.queue_num, None)],
             batch=min(self.node.batch_size, 256),
             encap_ports=sorted(self.node.datapath.encap_ports)[:MAX_ENCAP_PORTS],
+            coalesce=self.coalesce,
         )
 
     def stats(self) -> dict[str, object]:

@@ -4,7 +4,8 @@ Two namespaces joined by a veth with a 9000-byte MTU, each running ``ipsecstack 
 in transport mode and the native datapath (the agent hands the bound queues' netlink sockets to
 ``Engine.nfq_start``). Pings of every size class from 64 bytes to jumbo frames and a TCP transfer both
 ways must arrive, only ESP on the wire, and the engine's counters (the ``forwarder`` entry of the
-node's final counters, logged at SIGTERM) must show that its threads, not Python, gave the verdicts.
+node's final counters, logged at SIGTERM) must show that its threads, not Python, gave the verdicts, and
+that the receiving in queue coalesced in-order TCP segments ([agent] offloads, on by default).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def test_native_threads_carry_pings_of_all_sizes_and_tcp(tmp_path: Path) -> None
             rc_a, err_a = stop(a)
             rc_b, err_b = stop(b)
         assert rc_a == 0 and rc_b == 0, err_a[-2000:] + err_b[-2000:]
+        # b's in queue took the 3 MiB upload: in-order segments of a round were accepted as one packet
+        merged = _final_counters(err_b)["forwarder"]["coalesced"]  # type: ignore[index]
+        assert merged["segments"] > merged["writes"] > 0, merged
         for err in (err_a, err_b):
             counters = _final_counters(err)
             assert counters["datapath"] == "native", counters
