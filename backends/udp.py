@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 
 from ipsecstack.errors import Dropped
 from ipsecstack.runtime.io import BackendError, PortStats
-from ipsecstack.wire.ip import PROTO_UDP
+from ipsecstack.wire.ip import PROTO_UDP, traffic_class
 from ipsecstack.wire.udp_encap import (
     NAT_KEEPALIVE,
     NON_ESP_MARKER,
@@ -308,7 +308,7 @@ class UdpEncapPort:
                 if pkt[nh_field] != PROTO_UDP:
                     raise ValueError
             dst = pkt[24:40]
-            tos = ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
+            tos = traffic_class(pkt)
         if end > n or end < off + UDP_HEADER_LEN:
             raise ValueError
         return OutDatagram(memoryview(pkt)[off + UDP_HEADER_LEN : end], dst, (pkt[off + 2] << 8) | pkt[off + 3], tos)

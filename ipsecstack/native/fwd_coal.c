@@ -139,7 +139,8 @@ static int joins(const planner *lim, const run *r, const ips_delivery *a, const 
            memcmp(tx + 20, ty + 20, h->hdrs - h->l3 - 20) == 0;
 }
 
-/* The first segment's headers made the run's: lengths, the IPv4 checksum, PSH of the last segment. */
+/* The first segment's headers made the run's: lengths, the IPv4 checksum, PSH of the last segment, the
+ * pseudo-header sum in the TCP checksum field. The run's length. */
 static size_t run_headers(ips_delivery *d, const run *r)
 {
     const tcp_seg *h = &r->first;
@@ -154,6 +155,10 @@ static size_t run_headers(ips_delivery *d, const run *r)
     }
     const ips_delivery *last = &d[r->idx[r->count - 1]];
     p[h->l3 + 13] |= last->pkt[h->l3 + 13] & 0x08;
+    uint32_t ps = ips_pseudo_sum(p, 6, total - h->l3);
+    while (ps >> 16)
+        ps = (ps & 0xFFFF) + (ps >> 16);
+    put16(p + h->l3 + 16, ps); /* the rest of the sum: the kernel (NEEDS_CSUM) or ips_csum_complete */
     return total;
 }
 
@@ -173,12 +178,7 @@ static void tun_sink(void *ctx, ips_delivery *d, const run *r)
     }
     const tcp_seg *h = &r->first;
     uint8_t *p = a->pkt;
-    uint8_t *th = p + h->l3;
-    size_t total = run_headers(d, r);
-    uint32_t ps = ips_pseudo_sum(p, 6, total - h->l3);
-    while (ps >> 16)
-        ps = (ps & 0xFFFF) + (ps >> 16);
-    put16(th + 16, ps); /* NEEDS_CSUM: the kernel adds the rest */
+    run_headers(d, r);
     size_t vl = (size_t)f->vnet_len;
     ips_vnet v = {
         .flags = VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -212,6 +212,15 @@ static void tun_sink(void *ctx, ips_delivery *d, const run *r)
     c->coal_segments += r->count;
 }
 
+/* Packet i as a run of one (only count and idx[0] are read): an ordinary packet for the sink. */
+static void single(const planner *pl, ips_delivery *d, uint32_t i)
+{
+    run one;
+    one.count = 1;
+    one.idx[0] = i;
+    pl->sink(pl->ctx, d, &one);
+}
+
 static void plan(const planner *pl, ips_delivery *d, uint32_t n)
 {
     run open[IPS_COAL_OPEN];
@@ -219,10 +228,7 @@ static void plan(const planner *pl, ips_delivery *d, uint32_t n)
     for (uint32_t i = 0; i < n; i++) {
         tcp_seg t;
         if (!tcp_of(&d[i], &t)) {
-            run one; /* a run of one: only count and idx[0] are read */
-            one.count = 1;
-            one.idx[0] = i;
-            pl->sink(pl->ctx, d, &one);
+            single(pl, d, i);
             continue;
         }
         uint32_t k = 0;
@@ -241,10 +247,7 @@ static void plan(const planner *pl, ips_delivery *d, uint32_t n)
             open[k] = open[--nopen];
         }
         if (t.payload == 0 || (t.flags & ~0x08) != 0x10) { /* pure ACKs, SYN, FIN, RST, URG, ECE/CWR */
-            run one; /* a run of one: only count and idx[0] are read */
-            one.count = 1;
-            one.idx[0] = i;
-            pl->sink(pl->ctx, d, &one);
+            single(pl, d, i);
             continue;
         }
         if (nopen == IPS_COAL_OPEN) {
@@ -299,11 +302,6 @@ static void merge_sink(void *ctx, ips_delivery *d, const run *r)
         m->absorbed[r->idx[i]] = 1;
     }
     size_t total = run_headers(d, r);
-    uint8_t *th = p + h->l3;
-    uint32_t ps = ips_pseudo_sum(p, 6, total - h->l3);
-    while (ps >> 16)
-        ps = (ps & 0xFFFF) + (ps >> 16);
-    put16(th + 16, ps);
     ips_csum_complete(p, total, h->l3, 16); /* the kernel checks the whole packet's TCP checksum */
     a->len = (uint32_t)total;
     m->c->coal_writes++;

@@ -221,18 +221,8 @@ static void flush_verdicts(nfq_ctx *x)
     x->nv = 0;
 }
 
-static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark);
-
-/* A segment another packet of its round took in (coalesced): DROP, but delivered, not a drop. */
-static void absorb(nfq_ctx *x, uint32_t id, size_t len)
-{
-    add_verdict(x, id, NULL, 0, 0);
-    x->c.nfq_drop--;
-    x->c.packets[IPS_IN]++;
-    x->c.bytes[IPS_IN] += len;
-}
-
-static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark)
+/* Queue one verdict for the round; what the kernel will be told: IPS_NFQ_ACCEPT or IPS_NFQ_DROP. */
+static uint32_t push_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark)
 {
     if (x->nv >= x->maxv)
         flush_verdicts(x); /* (the payloads named so far stay valid until the round ends) */
@@ -249,11 +239,23 @@ static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t 
         v->hdr_len = ips_nfq_verdict_hdr(v->hdr, x->q->queue_num, id, what, 0, 0, 0, 0);
         drop(x, IPS_R_BAD_LENGTH);
     }
-    if (what == IPS_NFQ_ACCEPT)
+    x->nv++;
+    return what;
+}
+
+static void add_verdict(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int mark)
+{
+    if (push_verdict(x, id, payload, len, mark) == IPS_NFQ_ACCEPT)
         x->c.nfq_accept++;
     else
         x->c.nfq_drop++;
-    x->nv++;
+}
+
+/* A segment another packet of its round took in (coalesced): DROP, but delivered, not a drop. */
+static void absorb(nfq_ctx *x, uint32_t id)
+{
+    push_verdict(x, id, NULL, 0, 0);
+    x->c.packets[IPS_IN]++;
 }
 
 static void accept_engine(nfq_ctx *x, uint32_t id, const uint8_t *payload, size_t len, int dir)
@@ -483,7 +485,7 @@ static void deliver_in(nfq_ctx *x)
     ips_merge(&x->c, x->dl, x->ndl, x->absorbed, MERGE_MAX_SEGMENTS, MERGE_MAX_BYTES);
     for (uint32_t i = 0; i < x->ndl; i++) {
         if (x->absorbed[i])
-            absorb(x, x->dl_id[i], 0);
+            absorb(x, x->dl_id[i]);
         else
             accept_engine(x, x->dl_id[i], x->dl[i].pkt, x->dl[i].len, IPS_IN);
     }

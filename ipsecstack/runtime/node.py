@@ -195,14 +195,8 @@ class Node:
 
     def _outer_readable(self) -> None:
         assert self.inner is not None and self.outer is not None
-        dgram = self._dgram_outer
-        dgrams: list[Datagram] = []
-        if dgram is not None:  # a UDP socket: datagrams, no IP header rebuilt for them (wire.udp_encap)
-            dgrams, pkts = dgram.read_split(self.batch_size)
-            n = len(dgrams) + len(pkts)
-        else:
-            pkts = self.outer.read_batch(self.batch_size)
-            n = len(pkts)
+        dgrams, pkts = self._read_outer(self.outer, self._dgram_outer)
+        n = len(dgrams) + len(pkts)
         if not n:
             return
         res = self.datapath.inbound(pkts, self.clock(), dgrams)
@@ -212,13 +206,16 @@ class Node:
         if n >= self.batch_size:
             self._again("outer", self._outer_readable)
 
+    def _read_outer(self, port: PacketPort, dgram: DatagramPort | None) -> tuple[list[Datagram], list[bytes]]:
+        """One batch from an outer port: a UDP socket's as datagrams, no IP header rebuilt for them
+        (``dgram``: the port itself when it is a :class:`DatagramPort`), anything else as packets."""
+        if dgram is not None:
+            return dgram.read_split(self.batch_size)
+        return [], port.read_batch(self.batch_size)
+
     def _side_readable(self, port: PacketPort) -> None:
         """A side port (no inner plane behind it): IKE goes to ``on_ike``; plaintext has nowhere to go."""
-        dgrams: list[Datagram] = []
-        if isinstance(port, DatagramPort):
-            dgrams, pkts = port.read_split(self.batch_size)
-        else:
-            pkts = port.read_batch(self.batch_size)
+        dgrams, pkts = self._read_outer(port, port if isinstance(port, DatagramPort) else None)
         n = len(dgrams) + len(pkts)
         if not n:
             return

@@ -116,15 +116,8 @@ def protect_datagram(sa: SecurityAssociation, pkt: bytes) -> OutDatagram:
     esp = ctx.seal_packet(b"", header, seq, seq_hi, plaintext)
     if sa.tunnel:
         assert sa.outer_dst is not None
-        dst = sa.outer_dst
-        tos = mode.outer_tos(sa, pkt)
-    elif version == 4:
-        dst = pkt[16:20]
-        tos = pkt[1]
-    else:
-        dst = pkt[24:40]
-        tos = ((pkt[0] & 0x0F) << 4) | (pkt[1] >> 4)
-    return OutDatagram(esp, dst, encap[1], tos)
+        return OutDatagram(esp, sa.outer_dst, encap[1], mode.outer_tos(sa, pkt))
+    return OutDatagram(esp, pkt[16:20] if version == 4 else pkt[24:40], encap[1], ip.traffic_class(pkt))
 
 
 def _protect_udp6(
@@ -214,9 +207,10 @@ def unprotect_datagram(sa: SecurityAssociation, d: Datagram) -> bytes:
     if sa.udp_encap is None:
         raise Dropped(Reason.ENCAP_MISMATCH, "SA is not UDP-encapsulated")
     if not sa.tunnel:
-        pkt = to_ip_packet(d)
-        off = 20 if len(d.src) == 4 else 40
-        return unprotect_located(sa, pkt, 4 if off == 20 else 6, off, 9 if off == 20 else 6, len(pkt), True)
+        pkt = to_ip_packet(d)  # a 20-byte IPv4 or 40-byte IPv6 header, then UDP
+        if len(d.src) == 4:
+            return unprotect_located(sa, pkt, 4, 20, 9, len(pkt), True)
+        return unprotect_located(sa, pkt, 6, 40, 6, len(pkt), True)
     plaintext, plen, nh = _open(sa, d.payload)
     inner = mode.tunnel_inner(plaintext, plen, nh)
     if d.tos & 3:

@@ -46,9 +46,7 @@ def outer_header(sa: SecurityAssociation, inner: bytes, payload_len: int, seq: i
 
 def outer_tos(sa: SecurityAssociation, inner: bytes) -> int:
     """The tunnel-mode outer TOS / traffic class for an inner packet (as :func:`outer_header` sets it)."""
-    if inner[0] >> 4 == 4:
-        return inner[1] & sa.tos_mask
-    return (((inner[0] & 0x0F) << 4) | (inner[1] >> 4)) & sa.tos_mask
+    return ip.traffic_class(inner) & sa.tos_mask
 
 
 def udp_encap_header(sa: SecurityAssociation, esp_len: int, src: bytes, dst: bytes, esp: bytes) -> bytes:
