@@ -43,12 +43,12 @@ def extensions() -> list[Extension]:
             "ipsecstack.native._engine",
             sources=[f"{NATIVE}/{name}.c" for name in (
                     "_engine", "batch", "params", "esp", "cipher", "replay", "sa", "table",
-                    "fwd", "fwd_out", "fwd_in", "fwd_seg", "fwd_coal", "flowcache", "punt", "pyfwd", "nfq", "fwd_nfq", "pynfq",
+                    "fwd", "fwd_out", "fwd_in", "fwd_seg", "fwd_coal", "codel", "flowcache", "punt", "pyfwd", "nfq", "fwd_nfq", "pynfq",
                 )],
             depends=[f"{NATIVE}/{h}.h" for h in ("engine", "pyglue", "engine_obj", "fwd", "nfq")],
             include_dirs=inc,
             library_dirs=libdirs,
-            libraries=libs,
+            libraries=[*libs, "m"],  # m: sqrt in codel.c
             extra_compile_args=["-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fvisibility=hidden"],
             optional=True,
         )

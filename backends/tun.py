@@ -137,9 +137,14 @@ class TunPort:
         routes: Iterable[str] = (),
         dev_path: str = "/dev/net/tun",
         vnet_hdr: bool = False,
+        txqueuelen: int | None = None,
     ) -> None:
         self.name = name
         self.mtu = mtu
+        # the kernel's ring between the stack and our reads, in packets (None: the kernel's 500). The TUN
+        # driver orphans what it queues, so TCP's small-queue limit does not apply and a bulk flow fills
+        # the ring: with TSO each entry may be a 64 KiB super-packet (bench/README.md "Latency")
+        self.txqueuelen = txqueuelen
         self.vnet_hdr = vnet_hdr
         self.offloads = 0  # the TUN_F_* flags the kernel accepted (vnet_hdr only)
         self.stats = PortStats()
@@ -201,6 +206,9 @@ class TunPort:
                 self._index = int(found[0])
                 step = f"set MTU {mtu} and bring the link up"
                 ipr.link("set", index=self._index, mtu=mtu, state="up")
+                if self.txqueuelen is not None:
+                    step = f"set txqueuelen {self.txqueuelen}"
+                    ipr.link("set", index=self._index, txqlen=self.txqueuelen)
                 for a in addrs:
                     step = f"add address {a}"
                     kw: dict[str, Any] = {}

@@ -56,9 +56,14 @@ class AgentConfig:
     # the datapath's offloads, either engine: TUN TSO (vnet header) with coalescing, UDP GSO and GRO;
     # with NFQUEUE (native engine), in-order inbound TCP segments accepted as one packet
     offloads: bool = True
+    # CoDel (RFC 8289) on the native engine's ESP receive queues: the delay a datagram may wait before
+    # drops start, and the window it must stay above that for (0 ms: off)
+    codel_target_ms: float = 5.0
+    codel_interval_ms: float = 100.0
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None
     tun_addrs: list[str] = field(default_factory=list)
+    tun_txqueuelen: int | None = None  # the TUN's ring in packets; None: the kernel's default (500)
     retransmit_timeout: float = 2.0  # IKE: first retransmission after this many seconds (RFC 7296 §2.4)
     retransmit_base: float = 1.8  # ... then back off by this factor
     retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions
@@ -233,8 +238,15 @@ def _agent(table: Mapping[str, Any]) -> AgentConfig:
                     raise ConfigError(
                         f"{path}[{i}]", x, "give an address with prefix length, e.g. 10.1.0.1/16"
                     ) from None
-        setattr(a, k, float(v) if k in ("retransmit_timeout", "retransmit_base") else v)
+        setattr(a, k, float(v) if k in _FLOAT_KEYS else v)
+    if a.codel_target_ms >= a.codel_interval_ms:
+        raise ConfigError("agent.codel_target_ms", a.codel_target_ms,
+                          f"give less than agent.codel_interval_ms ({a.codel_interval_ms:g}): RFC 8289 suggests "
+                          "5-10 % of it, or 0 to turn CoDel off")  # fmt: skip
     return a
+
+
+_FLOAT_KEYS = ("retransmit_timeout", "retransmit_base", "codel_target_ms", "codel_interval_ms")
 
 
 def _manual(

@@ -51,10 +51,12 @@ class Reason:
     NO_INNER_PLANE: Final = "no_inner_plane"
     # the native engine's crypto library reported an error it should never report (ipsecstack/native)
     CRYPTO_ERROR: Final = "crypto_error"
+    # congestion: CoDel (RFC 8289) dropped it, it waited in the ESP receive queue too long (native engine)
+    QUEUE_DELAY: Final = "queue_delay"
 
 
-#: Reasons that are normal protocol behaviour, counted but never logged as anomalies.
-SILENT_REASONS: Final = frozenset({Reason.DUMMY, Reason.NAT_KEEPALIVE})
+#: Reasons that are normal protocol behaviour (or congestion), counted but never logged as anomalies.
+SILENT_REASONS: Final = frozenset({Reason.DUMMY, Reason.NAT_KEEPALIVE, Reason.QUEUE_DELAY})
 
 
 class Dropped(Exception):

@@ -53,6 +53,7 @@ const char *const ips_reason_name[IPS_R_COUNT] = {
     [IPS_R_ECN_DROP] = "ecn_drop",
     [IPS_R_CRYPTO_ERROR] = "crypto_error",
     [IPS_R_POLICY_DISCARD] = "policy_discard",
+    [IPS_R_QUEUE_DELAY] = "queue_delay",
 };
 
 static const char *const trigger_name[] = {"seconds", "bytes", "packets", "seq"};
@@ -593,6 +594,9 @@ static PyMethodDef module_functions[] = {
     {"tcp_merge", (PyCFunction)(void (*)(void))ips_py_tcp_merge, METH_VARARGS | METH_KEYWORDS,
      "tcp_merge(packets, max_segments=16, max_bytes=24576) -> list: the NFQUEUE in queue's TCP coalescing\n"
      "(fwd_coal.c) on bytes, for tests: per packet, what its verdict carries, or None when another took it in"},
+    {"codel_trace", (PyCFunction)ips_py_codel_trace, METH_VARARGS,
+     "codel_trace(target_ns, interval_ns, dequeues) -> list: CoDel's drop decision (codel.c) per\n"
+     "(now_ns, sojourn_ns) dequeue, in order, for tests"},
     {"nfq_parse", (PyCFunction)ips_py_nfq_parse, METH_O,
      "nfq_parse(data) -> list: the NFQUEUE netlink messages of one datagram (nfq.c), for tests"},
     {"nfq_build_verdict", (PyCFunction)ips_py_nfq_build_verdict, METH_VARARGS,

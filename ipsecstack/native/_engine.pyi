@@ -63,13 +63,16 @@ class Engine:
         coalesce: bool = False,
         gso: bool = False,
         gro: bool = False,
+        codel_target_us: int = 0,
+        codel_interval_us: int = 100000,
     ) -> int:
         """Start; ``outer`` kinds: udp4/udp6 (ESP-in-UDP socket), esp4/esp6 (raw ESP rx), raw4/raw6 (IPPROTO_RAW tx).
         Returns the punt eventfd (owned by the engine, closed by fwd_stop).
         Offloads: ``tso`` the TUN carries a virtio_net_hdr (TunPort(vnet_hdr=True)): super-packets are cut,
         unfinished checksums finished, writes get a zero header; ``coalesce`` (needs tso) inbound TCP segments
         of a flow written as one GSO super-packet; ``gso`` UDP_SEGMENT sends of equal-size runs on udp4/udp6;
-        ``gro`` UDP_GRO on udp4/udp6 (turned off again by fwd_stop)."""
+        ``gro`` UDP_GRO on udp4/udp6 (turned off again by fwd_stop); ``codel_target_us`` > 0: CoDel (RFC 8289)
+        drops ESP that waited longer than that in a receive socket for ``codel_interval_us`` (queue_delay)."""
     def fwd_stop(self) -> None: ...
     def learn_out(self, pkt: Buffer, spi: int | None, *, mtu: int = 0) -> None:
         """``mtu``: the NFQUEUE threads punt the flow's packets whose protected form would exceed it (0: none)."""
@@ -108,6 +111,9 @@ class Engine:
 def tcp_merge(packets: Sequence[bytes], max_segments: int = 16, max_bytes: int = 24576) -> list[bytes | None]:
     """The NFQUEUE in queue's TCP coalescing (fwd_coal.c) on bytes, for tests: per packet, what its verdict
     carries, or None when another packet of the run took it in."""
+
+def codel_trace(target_ns: int, interval_ns: int, dequeues: Sequence[tuple[int, int]]) -> list[bool]:
+    """CoDel's drop decision (codel.c, RFC 8289) per (now_ns, sojourn_ns) dequeue, in order, for tests."""
 
 def nfq_parse(data: Buffer) -> list[tuple[Any, ...]]:
     """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None) | ("error", errno) |

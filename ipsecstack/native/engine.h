@@ -75,6 +75,7 @@ typedef enum {
     IPS_R_ECN_DROP,
     IPS_R_CRYPTO_ERROR,
     IPS_R_POLICY_DISCARD, /* the forwarder: a flow the SPD discards (RFC 4301 §5.1) */
+    IPS_R_QUEUE_DELAY,    /* the forwarder: CoDel dropped it, it waited too long to be read (codel.c) */
     IPS_R_COUNT
 } ips_reason;
 

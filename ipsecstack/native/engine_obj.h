@@ -56,6 +56,7 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 PyObject *ips_py_nfq_verdict(EngineObject *self, PyObject *args, PyObject *kwargs);
 PyObject *ips_py_nfq_parse(PyObject *module, PyObject *data);
 PyObject *ips_py_tcp_merge(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *ips_py_codel_trace(PyObject *module, PyObject *args);
 PyObject *ips_py_nfq_build_verdict(PyObject *module, PyObject *args);
 PyObject *ips_py_nfq_config_copy(PyObject *module, PyObject *args);
 

@@ -111,6 +111,8 @@ void ips_fwd_stop(ips_fwd *f)
             if (f->port[k].fd >= 0)
                 (void)setsockopt(f->port[k].fd, SOL_UDP, UDP_GRO, &off, sizeof(off));
     }
+    if (f->codel_target > 0) /* Python's ports read these sockets again: no timestamps they did not ask for */
+        (void)ips_fwd_set_timestamps(f->port, 0);
     ips_pq_free(&f->punts); /* pending punts and the eventfd Python watched (its counters stay) */
     if (f->stop_fd >= 0)
         close(f->stop_fd);

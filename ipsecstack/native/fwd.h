@@ -263,6 +263,17 @@ typedef struct {
     int started;
 } ips_nfq_queue;
 
+/* CoDel on an ESP receive queue (codel.c, RFC 8289); times in ns, target 0: off */
+typedef struct {
+    uint64_t target, interval;
+    uint64_t first_above, drop_next;
+    uint32_t count, lastcount;
+    int dropping;
+} ips_codel;
+void ips_codel_init(ips_codel *c, uint64_t target_ns, uint64_t interval_ns);
+/* one call per dequeued datagram, in order: 1 = drop it */
+int ips_codel_drop(ips_codel *c, uint64_t now_ns, uint64_t sojourn_ns);
+
 struct ips_fwd {
     EngineObject *engine;
     ips_nfq_queue nfq[IPS_NFQ_QUEUES]; /* NFQUEUE mode (fwd_nfq.c): no TUN threads */
@@ -274,6 +285,7 @@ struct ips_fwd {
     int vnet_len;  /* 10 or 12 */
     int coalesce;  /* inbound: TCP segments of a flow written as one GSO super-packet (needs tso) */
     int gso, gro;  /* UDP_SEGMENT sends, UDP_GRO receives on the udp4/udp6 sockets */
+    uint64_t codel_target, codel_interval; /* ns, CoDel on the ESP receive queues (target 0: off) */
     int failed;    /* a thread could not start (buffers, epoll): fwd_stats says so */
     ips_fwd_port port[K_KINDS]; /* fd -1: absent */
     uint32_t batch;
@@ -303,6 +315,7 @@ int ips_fwd_wait(ips_fwd *f, int epfd, struct epoll_event *ev, int max);
 ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size, const char **why);
 int ips_fwd_run(ips_fwd *f, const char **why); /* start both threads */
 int ips_nfq_run(ips_fwd *f, const char **why); /* start one thread per NFQUEUE (fwd_nfq.c) */
+int ips_fwd_set_timestamps(const ips_fwd_port *ports, int on); /* pyfwd.c: SO_TIMESTAMPNS on the rx sockets */
 void ips_fwd_stop(ips_fwd *f);                 /* join, free the punts, close the eventfds; idempotent */
 void ips_fwd_free(ips_fwd *f);
 

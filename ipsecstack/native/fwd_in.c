@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <netinet/udp.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fwd.h"
@@ -57,6 +58,8 @@ typedef struct ips_fwd_in_ctx {
     struct sockaddr_in6 *names;
     ips_fwd_counters c;
     ips_punt_list punts;
+    ips_codel codel[K_KINDS]; /* per receive socket (codel.c) */
+    int shed;                 /* CoDel dropped the datagram being handled: its first ESP piece goes */
 } in_ctx;
 
 static void put16(uint8_t *p, unsigned v)
@@ -103,6 +106,8 @@ in_ctx *ips_fwd_in_new(ips_fwd *f)
     x->mm = calloc(b, sizeof(*x->mm));
     x->iov = calloc(b, sizeof(*x->iov));
     x->names = calloc(b, sizeof(*x->names));
+    for (int k = 0; k < K_KINDS; k++)
+        ips_codel_init(&x->codel[k], f->codel_target, f->codel_interval);
     x->ep = epoll_create1(EPOLL_CLOEXEC);
     int ok = x->bufs && x->ctl && x->arena && x->dl && x->mm && x->iov && x->names && x->ep >= 0;
     struct epoll_event ev = {.events = EPOLLIN};
@@ -134,6 +139,7 @@ typedef struct {
     int have_dst;
     unsigned tos, ttl;
     unsigned gro; /* UDP_GRO: the size of the glued datagrams, 0 for one */
+    uint64_t ts;  /* SO_TIMESTAMPNS: when the kernel queued it (ns, CLOCK_REALTIME), 0 if not given */
 } rx_meta;
 
 static void read_cmsgs(struct msghdr *m, int v4, rx_meta *meta)
@@ -155,6 +161,11 @@ static void read_cmsgs(struct msghdr *m, int v4, rx_meta *meta)
             } else if (cm->cmsg_type == IP_TTL && dlen >= sizeof(int)) {
                 meta->ttl = (unsigned)iv & 0xFF;
             }
+        } else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS &&
+                   dlen >= sizeof(struct timespec)) {
+            struct timespec t;
+            memcpy(&t, d, sizeof(t));
+            meta->ts = (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
         } else if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO && dlen >= sizeof(int)) {
             meta->gro = iv > 0 ? (unsigned)iv : 0;
         } else if (!v4 && cm->cmsg_level == IPPROTO_IPV6) {
@@ -232,6 +243,11 @@ static void deliver(in_ctx *x)
 static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
 {
     EngineObject *e = x->f->engine;
+    if (x->shed) { /* before any work: the point of dropping is to catch up */
+        x->shed = 0;
+        drop(x, IPS_R_QUEUE_DELAY);
+        return;
+    }
     ips_located loc;
     ips_reason r = ips_locate(pkt, n, n, &loc);
     if (r != IPS_OK) {
@@ -363,6 +379,12 @@ static void round_in(in_ctx *x, int kind)
         return;
     }
     x->c.batches[IPS_IN]++;
+    uint64_t now = 0;
+    if (x->f->codel_target > 0) {
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t); /* the clock of SO_TIMESTAMPNS */
+        now = (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+    }
     pthread_rwlock_rdlock(&x->f->engine->table_lock);
     int v4 = kind == K_UDP4 || kind == K_ESP4;
     for (int i = 0; i < r; i++) {
@@ -371,10 +393,11 @@ static void round_in(in_ctx *x, int kind)
             x->c.rx_errors[kind]++;
             continue;
         }
-        rx_meta meta = {.tos = 0, .ttl = 64, .have_dst = 0, .gro = 0};
+        rx_meta meta = {.tos = 0, .ttl = 64, .have_dst = 0, .gro = 0, .ts = 0};
         memcpy(meta.dst, x->f->port[kind].local, 16);
-        if (kind != K_ESP4)
-            read_cmsgs(m, v4, &meta);
+        read_cmsgs(m, v4, &meta); /* esp4: only the timestamp (the header is in the packet) */
+        if (now > 0) /* RFC 8289: the sojourn time in the socket's queue; none, or a clock step back: 0 */
+            x->shed = ips_codel_drop(&x->codel[kind], now, meta.ts > 0 && meta.ts < now ? now - meta.ts : 0);
         uint8_t *p = x->iov[i].iov_base;
         size_t n = x->mm[i].msg_len;
         if (meta.gro == 0 || meta.gro >= n) {
@@ -390,6 +413,7 @@ static void round_in(in_ctx *x, int kind)
         if ((size_t)meta.gro * (GRO_MAX + 1) < n)
             drop(x, IPS_R_MALFORMED); /* more pieces than the kernel ever glues */
     }
+    x->shed = 0; /* a shed datagram that was not ESP (IKE, say) keeps nothing for the next round */
     sa_release(x);
     pthread_rwlock_unlock(&x->f->engine->table_lock);
     deliver(x);

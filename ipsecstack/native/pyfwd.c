@@ -159,6 +159,18 @@ static int vnet_len_of(int fd)
     return sz;
 }
 
+/* SO_TIMESTAMPNS on the ESP receive sockets: CoDel's sojourn times (fwd_in.c); off again at stop */
+int ips_fwd_set_timestamps(const ips_fwd_port *ports, int on)
+{
+    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
+    for (size_t i = 0; i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
+        int k = rx_kinds[i];
+        if (ports[k].fd >= 0 && setsockopt(ports[k].fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 static int set_gro(const ips_fwd_port *ports, int on)
 {
     for (int k = K_UDP4; k <= K_UDP6; k++)
@@ -173,16 +185,22 @@ static int set_gro(const ips_fwd_port *ports, int on)
 PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"tun_fd", "outer", "batch", "punt_capacity", "cache_size",
-                             "tso", "coalesce", "gso", "gro", NULL};
+                             "tso", "coalesce", "gso", "gro", "codel_target_us", "codel_interval_us", NULL};
     int tun_fd;
-    PyObject *outer, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL;
-    long batch = 64, cap = 4096, cache = 65536;
+    PyObject *outer, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL, *target_o = NULL, *interval_o = NULL;
+    long batch = 64, cap = 4096, cache = 65536, target = 0, interval = 100000;
     int tso = 0, coalesce = 0, gso = 0, gro = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|$OOOpppp", kwlist, &tun_fd, &outer, &batch_o, &cap_o,
-                                     &cache_o, &tso, &coalesce, &gso, &gro) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|$OOOppppOO", kwlist, &tun_fd, &outer, &batch_o, &cap_o,
+                                     &cache_o, &tso, &coalesce, &gso, &gro, &target_o, &interval_o) ||
         in_range(batch_o, "batch", 1, 1024, &batch) != 0 || in_range(cap_o, "punt_capacity", 1, 1 << 20, &cap) != 0 ||
-        in_range(cache_o, "cache_size", 1, 1 << 24, &cache) != 0)
+        in_range(cache_o, "cache_size", 1, 1 << 24, &cache) != 0 ||
+        in_range(target_o, "codel_target_us", 0, 10000000, &target) != 0 ||
+        in_range(interval_o, "codel_interval_us", 1000, 60000000, &interval) != 0)
         return NULL;
+    if (target > 0 && target >= interval) {
+        PyErr_SetString(PyExc_ValueError, "codel_target_us must be below codel_interval_us (RFC 8289: 5-10 % of it)");
+        return NULL;
+    }
     if (self->fwd != NULL && self->fwd->running) {
         PyErr_SetString(PyExc_ValueError, "the forwarder is already running; call fwd_stop() first");
         return NULL;
@@ -209,6 +227,13 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     int vnet_len = tso ? vnet_len_of(tun_fd) : 0;
     if (vnet_len < 0 || (gro && set_gro(ports, 1) != 0))
         return NULL;
+    if (target > 0 && ips_fwd_set_timestamps(ports, 1) != 0) {
+        PyErr_Format(PyExc_OSError, "codel: setsockopt(SO_TIMESTAMPNS): %s", strerror(errno));
+        (void)ips_fwd_set_timestamps(ports, 0);
+        if (gro)
+            (void)set_gro(ports, 0);
+        return NULL;
+    }
     uint32_t slots = 16;
     while (slots < (uint32_t)cache)
         slots <<= 1;
@@ -228,6 +253,8 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         f->coalesce = coalesce;
         f->gso = gso;
         f->gro = gro;
+        f->codel_target = (uint64_t)target * 1000;
+        f->codel_interval = (uint64_t)interval * 1000;
         memcpy(f->port, ports, sizeof(ports));
         rc = ips_fwd_run(f, &why);
     }
@@ -235,6 +262,8 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     if (f == NULL) {
         if (gro)
             (void)set_gro(ports, 0);
+        if (target > 0)
+            (void)ips_fwd_set_timestamps(ports, 0);
         PyErr_Clear();
         return PyErr_Format(PyExc_OSError, "cannot start the forwarder: %s", why);
     }
@@ -491,4 +520,31 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
         Py_CLEAR(base);
     Py_DECREF(d);
     return base;
+}
+
+/* codel_trace(target_ns, interval_ns, dequeues) -> list[bool]: codel.c's decision per (now_ns, sojourn_ns)
+ * dequeue, in order, for tests (the state machine alone, without a socket) */
+PyObject *ips_py_codel_trace(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long target, interval;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "KKO", &target, &interval, &seq))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "dequeues must be a sequence of (now_ns, sojourn_ns) pairs");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject *out = PyList_New(n);
+    ips_codel c;
+    ips_codel_init(&c, target, interval);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        unsigned long long now, sojourn;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KK", &now, &sojourn)) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, PyBool_FromLong(ips_codel_drop(&c, now, sojourn)));
+    }
+    Py_DECREF(fast);
+    return out;
 }

@@ -133,7 +133,7 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         # TCP super-packets (TSO) read and coalesced ones written through the virtio header: the native
         # forwarder in C, the Python datapath (and what the forwarder punts) in backends/tun_offload.py
         inner = TunPort(a.tun_name, mtu=mtu, addresses=a.tun_addrs, routes=tunnel_routes(cfg),
-                        vnet_hdr=a.offloads)  # fmt: skip
+                        vnet_hdr=a.offloads, txqueuelen=a.tun_txqueuelen)  # fmt: skip
     else:
         raise BackendError("inner_backend = 'memory' is for tests and the demo; it cannot be run as a daemon")
     local = local_address(cfg)
@@ -170,7 +170,8 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         from ipsecstack.runtime.fastpath import FastPath
 
         # the native engine's threads carry the packets; the Node answers what they ask (DESIGN.md §4a)
-        node.forwarder = FastPath.for_node(node, offloads=a.offloads)
+        node.forwarder = FastPath.for_node(node, offloads=a.offloads,
+                                           codel_ms=(a.codel_target_ms, a.codel_interval_ms))  # fmt: skip
     return node
 
 

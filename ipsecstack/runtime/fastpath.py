@@ -66,7 +66,8 @@ class Forwarder(PuntEngine, Protocol):
     """The TUN forwarder's methods (native/fwd.h)."""
 
     def fwd_start(self, tun_fd: int, outer: Sequence[tuple[str, int]], *, batch: int = ..., tso: bool = ...,
-                  coalesce: bool = ..., gso: bool = ..., gro: bool = ...) -> int: ...  # fmt: skip
+                  coalesce: bool = ..., gso: bool = ..., gro: bool = ..., codel_target_us: int = ...,
+                  codel_interval_us: int = ...) -> int: ...  # fmt: skip
 
     def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
 
@@ -186,7 +187,7 @@ class FastPath(PuntLoop):
 
     def __init__(self, node: Node, engine: Forwarder, tun_fd: int, fds: Sequence[tuple[str, int]],
                  python_raw: Sequence[RawPort] = (), *, tso: bool = False,
-                 udp_offloads: bool = False) -> None:  # fmt: skip
+                 udp_offloads: bool = False, codel_ms: tuple[float, float] = (0.0, 100.0)) -> None:  # fmt: skip
         super().__init__(node, engine, ("out", "in", "outer"))
         self.engine = engine
         self.tun_fd = tun_fd
@@ -195,13 +196,17 @@ class FastPath(PuntLoop):
         # measured (bench/README.md "native forwarder: what each technique gave"): TSO pays only with the
         # inbound coalescing, UDP GSO only with GRO on the other end; all four together quadruple TCP
         self.offloads = {"tso": tso, "coalesce": tso, "gso": udp_offloads, "gro": udp_offloads}
+        # CoDel on the ESP receive queues (native/codel.c): (target, interval) in ms, target 0: off
+        self.codel_us = (round(codel_ms[0] * 1000), round(codel_ms[1] * 1000))
 
     @classmethod
-    def for_node(cls, node: Node, *, offloads: bool = True) -> FastPath | None:
+    def for_node(cls, node: Node, *, offloads: bool = True,
+                 codel_ms: tuple[float, float] = (0.0, 100.0)) -> FastPath | None:  # fmt: skip
         """A FastPath when the node runs the native datapath between a TUN device and raw/UDP sockets.
 
         ``offloads``: TSO and coalescing where the TUN device has the virtio header, UDP GSO/GRO on the
-        ESP-in-UDP socket (``[agent] offloads``).
+        ESP-in-UDP socket (``[agent] offloads``). ``codel_ms``: CoDel's target and interval on the ESP
+        receive sockets (``[agent] codel_target_ms``, ``codel_interval_ms``; target 0: off).
         """
         from backends.tun import TunPort
 
@@ -213,10 +218,12 @@ class FastPath(PuntLoop):
             return None
         fds, python_raw = got
         return cls(node, dp.native.engine, node.inner.fileno(), fds, python_raw,
-                   tso=offloads and node.inner.vnet_hdr, udp_offloads=offloads)  # fmt: skip
+                   tso=offloads and node.inner.vnet_hdr, udp_offloads=offloads, codel_ms=codel_ms)  # fmt: skip
 
     def _start_engine(self) -> int:
-        return self.engine.fwd_start(self.tun_fd, self.fds, batch=self.node.batch_size, **self.offloads)
+        target, interval = self.codel_us
+        return self.engine.fwd_start(self.tun_fd, self.fds, batch=self.node.batch_size, **self.offloads,
+                                     codel_target_us=target, codel_interval_us=interval)  # fmt: skip
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         super().start(loop)

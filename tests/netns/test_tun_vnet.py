@@ -1,5 +1,6 @@
 """TunPort(vnet_hdr=True) for Python's own reads and writes: the virtio_net_hdr stripped and added, the
-checksums the kernel left unfinished (TUN_F_CSUM) finished, so callers see plain, valid IP packets."""
+checksums the kernel left unfinished (TUN_F_CSUM) finished, so callers see plain, valid IP packets; and
+the device's queue length as asked (txqueuelen)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ pytestmark = pytest.mark.root
 DATAPATH_ENGINES = ("default",)  # TunPort's own reads and writes, no datapath engine (tests/engine_param.py)
 
 SCRIPT = r"""
-import json, socket, struct, time
+import json, socket, struct, subprocess, time
 from backends.tun import TunPort
 from backends import tun_offload as t
-tun = TunPort("vnt0", mtu=1400, addresses=["10.99.0.1/24"], vnet_hdr=True)
+tun = TunPort("vnt0", mtu=1400, addresses=["10.99.0.1/24"], vnet_hdr=True, txqueuelen=16)
+link = json.loads(subprocess.run(["ip", "-j", "link", "show", "vnt0"], capture_output=True, check=True).stdout)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.sendto(b"x" * 1000, ("10.99.0.2", 9))
 c = socket.socket(); c.setblocking(False)
@@ -43,7 +45,7 @@ def ok(p):
     if proto == 1:
         return t.csum(p[l3:]) == 0xFFFF
     return t.csum(p[l3:], t.pseudo(p, proto, len(p) - l3)) == 0xFFFF
-print(json.dumps({"offloads": tun.offloads, "sent": sent,
+print(json.dumps({"offloads": tun.offloads, "sent": sent, "txqlen": link[0]["txqlen"],
                   "got": [[p[9], len(p), ok(p), t.csum(p[:20]) == 0xFFFF] for p in got]}))
 tun.close()
 """
@@ -54,6 +56,7 @@ def test_python_reads_and_writes_on_a_vnet_hdr_tun() -> None:
         out = pair.a.run(sys.executable, "-c", SCRIPT, timeout=30)
         res = json.loads(out.stdout.decode().strip().splitlines()[-1])
         assert res["offloads"] & 0x07 == 0x07 and res["sent"] == 1
+        assert res["txqlen"] == 16  # [agent] tun_txqueuelen
         by_proto = {g[0]: g for g in res["got"]}
         assert set(by_proto) >= {1, 6, 17}, res
         assert by_proto[17][1] == 1028  # the UDP datagram, whole

@@ -175,3 +175,26 @@ def test_check_reports_unknown_user(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "agent.user = 'no-such-user-ipsecstack': no such user" in capsys.readouterr().err
     path.write_text(path.read_text().replace("no-such-user-ipsecstack", "nobody"))
     assert main(["check", "-c", str(path)]) == 0
+
+
+def test_agent_codel_and_tun_queue() -> None:
+    """``[agent] codel_target_ms`` / ``codel_interval_ms`` (RFC 8289 defaults) and ``tun_txqueuelen``."""
+    env = {"KEY_OUT": "cd" * 36}
+    a = parse(GOOD.format(k=K36), env=env).agent
+    assert (a.codel_target_ms, a.codel_interval_ms, a.tun_txqueuelen) == (5.0, 100.0, None)
+    keys = "codel_target_ms = 2\ncodel_interval_ms = 40.5\ntun_txqueuelen = 16\n"
+    tuned = GOOD.replace("[agent]\n", "[agent]\n" + keys, 1)
+    a = parse(tuned.format(k=K36), env=env).agent
+    assert (a.codel_target_ms, a.codel_interval_ms, a.tun_txqueuelen) == (2.0, 40.5, 16)
+    assert isinstance(a.codel_target_ms, float)
+    off = GOOD.replace("[agent]\n", "[agent]\ncodel_target_ms = 0\n", 1)
+    assert parse(off.format(k=K36), env=env).agent.codel_target_ms == 0.0
+    for bad, field, hint in (
+        ("codel_target_ms = 100\n", "agent.codel_target_ms", "less than agent.codel_interval_ms"),
+        ("codel_target_ms = -1\n", "agent.codel_target_ms", "0..1000"),
+        ("codel_interval_ms = 0\n", "agent.codel_interval_ms", "1..60000"),
+        ("tun_txqueuelen = 0\n", "agent.tun_txqueuelen", "1..100000"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            parse(GOOD.replace("[agent]\n", "[agent]\n" + bad, 1).format(k=K36), env=env)
+        assert e.value.field == field and hint in str(e.value), str(e.value)
