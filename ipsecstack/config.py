@@ -63,7 +63,8 @@ class AgentConfig:
     tun_name: str = "ipsec0"
     tun_mtu: int | None = None
     tun_addrs: list[str] = field(default_factory=list)
-    tun_txqueuelen: int | None = None  # the TUN's ring in packets; None: the kernel's default (500)
+    tun_txqueuelen: int | None = None  # the TUN's ring in packets, fixed; None: sized to tun_queue_kb
+    tun_queue_kb: int = 1024  # the TUN's ring kept near this many KiB (backends/tun_queue.py); 0: the kernel's 500
     retransmit_timeout: float = 2.0  # IKE: first retransmission after this many seconds (RFC 7296 §2.4)
     retransmit_base: float = 1.8  # ... then back off by this factor
     retransmit_tries: int = 5  # ... and declare the peer dead after this many retransmissions

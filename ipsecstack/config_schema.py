@@ -132,9 +132,13 @@ class Agent(_Table):
         "the TUN device's MTU, 68..65535 (default: the link MTU less the ESP overhead)"
     )
     tun_txqueuelen: Annotated[int, Field(ge=1, le=100000)] | None = key(
-        "the TUN device's queue in packets, 1..100000 (default: the kernel's 500). Fewer bound the delay a bulk "
-        "TCP flow adds for other traffic (16: about 2-4 ms instead of 8-18 ms under load here) at a cost in "
-        "small-packet rate"
+        "the TUN device's queue in packets, fixed, 1..100000 (default: sized to tun_queue_kb as traffic goes)"
+    )
+    tun_queue_kb: Annotated[int, Field(ge=0, le=1048576)] = key(
+        "the TUN device's queue kept near this many KiB: its length follows the size of the packets in it, so a "
+        "bulk TCP flow cannot queue tens of ms in front of other traffic; 0..1048576, 0 keeps the kernel's 500 "
+        "packets (default 1024)",
+        1024,
     )
     tun_addrs: list[str] = key('the TUN device\'s addresses with prefix length, e.g. ["10.1.0.1/16"]', [])
     retransmit_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = key(

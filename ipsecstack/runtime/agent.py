@@ -166,6 +166,15 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
         raise
     node = Node(dp, inner, outer, batch_size=a.batch_size, log=log)
     node.traps = traps
+    if a.tun_txqueuelen is None and a.tun_queue_kb > 0:
+        import asyncio
+
+        from backends.tun_queue import QueueSizer
+
+        sizer = QueueSizer(a.tun_name, budget=a.tun_queue_kb * 1024, log=node.log)
+        node.on_start.append(lambda: sizer.start(asyncio.get_running_loop()))
+        node.on_stop.append(sizer.stop)
+        node.tun_queue = sizer
     if dp.native is not None:
         from ipsecstack.runtime.fastpath import FastPath
 

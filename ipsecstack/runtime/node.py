@@ -103,6 +103,8 @@ class Node:
         self.local_out: PacketPort | None = None
         # the native engine's forwarder, when it owns the TUN and outer fds (then the Node reads neither)
         self.forwarder: Forwarding | None = None
+        # the TUN ring's length kept to a byte budget (backends/tun_queue.py), None when fixed or off
+        self.tun_queue: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -324,6 +326,8 @@ class Node:
                 n = fwd.get(key)
                 if isinstance(n, int):
                     out[key] += n
+        if self.tun_queue is not None:
+            out["tun_queue"] = self.tun_queue.stats()
         ports = (
             ("inner", self.inner),
             ("outer", self.outer),

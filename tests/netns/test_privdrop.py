@@ -76,7 +76,10 @@ def test_tun_tunnel_as_nobody(tmp_path: Path) -> None:
             _ping(pair, inner_a, inner_b)
             status = cli("status", "--socket", str(socks[0]), "--json")
             assert status.returncode == 0, status.stderr
-            assert json.loads(status.stdout)["out_packets"] >= 3
+            st = json.loads(status.stdout)
+            assert st["out_packets"] >= 3
+            # the TUN ring sized to [agent] tun_queue_kb's default, as nobody (CAP_NET_ADMIN kept for it)
+            assert st["tun_queue"]["running"] and st["tun_queue"]["budget_kb"] == 1024, st
             sas = cli("list-sas", "--socket", str(socks[0]), "--json")
             assert sas.returncode == 0, sas.stderr
             (manual,) = json.loads(sas.stdout)

@@ -178,10 +178,10 @@ def test_check_reports_unknown_user(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_agent_codel_and_tun_queue() -> None:
-    """``[agent] codel_target_ms`` / ``codel_interval_ms`` (RFC 8289 defaults) and ``tun_txqueuelen``."""
+    """``[agent] codel_target_ms`` / ``codel_interval_ms`` (RFC 8289 defaults), ``tun_txqueuelen``, ``tun_queue_kb``."""
     env = {"KEY_OUT": "cd" * 36}
     a = parse(GOOD.format(k=K36), env=env).agent
-    assert (a.codel_target_ms, a.codel_interval_ms, a.tun_txqueuelen) == (5.0, 100.0, None)
+    assert (a.codel_target_ms, a.codel_interval_ms, a.tun_txqueuelen, a.tun_queue_kb) == (5.0, 100.0, None, 1024)
     keys = "codel_target_ms = 2\ncodel_interval_ms = 40.5\ntun_txqueuelen = 16\n"
     tuned = GOOD.replace("[agent]\n", "[agent]\n" + keys, 1)
     a = parse(tuned.format(k=K36), env=env).agent
@@ -194,6 +194,7 @@ def test_agent_codel_and_tun_queue() -> None:
         ("codel_target_ms = -1\n", "agent.codel_target_ms", "0..1000"),
         ("codel_interval_ms = 0\n", "agent.codel_interval_ms", "1..60000"),
         ("tun_txqueuelen = 0\n", "agent.tun_txqueuelen", "1..100000"),
+        ("tun_queue_kb = -1\n", "agent.tun_queue_kb", "0..1048576"),
     ):
         with pytest.raises(ConfigError) as e:
             parse(GOOD.replace("[agent]\n", "[agent]\n" + bad, 1).format(k=K36), env=env)
