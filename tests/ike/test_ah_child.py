@@ -27,7 +27,7 @@ from ipsecstack.ike.const import Exchange, Notify, Protocol, TransformType
 from ipsecstack.ike.install import child_objects, trap_policies
 from ipsecstack.ike.keymat import PRFS, child_keymat, prf_plus
 from ipsecstack.ike.session import ChildConfig, ChildDown, ChildUp, IkeSa, IkeUp, PeerConfig
-from tests.ike.test_session import A, B, Wire, _cfg, _events, _range
+from tests.ike.helpers import A, B, Wire, ike_config, sa_events, ts_range
 from tests.packets import icmp4, tcp4
 
 SCAPY_AUTH = {"sha256": "SHA2-256-128", "sha384": "SHA2-384-192", "sha512": "SHA2-512-256"}
@@ -121,8 +121,8 @@ def test_ah_keymat_is_integrity_keys_only(integ: str, key_len: int) -> None:
 
 
 def _ah_cfg(local: str, remote: str, lnet: str, rnet: str, ah: str = "sha256", mode: str = "tunnel") -> PeerConfig:
-    cfg = _cfg(local, remote, lnet, rnet, mode=mode)
-    cfg.children = [ChildConfig("net", [_range(lnet)], [_range(rnet)],
+    cfg = ike_config(local, remote, lnet, rnet, mode=mode)
+    cfg.children = [ChildConfig("net", [ts_range(lnet)], [ts_range(rnet)],
                                 [props.parse(p, Protocol.AH) for p in ah.split(",")], mode)]  # fmt: skip
     return cfg
 
@@ -147,7 +147,7 @@ def _inner(w: Wire, way: str, exchange: int) -> list[list[m.AnyPayload]]:
 
 
 def _ups(sa: IkeSa | None) -> list[ChildUp]:
-    return [e for e in _events(sa) if isinstance(e, ChildUp)]
+    return [e for e in sa_events(sa) if isinstance(e, ChildUp)]
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def _ups(sa: IkeSa | None) -> list[ChildUp]:
 def test_ike_auth_negotiates_an_ah_child(ah: str, mode: str, transform: str, esn: bool) -> None:
     w = _wire(ah, mode)
     w.run()
-    ev_i, ev_r = _events(w.i), _events(w.r)
+    ev_i, ev_r = sa_events(w.i), sa_events(w.r)
     assert [type(e) for e in ev_i] == [IkeUp, ChildUp] and [type(e) for e in ev_r] == [IkeUp, ChildUp]
     ci, cr = ev_i[1], ev_r[1]
     assert isinstance(ci, ChildUp) and isinstance(cr, ChildUp)
@@ -201,7 +201,7 @@ def test_ike_auth_negotiates_an_ah_child(ah: str, mode: str, transform: str, esn
 
 
 def test_ah_and_esp_children_do_not_match() -> None:
-    cfg_r = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")  # ESP only
+    cfg_r = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")  # ESP only
     w = Wire(_ah_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), cfg_r)
     w.run()
     assert w.i.established and not _ups(w.i) and not _ups(w.r)
@@ -223,7 +223,7 @@ def test_rekey_of_an_ah_child_names_ah_in_rekey_sa() -> None:
     assert rekey.protocol == Protocol.AH and rekey.spi == old_i.spi_in.to_bytes(4, "big")
     (sa,) = [p for p in req if isinstance(p, m.SA)]
     assert sa.proposals[0].protocol == Protocol.AH and any(isinstance(p, m.KE) for p in req)  # PFS
-    ev_i, ev_r = _events(w.i), _events(w.r)
+    ev_i, ev_r = sa_events(w.i), sa_events(w.r)
     new_i = next(e for e in ev_i if isinstance(e, ChildUp))
     new_r = next(e for e in ev_r if isinstance(e, ChildUp))
     assert new_i.protocol == new_r.protocol == "ah" and new_i.replaces == old_i.spi_in
@@ -244,7 +244,7 @@ def test_responder_rekeys_ah_only_for_an_ah_rekey_sa() -> None:
     w = _wire()
     w.run()
     (ci,) = _ups(w.i)
-    _events(w.r)
+    sa_events(w.r)
     inner, _, _, _ = w.i._child_request(ci.child, ci.local_ts, ci.remote_ts, ci.mode, ci.spi_in)
     inner[0] = m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, ci.spi_in.to_bytes(4, "big"))
     w.i._send_request(Exchange.CREATE_CHILD_SA, inner, 1.0)
@@ -262,7 +262,7 @@ def test_deleting_an_ah_child() -> None:
     # an ESP Delete with the AH SA's SPI names another SA (RFC 4301 §4.1): nothing goes
     w.r._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [cr.spi_in.to_bytes(4, "big")])], 2.0)
     w.run(2.0)
-    assert len(w.i.children) == 1 and not _events(w.i)
+    assert len(w.i.children) == 1 and not sa_events(w.i)
     # the datapath's hard lifetime ends it: an AH Delete, answered with the peer's AH SPI
     assert w.i.child_expired(ci.spi_out, 3.0)
     w.run(3.0)
@@ -270,16 +270,16 @@ def test_deleting_an_ah_child() -> None:
     resp = _inner(w, "r->i", Exchange.INFORMATIONAL)[-1]
     assert req == [m.Delete(Protocol.AH, [ci.spi_in.to_bytes(4, "big")])]
     assert resp == [m.Delete(Protocol.AH, [cr.spi_in.to_bytes(4, "big")])]
-    downs_r = [e for e in _events(w.r) if isinstance(e, ChildDown)]
+    downs_r = [e for e in sa_events(w.r) if isinstance(e, ChildDown)]
     assert [(e.spi_in, e.cause) for e in downs_r] == [(cr.spi_in, "peer")]
-    assert [e.spi_in for e in _events(w.i) if isinstance(e, ChildDown)] == [ci.spi_in]
+    assert [e.spi_in for e in sa_events(w.i) if isinstance(e, ChildDown)] == [ci.spi_in]
     assert w.i.children == [] and w.r.children == [] and w.i.established and w.r.established
 
 
 def test_second_child_over_create_child_sa_can_be_ah() -> None:
-    cfg_i, cfg_r = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    cfg_i, cfg_r = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     for cfg, lnet, rnet in ((cfg_i, "10.11.0.0/16", "10.22.0.0/16"), (cfg_r, "10.22.0.0/16", "10.11.0.0/16")):
-        cfg.children.append(ChildConfig("auth-only", [_range(lnet)], [_range(rnet)],
+        cfg.children.append(ChildConfig("auth-only", [ts_range(lnet)], [ts_range(rnet)],
                                         [props.parse("sha384-ecp256", Protocol.AH)]))  # fmt: skip
     w = Wire(cfg_i, cfg_r)
     w.run()
@@ -329,7 +329,7 @@ def test_initiator_drops_ah_a_peer_accepted_across_a_nat() -> None:
     w.r.nat = False  # this responder does not care about the NAT
     w.run()
     assert w.i.established and not _ups(w.i) and "not installed: AH cannot cross a NAT" in w.i.failure
-    (cr,) = [e for e in _events(w.r) if isinstance(e, ChildUp)]
+    (cr,) = [e for e in sa_events(w.r) if isinstance(e, ChildUp)]
     assert _inner(w, "i->r", Exchange.INFORMATIONAL) == [[m.Delete(Protocol.AH, [cr.spi_out.to_bytes(4, "big")])]]
     assert w.r.children == [] and w.i.children == []
 

@@ -12,7 +12,7 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike.certs import ca_hash, cert_has_id, dn_from_text, dn_text, parse_dn, same_dn, verify_path
 from ipsecstack.ike.const import AuthMethod, IdType, Notify
 from ipsecstack.ike.session import ChildUp, IkeDown, IkeSa, IkeUp, PeerConfig, id_text, identity
-from tests.ike.test_session import A, B, Wire, _cfg, _events
+from tests.ike.helpers import A, B, Wire, ike_config, sa_events
 from tests.pkiutil import issue
 
 NOW = time.time()
@@ -191,13 +191,13 @@ def _up(sa: IkeSa | None) -> bool:
 
 
 def test_session_with_certificates(pki: dict[str, object]) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],),
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],),
                   remote_id="C=CH, O=ipsecstack test, CN=gw-b.example")  # fmt: skip
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
     w = _wire(i, r)
     w.run()
     assert _up(w.i) and _up(w.r)
-    ev_i, ev_r = _events(w.i), _events(w.r)
+    ev_i, ev_r = sa_events(w.i), sa_events(w.r)
     assert any(isinstance(e, ChildUp) for e in ev_i) and any(isinstance(e, IkeUp) for e in ev_r)
     assert w.i.peer_cert == pki["b"].cert and w.r.peer_cert == pki["a"].cert  # type: ignore[union-attr, attr-defined]
     assert w.i.peer_id is not None and id_text(*w.i.peer_id) == "C=CH, O=ipsecstack test, CN=gw-b.example"
@@ -210,16 +210,16 @@ def test_session_with_certificates(pki: dict[str, object]) -> None:
 
 def test_asymmetric_psk_and_certificate(pki: dict[str, object]) -> None:
     # the initiator proves itself with the PSK, the responder with its certificate
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],), local="psk")
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (), remote="psk", chain=(pki["sub"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],), local="psk")
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (), remote="psk", chain=(pki["sub"],))
     w = _wire(i, r)
     w.run()
     assert _up(w.i) and _up(w.r)
 
 
 def test_pinned_certificate_without_ca(pki: dict[str, object]) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (), pinned=(pki["b"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (), pinned=(pki["a"],), certreq=False)
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (), pinned=(pki["b"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (), pinned=(pki["a"],), certreq=False)
     w = _wire(i, r)
     w.run()
     assert _up(w.i) and _up(w.r)
@@ -237,8 +237,8 @@ def test_pinned_certificate_without_ca(pki: dict[str, object]) -> None:
     ],
 )
 def test_certificate_failures(pki: dict[str, object], case: str, reason: str) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["a"], (pki["root"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["a"], (pki["root"],))
     when = NOW
     if case == "wrong_ca":
         r = _cert_cfg(r, pki["a"], (pki["other_root"],))
@@ -254,39 +254,39 @@ def test_certificate_failures(pki: dict[str, object], case: str, reason: str) ->
         i.local_id = identity("gw-a.example")  # b claims a's name with its own certificate
     w = _wire(i, r, when)
     w.run()
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and reason in down[0].reason, down
     assert not _up(w.i) and w.r is not None and w.r.stats.get("auth_failed") == 1
-    assert any(isinstance(e, IkeDown) and "AUTHENTICATION_FAILED" in e.reason for e in _events(w.i))
+    assert any(isinstance(e, IkeDown) and "AUTHENTICATION_FAILED" in e.reason for e in sa_events(w.i))
 
 
 def test_responder_certificate_rejected_by_initiator(pki: dict[str, object]) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["other_root"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["other_root"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
     w = _wire(i, r)
     w.run()
-    down = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.i) if isinstance(e, IkeDown)]
     assert down and "responder" in down[0].reason and "no trusted CA" in down[0].reason
 
 
 def test_no_wall_clock_fails_closed(pki: dict[str, object]) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
     w = Wire(i, r)
     w.run()
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and "wall clock" in down[0].reason
 
 
 def test_garbage_cert_payload_is_an_auth_failure(pki: dict[str, object]) -> None:
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["root"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
     bad = auth.Credentials(**{**i.creds.__dict__})
     object.__setattr__(bad, "cert_payloads", lambda: [m.Certificate(4, b"\x30\x03not a cert")])
     i.creds = bad
     w = _wire(i, r)
     w.run()
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and "not a valid DER" in down[0].reason
 
 
@@ -300,10 +300,10 @@ def test_datetime_edges() -> None:
 
 def test_initiator_tells_the_responder_when_it_refuses_it(pki: dict[str, object]) -> None:
     # RFC 7296 §2.21.2: the responder thinks the IKE SA is up; an INFORMATIONAL with the error closes it
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["other_root"],))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), pki["a"], (pki["other_root"],))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), pki["b"], (pki["root"],), chain=(pki["sub"],))
     w = _wire(i, r)
     w.run()
     assert [(d, m.decode(g.data).exchange) for d, g in w.log][-2:] == [("i->r", 37), ("r->i", 37)]  # INFORMATIONAL
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and "AUTHENTICATION_FAILED" in down[0].reason, down

@@ -17,8 +17,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 
 from ipsecstack.ike.certs import verify_path
 from ipsecstack.ike.session import IkeDown, IkeUp
+from tests.ike.helpers import A, B, ike_config, sa_events
 from tests.ike.test_auth import _cert_cfg, _wire
-from tests.ike.test_session import A, B, _cfg, _events
 from tests.pkiutil import Issued, crl, issue
 
 NOW = time.time()
@@ -216,13 +216,13 @@ def test_ike_auth_refuses_a_peer_certificate_not_for_ike() -> None:
     root = _root()
     a = issue("gw-a.example", root, san=("gw-a.example",), extensions=(_eku(EKU.EMAIL_PROTECTION),))
     b = issue("gw-b.example", root, san=("gw-b.example",), extensions=(_eku(EKU.SERVER_AUTH),))
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), a, (root,))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), b, (root,))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), a, (root,))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), b, (root,))
     w = _wire(i, r, NOW)
     w.run()
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and "is not for IKE" in down[0].reason, down
-    assert not any(isinstance(e, IkeUp) for e in _events(w.i))
+    assert not any(isinstance(e, IkeUp) for e in sa_events(w.i))
 
 
 # --- revocation (remote.crls) ----------------------------------------------------------------------------
@@ -255,10 +255,10 @@ def test_ike_auth_refuses_a_revoked_peer() -> None:
     root = _root()
     a = issue("gw-a.example", root, san=("gw-a.example",))
     b = issue("gw-b.example", root, san=("gw-b.example",))
-    i = _cert_cfg(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), a, (root,))
-    r = _cert_cfg(_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"), b, (root,))
+    i = _cert_cfg(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), a, (root,))
+    r = _cert_cfg(ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"), b, (root,))
     r.creds = dataclasses.replace(r.creds, crls=(crl(root, (a,)),))
     w = _wire(i, r, NOW)
     w.run()
-    down = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down and "certificate 'C=CH, O=ipsecstack test, CN=gw-a.example' revoked" in down[0].reason, down

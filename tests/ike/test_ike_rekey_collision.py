@@ -15,7 +15,7 @@ from ipsecstack.ike import sk
 from ipsecstack.ike.const import Exchange, Notify
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import ChildDown, ChildUp, Datagram, IkeDown, IkeRekeyed, IkeSa
-from tests.ike.test_session import A, B, _cfg, _pump
+from tests.ike.helpers import A, B, ike_config, pump_managers
 
 T = 50.0  # when both ends rekey
 Seen = dict[tuple[bytes, bytes], tuple[bytes, bool]]  # new IKE SA (SPIs) -> (lowest nonce of its exchange, A made it)
@@ -25,10 +25,10 @@ class Run:
     """Two managers with an IKE SA and its child; both start rekeying the IKE SA at T."""
 
     def __init__(self, seed: int) -> None:
-        self.a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(seed))
-        self.b = IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(seed + 1000))
+        self.a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(seed))
+        self.b = IkeManager([ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(seed + 1000))
         self.a.initiate("conn", 0.0)
-        _pump(self.a, self.b, 0.0)
+        pump_managers(self.a, self.b, 0.0)
         (self.old_a,) = self.a.sas.values()
         (self.old_b,) = self.b.sas.values()
         assert len(self.old_a.children) == len(self.old_b.children) == 1
@@ -94,12 +94,12 @@ class Run:
         old_child = sa_b.children[0]
         old_child.rekey_at = 60.0
         self.b.handle_timer(60.0)
-        for evs in _pump(self.a, self.b, 60.0):
+        for evs in pump_managers(self.a, self.b, 60.0):
             assert [type(e).__name__ for e in evs if isinstance(e, ChildUp | ChildDown)] == ["ChildUp", "ChildDown"]
         assert len(sa_a.children) == len(sa_b.children) == 1 and sa_b.children[0] is not old_child
         assert sa_a.children[0].spi_out == sa_b.children[0].spi_in
         sa_a.delete(70.0)
-        _pump(self.a, self.b, 70.0)
+        pump_managers(self.a, self.b, 70.0)
         assert not self.a.sas and not self.b.sas
 
 
@@ -217,12 +217,12 @@ def _crossing(mgrs: tuple[IkeManager, IkeManager], now: float) -> None:
 def test_rand_time_zero_with_equal_rekey_times_collides_every_round_and_settles() -> None:
     """rand_time = 0 (strongSwan's meaning: no random part subtracted): both ends rekey exactly at rekey_time,
     so with equal rekey_time the rekeys collide, round after round; each round ends with one shared IKE SA."""
-    cfgs = [_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")]
+    cfgs = [ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")]
     for cfg in cfgs:
         cfg.rekey_time, cfg.rand_time = 100.0, 0.0
     a, b = IkeManager([cfgs[0]], seeded_rng(5)), IkeManager([cfgs[1]], seeded_rng(6))
     a.initiate("conn", 0.0)
-    _pump(a, b, 0.0)
+    pump_managers(a, b, 0.0)
     winners = []
     for rnd in range(1, 5):
         (sa_a,) = a.sas.values()
@@ -231,7 +231,7 @@ def test_rand_time_zero_with_equal_rekey_times_collides_every_round_and_settles(
         assert sa_a.rekey_at == sa_b.rekey_at == t  # exactly on time: no jitter
         assert a.get_timer() == b.get_timer() == t
         _crossing((a, b), t)
-        ev_a, ev_b = _pump(a, b, t)
+        ev_a, ev_b = pump_managers(a, b, t)
         assert len(a.sas) == len(b.sas) == 1, (a.sas, b.sas)
         (new_a,) = a.sas.values()
         (new_b,) = b.sas.values()
@@ -248,11 +248,14 @@ def test_rand_time_zero_with_equal_rekey_times_collides_every_round_and_settles(
 
 
 def test_rand_time_bounds_the_random_part_of_rekey_and_reauth_times() -> None:
-    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_a.rekey_time, cfg_a.reauth_time, cfg_a.rand_time = 1000.0, 2000.0, 5.0
-    a, b = IkeManager([cfg_a], seeded_rng(3)), IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(4))
+    a, b = (
+        IkeManager([cfg_a], seeded_rng(3)),
+        IkeManager([ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(4)),
+    )
     a.initiate("conn", 0.0)
-    _pump(a, b, 0.0)
+    pump_managers(a, b, 0.0)
     (sa,) = a.sas.values()
     assert sa.rekey_at is not None and 995.0 <= sa.rekey_at <= 1000.0 and sa.rekey_at != 1000.0
     assert sa.reauth_at is not None and 1995.0 <= sa.reauth_at <= 2000.0

@@ -15,7 +15,7 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import ChildDown, ChildUp, IkeDown, IkeSa, IkeUp, PeerConfig
 from ipsecstack.runtime import actions
-from tests.ike.test_session import A, B, Wire, _cfg
+from tests.ike.helpers import A, B, Wire, ike_config
 
 
 def _exchange(initiators: Iterable[IkeManager], responder: IkeManager, now: float, events: list[object]) -> None:
@@ -38,7 +38,7 @@ def _exchange(initiators: Iterable[IkeManager], responder: IkeManager, now: floa
 
 
 def _pair(unique: str) -> tuple[PeerConfig, IkeManager]:
-    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     cfg_b.unique = unique
     return cfg_b, IkeManager([cfg_b], seeded_rng(70))
 
@@ -47,7 +47,7 @@ def _connect(b: IkeManager, seed: int, now: float, ev_b: list[object],
              others: Iterable[IkeManager] = ()) -> tuple[IkeManager, list[object]]:  # fmt: skip
     """A fresh initiator (same identity, e.g. the peer rebooted) connects to B; returns it and its events.
     ``others`` (earlier initiators at the same address) receive B's datagrams too."""
-    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(seed))
+    a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(seed))
     a.initiate("conn", now)
     _exchange([a, *others], b, now, ev_b)
     return a, list[object](a.events())
@@ -130,9 +130,9 @@ def _run_timers(sa: IkeSa, until: float) -> list[object]:
 
 
 def test_over_time_closes_an_ike_sa_that_cannot_rekey() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_i.rekey_time, cfg_i.over_time, cfg_i.retransmit_tries = 100.0, 20.0, 50  # the peer never says it is dead
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
     w.i.events()
     assert w.i.expire_at == 120.0 and w.i.rekey_at is not None and 90.0 <= w.i.rekey_at <= 100.0
@@ -149,9 +149,9 @@ def test_over_time_closes_an_ike_sa_that_cannot_rekey() -> None:
 
 
 def test_over_time_defaults_to_a_tenth_of_rekey_time_and_a_rekey_moves_it() -> None:
-    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_a.rekey_time = 1000.0
-    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     cfg_b.rekey_time = None  # B never rekeys and has no hard lifetime
     a, b = IkeManager([cfg_a], seeded_rng(91)), IkeManager([cfg_b], seeded_rng(92))
     a.initiate("conn", 0.0)
@@ -170,7 +170,7 @@ def test_over_time_defaults_to_a_tenth_of_rekey_time_and_a_rekey_moves_it() -> N
 
 
 def _established() -> Wire:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
     w.i.events()
     assert w.r is not None
@@ -209,9 +209,9 @@ def test_causes_when_the_peer_deletes_one_child_and_it_is_created_again() -> Non
 
 
 def test_a_rekeyed_child_is_not_a_close() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_i.children[0].rekey_time = 100.0
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
     w.i.events()
     assert w.r is not None
@@ -223,14 +223,14 @@ def test_a_rekeyed_child_is_not_a_close() -> None:
 
 
 def test_causes_for_a_dead_peer_and_a_failed_initiation() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_i.dpd_delay = 10.0
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
     w.i.events()
     downs = [e for e in _run_timers(w.i, 1000.0) if isinstance(e, IkeDown)]
     assert [(d.cause, "dead peer" in d.reason) for d in downs] == [("dead", True)]
-    lone = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(3), now=0.0)
+    lone = IkeSa(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(3), now=0.0)
     lone.start(0.0)
     assert [e.cause for e in _run_timers(lone, 1000.0) if isinstance(e, IkeDown)] == ["failed"]
 
@@ -273,7 +273,7 @@ def test_a_second_initiation_does_not_send_initial_contact() -> None:
     # `ipsecstack initiate` does not make a unique = no peer delete the first IKE SA
     _cfg_b, b = _pair("no")
     ev_b: list[object] = []
-    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(80))
+    a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(80))
     first = a.initiate("conn", 0.0)
     _exchange([a], b, 0.0, ev_b)
     second = a.initiate("conn", 1.0)

@@ -8,16 +8,16 @@ from ipsecstack.entropy import seeded_rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike.const import Exchange, Notify, Payload
 from ipsecstack.ike.manager import MAJOR_VERSION_BURST, MAJOR_VERSION_RATE, IkeManager
-from tests.ike.test_session import A, B, _cfg
+from tests.ike.helpers import A, B, ike_config
 
 
 def _responder() -> IkeManager:
-    return IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(60))
+    return IkeManager([ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(60))
 
 
 def _v3_init_request() -> bytes:
     """A real IKE_SA_INIT request from our initiator, its header saying version 3.0 (as ike-scan probes)."""
-    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(61))
+    a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(61))
     a.initiate("conn", 0.0)
     data = a.datagrams()[0].data
     assert data[17] == 0x20
@@ -81,7 +81,7 @@ def test_answers_are_rate_limited() -> None:
 def test_version_2_still_works_next_to_the_answers() -> None:
     b = _responder()
     b.receive(_v3_init_request(), A, 500, 500, 1.0)
-    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(62))
+    a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(62))
     a.initiate("conn", 1.0)
     b.receive(a.datagrams()[0].data, A, 500, 500, 1.0)
     assert len(b.datagrams()) == 2 and len(b.sas) == 1  # the INVALID_MAJOR_VERSION answer, then the 2.0 response

@@ -6,11 +6,11 @@ Before, ``nat`` was true whenever ESP went in UDP, so two directly connected dae
 
 from __future__ import annotations
 
-from tests.ike.test_session import A, B, Wire, _cfg
+from tests.ike.helpers import A, B, Wire, ike_config
 
 
 def _wire(encap_i: bool = False, nat: bool = False) -> Wire:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.i.cfg.encap = encap_i
     if nat:
         w.src_seen_by_r = "198.51.100.7"  # a NAT rewrote the initiator's address

@@ -18,7 +18,7 @@ from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.model import ID_MATCH_ANY, ID_MATCH_EXACT, is_wildcard, match_identity
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.session import ChildUp, IkeDown, IkeSa, IkeUp, PeerConfig, identity
-from tests.ike.test_session import B, _cfg
+from tests.ike.helpers import B, ike_config
 from tests.pkiutil import Issued, issue
 
 ROOT = issue("Profiles Root CA", ca=True)
@@ -33,7 +33,7 @@ def _dn(who: Issued) -> tuple[int, bytes]:
 
 def _gateway(name: str, remote_id: str | None, pool: str, lan: str, *, psk: bytes = b"",
              certs: bool = False, ike: str = "aes128gcm16-prfsha256-x25519") -> PeerConfig:  # fmt: skip
-    gw = _cfg(B, "0.0.0.0", lan, "0.0.0.0/0", psk=psk, remote_id=remote_id, ike=ike)
+    gw = ike_config(B, "0.0.0.0", lan, "0.0.0.0/0", psk=psk, remote_id=remote_id, ike=ike)
     gw.name, gw.remote_addr, gw.local_id = name, None, identity("gw.example")
     gw.pools = [Pool.parse(name, pool, [], f"pools.{name}")]
     if certs:  # both sides by certificate; our identity is our certificate's DN
@@ -52,7 +52,7 @@ def _profiles() -> list[PeerConfig]:
 
 def _client(ident: str | Issued, *, psk: bytes = b"", remote_id: str | None = None,
             ike: str = "aes128gcm16-prfsha256-x25519") -> PeerConfig:  # fmt: skip
-    c = _cfg("0.0.0.0", B, "0.0.0.0/0", "10.0.0.0/8", psk=psk, remote_id=remote_id, ike=ike)
+    c = ike_config("0.0.0.0", B, "0.0.0.0/0", "10.0.0.0/8", psk=psk, remote_id=remote_id, ike=ike)
     c.request_vip = True
     if isinstance(ident, Issued):
         c.creds = auth.Credentials("pubkey", "pubkey", ident.key, (ident.cert,), cacerts=(ROOT.cert,))

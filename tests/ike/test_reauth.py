@@ -28,7 +28,7 @@ from ipsecstack.ike.session import (
     ReauthFailed,
 )
 from ipsecstack.runtime import actions
-from tests.ike.test_session import A, B, _cfg, _range
+from tests.ike.helpers import A, B, ike_config, ts_range
 
 
 def _run(a: IkeManager, b: IkeManager, now: float) -> tuple[list[object], list[object]]:
@@ -53,8 +53,8 @@ def _run(a: IkeManager, b: IkeManager, now: float) -> tuple[list[object], list[o
 
 def _pair(reauth: float | None, *, seed: int = 1, two_children: bool = False,
           rekey: float | None = None) -> tuple[IkeManager, IkeManager, PeerConfig, PeerConfig]:  # fmt: skip
-    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
-    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     cfg_a.reauth_time = reauth
     cfg_a.rekey_time = cfg_b.rekey_time = rekey
     for c in cfg_a.children + cfg_b.children:
@@ -62,10 +62,10 @@ def _pair(reauth: float | None, *, seed: int = 1, two_children: bool = False,
     if two_children:
         esp = [props.parse("aes128gcm16", Protocol.ESP)]
         cfg_a.children.append(
-            ChildConfig("dmz", [_range("10.11.0.0/16")], [_range("10.12.0.0/16")], esp, rekey_time=None)
+            ChildConfig("dmz", [ts_range("10.11.0.0/16")], [ts_range("10.12.0.0/16")], esp, rekey_time=None)
         )
         cfg_b.children.append(
-            ChildConfig("dmz", [_range("10.12.0.0/16")], [_range("10.11.0.0/16")], esp, rekey_time=None)
+            ChildConfig("dmz", [ts_range("10.12.0.0/16")], [ts_range("10.11.0.0/16")], esp, rekey_time=None)
         )
     a, b = IkeManager([cfg_a], seeded_rng(seed)), IkeManager([cfg_b], seeded_rng(seed + 500))
     a.initiate("conn", 0.0)
@@ -229,7 +229,7 @@ def test_a_retry_succeeds_once_the_peer_accepts() -> None:
 def test_the_new_sa_is_deleted_when_a_child_cannot_be_negotiated() -> None:
     a, b, _, cfg_b = _pair(100.0)
     (old_a,) = a.sas.values()
-    cfg_b.children[0].remote_ts = [_range("10.99.0.0/16")]  # B now refuses the child: TS_UNACCEPTABLE
+    cfg_b.children[0].remote_ts = [ts_range("10.99.0.0/16")]  # B now refuses the child: TS_UNACCEPTABLE
     assert old_a.reauth_at is not None
     ev_a, _ev_b = _fire(a, b, old_a.reauth_at)
     (failed,) = [e for e in ev_a if isinstance(e, ReauthFailed)]

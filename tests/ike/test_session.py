@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,70 +11,9 @@ from ipsecstack.entropy import seeded_rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Protocol
-from ipsecstack.ike.session import ChildConfig, ChildUp, Datagram, IkeDown, IkeSa, IkeUp, PeerConfig, identity
-from ipsecstack.ike.ts import Range
+from ipsecstack.ike.session import ChildConfig, ChildUp, IkeDown, IkeSa, IkeUp, identity
+from tests.ike.helpers import A, B, Wire, child_events, ike_config, pump_managers, sa_events, ts_range
 from tests.packets import tcp4
-
-A, B = "172.31.0.1", "172.31.0.2"
-
-
-def _range(cidr: str) -> Range:
-    n = ipaddress.ip_network(cidr)
-    return Range(n.network_address, n.broadcast_address)
-
-
-def _cfg(local: str, remote: str, lnet: str, rnet: str, *, ike: str = "aes128gcm16-prfsha256-x25519",
-         esp: str = "aes128gcm16", psk: bytes = b"correct horse", mode: str = "tunnel",
-         remote_id: str | None = None) -> PeerConfig:  # fmt: skip
-    child = ChildConfig("net", [_range(lnet)], [_range(rnet)], [props.parse(esp, Protocol.ESP)], mode)
-    return PeerConfig(
-        "conn", local, remote, [props.parse(p, Protocol.IKE) for p in ike.split(",")], identity(local),
-        identity(remote_id) if remote_id else None, psk, [child],
-    )  # fmt: skip
-
-
-class Wire:
-    """Moves datagrams between an initiator and a responder, creating the responder on first contact."""
-
-    def __init__(self, cfg_i: PeerConfig, cfg_r: PeerConfig, seed: int = 1) -> None:
-        self.cfg_r = cfg_r
-        self.i = IkeSa(cfg_i, initiator=True, rng=seeded_rng(seed), now=0.0)
-        self.r: IkeSa | None = None
-        self.rng_r = seeded_rng(seed + 1000)
-        self.src_seen_by_r = A
-        self.log: list[tuple[str, Datagram]] = []
-
-    def to_responder(self, dgs: list[Datagram], now: float) -> None:
-        for d in dgs:
-            self.log.append(("i->r", d))
-            msg = m.decode(d.data)
-            if self.r is None or (msg.exchange == 34 and not msg.is_response and self.r.state == "new"):
-                self.r = IkeSa(self.cfg_r, initiator=False, rng=self.rng_r, now=now, remote=self.src_seen_by_r,
-                               remote_port=d.src_port)  # fmt: skip
-                if not self.r.respond_init(msg, now):
-                    pass
-            else:
-                self.r.receive(d.data, self.src_seen_by_r, d.src_port, d.dst_port, now)
-
-    def to_initiator(self, dgs: list[Datagram], now: float) -> None:
-        for d in dgs:
-            self.log.append(("r->i", d))
-            self.i.receive(d.data, B, d.src_port, d.dst_port, now)
-
-    def run(self, now: float = 0.0, rounds: int = 10) -> None:
-        if self.i.state == "new":
-            self.i.start(now)
-        for _ in range(rounds):
-            out_i = self.i.datagrams()
-            self.to_responder(out_i, now)
-            out_r = self.r.datagrams() if self.r else []
-            self.to_initiator(out_r, now)
-            if not out_i and not out_r:
-                return
-
-
-def _events(sa: IkeSa | None) -> list[object]:
-    return sa.events() if sa else []
 
 
 @pytest.mark.parametrize(
@@ -89,10 +26,10 @@ def _events(sa: IkeSa | None) -> list[object]:
     ],
 )
 def test_handshake_installs_matching_child_sas(ike: str, esp: str, chosen: str) -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp),
-             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp))  # fmt: skip
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp),
+             ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp))  # fmt: skip
     w.run()
-    ev_i, ev_r = _events(w.i), _events(w.r)
+    ev_i, ev_r = sa_events(w.i), sa_events(w.r)
     assert [type(e) for e in ev_i] == [IkeUp, ChildUp] and [type(e) for e in ev_r] == [IkeUp, ChildUp]
     ci, cr = ev_i[1], ev_r[1]
     assert isinstance(ci, ChildUp) and isinstance(cr, ChildUp)
@@ -111,34 +48,37 @@ def test_handshake_installs_matching_child_sas(ike: str, esp: str, chosen: str) 
 
 
 def test_responder_narrows_traffic_selectors() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.0.0.0/8"), _cfg(B, A, "10.2.0.0/24", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.0.0.0/8"), ike_config(B, A, "10.2.0.0/24", "10.1.0.0/16"))
     w.run()
-    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    ci = next(e for e in sa_events(w.i) if isinstance(e, ChildUp))
     assert [str(r) for r in ci.remote_ts] == ["10.2.0.0/24"]
 
 
 def test_wrong_psk_fails_on_both_sides() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", psk=b"one"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", psk=b"two"))
+    w = Wire(
+        ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", psk=b"one"),
+        ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", psk=b"two"),
+    )
     w.run()
-    down_i = [e for e in _events(w.i) if isinstance(e, IkeDown)]
-    down_r = [e for e in _events(w.r) if isinstance(e, IkeDown)]
+    down_i = [e for e in sa_events(w.i) if isinstance(e, IkeDown)]
+    down_r = [e for e in sa_events(w.r) if isinstance(e, IkeDown)]
     assert down_i and "AUTHENTICATION_FAILED" in down_i[0].reason
     assert down_r and "PSK" in down_r[0].reason
     assert w.r is not None and w.r.stats.get("auth_failed") == 1
 
 
 def test_identity_mismatch() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"),
-             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", remote_id="someone@else.example"))  # fmt: skip
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"),
+             ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", remote_id="someone@else.example"))  # fmt: skip
     w.run()
-    assert any(isinstance(e, IkeDown) and "identity" in e.reason for e in _events(w.r))
+    assert any(isinstance(e, IkeDown) and "identity" in e.reason for e in sa_events(w.r))
 
 
 def test_no_proposal_chosen() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519"),
-             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes256-sha512-modp4096"))  # fmt: skip
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519"),
+             ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes256-sha512-modp4096"))  # fmt: skip
     w.run()
-    downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    downs = [e for e in sa_events(w.i) if isinstance(e, IkeDown)]
     assert downs and "NO_PROPOSAL_CHOSEN" in downs[0].reason
     assert w.r is not None and "no IKE proposal in common" in w.r.failure
     assert (
@@ -147,23 +87,26 @@ def test_no_proposal_chosen() -> None:
 
 
 def test_invalid_ke_payload_retry() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519-ecp256"),
-             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-ecp256"))  # fmt: skip
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519-ecp256"),
+             ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-ecp256"))  # fmt: skip
     w.run()
-    assert any(isinstance(e, ChildUp) for e in _events(w.i))
+    assert any(isinstance(e, ChildUp) for e in sa_events(w.i))
     assert w.i.chosen is not None and w.i.chosen.dh is not None and w.i.chosen.dh.number == 19
     assert len([d for way, d in w.log if way == "i->r" and m.decode(d.data).exchange == 34]) == 2
 
 
 def test_transport_mode_child() -> None:
-    w = Wire(_cfg(A, B, A + "/32", B + "/32", mode="transport"), _cfg(B, A, B + "/32", A + "/32", mode="transport"))
+    w = Wire(
+        ike_config(A, B, A + "/32", B + "/32", mode="transport"),
+        ike_config(B, A, B + "/32", A + "/32", mode="transport"),
+    )
     w.run()
-    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    ci = next(e for e in sa_events(w.i) if isinstance(e, ChildUp))
     assert ci.mode == "transport"
 
 
 def test_retransmission_and_cached_response() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.i.start(0.0)
     w.to_responder(w.i.datagrams(), 0.0)
     w.to_initiator(w.r.datagrams(), 0.0)  # type: ignore[union-attr]
@@ -177,14 +120,14 @@ def test_retransmission_and_cached_response() -> None:
     w.to_responder(again, 2.0)
     resent = w.r.datagrams()  # type: ignore[union-attr]
     assert [d.data for d in resent] == [d.data for d in lost]  # byte-identical cached response
-    assert [type(e) for e in _events(w.r)].count(ChildUp) == 1  # processed once
+    assert [type(e) for e in sa_events(w.r)].count(ChildUp) == 1  # processed once
     w.to_initiator(resent, 2.1)
-    assert any(isinstance(e, ChildUp) for e in _events(w.i))
+    assert any(isinstance(e, ChildUp) for e in sa_events(w.i))
     assert w.i.stats["retransmissions"] == 1
 
 
 def test_gives_up_when_the_peer_is_silent() -> None:
-    sa = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(5), now=0.0)
+    sa = IkeSa(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(5), now=0.0)
     sa.start(0.0)
     sent = len(sa.datagrams())
     for _ in range(20):
@@ -199,40 +142,40 @@ def test_gives_up_when_the_peer_is_silent() -> None:
 
 
 def test_half_open_responder_times_out() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.i.start(0.0)
     w.to_responder(w.i.datagrams(), 0.0)
     assert w.r is not None and w.r.get_timer() == 30.0
     w.r.handle_timer(30.0)
-    assert any(isinstance(e, IkeDown) and "half-open" in e.reason for e in _events(w.r))
+    assert any(isinstance(e, IkeDown) and "half-open" in e.reason for e in sa_events(w.r))
 
 
 def test_delete_closes_both_sides() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
-    _events(w.i), _events(w.r)
+    sa_events(w.i), sa_events(w.r)
     w.i.delete(5.0)
     w.run(5.0)
     assert w.i.state == "closed" and w.r is not None and w.r.state == "closed"
-    kinds_r = [type(e).__name__ for e in _events(w.r)]
+    kinds_r = [type(e).__name__ for e in sa_events(w.r)]
     assert kinds_r == ["ChildDown", "IkeDown"]
 
 
 def test_nat_moves_to_port_4500_and_encapsulates() -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.src_seen_by_r = "198.51.100.7"  # a NAT rewrote the initiator's address
     w.cfg_r.remote_addr = None
     w.run()
     auth = [d for way, d in w.log if m.decode(d.data).exchange == 35]
     assert auth and all(d.src_port == 4500 and d.dst_port == 4500 for d in auth)
-    ci = next(e for e in _events(w.i) if isinstance(e, ChildUp))
+    ci = next(e for e in sa_events(w.i) if isinstance(e, ChildUp))
     assert ci.encap == (4500, 4500)
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 400), st.binary(max_size=12)), max_size=6))
 def test_garbage_in_any_state_never_raises(mutations: list[tuple[int, int, bytes]]) -> None:
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
     pool = [d.data for _, d in w.log]
     for idx, cut, noise in mutations:
@@ -245,24 +188,20 @@ def test_garbage_in_any_state_never_raises(mutations: list[tuple[int, int, bytes
     assert w.i.state in ("established", "closed")
 
 
-def _child_events(sa: IkeSa | None) -> list[object]:
-    return [e for e in _events(sa) if type(e).__name__ in ("ChildUp", "ChildDown")]
-
-
 @pytest.mark.parametrize("esp", ["aes128gcm16", "aes256-sha256-ecp256"])  # the second one with PFS
 def test_child_rekey_make_before_break(esp: str) -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", esp=esp)
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", esp=esp)
     cfg_i.children[0].rekey_time = 100.0
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", esp=esp))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", esp=esp))
     w.run()
-    old_i = next(e for e in _events(w.i) if isinstance(e, ChildUp))
-    old_r = next(e for e in _events(w.r) if isinstance(e, ChildUp))
+    old_i = next(e for e in sa_events(w.i) if isinstance(e, ChildUp))
+    old_r = next(e for e in sa_events(w.r) if isinstance(e, ChildUp))
     assert old_i.rekey_at is not None and 90.0 <= old_i.rekey_at <= 100.0  # up to 10% early (jitter)
     t = w.i.get_timer()
     assert t == old_i.rekey_at
     w.i.handle_timer(t)
     w.run(t)
-    ev_i, ev_r = _child_events(w.i), _child_events(w.r)
+    ev_i, ev_r = child_events(w.i), child_events(w.r)
     # new pair up first, then the old one retired (make-before-break, RFC 7296 §2.8)
     assert [type(e).__name__ for e in ev_i] == ["ChildUp", "ChildDown"]
     assert [type(e).__name__ for e in ev_r] == ["ChildUp", "ChildDown"]
@@ -279,11 +218,11 @@ def test_child_rekey_make_before_break(esp: str) -> None:
 
 
 def test_dpd_detects_a_dead_peer_and_a_live_one_answers() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_i.dpd_delay = 10.0
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
-    _events(w.i)
+    sa_events(w.i)
     assert w.i.get_timer() == 10.0
     w.i.handle_timer(10.0)
     w.run(10.0)  # the responder answers the empty INFORMATIONAL
@@ -298,46 +237,25 @@ def test_dpd_detects_a_dead_peer_and_a_live_one_answers() -> None:
             break
         w.i.handle_timer(t)
         w.i.datagrams()
-    downs = [e for e in _events(w.i) if isinstance(e, IkeDown)]
+    downs = [e for e in sa_events(w.i) if isinstance(e, IkeDown)]
     assert downs and "dead peer" in downs[0].reason
-
-
-def _pump(a: object, b: object, now: float) -> tuple[list[object], list[object]]:
-    """Move datagrams between two IkeManagers until quiet; returns (events of a, events of b)."""
-    from ipsecstack.ike.manager import IkeManager
-
-    assert isinstance(a, IkeManager) and isinstance(b, IkeManager)
-    ev_a: list[object] = []
-    ev_b: list[object] = []
-    for _ in range(20):
-        moved = False
-        for src, dst, addr, evs in ((a, b, A, ev_a), (b, a, B, ev_b)):
-            for d in src.datagrams():
-                moved = True
-                dst.receive(d.data, addr, d.src_port, d.dst_port, now)
-            evs += src.events()
-        if not moved:
-            break
-    ev_a += a.events()
-    ev_b += b.events()
-    return ev_a, ev_b
 
 
 def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     from ipsecstack.ike.manager import IkeManager
     from ipsecstack.ike.session import IkeRekeyed
 
-    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519,aes256-sha384-ecp384")
-    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-x25519")
+    cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", ike="aes128gcm16-prfsha256-x25519,aes256-sha384-ecp384")
+    cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", ike="aes128gcm16-prfsha256-x25519")
     a, b = IkeManager([cfg_a], seeded_rng(11)), IkeManager([cfg_b], seeded_rng(12))
     a.initiate("conn", 0.0)
-    _pump(a, b, 0.0)
+    pump_managers(a, b, 0.0)
     (old_a,) = a.sas.values()
     (old_b,) = b.sas.values()
     assert old_a.rekey_at is not None and 14400 * 0.9 <= old_a.rekey_at <= 14400
     old_a.rekey_at = 50.0
     a.handle_timer(50.0)
-    ev_a, ev_b = _pump(a, b, 50.0)
+    ev_a, ev_b = pump_managers(a, b, 50.0)
     assert any(isinstance(e, IkeRekeyed) for e in ev_a) and any(isinstance(e, IkeRekeyed) for e in ev_b)
     assert [e.reason for e in ev_a + ev_b if isinstance(e, IkeDown)] == ["rekeyed", "rekeyed"]
     assert not any(type(e).__name__ == "ChildDown" for e in ev_a + ev_b)  # children survive the rekey
@@ -355,10 +273,10 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     # the new IKE SA works: a child rekey over it, then a delete
     new_a.children[0].rekey_at = 60.0
     a.handle_timer(60.0)
-    ev_a, ev_b = _pump(a, b, 60.0)
+    ev_a, ev_b = pump_managers(a, b, 60.0)
     assert [type(e).__name__ for e in ev_a if type(e).__name__.startswith("Child")] == ["ChildUp", "ChildDown"]
     new_a.delete(70.0)
-    _pump(a, b, 70.0)
+    pump_managers(a, b, 70.0)
     assert not a.sas and not b.sas
 
 
@@ -368,8 +286,8 @@ def _modp_run(a_source: object, b_source: object) -> tuple[object, object, list[
     from ipsecstack.ike.manager import IkeManager
 
     ike, esp = "aes128-sha256-modp2048", "aes128gcm16-modp2048"
-    cfg_a = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp)
-    cfg_b = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp)
+    cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", ike=ike, esp=esp)
+    cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", ike=ike, esp=esp)
     a = IkeManager([cfg_a], seeded_rng(41), keypairs=a_source)  # type: ignore[arg-type]
     b = IkeManager([cfg_b], seeded_rng(42), keypairs=b_source)  # type: ignore[arg-type]
     wire: list[bytes] = []
@@ -435,11 +353,11 @@ def test_ke_key_pairs_can_come_ready_made() -> None:
 def test_cookies_under_half_open_pressure() -> None:
     from ipsecstack.ike.manager import IkeManager
 
-    b = IkeManager([_cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(21), cookie_threshold=2)
+    b = IkeManager([ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")], seeded_rng(21), cookie_threshold=2)
     b.peers["conn"].remote_addr = None  # a responder for anyone
     # a flood of IKE_SA_INIT from spoofed initiators: two half-open SAs, then only stateless COOKIE replies
     for i in range(50):
-        flood = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(100 + i), now=0.0)
+        flood = IkeSa(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(100 + i), now=0.0)
         flood.start(0.0)
         for d in flood.datagrams():
             b.receive(d.data, f"198.51.100.{i + 1}", 500, 500, 0.0)
@@ -447,15 +365,15 @@ def test_cookies_under_half_open_pressure() -> None:
     replies = b.datagrams()
     assert sum(1 for d in replies if m.decode(d.data).notify(16390) is not None) == 48
     # a real initiator completes the exchange by echoing the cookie (same nonce and KE, §2.6)
-    a = IkeManager([_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(22))
+    a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(22))
     a.initiate("conn", 1.0)
-    ev_a, ev_b = _pump(a, b, 1.0)
+    ev_a, ev_b = pump_managers(a, b, 1.0)
     assert any(isinstance(e, ChildUp) for e in ev_a) and any(isinstance(e, ChildUp) for e in ev_b)
     assert b.stats["cookies_accepted"] == 1
     (sa_a,) = a.sas.values()
     assert sa_a.stats["cookies_received"] == 1
     # a forged cookie is refused
-    forged = IkeSa(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(7), now=2.0)
+    forged = IkeSa(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(7), now=2.0)
     forged._cookie = b"\x00\x00" + bytes(32)
     forged.start(2.0)
     before = len(b.sas)
@@ -504,7 +422,7 @@ def test_every_message_type_in_every_state(stage: int, exchange: int, response: 
     nothing raises, nothing leaves the known states, and nothing unauthenticated creates a child SA."""
     from ipsecstack.ike import sk as skmod
 
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     steps = [lambda: None, lambda: w.i.start(0.0), lambda: w.to_responder(w.i.datagrams(), 0.0),
              lambda: w.run(0.0), lambda: (w.i.delete(1.0),)]  # fmt: skip
     for step in steps[: stage + 1]:
@@ -533,19 +451,19 @@ def test_every_message_type_in_every_state(stage: int, exchange: int, response: 
 def test_responder_follows_a_nat_rebinding() -> None:
     from ipsecstack.ike.session import PeerMoved
 
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_i.dpd_delay = 5.0
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.src_seen_by_r = "198.51.100.7"  # the initiator is behind a NAT
     w.cfg_r.remote_addr = None
     w.run()
     assert w.i.behind_nat and w.r is not None and not w.r.behind_nat
-    _events(w.r)
+    sa_events(w.r)
     # the NAT forgets the mapping and picks a new address and port; the next authenticated request moves the SA
     w.i.handle_timer(5.0)  # a liveness check
     for d in w.i.datagrams():
         w.r.receive(d.data, "198.51.100.99", 40001, d.dst_port, 5.0)
-    moved = [e for e in _events(w.r) if isinstance(e, PeerMoved)]
+    moved = [e for e in sa_events(w.r) if isinstance(e, PeerMoved)]
     assert [(e.addr, e.port) for e in moved] == [("198.51.100.99", 40001)]
     assert (w.r.remote, w.r.remote_port) == ("198.51.100.99", 40001)
     assert [d.dst_port for d in w.r.datagrams()] == [40001]
@@ -555,15 +473,15 @@ def test_responder_follows_a_nat_rebinding() -> None:
 
 
 def test_additional_children_over_create_child_sa() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
-    cfg_r = _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16")
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    cfg_r = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     for cfg, lnet, rnet in ((cfg_i, "10.11.0.0/16", "10.22.0.0/16"), (cfg_r, "10.22.0.0/16", "10.11.0.0/16")):
-        cfg.children.append(ChildConfig("second", [_range(lnet)], [_range(rnet)],
+        cfg.children.append(ChildConfig("second", [ts_range(lnet)], [ts_range(rnet)],
                                         [props.parse("aes256gcm16-x25519", Protocol.ESP)]))  # fmt: skip
     w = Wire(cfg_i, cfg_r)
     w.run()
-    ups_i = [e for e in _events(w.i) if isinstance(e, ChildUp)]
-    ups_r = [e for e in _events(w.r) if isinstance(e, ChildUp)]
+    ups_i = [e for e in sa_events(w.i) if isinstance(e, ChildUp)]
+    ups_r = [e for e in sa_events(w.r) if isinstance(e, ChildUp)]
     assert [u.child.name for u in ups_i] == ["net", "second"] and [u.child.name for u in ups_r] == ["net", "second"]
     second_i, second_r = ups_i[1], ups_r[1]
     assert second_i.key_out == second_r.key_in and second_i.transform == "aes256gcm16"
@@ -573,10 +491,10 @@ def test_additional_children_over_create_child_sa() -> None:
 
 
 def test_simultaneous_child_rekey_collision() -> None:
-    cfg_i = _cfg(A, B, "10.1.0.0/16", "10.2.0.0/16")
-    w = Wire(cfg_i, _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16"))
+    cfg_i = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
+    w = Wire(cfg_i, ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16"))
     w.run()
-    _events(w.i), _events(w.r)
+    sa_events(w.i), sa_events(w.r)
     assert w.r is not None
     w.i.children[0].rekey_at = 50.0
     w.r.children[0].rekey_at = 50.0
@@ -598,7 +516,7 @@ def test_concentrator_assigns_virtual_ips_from_a_pool() -> None:
     from ipsecstack.ike.pools import Pool
 
     pool = Pool.parse("rw", "10.9.0.0/30", ["10.1.0.53"], "pools.rw")  # two client addresses: .1 and .2
-    gw = _cfg(B, A, "10.1.0.0/16", "0.0.0.0/0")
+    gw = ike_config(B, A, "10.1.0.0/16", "0.0.0.0/0")
     gw.remote_addr = None
     gw.remote_id = None
     gw.pools = [pool]
@@ -606,7 +524,7 @@ def test_concentrator_assigns_virtual_ips_from_a_pool() -> None:
 
     def connect(n: int, now: float) -> tuple[IkeManager, list[object]]:
         addr = f"198.51.100.{n + 1}"
-        client = _cfg(addr, B, "0.0.0.0/0", "10.1.0.0/16")
+        client = ike_config(addr, B, "0.0.0.0/0", "10.1.0.0/16")
         client.local_id = identity(f"client{n}@example.org")
         client.request_vip = True
         cm = IkeManager([client], seeded_rng(40 + n))
@@ -644,16 +562,16 @@ def test_child_failures_are_events_naming_both_sides() -> None:
     from ipsecstack.ike.session import ChildFailed
 
     # traffic selectors that do not overlap: the IKE SA comes up, the child is refused, both say why
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16"), _cfg(B, A, "10.9.0.0/16", "10.1.0.0/16"))
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), ike_config(B, A, "10.9.0.0/16", "10.1.0.0/16"))
     w.run()
     assert w.i.established and w.r is not None and w.r.established
-    (fr,) = [e for e in _events(w.r) if isinstance(e, ChildFailed)]
+    (fr,) = [e for e in sa_events(w.r) if isinstance(e, ChildFailed)]
     assert "TS_UNACCEPTABLE" in fr.reason and "10.2.0.0/16" in fr.reason and "10.9.0.0/16" in fr.reason, fr.reason
-    (fi,) = [e for e in _events(w.i) if isinstance(e, ChildFailed)]
+    (fi,) = [e for e in sa_events(w.i) if isinstance(e, ChildFailed)]
     assert "TS_UNACCEPTABLE" in fi.reason, fi.reason
     # no ESP proposal in common
-    w = Wire(_cfg(A, B, "10.1.0.0/16", "10.2.0.0/16", esp="aes256gcm16"),
-             _cfg(B, A, "10.2.0.0/16", "10.1.0.0/16", esp="aes128-sha256"))  # fmt: skip
+    w = Wire(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16", esp="aes256gcm16"),
+             ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16", esp="aes128-sha256"))  # fmt: skip
     w.run()
-    (fr,) = [e for e in _events(w.r) if isinstance(e, ChildFailed)]
+    (fr,) = [e for e in sa_events(w.r) if isinstance(e, ChildFailed)]
     assert "NO_PROPOSAL_CHOSEN" in fr.reason and "aes256gcm16" in fr.reason and "aes128-sha256" in fr.reason, fr.reason

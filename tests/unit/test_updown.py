@@ -11,7 +11,7 @@ from typing import Any
 from ipsecstack.ike.session import ChildUp, IkeSa
 from ipsecstack.ike.ts import Range
 from ipsecstack.runtime.updown import Updown, environment
-from tests.ike.test_session import Wire, _cfg
+from tests.ike.helpers import Wire, ike_config
 
 
 class Log:
@@ -27,7 +27,7 @@ class Log:
 
 def _up(local: str = "10.1.0.0/16", remote: str = "10.2.0.0/16", a: str = "172.31.0.1", b: str = "172.31.0.2",
         encap: bool = False) -> ChildUp:  # fmt: skip
-    cfg_i, cfg_r = _cfg(a, b, local, remote), _cfg(b, a, remote, local)
+    cfg_i, cfg_r = ike_config(a, b, local, remote), ike_config(b, a, remote, local)
     cfg_i.encap = encap
     w = Wire(cfg_i, cfg_r)
     w.run()
