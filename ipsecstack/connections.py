@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipsecstack import pki
+from ipsecstack.config_values import parse_duration, parse_size, parse_ts
 from ipsecstack.errors import ConfigError, ConfigWarning, ErrorCollector
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.auth import Credentials
@@ -85,15 +86,7 @@ def _single_addr(value: Any, path: str, allow_any: bool) -> str | None:
         raise ConfigError(path, items[0], "give an IPv4 or IPv6 address" + (" or %any" if allow_any else "")) from None
 
 
-def parse_duration(value: Any, path: str) -> float:
-    from ipsecstack.config import parse_duration as parse
-
-    return parse(value, path)
-
-
 def _ts(value: Any, path: str) -> list[Range]:
-    from ipsecstack.config import parse_ts
-
     items = _list(value, path)
     if not items:
         raise ConfigError(path, value, "give at least one subnet, e.g. ['10.1.0.0/16']")
@@ -422,8 +415,6 @@ def parse_connections(
             window = ch.get("replay_window", 64)
             if not isinstance(window, int) or isinstance(window, bool) or not (window == 0 or 32 <= window <= 1 << 20):
                 raise ConfigError(f"{cpath}.replay_window", window, "use 0 (off) or 32..1048576; the default is 64")
-            from ipsecstack.config import parse_size
-
             life = parse_duration(ch["life_time"], f"{cpath}.life_time") if "life_time" in ch else None
             if life is not None and rekey and life <= rekey:
                 raise ConfigError(f"{cpath}.life_time", ch["life_time"], "must be longer than rekey_time (default 1h)")

@@ -1,0 +1,141 @@
+"""Imports flow one way: no cycle among the modules of ``ipsecstack`` and ``backends``.
+
+Every import statement counts, wherever it is: at the top, under ``if TYPE_CHECKING:``, or inside a
+function (a function-local import hides a cycle, it does not remove it). ``from pkg import name`` is an
+edge to ``pkg.name`` when that is a module (compiled ones are found by their ``.pyi`` stub), else to
+``pkg``; a submodule's implicit import of its own parent package is not an edge.
+
+``KNOWN`` lists the cycles that exist today and are being taken apart (issue #11: the IKE SA's class
+chain); the test fails on any other cycle, and on a known one that changed, so that the list only
+shrinks.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("ipsecstack", "backends")
+
+KNOWN: list[frozenset[str]] = [
+    frozenset({
+        "ipsecstack.ike.auth_exchange", "ipsecstack.ike.child_sa", "ipsecstack.ike.ike_rekey",
+        "ipsecstack.ike.model", "ipsecstack.ike.profiles", "ipsecstack.ike.sa_core", "ipsecstack.ike.session",
+    }),
+]  # fmt: skip
+
+
+def _name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py*")):
+            if path.suffix in (".py", ".pyi") and "__pycache__" not in path.parts:
+                out.setdefault(_name(path), path)
+    return out
+
+
+def _targets(node: ast.AST, module: str, is_package: bool, known: dict[str, Path]) -> list[str]:
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+        if node.level:
+            base = module.split(".") if is_package else module.split(".")[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            mod = ".".join(base + ([node.module] if node.module else []))
+        else:
+            mod = node.module or ""
+        names = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+    else:
+        return []
+    out = []
+    for t in names:
+        while t and t not in known:  # `import a.b.c` of a name inside a module: the module
+            t = t.rpartition(".")[0]
+        if t and t != module:
+            out.append(t)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        if path.suffix != ".py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            graph[mod].update(_targets(node, mod, path.name == "__init__.py", mods))
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, edges = work[-1]
+            w = next(edges, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = set()
+                while True:
+                    x = stack.pop()
+                    on_stack.discard(x)
+                    comp.add(x)
+                    if x == v:
+                        break
+                if len(comp) > 1:
+                    found.append(frozenset(comp))
+    return found
+
+
+def test_the_checker_sees_every_kind_of_import() -> None:
+    graph = import_graph()
+    assert "ipsecstack.native._engine" in graph  # the compiled engine, by its stub
+    assert "ipsecstack.native._engine" in graph["ipsecstack.native.engine"]
+    assert "ipsecstack.config_values" in graph["ipsecstack.connections"]
+    toy = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(toy) == [frozenset({"a", "b", "c"})]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    # imports inside functions and under TYPE_CHECKING count like the others
+    tree = ast.parse("if TYPE_CHECKING:\n    from ipsecstack.ike import session\n"
+                     "def f():\n    from ipsecstack.config import parse_ts\n")  # fmt: skip
+    seen = [t for n in ast.walk(tree) for t in _targets(n, "ipsecstack.connections", False, _modules())]
+    assert seen == ["ipsecstack.ike.session", "ipsecstack.config"]
+
+
+def test_no_import_cycles_beyond_the_known_ones() -> None:
+    found = cycles(import_graph())
+    new = [sorted(c) for c in found if c not in KNOWN]
+    assert not new, f"import cycles: {new} (break them: move what both sides need into a module below both)"
+    gone = [sorted(c) for c in KNOWN if c not in found]
+    assert not gone, f"a known cycle changed or is gone: {gone}; update KNOWN in {__file__}"
