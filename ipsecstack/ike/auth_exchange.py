@@ -38,6 +38,7 @@ from ipsecstack.ike.model import (
     match_identity,
     same_identity,
 )
+from ipsecstack.ike.state import Step
 from ipsecstack.ike.ts import Range
 
 
@@ -63,7 +64,7 @@ class AuthExchange(ChildExchanges):
                 inner.append(m.Notify(Notify.USE_TRANSPORT_MODE))
         if self.send_initial_contact:
             inner.append(m.Notify(Notify.INITIAL_CONTACT))
-        self.state = "auth_sent"
+        self._step(Step.SEND_AUTH)
         self._send_request(Exchange.IKE_AUTH, inner, now)
 
     def _on_auth_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:

@@ -41,6 +41,7 @@ from ipsecstack.ike.model import (
     IkeUp,
 )
 from ipsecstack.ike.sa_core import IkeSaCore
+from ipsecstack.ike.state import Step
 
 if TYPE_CHECKING:
     from ipsecstack.ike.session import IkeSa
@@ -158,7 +159,7 @@ class IkeRekeying(IkeSaCore):
         new.tx, new.rx = (i_keys, r_keys) if initiator else (r_keys, i_keys)
         new._next_mid = 0
         new._peer_mid = 0
-        new.state = "established"
+        new._step(Step.REKEYED_IN)
         new.up_at = now
         new.last_heard = now
         new._standby = True
@@ -176,7 +177,7 @@ class IkeRekeying(IkeSaCore):
         new.children, self.children = self.children, []
         self.successor = new
         self.rekey_at = None
-        self.state = "deleting"
+        self._step(Step.DELETE)
         self._delete_cause = "rekeyed"  # also if its DELETE goes unanswered
         self._count("ike_rekeys")
         self._events.append(IkeRekeyed(self._sa, new, collision, redundant))
@@ -208,7 +209,7 @@ class IkeRekeying(IkeSaCore):
             self.linger_until = now + self._exchange_span()  # the peer deletes this SA
         else:
             if redundant.state != "closed":
-                redundant.state = "deleting"  # the peer made it and deletes it
+                redundant._step(Step.PEER_DELETES)  # the peer made it and deletes it
                 redundant.linger_until = now + self._exchange_span()
             self._delete_old(now)
 
@@ -246,7 +247,7 @@ class IkeRekeying(IkeSaCore):
         return retry
 
     def _established(self, now: float = 0.0) -> None:
-        self.state = "established"
+        self._step(Step.AUTHENTICATED)
         self.up_at = now
         self._schedule_ike_rekey(now)
         t = self.cfg.reauth_time

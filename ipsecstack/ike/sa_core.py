@@ -35,6 +35,7 @@ from ipsecstack.ike.model import (
     nat_hash,
 )
 from ipsecstack.ike.pools import Pool
+from ipsecstack.ike.state import IkeState, Step, advance
 
 if TYPE_CHECKING:
     from ipsecstack.ike.session import IkeSa
@@ -62,7 +63,7 @@ class IkeSaCore:
         self.remote = remote or cfg.remote_addr or ""
         self.remote_port = remote_port or cfg.remote_port
         self.local_port = cfg.local_port
-        self.state = "new"
+        self.state = IkeState.NEW
         self.spi_i = b""
         self.spi_r = bytes(8)
         self.chosen: props.Chosen | None = None
@@ -139,7 +140,11 @@ class IkeSaCore:
 
     @property
     def established(self) -> bool:
-        return self.state == "established"
+        return self.state is IkeState.ESTABLISHED
+
+    def _step(self, step: Step) -> None:
+        """The one way the state changes (ike/state.py's table; anything else is a bug: IllegalTransition)."""
+        self.state = advance(self.state, step)
 
     @property
     def idle(self) -> bool:
@@ -204,7 +209,7 @@ class IkeSaCore:
         if self._lease is not None and self.successor is None:
             self._lease[0].release(self._lease[1])  # the address goes back to the pool
             self._lease = None
-        self.state = "closed"
+        self._step(Step.CLOSE)
         self._outstanding = None
         self.linger_until = None
         for c in self.children:

@@ -76,6 +76,7 @@ from ipsecstack.ike.model import (
     nat_hash,
     same_identity,
 )
+from ipsecstack.ike.state import Step
 
 
 class IkeSa(AuthExchange):
@@ -178,7 +179,7 @@ class IkeSa(AuthExchange):
         payloads += [sa, m.KE(self._group.number, pub), m.Nonce(self._ni), *self._nat_notifies(), auth.hash_notify()]
         msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, payloads)
         self._init_request = msg.encode()
-        self.state = "init_sent"
+        self._step(Step.SEND_INIT)
         self._next_mid = 1
         self._request(0, self._init_request, now)
 
@@ -264,7 +265,7 @@ class IkeSa(AuthExchange):
         self._peer_mid = 1
         self._cached_response = (0, self._init_response)
         self._emit(self._init_response, port=self.local_port)
-        self.state = "init_done"
+        self._step(Step.ANSWER_INIT)
         return True
 
     # --- shared ------------------------------------------------------------------------------
@@ -442,7 +443,7 @@ class IkeSa(AuthExchange):
         if self.state != "established":
             self._close("deleted before establishment")
             return
-        self.state = "deleting"
+        self._step(Step.DELETE)
         self._delete_cause = cause
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
 
