@@ -38,6 +38,7 @@ from ipsecstack.ike.model import (
     match_identity,
     same_identity,
 )
+from ipsecstack.ike.sa_core import Queued
 from ipsecstack.ike.state import Step
 from ipsecstack.ike.ts import Range
 
@@ -117,7 +118,8 @@ class AuthExchange(ChildExchanges):
             # the peer accepted AH across the NAT anyway: it cannot work; ask it to drop its half
             self._child_failed(f"child SA {child.name} not installed: {AH_NAT}")
             spi = self._child_spi.to_bytes(4, "big")
-            self._queue.append(functools.partial(self._send_delete, m.Delete(Protocol.AH, [spi])))
+            delete = m.Delete(Protocol.AH, [spi])
+            self._queue.append(Queued(delete, functools.partial(self._send_delete, delete)))
         else:
             transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
             local = [Range.from_payload(t) for t in tsi.selectors]
@@ -125,7 +127,7 @@ class AuthExchange(ChildExchanges):
             self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
                            spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
         for extra in self.cfg.children[1:]:
-            self._queue.append(functools.partial(self._create_child, extra))
+            self._queue.append(Queued(extra, functools.partial(self._create_child, extra)))
         self._next_queued(now)
 
     def _on_auth_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:

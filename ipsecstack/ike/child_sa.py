@@ -25,6 +25,7 @@ from ipsecstack.ike.model import (
     ChildUp,
     _notify_name,
 )
+from ipsecstack.ike.sa_core import DeleteChild, DeleteSpi, NewChild, Queued, RekeyChild
 from ipsecstack.ike.ts import Range, narrow
 
 if TYPE_CHECKING:
@@ -103,11 +104,11 @@ class ChildExchanges(IkeRekeying):
             return False
         busy = (
             any(c.child.name == name for c in self.children)
-            or (self._pending is not None and self._pending[0] == "new_child" and self._pending[1][0].name == name)
-            or any(isinstance(f, functools.partial) and f.args and f.args[0] is child for f in self._queue)
+            or (isinstance(self._pending, NewChild) and self._pending.child.name == name)
+            or any(q.subject is child for q in self._queue)
         )
         if not busy:
-            self._queue.append(functools.partial(self._create_child, child))
+            self._queue.append(Queued(child, functools.partial(self._create_child, child)))
             self._next_queued(now)
         return True
 
@@ -197,12 +198,12 @@ class ChildExchanges(IkeRekeying):
     def _rekey_child(self, old: ChildUp, now: float) -> None:
         old.rekey_at = None
         inner, spi_in, nonce, dh = self._child_request(old.child, old.local_ts, old.remote_ts, old.mode, old.spi_in)
-        self._pending = ("rekey_child", (old, spi_in, nonce, dh))
+        self._pending = RekeyChild(old, spi_in, nonce, dh)
         self._count("child_rekeys_started")
         self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
 
-    def _on_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
-        old, spi_in, nonce_i, dh = state
+    def _on_rekey_response(self, inner: list[m.AnyPayload], req: RekeyChild, now: float) -> None:
+        old, spi_in, nonce_i, dh = req.old, req.spi_in, req.nonce, req.dh
         answer = self._child_answer(old.child, inner, dh)
         if isinstance(answer, str):
             self._child_failed(f"rekey of child SA {old.child.name} refused: {answer}", "child_rekey_failed")
@@ -233,9 +234,9 @@ class ChildExchanges(IkeRekeying):
         redundant, ours = (a_new, a_ours) if min(a_ni, a_nr) < min(b_ni, b_nr) else (b_new, b_ours)
 
         if ours:
-            self._queue.append(functools.partial(self._delete_child, redundant))
+            self._queue.append(Queued(redundant, functools.partial(self._delete_child, redundant)))
         if old in self.children and we_initiated:
-            self._queue.append(functools.partial(self._delete_child, old))
+            self._queue.append(Queued(old, functools.partial(self._delete_child, old)))
         self._next_queued(now)
         return True
 
@@ -243,15 +244,15 @@ class ChildExchanges(IkeRekeying):
         if c not in self.children:
             return
         if self._outstanding is not None:
-            self._queue.append(functools.partial(self._delete_child, c))
+            self._queue.append(Queued(c, functools.partial(self._delete_child, c)))
             return
-        self._pending = ("delete_child", c)
+        self._pending = DeleteChild(c)
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(c.child.ike_protocol, [c.spi_in.to_bytes(4, "big")])],
                            now)  # fmt: skip
 
     def _send_delete(self, delete: m.Delete, now: float) -> None:
         """An INFORMATIONAL with a Delete for SAs that are not (or no longer) among our children."""
-        self._pending = ("delete_spi", None)
+        self._pending = DeleteSpi()
         self._send_request(Exchange.INFORMATIONAL, [delete], now)
 
     # --- CREATE_CHILD_SA: a new child SA (§1.3.1) ------------------------------------------------
@@ -262,11 +263,11 @@ class ChildExchanges(IkeRekeying):
             self._child_failed(f"child SA {child.name} not proposed: {AH_NAT}")
             return
         inner, spi_in, nonce, dh = self._child_request(child, child.local_ts, child.remote_ts, child.mode, None)
-        self._pending = ("new_child", (child, spi_in, nonce, dh))
+        self._pending = NewChild(child, spi_in, nonce, dh)
         self._send_request(Exchange.CREATE_CHILD_SA, inner, now)
 
-    def _on_new_child_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
-        child, spi_in, nonce_i, dh = state
+    def _on_new_child_response(self, inner: list[m.AnyPayload], req: NewChild, now: float) -> None:
+        child, spi_in, nonce_i, dh = req.child, req.spi_in, req.nonce, req.dh
         answer = self._child_answer(child, inner, dh)
         tsi = next((p for p in inner if isinstance(p, m.TS) and p.initiator), None)
         tsr = next((p for p in inner if isinstance(p, m.TS) and not p.initiator), None)
@@ -348,6 +349,6 @@ class ChildExchanges(IkeRekeying):
                        spi_out=int.from_bytes(chosen.spi, "big"), nonces=(nonce.data, nr), shared=shared,
                        we_initiated=False, replaces=old.spi_in, now=now)  # fmt: skip
         self._count("child_rekeys")
-        ours_pending = self._pending is not None and self._pending[0] == "rekey_child" and self._pending[1][0] is old
+        ours_pending = isinstance(self._pending, RekeyChild) and self._pending.old is old
         if ours_pending or old.spi_in in self._rekeys_done:
             self._rekey_collision(old, nonce.data, nr, self.children[-1], False, now)

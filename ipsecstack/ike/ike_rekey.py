@@ -26,7 +26,7 @@ only emits ``ReauthDue``: the manager makes the new IKE SA (§2.8.3, make-before
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
@@ -40,7 +40,7 @@ from ipsecstack.ike.model import (
     IkeRekeyed,
     IkeUp,
 )
-from ipsecstack.ike.sa_core import IkeSaCore
+from ipsecstack.ike.sa_core import DeleteOldIke, IkeSaCore, RekeyIke
 from ipsecstack.ike.state import Step
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class IkeRekeying(IkeSaCore):
         group = self.chosen.dh
         priv, pub = self._keypair(group)
         sa = m.SA([p.to_payload(i + 1, spi) for i, p in enumerate(self.cfg.proposals)])
-        self._pending = ("rekey_ike", (spi, nonce, priv))
+        self._pending = RekeyIke(spi, nonce, priv)
         self._count("ike_rekeys_started")
         self._send_request(Exchange.CREATE_CHILD_SA, [sa, m.Nonce(nonce), m.KE(group.number, pub)], now)
 
@@ -70,8 +70,8 @@ class IkeRekeying(IkeSaCore):
         sas = [p for p in inner if isinstance(p, m.SA)]
         return len(sas) == 1 and bool(sas[0].proposals) and sas[0].proposals[0].protocol == Protocol.IKE
 
-    def _on_ike_rekey_response(self, inner: list[m.AnyPayload], state: Any, now: float) -> None:
-        spi_i, ni, priv = state
+    def _on_ike_rekey_response(self, inner: list[m.AnyPayload], req: RekeyIke, now: float) -> None:
+        spi_i, ni, priv = req.spi, req.nonce, req.priv
         sas = [p for p in inner if isinstance(p, m.SA)]
         nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
         ke = next((p for p in inner if isinstance(p, m.KE)), None)
@@ -125,7 +125,7 @@ class IkeRekeying(IkeSaCore):
                              spi_r)  # fmt: skip
         self._respond(msg, [m.SA([reply.to_payload()]), m.Nonce(nr), m.KE(chosen.dh.number, pub)])
         new = self._rekeyed_sa(chosen, chosen.spi, spi_r, nonce.data, nr, shared, initiator=False, now=now)
-        if self._pending is not None and self._pending[0] == "rekey_ike":
+        if isinstance(self._pending, RekeyIke):
             self._peer_rekey = new  # §2.8.2: both ends rekey this SA; decided once our own exchange ends
         else:
             self._take_over(new, now)
@@ -215,7 +215,7 @@ class IkeRekeying(IkeSaCore):
 
     def _delete_old(self, now: float) -> None:
         """The old IKE SA is retired by the initiator of the rekey that replaced it (§1.3.2, §2.8)."""
-        self._pending = ("delete_old_ike", None)
+        self._pending = DeleteOldIke()
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
 
     def _exchange_span(self) -> float:

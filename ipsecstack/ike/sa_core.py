@@ -11,6 +11,7 @@ responses), SK payload sealing/opening, SKEYSEED derivation (§2.14), NAT detect
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
@@ -39,6 +40,76 @@ from ipsecstack.ike.state import IkeState, Step, advance
 
 if TYPE_CHECKING:
     from ipsecstack.ike.session import IkeSa
+
+
+# --- what the outstanding request is for, and the requests waiting for the window -----------------
+# Each request the IKE SA sends (RFC 7296 §2.3: one at a time here) is remembered as one of these until
+# its response arrives, which goes to the handler of that record's type with the record's own fields.
+# Queued requests name what they are about (``subject``), so "is it queued already?" asks about that.
+# (Here and not in a module of their own: they hold ChildUp events, and those still hold the IkeSa;
+# issue #11 turns each record into the state of its exchange task.)
+
+
+@dataclass(frozen=True, slots=True)
+class NewChild:
+    """CREATE_CHILD_SA for another configured child SA (§1.3.1)."""
+
+    child: ChildConfig
+    spi_in: int
+    nonce: bytes
+    dh: Any  # our KE private key (PFS), or None
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyChild:
+    """CREATE_CHILD_SA with REKEY_SA for ``old`` (§1.3.3)."""
+
+    old: ChildUp
+    spi_in: int
+    nonce: bytes
+    dh: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteChild:
+    """INFORMATIONAL with a Delete for one of our child SAs (§1.4.1)."""
+
+    child: ChildUp
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSpi:
+    """INFORMATIONAL with a Delete for SAs that are not (or no longer) among our children."""
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyIke:
+    """CREATE_CHILD_SA rekeying the IKE SA (§1.3.2)."""
+
+    spi: bytes
+    nonce: bytes
+    priv: Any  # our KE private key
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOldIke:
+    """INFORMATIONAL with a Delete for the IKE SA a rekey replaced (§2.8)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dpd:
+    """An empty INFORMATIONAL: is the peer alive (§1.4)?"""
+
+
+Pending = NewChild | RekeyChild | DeleteChild | DeleteSpi | RekeyIke | DeleteOldIke | Dpd
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A request waiting for the window: what it is about, and how to send it (given the time)."""
+
+    subject: object
+    send: Callable[[float], None]
 
 
 class IkeSaCore:
@@ -95,7 +166,7 @@ class IkeSaCore:
         self._ke_retries = 0
         self.children: list[ChildUp] = []
         self.last_heard = now
-        self._pending: tuple[str, Any] | None = None  # what our outstanding request is doing
+        self._pending: Pending | None = None  # what our outstanding request is for (above)
         self.rekey_at: float | None = None
         self.reauth_at: float | None = None  # when reauth_time is due (ReauthDue; the manager does the rest)
         self._reauth_tries = 0
@@ -110,7 +181,7 @@ class IkeSaCore:
         self._spawned: list[IkeSa] = []
         self._lease: tuple[Pool, bytes] | None = None
         self.virtual_ip: str | None = None  # what the peer assigned us (client side)
-        self._queue: list[Callable[[float], None]] = []  # requests waiting for the window (§2.3)
+        self._queue: list[Queued] = []  # requests waiting for the window (§2.3)
         self._rekeys_done: dict[int, list[tuple[bytes, bytes, ChildUp, bool]]] = {}
         self.up_at: float | None = None  # when it was established (or took over by rekeying)
         self.expire_at: float | None = None  # hard lifetime: rekey_time + over_time after up_at
@@ -223,7 +294,7 @@ class IkeSaCore:
     def _next_queued(self, now: float) -> None:
         """Send the next deferred request once the window (one outstanding request) is free."""
         while self._queue and self._outstanding is None and self.state == "established":
-            self._queue.pop(0)(now)
+            self._queue.pop(0).send(now)
 
     def _child_failed(self, reason: str, counter: str = "child_failed") -> None:
         self._count(counter)

@@ -76,6 +76,7 @@ from ipsecstack.ike.model import (
     nat_hash,
     same_identity,
 )
+from ipsecstack.ike.sa_core import DeleteChild, DeleteOldIke, Dpd, NewChild, RekeyChild, RekeyIke
 from ipsecstack.ike.state import Step
 
 
@@ -138,14 +139,14 @@ class IkeSa(AuthExchange):
                 return
             if self.cfg.dpd_delay and now >= self.last_heard + self.cfg.dpd_delay:
                 self._count("dpd_checks")
-                self._pending = ("dpd", None)
+                self._pending = Dpd()
                 self._send_request(Exchange.INFORMATIONAL, [], now)
                 return
         if self._outstanding is None or now < self._outstanding[3]:
             return
         mid, data, tries, _ = self._outstanding
         if tries >= self.cfg.retransmit_tries:
-            dpd = self._pending is not None and self._pending[0] == "dpd"
+            dpd = isinstance(self._pending, Dpd)
             # §2.4: no answer on an established IKE SA means the peer is dead (the DPD action applies)
             cause = "dead" if self.state == "established" else None
             self._close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
@@ -304,21 +305,23 @@ class IkeSa(AuthExchange):
         self._outstanding = None
         self.heard(now)
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == "delete_old_ike":
+        child_sa = msg.exchange == Exchange.CREATE_CHILD_SA
+        informational = msg.exchange == Exchange.INFORMATIONAL
+        if isinstance(pending, DeleteOldIke):
             self._close("rekeyed", "rekeyed")
         elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
             self._on_auth_response(msg, inner, now)
-        elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
+        elif informational and self.state == "deleting":
             why = "reauthenticated" if self._delete_cause == "reauth" else "deleted"
             self._close(REDUNDANT if self._standby else why)
-        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_child":
-            self._on_rekey_response(inner, pending[1], now)
-        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "rekey_ike":
-            self._on_ike_rekey_response(inner, pending[1], now)
-        elif msg.exchange == Exchange.INFORMATIONAL and pending is not None and pending[0] == "delete_child":
-            self._child_gone(pending[1])
-        elif msg.exchange == Exchange.CREATE_CHILD_SA and pending is not None and pending[0] == "new_child":
-            self._on_new_child_response(inner, pending[1], now)
+        elif child_sa and isinstance(pending, RekeyChild):
+            self._on_rekey_response(inner, pending, now)
+        elif child_sa and isinstance(pending, RekeyIke):
+            self._on_ike_rekey_response(inner, pending, now)
+        elif informational and isinstance(pending, DeleteChild):
+            self._child_gone(pending.child)
+        elif child_sa and isinstance(pending, NewChild):
+            self._on_new_child_response(inner, pending, now)
         self._next_queued(now)
 
     def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
