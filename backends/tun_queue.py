@@ -28,6 +28,7 @@ import asyncio
 import fcntl
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,7 @@ class QueueSizer:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """open(), then step() every ``period`` s on ``loop`` until stop()."""
         self._loop = loop
-        try:
-            self.open()
-        except OSError as e:
-            self._give_up(e)
-            return
-        self._timer = loop.call_later(self.period, self._tick)
+        self._then_again(self.open)
 
     def step(self) -> int | None:
         """One look at the counters (what the timer runs): the new length when it changed, else None."""
@@ -123,8 +119,12 @@ class QueueSizer:
 
     def _tick(self) -> None:
         self._timer = None
+        self._then_again(self.step)
+
+    def _then_again(self, work: Callable[[], object]) -> None:
+        """``work``, then the next tick; an OSError (the counters or the ioctl out of reach) ends sizing."""
         try:
-            self.step()
+            work()
         except OSError as e:
             self._give_up(e)
             return
