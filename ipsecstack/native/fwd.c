@@ -105,18 +105,23 @@ void ips_fwd_stop(ips_fwd *f)
     ips_fwd_in_free(f->in_ctx);
     f->out_ctx = NULL;
     f->in_ctx = NULL;
-    if (f->gro) { /* Python reads the socket again: one datagram per receive */
-        int off = 0;
-        for (int k = K_UDP4; k <= K_UDP6; k++)
-            if (f->port[k].fd >= 0)
-                (void)setsockopt(f->port[k].fd, SOL_UDP, UDP_GRO, &off, sizeof(off));
-    }
-    if (f->codel_target > 0) /* Python's ports read these sockets again: no timestamps they did not ask for */
-        (void)ips_fwd_set_timestamps(f->port, 0);
+    /* Python's ports read these sockets again: one datagram per receive, no timestamps they did not ask for */
+    if (f->gro)
+        (void)ips_fwd_ports_opt(f->port, K_UDP4, K_UDP6, SOL_UDP, UDP_GRO, 0);
+    if (f->codel_target > 0)
+        (void)ips_fwd_ports_opt(f->port, K_UDP4, K_RX_LAST, SOL_SOCKET, SO_TIMESTAMPNS, 0);
     ips_pq_free(&f->punts); /* pending punts and the eventfd Python watched (its counters stay) */
     if (f->stop_fd >= 0)
         close(f->stop_fd);
     f->stop_fd = -1;
+}
+
+int ips_fwd_ports_opt(const ips_fwd_port *ports, int first, int last, int level, int opt, int on)
+{
+    for (int k = first; k <= last; k++)
+        if (ports[k].fd >= 0 && setsockopt(ports[k].fd, level, opt, &on, sizeof(on)) != 0)
+            return k;
+    return -1;
 }
 
 void ips_fwd_free(ips_fwd *f)

@@ -223,6 +223,7 @@ void ips_merge(ips_fwd_counters *c, ips_delivery *d, uint32_t n, uint8_t *absorb
 /* ---- fwd.c ---------------------------------------------------------------------------------- */
 
 enum { K_UDP4 = 0, K_UDP6, K_ESP4, K_ESP6, K_RAW4, K_RAW6, K_TUN, K_KINDS };
+#define K_RX_LAST K_ESP6 /* the receive sockets: K_UDP4 .. K_ESP6 (the UDP ones: K_UDP4 .. K_UDP6) */
 extern const char *const ips_fd_kind_name[K_KINDS];
 
 struct ips_fwd_counters {
@@ -315,7 +316,9 @@ int ips_fwd_wait(ips_fwd *f, int epfd, struct epoll_event *ev, int max);
 ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size, const char **why);
 int ips_fwd_run(ips_fwd *f, const char **why); /* start both threads */
 int ips_nfq_run(ips_fwd *f, const char **why); /* start one thread per NFQUEUE (fwd_nfq.c) */
-int ips_fwd_set_timestamps(const ips_fwd_port *ports, int on); /* pyfwd.c: SO_TIMESTAMPNS on the rx sockets */
+/* setsockopt(level, opt, on) on the open ports of kinds first..last (UDP_GRO, SO_TIMESTAMPNS): -1 when all
+ * took it, else the kind that refused (errno set) */
+int ips_fwd_ports_opt(const ips_fwd_port *ports, int first, int last, int level, int opt, int on);
 void ips_fwd_stop(ips_fwd *f);                 /* join, free the punts, close the eventfds; idempotent */
 void ips_fwd_free(ips_fwd *f);
 

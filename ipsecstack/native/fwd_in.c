@@ -113,9 +113,7 @@ in_ctx *ips_fwd_in_new(ips_fwd *f)
     struct epoll_event ev = {.events = EPOLLIN};
     ev.data.u32 = K_KINDS;
     ok = ok && epoll_ctl(x->ep, EPOLL_CTL_ADD, f->stop_fd, &ev) == 0;
-    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
-    for (size_t i = 0; ok && i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
-        int k = rx_kinds[i];
+    for (int k = K_UDP4; ok && k <= K_RX_LAST; k++) {
         if (f->port[k].fd < 0)
             continue;
         ev.data.u32 = (uint32_t)k;

@@ -159,27 +159,21 @@ static int vnet_len_of(int fd)
     return sz;
 }
 
-/* SO_TIMESTAMPNS on the ESP receive sockets: CoDel's sojourn times (fwd_in.c); off again at stop */
-int ips_fwd_set_timestamps(const ips_fwd_port *ports, int on)
+static int set_gro(const ips_fwd_port *ports, int on)
 {
-    static const int rx_kinds[] = {K_UDP4, K_UDP6, K_ESP4, K_ESP6};
-    for (size_t i = 0; i < sizeof(rx_kinds) / sizeof(rx_kinds[0]); i++) {
-        int k = rx_kinds[i];
-        if (ports[k].fd >= 0 && setsockopt(ports[k].fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) != 0)
-            return -1;
+    int k = ips_fwd_ports_opt(ports, K_UDP4, K_UDP6, SOL_UDP, UDP_GRO, on);
+    if (k >= 0) {
+        PyErr_Format(PyExc_OSError, "gro=True: setsockopt(UDP_GRO) on the %s socket: %s", ips_fd_kind_name[k],
+                     strerror(errno));
+        return -1;
     }
     return 0;
 }
 
-static int set_gro(const ips_fwd_port *ports, int on)
+/* SO_TIMESTAMPNS on the ESP receive sockets: CoDel's sojourn times (fwd_in.c); fwd_stop turns it off */
+static int set_timestamps(const ips_fwd_port *ports, int on)
 {
-    for (int k = K_UDP4; k <= K_UDP6; k++)
-        if (ports[k].fd >= 0 && setsockopt(ports[k].fd, SOL_UDP, UDP_GRO, &on, sizeof(on)) != 0) {
-            PyErr_Format(PyExc_OSError, "gro=True: setsockopt(UDP_GRO) on the %s socket: %s", ips_fd_kind_name[k],
-                         strerror(errno));
-            return -1;
-        }
-    return 0;
+    return ips_fwd_ports_opt(ports, K_UDP4, K_RX_LAST, SOL_SOCKET, SO_TIMESTAMPNS, on) < 0 ? 0 : -1;
 }
 
 PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
@@ -227,9 +221,9 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     int vnet_len = tso ? vnet_len_of(tun_fd) : 0;
     if (vnet_len < 0 || (gro && set_gro(ports, 1) != 0))
         return NULL;
-    if (target > 0 && ips_fwd_set_timestamps(ports, 1) != 0) {
+    if (target > 0 && set_timestamps(ports, 1) != 0) {
         PyErr_Format(PyExc_OSError, "codel: setsockopt(SO_TIMESTAMPNS): %s", strerror(errno));
-        (void)ips_fwd_set_timestamps(ports, 0);
+        (void)set_timestamps(ports, 0);
         if (gro)
             (void)set_gro(ports, 0);
         return NULL;
@@ -263,7 +257,7 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         if (gro)
             (void)set_gro(ports, 0);
         if (target > 0)
-            (void)ips_fwd_set_timestamps(ports, 0);
+            (void)set_timestamps(ports, 0);
         PyErr_Clear();
         return PyErr_Format(PyExc_OSError, "cannot start the forwarder: %s", why);
     }
