@@ -10,7 +10,6 @@ and answers with its own proof and the first child, or AUTHENTICATION_FAILED. Pr
 
 from __future__ import annotations
 
-import functools
 import hmac
 import ipaddress
 from typing import Any
@@ -38,7 +37,6 @@ from ipsecstack.ike.model import (
     match_identity,
     same_identity,
 )
-from ipsecstack.ike.sa_core import Queued
 from ipsecstack.ike.state import Step
 from ipsecstack.ike.ts import Range
 
@@ -118,8 +116,7 @@ class AuthExchange(ChildExchanges):
             # the peer accepted AH across the NAT anyway: it cannot work; ask it to drop its half
             self._child_failed(f"child SA {child.name} not installed: {AH_NAT}")
             spi = self._child_spi.to_bytes(4, "big")
-            delete = m.Delete(Protocol.AH, [spi])
-            self._queue.append(Queued(delete, functools.partial(self._send_delete, delete)))
+            self._enqueue(self._send_delete, m.Delete(Protocol.AH, [spi]))
         else:
             transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
             local = [Range.from_payload(t) for t in tsi.selectors]
@@ -127,7 +124,7 @@ class AuthExchange(ChildExchanges):
             self._child_up(child, chosen, "transport" if transport else "tunnel", local, remote,
                            spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
         for extra in self.cfg.children[1:]:
-            self._queue.append(Queued(extra, functools.partial(self._create_child, extra)))
+            self._enqueue(self._create_child, extra)
         self._next_queued(now)
 
     def _on_auth_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:

@@ -9,7 +9,6 @@ with the SPIs (§1.4.1). KEYMAT per §2.17. A refusal is a ``ChildFailed`` event
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 from ipsecstack.ike import message as m
@@ -25,7 +24,7 @@ from ipsecstack.ike.model import (
     ChildUp,
     _notify_name,
 )
-from ipsecstack.ike.sa_core import DeleteChild, DeleteSpi, NewChild, Queued, RekeyChild
+from ipsecstack.ike.sa_core import DeleteChild, DeleteSpi, NewChild, RekeyChild
 from ipsecstack.ike.ts import Range, narrow
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ class ChildExchanges(IkeRekeying):
             or any(q.subject is child for q in self._queue)
         )
         if not busy:
-            self._queue.append(Queued(child, functools.partial(self._create_child, child)))
+            self._enqueue(self._create_child, child)
             self._next_queued(now)
         return True
 
@@ -234,9 +233,9 @@ class ChildExchanges(IkeRekeying):
         redundant, ours = (a_new, a_ours) if min(a_ni, a_nr) < min(b_ni, b_nr) else (b_new, b_ours)
 
         if ours:
-            self._queue.append(Queued(redundant, functools.partial(self._delete_child, redundant)))
+            self._enqueue(self._delete_child, redundant)
         if old in self.children and we_initiated:
-            self._queue.append(Queued(old, functools.partial(self._delete_child, old)))
+            self._enqueue(self._delete_child, old)
         self._next_queued(now)
         return True
 
@@ -244,7 +243,7 @@ class ChildExchanges(IkeRekeying):
         if c not in self.children:
             return
         if self._outstanding is not None:
-            self._queue.append(Queued(c, functools.partial(self._delete_child, c)))
+            self._enqueue(self._delete_child, c)
             return
         self._pending = DeleteChild(c)
         self._send_request(Exchange.INFORMATIONAL, [m.Delete(c.child.ike_protocol, [c.spi_in.to_bytes(4, "big")])],

@@ -106,10 +106,10 @@ Pending = NewChild | RekeyChild | DeleteChild | DeleteSpi | RekeyIke | DeleteOld
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """A request waiting for the window: what it is about, and how to send it (given the time)."""
+    """A request waiting for the window: what it is about, and the method that sends it (subject, now)."""
 
+    send: Callable[[Any, float], None]
     subject: object
-    send: Callable[[float], None]
 
 
 class IkeSaCore:
@@ -213,6 +213,10 @@ class IkeSaCore:
     def established(self) -> bool:
         return self.state is IkeState.ESTABLISHED
 
+    def _enqueue(self, send: Callable[[Any, float], None], subject: object) -> None:
+        """``send(subject, now)`` once the window is free (§2.3): _next_queued runs it."""
+        self._queue.append(Queued(send, subject))
+
     def _step(self, step: Step) -> None:
         """The one way the state changes (ike/state.py's table; anything else is a bug: IllegalTransition)."""
         self.state = advance(self.state, step)
@@ -294,7 +298,8 @@ class IkeSaCore:
     def _next_queued(self, now: float) -> None:
         """Send the next deferred request once the window (one outstanding request) is free."""
         while self._queue and self._outstanding is None and self.state == "established":
-            self._queue.pop(0).send(now)
+            q = self._queue.pop(0)
+            q.send(q.subject, now)
 
     def _child_failed(self, reason: str, counter: str = "child_failed") -> None:
         self._count(counter)
