@@ -1,12 +1,12 @@
 """What an IKE SA works with: its configuration (:class:`PeerConfig`, :class:`ChildConfig`), what it
-emits (:class:`Datagram` and the events), identities, and RFC constants. No state, no I/O."""
+emits (:class:`Datagram`; the events are in :mod:`events`), identities, and RFC constants. No state, no I/O."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ipsecstack.ike import auth
 from ipsecstack.ike import message as m
@@ -15,10 +15,6 @@ from ipsecstack.ike.certs import DnError, dn_from_text, dn_matches, dn_text, par
 from ipsecstack.ike.const import IdType, Notify, Protocol
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.ts import Range
-
-if TYPE_CHECKING:
-    from ipsecstack.ike.session import IkeSa
-
 
 # RFC 7296 §3.15: configuration payload types and attributes
 CFG_REQUEST = 1
@@ -96,126 +92,6 @@ class Datagram:
     dst_port: int
     src_port: int  # 4500: the caller prepends the non-ESP marker (RFC 3948 §2.2)
 
-
-@dataclass
-class IkeUp:
-    sa: IkeSa
-
-
-@dataclass
-class PeerMoved:
-    """The peer's NAT mapping changed: its IKE (and ESP-in-UDP) now come from ``addr``:``port``."""
-
-    sa: IkeSa
-    addr: str
-    port: int
-
-
-@dataclass
-class IkeRekeyed:
-    """``new`` took over from ``old`` (its children, §2.18); reported once per rekey, for the IKE SA that survives.
-    ``collision``: both ends rekeyed ``old`` at once (RFC 7296 §2.8.2); ``redundant`` is then the other new IKE SA
-    when one was made (it carries nothing and closes with cause ``"rekeyed"``)."""
-
-    old: IkeSa
-    new: IkeSa
-    collision: bool = False
-    redundant: IkeSa | None = None
-
-
-@dataclass
-class ReauthDue:
-    """``reauth_time`` has come for this IKE SA: the manager starts a new IKE SA with the same peer and
-    children (fresh IKE_SA_INIT and IKE_AUTH, RFC 7296 §2.8.3) and retires this one once it is up."""
-
-    sa: IkeSa
-
-
-@dataclass
-class IkeReauthed:
-    """Reauthentication done (make-before-break): ``new`` and its child SAs are up, ``old`` is being deleted."""
-
-    old: IkeSa
-    new: IkeSa
-
-
-@dataclass
-class ChildFailed:
-    """A child SA could not be negotiated (either role) or rekeyed; ``reason`` names both sides' offers."""
-
-    sa: IkeSa
-    reason: str
-
-
-@dataclass
-class ReauthFailed:
-    """The new IKE SA of a reauthentication failed; ``sa`` stays and tries again at ``retry_at`` (None: no more
-    tries; it stays until it expires or is deleted)."""
-
-    sa: IkeSa
-    reason: str
-    retry_at: float | None
-
-
-@dataclass
-class IkeDown:
-    """The IKE SA is gone. ``cause`` says who ended it, for the runtime's close/DPD actions: ``"peer"`` (it
-    sent a DELETE, §1.4.1), ``"dead"`` (no answer while established: DPD or any other request, §2.4),
-    ``"failed"`` (never established), ``"expired"`` (not rekeyed within its hard lifetime, over_time),
-    ``"rekeyed"`` (replaced by its successor, §2.18, or a new IKE SA made redundant by a simultaneous rekey,
-    §2.8.2), ``"reauth"`` (replaced by a newer IKE SA with the same peer: our reauthentication, or the peer
-    deleted it while its newer one stays; the manager decides) or ``"local"`` (we deleted it)."""
-
-    sa: IkeSa
-    reason: str
-    cause: str = "local"
-
-
-@dataclass
-class ChildUp:
-    sa: IkeSa
-    child: ChildConfig
-    mode: str
-    transform: str
-    esn: bool
-    spi_in: int
-    spi_out: int
-    key_in: bytes = field(repr=False)
-    key_out: bytes = field(repr=False)
-    local_ts: list[Range]
-    remote_ts: list[Range]
-    encap: tuple[int, int] | None
-    replaces: int | None = None  # inbound SPI of the child SA this one rekeys (make-before-break)
-    rekey_at: float | None = None
-    protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
-    initiated: bool = True  # we initiated the exchange that created it (for a rekey: §2.8's "initiator")
-
-
-@dataclass
-class ChildDown:
-    """A child SA is gone. ``cause``: ``"peer"`` (the peer deleted it and no other SA of its config remains
-    in this IKE SA), ``"rekeyed"`` (a newer SA of the same config carries on), ``"ike"`` (its IKE SA went: see
-    that IkeDown) or ``"local"`` (we deleted it)."""
-
-    sa: IkeSa
-    spi_in: int
-    spi_out: int
-    child: ChildConfig | None = None
-    cause: str = "local"
-
-
-Event = (
-    IkeUp
-    | IkeRekeyed
-    | PeerMoved
-    | IkeDown
-    | ChildUp
-    | ChildDown
-    | ChildFailed
-    | ReauthDue
-    | IkeReauthed
-    | ReauthFailed
-)
 
 REAUTH_RETRY_DELAY = 30.0  # a failed reauthentication is tried again this much later ...
 REAUTH_TRIES = 5  # ... this many times in all; then the IKE SA stays until it expires (over_time) or is deleted

@@ -1,46 +1,44 @@
-"""One IKE SA as a sans-IO state machine (RFC 7296): IKE_SA_INIT, IKE_AUTH (PSK or certificates), the rest.
+"""One IKE SA as a sans-IO state machine (RFC 7296): what the whole SA shares, and its exchange tasks.
 
 Theory of operation
 -------------------
 An :class:`IkeSa` never touches a socket or a clock. ``receive(data, src, src_port, dst_port, now)``
 feeds it a datagram addressed to it (the manager demultiplexes by SPI), ``handle_timer(now)`` lets
-it retransmit or give up, and the caller collects what it produced with ``datagrams()`` and
-``events()``; ``get_timer()`` says when it next needs the clock. Randomness (SPIs, nonces, DH
-private values, CBC IVs) comes from the injected ``rng``; KE key pairs may instead come ready-made from
-the injected ``keypairs`` callable (the runtime's pool of MODP pairs, :mod:`ipsecstack.ike.groups`).
+it retransmit, rekey, check liveness or give up, and the caller collects what it produced with
+``datagrams()`` and ``events()``; ``get_timer()`` says when it next needs the clock. Randomness
+comes from the injected ``rng`` (KE key pairs may come ready-made from ``keypairs``), the time of
+day for certificate validity from ``wallclock``.
 
-States: initiator ``init_sent`` -> ``auth_sent`` -> ``established``; responder ``init_done`` ->
-``established``; either -> ``deleting`` -> ``closed``. A message that does not fit the state is
-dropped and counted (§2.21); nothing is answered before it authenticates, except the unprotected
-IKE_SA_INIT error notifies §2.21.1 allows.
+The SA keeps only what the whole SA shares: SPIs, keys and nonces, the peer's address and NAT
+state, the Message-ID windows and retransmission (:mod:`window`), its child SAs (records,
+:mod:`children`), its timers, the **active task** (the exchange whose request is outstanding) and a
+**queue of tasks** waiting for the window (§2.3). Every exchange is a task (:mod:`tasks`): the SA
+sends what an initiator task builds and gives it the response; for a peer's request it picks the
+responder task (:mod:`tasks.dispatch`), which processes, then builds the response. Its lifecycle is
+:mod:`state` (an unlisted step is a bug, IllegalTransition).
 
-Message IDs (§2.2): one outstanding request per direction (window 1). Our request is retransmitted
-with exponential back-off until a response with the same Message ID arrives or the tries run out
-(§2.4: then the IKE SA is declared dead). A retransmitted peer request (Message ID one below the
-next expected) gets the cached response again, byte for byte, and is not processed twice.
-
-Authentication (§2.15) is in :mod:`ipsecstack.ike.auth` (proofs) and :mod:`ipsecstack.ike.certs`
-(certificate paths): IKE_SA_INIT carries SIGNATURE_HASH_ALGORITHMS (RFC 7427) both ways and the
-responder's CERTREQ; IKE_AUTH carries CERT, CERTREQ and AUTH. Certificate validity needs the time of
-day, which comes from the injected ``wallclock``.
-
-NAT traversal (§2.23): both sides send NAT_DETECTION_*_IP in IKE_SA_INIT; if either hash differs
-the SA moves to port 4500 for everything after IKE_SA_INIT and the child SAs are UDP-encapsulated.
-
-The class is built in layers, each a module calling only the ones below it: :mod:`sa_core` (state,
-Message IDs, sending, key derivation, closing), :mod:`ike_rekey` (IKE SA rekey and reauth timer),
-:mod:`child_sa` (child SAs), :mod:`auth_exchange` (IKE_AUTH), and this module (IKE_SA_INIT, request
-and response dispatch, timers, the public methods). Configuration and event types: :mod:`model`
-(re-exported here).
+A message that does not fit the state is dropped and counted (§2.21); nothing is answered before it
+authenticates, except the unprotected IKE_SA_INIT error notifies §2.21.1 allows. A retransmitted
+peer request gets the cached response again, byte for byte, and is not processed twice. NAT
+traversal (§2.23): if either NAT_DETECTION hash differs, the initiator moves to port 4500 for
+everything after IKE_SA_INIT and the child SAs are UDP-encapsulated. Timers: :mod:`lifetimes`.
 """
 
 from __future__ import annotations
 
-from ipsecstack.ike import auth
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+
+from ipsecstack.entropy import Rng
+from ipsecstack.ike import events, sk, timers
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.auth_exchange import AuthExchange
+from ipsecstack.ike.children import ChildSa
 from ipsecstack.ike.const import Exchange, Flag, Notify, Protocol
+from ipsecstack.ike.groups import Group, KeyExchangeError, KeyPair, KeyPairSource
+from ipsecstack.ike.keymat import IkeKeys, ike_sa_keys
 from ipsecstack.ike.model import (
     AH_NAT,
     CFG_REPLY,
@@ -54,21 +52,8 @@ from ipsecstack.ike.model import (
     REAUTH_TRIES,
     REDUNDANT,
     ChildConfig,
-    ChildDown,
-    ChildFailed,
-    ChildUp,
     Datagram,
-    Event,
-    IkeDown,
-    IkeReauthed,
-    IkeRekeyed,
-    IkeUp,
     PeerConfig,
-    PeerMoved,
-    ReauthDue,
-    ReauthFailed,
-    _hashes,
-    _notify_name,
     id_text,
     identity,
     is_wildcard,
@@ -76,207 +61,299 @@ from ipsecstack.ike.model import (
     nat_hash,
     same_identity,
 )
-from ipsecstack.ike.sa_core import DeleteChild, DeleteOldIke, Dpd, NewChild, RekeyChild, RekeyIke
-from ipsecstack.ike.state import Step
+from ipsecstack.ike.pools import Pool
+from ipsecstack.ike.state import IkeState, Step, advance
+from ipsecstack.ike.tasks import dispatch, schedule
+from ipsecstack.ike.tasks.base import Context, Result, Task
+from ipsecstack.ike.tasks.child_create import ChildCreate
+from ipsecstack.ike.tasks.child_delete import ChildDelete, Dpd
+from ipsecstack.ike.tasks.ike_delete import IkeDelete, deleted
+from ipsecstack.ike.tasks.ike_init import IkeInit
+from ipsecstack.ike.window import Window
+
+# The events of events.py, bound to this IKE SA class (events.py is generic in it so that it needs nothing from
+# here). These are the classes IkeSa emits and callers test with isinstance.
 
 
-class IkeSa(AuthExchange):
-    # --- the caller's side ---------------------------------------------------------------------
+class IkeUp(events.IkeUp["IkeSa"]):
+    __doc__ = events.IkeUp.__doc__
 
-    def get_timer(self) -> float | None:
-        if self.state == "closed":
-            return None
-        if self._outstanding is not None:
-            if self.state == "established" and self.expire_at is not None:
-                return min(self._outstanding[3], self.expire_at)
-            return self._outstanding[3]
-        if self.state == "init_done":
-            return self.created + self.cfg.half_open_timeout
-        if self.state == "deleting":
-            return self.linger_until  # waiting for the peer's DELETE after a rekey (ike_rekey.py)
-        if self.state != "established":
-            return None
-        times = [c.rekey_at for c in self.children if c.rekey_at is not None]
-        if self.rekey_at is not None:
-            times.append(self.rekey_at)
-        if self.reauth_at is not None:
-            times.append(self.reauth_at)
-        if self.cfg.dpd_delay:
-            times.append(self.last_heard + self.cfg.dpd_delay)
-        if self.expire_at is not None:
-            times.append(self.expire_at)
-        return min(times) if times else None
 
-    def heard(self, now: float) -> None:
-        """The peer is alive (an authenticated message, or inbound ESP the runtime saw)."""
-        self.last_heard = max(self.last_heard, now)
+class PeerMoved(events.PeerMoved["IkeSa"]):
+    __doc__ = events.PeerMoved.__doc__
 
-    def handle_timer(self, now: float) -> None:
-        if self.state == "deleting" and self._outstanding is None and self.linger_until is not None \
-                and now >= self.linger_until:  # fmt: skip
-            # the peer did not delete it (RFC 7296 §2.8.2: the old SA, or a redundant one it made): we do
-            self.close_now(REDUNDANT if self._standby else "rekeyed", now, "rekeyed")
-            return
-        if self.state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
-            self._close("half-open IKE SA timed out (no IKE_AUTH)")
-            return
-        if self.state == "established" and self.expire_at is not None and now >= self.expire_at:
-            over = self.expire_at - (self.up_at or 0.0) - (self.cfg.rekey_time or 0.0)
-            self.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
-                           f"{self.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
-            return
-        if self.state == "established" and self.reauth_at is not None and self.reauth_at <= now:
-            self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
-            self._count("reauths_due")
-            self._events.append(ReauthDue(self))
-        if self.state == "established" and self._outstanding is None:
-            if self.rekey_at is not None and self.rekey_at <= now:
-                self._rekey_ike(now)
-                return
-            due = next((c for c in self.children if c.rekey_at is not None and c.rekey_at <= now), None)
-            if due is not None:
-                self._rekey_child(due, now)
-                return
-            if self.cfg.dpd_delay and now >= self.last_heard + self.cfg.dpd_delay:
-                self._count("dpd_checks")
-                self._pending = Dpd()
-                self._send_request(Exchange.INFORMATIONAL, [], now)
-                return
-        if self._outstanding is None or now < self._outstanding[3]:
-            return
-        mid, data, tries, _ = self._outstanding
-        if tries >= self.cfg.retransmit_tries:
-            dpd = isinstance(self._pending, Dpd)
-            # §2.4: no answer on an established IKE SA means the peer is dead (the DPD action applies)
-            cause = "dead" if self.state == "established" else None
-            self._close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
-                        + f" after {tries + 1} transmissions", cause)  # fmt: skip
-            return
-        self._count("retransmissions")
-        delay = self.cfg.retransmit_timeout * self.cfg.retransmit_base ** (tries + 1)
-        self._outstanding = (mid, data, tries + 1, now + delay)
+
+class IkeRekeyed(events.IkeRekeyed["IkeSa"]):
+    __doc__ = events.IkeRekeyed.__doc__
+
+
+class ReauthDue(events.ReauthDue["IkeSa"]):
+    __doc__ = events.ReauthDue.__doc__
+
+
+class IkeReauthed(events.IkeReauthed["IkeSa"]):
+    __doc__ = events.IkeReauthed.__doc__
+
+
+class ChildFailed(events.ChildFailed["IkeSa"]):
+    __doc__ = events.ChildFailed.__doc__
+
+
+class ReauthFailed(events.ReauthFailed["IkeSa"]):
+    __doc__ = events.ReauthFailed.__doc__
+
+
+class IkeDown(events.IkeDown["IkeSa"]):
+    __doc__ = events.IkeDown.__doc__
+
+
+class ChildUp(events.ChildUp["IkeSa"]):
+    __doc__ = events.ChildUp.__doc__
+
+
+class ChildDown(events.ChildDown["IkeSa"]):
+    __doc__ = events.ChildDown.__doc__
+
+
+Event = (
+    IkeUp
+    | IkeRekeyed
+    | PeerMoved
+    | IkeDown
+    | ChildUp
+    | ChildDown
+    | ChildFailed
+    | ReauthDue
+    | IkeReauthed
+    | ReauthFailed
+)
+
+
+class IkeSa:
+    def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
+                 remote_port: int | None = None, wallclock: Callable[[], float] | None = None,
+                 keypairs: KeyPairSource | None = None) -> None:  # fmt: skip
+        self.window = Window(cfg)
+        self.cfg = cfg
+        # responder: the connections IKE_SA_INIT left possible; IKE_AUTH may switch ``cfg`` to one of them (profiles)
+        self.candidates: list[PeerConfig] = [cfg]
+        self.switched_from: str | None = None  # the connection IKE_SA_INIT answered with, if IKE_AUTH switched
+        # who we authenticate as: local.id, or (responder) the IDr the peer asked for when it is in our certificate
+        self.local_identity: tuple[int, bytes] = cfg.local_id
+        self.wallclock = wallclock
+        self.peer_cert: x509.Certificate | None = None
+        self.send_initial_contact = True  # §2.4: only when we hold no other IKE SA with this peer (the manager knows)
+        self.initial_contact = False  # responder: the peer's IKE_AUTH carried INITIAL_CONTACT (§2.4)
+        self.peer_auth = ""  # how the peer proved itself: "psk" or the signature scheme, for logs and listings
+        self.peer_hashes: frozenset[int] | None = None  # RFC 7427 §4: None until the peer announces them
+        self.initiator = initiator
+        self.rng = rng
+        self.keypairs = keypairs
+        self.created = now
+        self.remote = remote or cfg.remote_addr or ""
+        self.remote_port = remote_port or cfg.remote_port
+        self.local_port = cfg.local_port
+        self.state = IkeState.NEW
+        self.spi_i = b""
+        self.spi_r = bytes(8)
+        self.chosen: props.Chosen | None = None
+        self.keys: IkeKeys | None = None
+        self.tx: sk.SkKeys | None = None
+        self.rx: sk.SkKeys | None = None
+        self.ni = self.nr = b""
+        self.init_request = self.init_response = b""  # the IKE_SA_INIT messages, for the AUTH payloads (§2.15)
+        self.nat = False  # ESP goes in UDP (RFC 3948): a NAT was detected, or encapsulation is forced
+        self.behind_nat = False  # NAT detection: our address is translated (we send the keepalives)
+        self.peer_behind_nat = False  # NAT detection: the peer's address is translated (or it fakes it)
+        self.nat_fake = False  # we faked our source hash to force encapsulation (``encap = true``)
+        self.peer_id: tuple[int, bytes] | None = None
+        self.virtual_ip: str | None = None  # what the peer assigned us (client side)
+        self.lease: tuple[Pool, bytes] | None = None  # the address we leased to the peer (pool, key)
+        self.stats: dict[str, int] = {}
+        self.failure = ""  # the latest refusal, for the manager's failure list
+        self.children: list[ChildSa] = []
+        self.rekeys_done: dict[int, list[tuple[bytes, bytes, ChildSa, bool]]] = {}  # §2.8.1 (tasks/child_rekey.py)
+        self._out: list[Datagram] = []
+        self._events: list[Event] = []
+        self._active: Task | None = None  # the task whose request is outstanding
+        self._queue: list[Task] = []  # tasks waiting for the window (§2.3)
+        # IKE SA rekeying (tasks/ike_rekey.py, §2.8.2): the SA that replaced this one; the new IKE SA of the peer's
+        # rekey that came while ours was outstanding; whether this SA was made by a rekey and has not taken over;
+        # new IKE SAs for the manager (spawned())
+        self._successor: IkeSa | None = None
+        self.peer_rekey: Context | None = None
+        self.standby = False
+        self._spawned: list[IkeSa] = []
+        self.delete_cause = "local"  # the IkeDown cause once our DELETE is done (delete())
+        self.last_heard = now
+        self.up_at: float | None = None  # when it was established (or took over by rekeying)
+        self.rekey_at: float | None = None
+        self.expire_at: float | None = None  # hard lifetime: rekey_time + over_time after up_at
+        self.reauth_at: float | None = None  # when reauth_time is due (ReauthDue; the manager does the rest)
+        self.reauth_tries = 0
+        self.linger_until: float | None = None  # deleting: when to stop waiting for the peer's DELETE
+
+    @property
+    def cfg(self) -> PeerConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: PeerConfig) -> None:
+        self._cfg = cfg
+        self.window.retry = cfg  # IKE_AUTH may switch the connection (profiles): its retransmission settings
+
+    def __repr__(self) -> str:
+        return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
+
+    # --- outputs ------------------------------------------------------------------------------
+
+    def datagrams(self) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        evs, self._events = self._events, []
+        return evs
+
+    def spawned(self) -> list[IkeSa]:
+        """The IKE SAs our rekey exchanges made since the last call (the manager demultiplexes to them at once,
+        before one of them takes over: RFC 7296 §2.8.2)."""
+        out, self._spawned = self._spawned, []
+        return out
+
+    @property
+    def successor(self) -> IkeSa | None:
+        """The IKE SA that replaced this one by a rekey (§2.18), once it took over."""
+        return self._successor
+
+    def replaced_by(self, new: Context) -> None:
+        assert isinstance(new, IkeSa)
+        self._successor = new
+
+    @property
+    def established(self) -> bool:
+        return self.state is IkeState.ESTABLISHED
+
+    @property
+    def idle(self) -> bool:
+        """No request of ours outstanding or queued (the window is free)."""
+        return self.window.outstanding is None and not self._queue
+
+    @property
+    def active(self) -> Task | None:
+        return self._active
+
+    def step(self, step: Step) -> None:
+        """The one way the state changes (ike/state.py's table; anything else is a bug: IllegalTransition)."""
+        self.state = advance(self.state, step)
+
+    def count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    # --- tasks and the window (§2.3) ------------------------------------------------------------
+
+    def perform(self, task: Task, now: float) -> None:
+        """Run ``task`` now if the window is free, else after the queued ones."""
+        if self.window.outstanding is None:
+            self._run(task, now)
+        else:
+            self._queue.append(task)
+
+    def queue(self, task: Task) -> None:
+        self._queue.append(task)
+
+    def next_queued(self, now: float) -> None:
+        """Run queued tasks while the window is free (an established IKE SA only, for the tasks that need one)."""
+        while self._queue and self.window.outstanding is None and self.state == "established":
+            self._run(self._queue.pop(0), now)
+
+    def _run(self, task: Task, now: float) -> None:
+        inner = task.build(now)
+        if inner is None:
+            return  # nothing to send after all (the task said why)
+        self._active = task
+        if task.exchange == Exchange.IKE_SA_INIT:
+            msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, inner)
+            self.init_request = msg.encode()
+            self.step(Step.SEND_INIT)
+            self.window.next_mid = 1
+            self._request(0, self.init_request, now)
+        else:
+            self._send(task.exchange, inner, now)
+
+    def send_request(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
+        """Send a request that no task waits for (its response is only acknowledged): AUTHENTICATION_FAILED
+        after IKE_AUTH (§2.21.2), the DELETE of ``close_now``. Also the tests' hook for a hand-made request."""
+        self._active = None
+        self._send(exchange, inner, now)
+
+    def _send(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
+        assert self.tx is not None
+        flags = Flag.INITIATOR if self.initiator else 0
+        msg = m.Message(self.spi_i, self.spi_r, exchange, flags, self.window.next_mid)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        self._request(self.window.take(), data, now)
+
+    def _request(self, mid: int, data: bytes, now: float) -> None:
+        self.window.sent(mid, data, now)
         self._emit(data)
 
-    # --- initiator ---------------------------------------------------------------------------
+    def _respond(self, req: m.Message, inner: list[m.AnyPayload]) -> None:
+        assert self.tx is not None
+        flags = Flag.RESPONSE | (Flag.INITIATOR if self.initiator else 0)
+        msg = m.Message(self.spi_i, self.spi_r, req.exchange, flags, req.message_id)
+        data = sk.seal(msg, inner, self.tx, self.rng)
+        self.window.cached = (req.message_id, data)
+        self._emit(data)
 
-    def start(self, now: float) -> None:
-        """Initiator: send IKE_SA_INIT."""
+    def _reply_plain(self, req: m.Message, payloads: list[m.AnyPayload]) -> None:
+        """Unprotected IKE_SA_INIT error response (§2.21.1); no state is kept."""
+        resp = m.Message(req.spi_i, bytes(8), req.exchange, Flag.RESPONSE, req.message_id, payloads)
+        self._emit(resp.encode())
+
+    def _open(self, msg: m.Message) -> list[m.AnyPayload] | None:
+        assert self.rx is not None
+        try:
+            return sk.open_(msg.raw, msg, self.rx)
+        except sk.SkError:
+            self.count("dropped_sk_invalid")
+            return None
+
+    def _emit(self, data: bytes, port: int | None = None) -> None:
+        # Only the initiator moves to port 4500 (§2.23); the responder answers wherever requests come from.
+        self._out.append(Datagram(data, self.remote, self.remote_port, port if port is not None else self.local_port))
+
+    # --- the initiator's first exchange, and the responder's ------------------------------------
+
+    def start(self, now: float, *, cookie: bytes = b"") -> None:
+        """Initiator: send IKE_SA_INIT (with ``cookie`` in it: the tests' hook for a forged COOKIE)."""
         assert self.initiator and self.state == "new"
         self.spi_i = self.rng(8)
-        self._group = self.cfg.proposals[0].dh[0]
-        self._send_init(now)
-
-    def _send_init(self, now: float, fresh: bool = True) -> None:
-        """Send IKE_SA_INIT; ``fresh=False`` (a COOKIE retry) keeps KE and nonce unchanged (§2.6)."""
-        assert self._group is not None
-        if fresh:
-            self._dh, self._pub = self._keypair(self._group)
-            self._ni = self.rng(32)
-        pub = self._pub
-        payloads: list[m.AnyPayload] = []
-        if self._cookie:
-            payloads.append(m.Notify(Notify.COOKIE, self._cookie))
-        sa = m.SA([p.to_payload(i + 1, b"") for i, p in enumerate(self.cfg.proposals)])
-        payloads += [sa, m.KE(self._group.number, pub), m.Nonce(self._ni), *self._nat_notifies(), auth.hash_notify()]
-        msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, payloads)
-        self._init_request = msg.encode()
-        self._step(Step.SEND_INIT)
-        self._next_mid = 1
-        self._request(0, self._init_request, now)
-
-    def _on_init_response(self, msg: m.Message, now: float) -> None:
-        for n in msg.notifies():
-            if n.notify_type == Notify.COOKIE and not self._cookie:
-                self._cookie = n.data
-                self._outstanding = None
-                self._count("cookies_received")
-                self._send_init(now, fresh=False)
-                return
-            if n.notify_type == Notify.INVALID_KE_PAYLOAD and len(n.data) == 2 and self._ke_retries < 2:
-                want = int.from_bytes(n.data, "big")
-                group = next((g for p in self.cfg.proposals for g in p.dh if g.number == want), None)
-                if group is None:
-                    self._close(f"peer wants key exchange group {want}, which we do not propose")
-                    return
-                self._ke_retries += 1
-                self._group = group
-                self._outstanding = None
-                self._send_init(now)
-                return
-            if n.notify_type < 16384:
-                self._close(f"peer refused IKE_SA_INIT: {_notify_name(n.notify_type)}")
-                return
-        sas = msg.get(m.SA)
-        kes = msg.get(m.KE)
-        nonces = msg.get(m.Nonce)
-        if len(sas) != 1 or len(kes) != 1 or len(nonces) != 1 or len(sas[0].proposals) != 1:  # type: ignore[union-attr]
-            self._drop("init_response_incomplete")
-            return
-        chosen = props.check_choice(self.cfg.proposals, sas[0].proposals[0], Protocol.IKE)  # type: ignore[union-attr]
-        ke = kes[0]
-        assert isinstance(ke, m.KE)
-        if chosen is None or chosen.dh is None or chosen.dh.number != ke.group or ke.group != self._group.number:  # type: ignore[union-attr]
-            self._close("peer chose a proposal we did not offer")
-            return
-        self.spi_r = msg.spi_r
-        self._nr = nonces[0].data  # type: ignore[union-attr]
-        self._init_response = msg.raw
-        self._peer_hashes = _hashes(msg)
-        if not self._derive(chosen, ke.data):
-            return
-        self._detect_nat(msg)
-        self._send_auth(now)
-
-    # --- responder ---------------------------------------------------------------------------
+        self._run(IkeInit(self, cookie=cookie), now)
 
     def respond_init(self, msg: m.Message, now: float) -> bool:
         """Responder: answer an IKE_SA_INIT request. Returns False if no state should be kept."""
-        self.spi_i = msg.spi_i
-        self._init_request = msg.raw
-        sas, kes, nonces = msg.get(m.SA), msg.get(m.KE), msg.get(m.Nonce)
-        if len(sas) != 1 or len(kes) != 1 or len(nonces) != 1:
-            self._reply_plain(msg, [m.Notify(Notify.INVALID_SYNTAX)])
+        task = IkeInit(self, initiator=False)
+        if task.process(msg, msg.payloads, now) is not Result.DONE:
+            if task.refusal:
+                self._reply_plain(msg, task.refusal)
             return False
-        chosen = props.select(self.cfg.proposals, sas[0].proposals, Protocol.IKE)  # type: ignore[union-attr]
-        if chosen is None:
-            self._count("no_proposal_chosen")
-            self._reply_plain(msg, [m.Notify(Notify.NO_PROPOSAL_CHOSEN)])
-            theirs = ", ".join(props.describe_offer(p) for p in sas[0].proposals)  # type: ignore[union-attr]
-            ours = ", ".join(p.text for p in self.cfg.proposals)
-            self.failure = f"no IKE proposal in common: peer offered {theirs}; ours {ours}"
-            return False
-        ke = kes[0]
-        assert isinstance(ke, m.KE) and chosen.dh is not None
-        if ke.group != chosen.dh.number:
-            self._reply_plain(msg, [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))])
-            return False
-        self._ni = nonces[0].data  # type: ignore[union-attr]
-        self._nr = self.rng(32)
-        self.spi_r = self.rng(8)
-        self._group = chosen.dh
-        self._dh, pub = self._keypair(chosen.dh)
-        if not self._derive(chosen, ke.data):
-            return False
-        self._detect_nat(msg)
-        payloads: list[m.AnyPayload] = [m.SA([chosen.to_payload()]), m.KE(chosen.dh.number, pub), m.Nonce(self._nr)]
-        payloads += [*self._nat_notifies(), auth.hash_notify(), *auth.certreqs([c.creds for c in self.candidates])]
-        self._peer_hashes = _hashes(msg)
-        resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, payloads)
-        self._init_response = resp.encode()
-        self._peer_mid = 1
-        self._cached_response = (0, self._init_response)
-        self._emit(self._init_response, port=self.local_port)
-        self._step(Step.ANSWER_INIT)
+        resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, task.build(now) or [])
+        self.init_response = resp.encode()
+        self.window.peer_mid = 1
+        self.window.cached = (0, self.init_response)
+        self._emit(self.init_response, port=self.local_port)
+        self.step(Step.ANSWER_INIT)
         return True
 
-    # --- shared ------------------------------------------------------------------------------
+    # --- receiving ----------------------------------------------------------------------------
 
     def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
         """A datagram for this SA (non-ESP marker already removed)."""
         try:
             msg = m.decode(data)
         except m.ParseError as e:
-            self._drop(f"parse_{e.reason}")
+            self.count(f"dropped_parse_{e.reason}")
             return
         msg.raw = data
         if msg.is_response:
@@ -285,62 +362,54 @@ class IkeSa(AuthExchange):
             self._on_request(msg, src, src_port, dst_port, now)
 
     def _on_response(self, msg: m.Message, now: float) -> None:
-        out = self._outstanding
-        if out is None or msg.message_id != out[0]:
-            self._drop("unexpected_response")
+        out = self.window.outstanding
+        if out is None or msg.message_id != out.mid:
+            self.count("dropped_unexpected_response")
             return
         if msg.exchange == Exchange.IKE_SA_INIT:
-            if self.state != "init_sent":
-                self._drop("unexpected_response")
+            if self.state != "init_sent" or not isinstance(self._active, IkeInit):
+                self.count("dropped_unexpected_response")
                 return
-            self._outstanding = None
-            self._on_init_response(msg, now)
+            self.window.outstanding = None
+            init, self._active = self._active, None
+            if init.process(msg, msg.payloads, now) is Result.NEED_MORE and self.state == "init_sent":
+                self._run(init, now)  # again, with the COOKIE or the KE group the responder asked for
             return
         if self.rx is None:
-            self._drop("unexpected_response")  # an encrypted exchange before we have keys
+            self.count("dropped_unexpected_response")  # an encrypted exchange before we have keys
             return
         inner = self._open(msg)
         if inner is None:
             return
-        self._outstanding = None
+        self.window.outstanding = None
         self.heard(now)
-        pending, self._pending = self._pending, None
-        child_sa = msg.exchange == Exchange.CREATE_CHILD_SA
-        informational = msg.exchange == Exchange.INFORMATIONAL
-        if isinstance(pending, DeleteOldIke):
-            self._close("rekeyed", "rekeyed")
-        elif msg.exchange == Exchange.IKE_AUTH and self.state == "auth_sent":
-            self._on_auth_response(msg, inner, now)
-        elif informational and self.state == "deleting":
-            why = "reauthenticated" if self._delete_cause == "reauth" else "deleted"
-            self._close(REDUNDANT if self._standby else why)
-        elif child_sa and isinstance(pending, RekeyChild):
-            self._on_rekey_response(inner, pending, now)
-        elif child_sa and isinstance(pending, RekeyIke):
-            self._on_ike_rekey_response(inner, pending, now)
-        elif informational and isinstance(pending, DeleteChild):
-            self._child_gone(pending.child)
-        elif child_sa and isinstance(pending, NewChild):
-            self._on_new_child_response(inner, pending, now)
-        self._next_queued(now)
+        task, self._active = self._active, None
+        if isinstance(task, IkeDelete):
+            task.process(msg, inner, now)
+        elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
+            deleted(self)
+        elif task is not None and msg.exchange == task.exchange and task.process(msg, inner, now) is Result.NEED_MORE:
+            self._run(task, now)  # another round of the same exchange
+        self.next_queued(now)
 
     def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
+        cached = self.window.cached
         if msg.exchange == Exchange.IKE_SA_INIT:
-            if self._cached_response and self._cached_response[0] == 0 and msg.raw == self._init_request:
-                self._emit(self._cached_response[1])
+            if cached and cached[0] == 0 and msg.raw == self.init_request:
+                self._emit(cached[1])
             else:
-                self._drop("unexpected_request")
+                self.count("dropped_unexpected_request")
             return
         if self.rx is None:
-            self._drop("unexpected_request")
+            self.count("dropped_unexpected_request")
             return
-        if self._cached_response is not None and msg.message_id == self._cached_response[0]:
+        if cached is not None and msg.message_id == cached[0]:
             if self._open(msg) is not None:  # only an authentic retransmission gets the cached answer
-                self._count("retransmitted_requests")
-                self._emit(self._cached_response[1])
+                self.count("retransmitted_requests")
+                self._emit(cached[1])
             return
-        if msg.message_id != self._peer_mid:
-            self._drop("bad_message_id")
+        if msg.message_id != self.window.peer_mid:
+            self.count("dropped_bad_message_id")
             return
         inner = self._open(msg)
         if inner is None:
@@ -348,77 +417,280 @@ class IkeSa(AuthExchange):
         # §2.23: follow the peer's address/port once a message authenticates (NAT mapping changed)
         if (src_port != self.remote_port or src != self.remote) and self.state == "established" and self.nat:
             self.remote, self.remote_port = src, src_port
-            self._count("peer_moved")
+            self.count("peer_moved")
             self._events.append(PeerMoved(self, src, src_port))
         elif src_port != self.remote_port or src != self.remote:
             self.remote, self.remote_port = src, src_port
         self.local_port = dst_port
-        self._peer_mid += 1
+        self.window.peer_mid += 1
         self.heard(now)
-        if msg.exchange == Exchange.IKE_AUTH and self.state == "init_done":
-            # §2.4: the peer says it has no other IKE SA with us (the manager's uniqueness policy reads it)
-            self.initial_contact = any(isinstance(p, m.Notify) and p.notify_type == Notify.INITIAL_CONTACT
-                                       for p in inner)  # fmt: skip
-            self._on_auth_request(msg, inner, now)
-        elif msg.exchange == Exchange.INFORMATIONAL and self.state in ("established", "deleting"):
-            self._on_informational(msg, inner, now)
-        elif msg.exchange == Exchange.CREATE_CHILD_SA and self.state == "established":
-            self._on_create_child(msg, inner, now)
-        elif msg.exchange == Exchange.CREATE_CHILD_SA and self.state == "deleting" and self._is_ike_rekey(inner):
-            # RFC 7296 §2.8.2, §2.25.2: this IKE SA is already rekeyed (or being deleted): a peer's rekey that
-            # crossed ours is refused, and our DELETE of this SA tells the peer that our rekey stands
-            self._count("ike_rekeys_refused")
-            self._respond(msg, [m.Notify(Notify.TEMPORARY_FAILURE)])
-        else:
-            self._respond(msg, [m.Notify(Notify.INVALID_SYNTAX)] if msg.exchange != Exchange.CREATE_CHILD_SA
-                          else [m.Notify(Notify.NO_ADDITIONAL_SAS)])  # fmt: skip
+        task = dispatch.responder(self, msg, inner)
+        if isinstance(task, list):
+            self._respond(msg, task)
+            return
+        task.process(msg, inner, now)
+        self._respond(msg, task.build(now) or [])
+        task.sent(now)
 
-    def _on_informational(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
-        reply: list[m.AnyPayload] = []
-        closing = refused = False
-        for p in inner:
-            if isinstance(p, m.Delete):
-                if p.protocol == Protocol.IKE:
-                    closing = True
-                elif p.protocol in (Protocol.ESP, Protocol.AH):
-                    ours = []
-                    for spi in p.spis:
-                        for c in list(self.children):
-                            # SPIs are per protocol (RFC 4301 §4.1): an AH delete names AH SAs only
-                            if c.spi_out == int.from_bytes(spi, "big") and c.child.ike_protocol == p.protocol:
-                                ours.append(c.spi_in.to_bytes(4, "big"))
-                                self._child_gone(c, "peer")
-                    if ours:
-                        reply.append(m.Delete(p.protocol, ours))
-            elif isinstance(p, m.Notify) and p.notify_type == Notify.AUTHENTICATION_FAILED:
-                refused = True  # §2.21.2: the initiator did not accept our IKE_AUTH response
-        self._respond(msg, reply)
-        if refused:
-            what = "PSK" if self.cfg.creds.local == "psk" else "certificate (is our CA in its cacerts?)"
-            self._close(f"peer says AUTHENTICATION_FAILED: check the {what} and the identities on both sides")
-        elif closing:
-            if self.successor is None:
-                # §2.8.2: if the peer rekeyed this SA before it saw our rekey request, its new SA takes over
-                self._peer_rekey_wins(now)
-            if self.successor is not None:
-                self._close("rekeyed", "rekeyed")
-            elif self._standby:
-                self._close(REDUNDANT, "rekeyed")  # a redundant new SA of a simultaneous rekey (§2.8.2)
-            else:
-                self._close("peer deleted the IKE SA", "peer")
+    # --- what the tasks report ------------------------------------------------------------------
+
+    def child_up(self, rec: ChildSa) -> None:
+        self.children.append(rec)
+        self._events.append(ChildUp.of(self, rec))
+
+    def child_gone(self, rec: ChildSa, cause: str = "local") -> None:
+        self.rekeys_done.pop(rec.spi_in, None)
+        if rec in self.children:
+            self.children.remove(rec)
+            if any(o.child.name == rec.child.name for o in self.children):
+                cause = "rekeyed"  # retired after a rekey (or a collision): its config still has an SA
+            self._events.append(ChildDown(self, rec.spi_in, rec.spi_out, rec.child, cause))
+
+    def child_failed(self, reason: str, counter: str = "child_failed") -> None:
+        self.count(counter)
+        self.failure = reason
+        self._events.append(ChildFailed(self, reason))
+
+    def report_rekeyed(self, new: Context, collision: bool, redundant: Context | None) -> None:
+        assert isinstance(new, IkeSa) and (redundant is None or isinstance(redundant, IkeSa))
+        self._events.append(IkeRekeyed(self, new, collision, redundant))
+
+    def close(self, reason: str, cause: str | None = None) -> None:
+        """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
+        established and "failed" before."""
+        if self.state == "closed":
+            return
+        if cause is None:
+            cause = "local" if self.up_at is not None else "failed"
+            if self.state == "deleting":
+                cause = self.delete_cause  # our DELETE went unanswered: still why we deleted it
+        if self.lease is not None and self.successor is None:
+            self.lease[0].release(self.lease[1])  # the address goes back to the pool
+            self.lease = None
+        self.step(Step.CLOSE)
+        self.window.outstanding = None
+        self.linger_until = None
+        for c in self.children:
+            self._events.append(ChildDown(self, c.spi_in, c.spi_out, c.child, "ike"))
+        self.children.clear()
+        self._events.append(IkeDown(self, reason, cause))
+        standby, self.peer_rekey = self.peer_rekey, None
+        if standby is not None:  # the peer's rekey of this SA never took over: it goes with it, quietly
+            standby.close("its IKE SA closed before a simultaneous rekey was resolved (RFC 7296 §2.8.2)", "rekeyed")
+
+    # --- keys, NAT ----------------------------------------------------------------------------
+
+    def keypair(self, group: Group) -> KeyPair:
+        """A KE private value and public data: made ahead of time by ``keypairs`` if it has one, else now."""
+        made = self.keypairs(group) if self.keypairs is not None else None
+        return made if made is not None else group.generate(self.rng)
+
+    def new_child_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256:
+                return spi
+
+    def derive(self, chosen: props.Chosen, priv: Any, peer_ke: bytes) -> bool:
+        """SKEYSEED and the SK_* keys of IKE_SA_INIT (§2.14); False (and closed) if the peer's KE is unusable."""
+        assert chosen.dh is not None
+        try:
+            shared = chosen.dh.shared(priv, peer_ke)
+        except KeyExchangeError as e:
+            self.close(f"unusable key exchange data: {e}")
+            return False
+        self._install_keys(chosen, shared)
+        return True
+
+    def _install_keys(self, chosen: props.Chosen, shared: bytes, old: IkeSa | None = None) -> None:
+        assert chosen.prf is not None
+        encr_len = chosen.encr.key_len + chosen.encr.salt_len
+        integ_len = 0 if chosen.encr.aead or chosen.integ is None else chosen.integ.key_len
+        if old is None:
+            _, keys = ike_sa_keys(chosen.prf, shared, self.ni, self.nr, self.spi_i, self.spi_r, encr_len, integ_len)
+        else:  # §2.18: a rekeyed IKE SA's SKEYSEED comes from the old SK_d
+            assert old.keys is not None and old.chosen is not None
+            _, keys = ike_sa_keys(chosen.prf, shared, self.ni, self.nr, self.spi_i, self.spi_r, encr_len, integ_len,
+                                  old_sk_d=old.keys.sk_d, old_prf=old.chosen.prf)  # fmt: skip
+        self.chosen, self.keys = chosen, keys
+        integ = None if chosen.encr.aead else chosen.integ
+        i_keys = sk.SkKeys(chosen.encr, integ, keys.sk_ei, keys.sk_ai)
+        r_keys = sk.SkKeys(chosen.encr, integ, keys.sk_er, keys.sk_ar)
+        self.tx, self.rx = (i_keys, r_keys) if self.initiator else (r_keys, i_keys)
+
+    def rekeyed_sa(self, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
+                   *, initiator: bool, now: float) -> IkeSa:  # fmt: skip
+        """The new IKE SA of a rekey exchange (§2.18), established but not (yet) in charge of anything."""
+        new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, wallclock=self.wallclock, remote=self.remote,
+                    remote_port=self.remote_port, keypairs=self.keypairs)  # fmt: skip
+        new.local_port = self.local_port
+        new.nat, new.behind_nat, new.peer_behind_nat, new.nat_fake = (self.nat, self.behind_nat, self.peer_behind_nat,
+                                                                      self.nat_fake)  # fmt: skip
+        new.peer_id = self.peer_id
+        new.local_identity = self.local_identity
+        new.spi_i, new.spi_r, new.ni, new.nr = spi_i, spi_r, ni, nr
+        new._install_keys(chosen, shared, old=self)
+        new.step(Step.REKEYED_IN)
+        new.up_at = now
+        new.last_heard = now
+        new.standby = True
+        self._spawned.append(new)
+        return new
+
+    def detect_nat(self, msg: m.Message) -> None:
+        src = msg.notify(Notify.NAT_DETECTION_SOURCE_IP)
+        dst = msg.notify(Notify.NAT_DETECTION_DESTINATION_IP)
+        if src is None or dst is None:
+            return
+        # the peer's view: its source is (remote, remote_port); our address is its destination
+        spi_r = msg.spi_r if msg.is_response else bytes(8)
+        want_src = nat_hash(msg.spi_i, spi_r, self.remote, self.remote_port)
+        want_dst = nat_hash(msg.spi_i, spi_r, self.cfg.local_addr, self.local_port)
+        # §2.23: a different destination hash means *our* address was translated: we are behind the NAT
+        # and keep its mapping open with NAT-keepalives (RFC 3948 §2.3)
+        if dst.data != want_dst:
+            self.behind_nat = True
+        if src.data != want_src:
+            self.peer_behind_nat = True
+        if src.data != want_src or dst.data != want_dst or self.nat:
+            self.nat = True
+            if self.initiator:
+                self.local_port = NAT_T_PORT
+                self.remote_port = NAT_T_PORT
+
+    def nat_report(self) -> dict[str, bool]:
+        """What NAT detection found (§2.23), and encapsulation forced by config, reported separately."""
+        return {"nat_local": self.behind_nat, "nat_remote": self.peer_behind_nat, "encap_forced": self.nat_fake,
+                "encap": self.nat}  # fmt: skip
+
+    def nat_notifies(self) -> list[m.AnyPayload]:
+        if self.cfg.encap:
+            # RFC 7296 §2.23 allows faking the source hash to force UDP encapsulation
+            self.nat = self.nat_fake = True
+            src_hash = self.rng(20)
+        else:
+            src_hash = nat_hash(self.spi_i, self.spi_r, self.cfg.local_addr, self.local_port)
+        dst_hash = nat_hash(self.spi_i, self.spi_r, self.remote, self.remote_port)
+        return [m.Notify(Notify.NAT_DETECTION_SOURCE_IP, src_hash), m.Notify(Notify.NAT_DETECTION_DESTINATION_IP,
+                                                                            dst_hash)]  # fmt: skip
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        out = self.window.outstanding
+        return timers.next_time(self, out.due if out is not None else None)
+
+    def heard(self, now: float) -> None:
+        """The peer is alive (an authenticated message, or inbound ESP the runtime saw)."""
+        self.last_heard = max(self.last_heard, now)
+
+    def handle_timer(self, now: float) -> None:
+        state, out = self.state, self.window.outstanding
+        if state == "deleting" and out is None and self.linger_until is not None and now >= self.linger_until:
+            # the peer did not delete it (RFC 7296 §2.8.2: the old SA, or a redundant one it made): we do
+            self.close_now(REDUNDANT if self.standby else "rekeyed", now, "rekeyed")
+            return
+        if state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
+            self.close("half-open IKE SA timed out (no IKE_AUTH)")
+            return
+        if state == "established" and self.expire_at is not None and now >= self.expire_at:
+            over = self.expire_at - (self.up_at or 0.0) - (self.cfg.rekey_time or 0.0)
+            self.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
+                           f"{self.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
+            return
+        if state == "established" and self.reauth_at is not None and self.reauth_at <= now:
+            self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
+            self.count("reauths_due")
+            self._events.append(ReauthDue(self))
+        if state == "established" and out is None:
+            task = timers.due_task(self, now)
+            if task is not None:
+                self._run(task, now)
+                return
+        if out is None or now < out.due:
+            return
+        if self.window.exhausted:
+            dpd = isinstance(self._active, Dpd)
+            # §2.4: no answer on an established IKE SA means the peer is dead (the DPD action applies)
+            cause = "dead" if state == "established" else None
+            self.close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
+                       + f" after {out.tries + 1} transmissions", cause)  # fmt: skip
+            return
+        data = self.window.retransmit(now)
+        if data is not None:
+            self.count("retransmissions")
+            self._emit(data)
+
+    def set_established(self, now: float) -> None:
+        self.step(Step.AUTHENTICATED)
+        schedule.established(self, now)
+        self._events.append(IkeUp(self))
+
+    def reauth_failed(self, now: float) -> float | None:
+        """The new IKE SA of our reauthentication failed: try again later, a bounded number of times.
+        Returns when (None: no more tries)."""
+        return schedule.reauth_failed(self, now)
+
+    def exchange_span(self) -> float:
+        """How long a request of the peer's may take to arrive: our whole retransmission schedule for one."""
+        return self.window.span()
+
+    def rekey_child_now(self, spi_in: int, now: float) -> bool:
+        """A volume (soft) lifetime of a child SA was reached: rekey it as soon as the window allows."""
+        c = next((c for c in self.children if c.spi_in == spi_in or c.spi_out == spi_in), None)
+        if c is None or self.state != "established":
+            return False
+        c.rekey_at = now
+        return True
+
+    # --- what the caller asks for -----------------------------------------------------------------
+
+    def create_child(self, name: str, now: float) -> bool:
+        """Negotiate the configured child ``name`` again over CREATE_CHILD_SA (§1.3.1), unless an SA of it
+        is up or being negotiated. False if there is no such child or the IKE SA is not established."""
+        child: ChildConfig | None = next((c for c in self.cfg.children if c.name == name), None)
+        if child is None or self.state != "established":
+            return False
+        busy = any(c.child.name == name for c in self.children) or any(
+            t.about(child) for t in ([self._active] if self._active else []) + self._queue
+        )
+        if not busy:
+            self._queue.append(ChildCreate(self, child))
+            self.next_queued(now)
+        return True
+
+    def child_expired(self, spi: int, now: float) -> bool:
+        """A child SA hit its hard lifetime in the datapath: tell the peer and forget it (§1.4.1)."""
+        c = next((c for c in self.children if spi in (c.spi_in, c.spi_out)), None)
+        if c is None:
+            return False
+        if self.state == "established":
+            self.perform(ChildDelete(self, c), now)
+        else:
+            self.child_gone(c)
+        return True
+
+    def delete(self, now: float, cause: str = "local") -> None:
+        """Start deleting the IKE SA (its children go with it, §1.4.1); ``cause`` is for its IkeDown."""
+        if self.state != "established":
+            self.close("deleted before establishment")
+            return
+        self.step(Step.DELETE)
+        self.delete_cause = cause
+        self._run(IkeDelete(self), now)
 
     def close_now(self, reason: str, now: float, cause: str = "local") -> None:
         """Send one DELETE for the IKE SA without waiting for (or retransmitting) it, and close at once:
         for an SA past its hard lifetime or replaced by the uniqueness policy, whose peer may be gone."""
         if self.state in ("established", "deleting") and self.tx is not None:
-            self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
-        self._close(reason, cause)
+            self.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
+        self.close(reason, cause)
 
     def refuse_auth(self, reason: str) -> bool:
         """Responder, right after an IKE_AUTH request authenticated the peer and before its output was
         collected: answer AUTHENTICATION_FAILED instead and close (uniqueness policy ``keep``, as strongSwan).
         The IKE_AUTH response, IkeUp and ChildUp are withdrawn. False when it is too late for that."""
-        cached = self._cached_response
+        cached = self.window.cached
         if self.initiator or self.state != "established" or cached is None \
                 or not any(isinstance(e, IkeUp) for e in self._events):  # fmt: skip
             return False
@@ -429,58 +701,23 @@ class IkeSa(AuthExchange):
         self._queue.clear()
         self._respond(m.Message(self.spi_i, self.spi_r, Exchange.IKE_AUTH, 0, mid),
                       [m.Notify(Notify.AUTHENTICATION_FAILED)])  # fmt: skip
-        self._count("refused_by_uniqueness")
-        self._close(reason, "failed")
+        self.count("refused_by_uniqueness")
+        self.close(reason, "failed")
         return True
 
     @property
     def peer_virtual_ip(self) -> str | None:
         """The address we leased to the peer from a pool (§3.15), if any."""
-        if self._lease is None:
+        if self.lease is None:
             return None
-        addr = self._lease[0].leases.get(self._lease[1])
+        addr = self.lease[0].leases.get(self.lease[1])
         return None if addr is None else str(addr)
 
-    def delete(self, now: float, cause: str = "local") -> None:
-        """Start deleting the IKE SA (its children go with it, §1.4.1); ``cause`` is for its IkeDown."""
-        if self.state != "established":
-            self._close("deleted before establishment")
-            return
-        self._step(Step.DELETE)
-        self._delete_cause = cause
-        self._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
 
-
-__all__ = [
-    "AH_NAT",
-    "CFG_REPLY",
-    "CFG_REQUEST",
-    "CP_INTERNAL_IP4_ADDRESS",
-    "CP_INTERNAL_IP4_DNS",
-    "CP_INTERNAL_IP6_ADDRESS",
-    "CP_INTERNAL_IP6_DNS",
-    "NAT_T_PORT",
-    "REAUTH_RETRY_DELAY",
-    "REAUTH_TRIES",
-    "ChildConfig",
-    "ChildDown",
-    "ChildFailed",
-    "ChildUp",
-    "Datagram",
-    "Event",
-    "IkeDown",
-    "IkeReauthed",
-    "IkeRekeyed",
-    "IkeSa",
-    "IkeUp",
-    "PeerConfig",
-    "PeerMoved",
-    "ReauthDue",
-    "ReauthFailed",
-    "id_text",
-    "identity",
-    "is_wildcard",
-    "match_identity",
-    "nat_hash",
-    "same_identity",
-]
+__all__ = [  # the IKE SA's public surface: model.py's configuration and events.py's events come from here too
+    "AH_NAT", "CFG_REPLY", "CFG_REQUEST", "CP_INTERNAL_IP4_ADDRESS", "CP_INTERNAL_IP4_DNS", "CP_INTERNAL_IP6_ADDRESS",
+    "CP_INTERNAL_IP6_DNS", "NAT_T_PORT", "REAUTH_RETRY_DELAY", "REAUTH_TRIES", "ChildConfig", "ChildDown",
+    "ChildFailed", "ChildSa", "ChildUp", "Datagram", "Event", "IkeDown", "IkeReauthed", "IkeRekeyed", "IkeSa", "IkeUp",
+    "PeerConfig", "PeerMoved", "ReauthDue", "ReauthFailed", "id_text", "identity", "is_wildcard", "match_identity",
+    "nat_hash", "same_identity",
+]  # fmt: skip

@@ -27,6 +27,7 @@ from ipsecstack.ike.const import Exchange, Notify, Protocol, TransformType
 from ipsecstack.ike.install import child_objects, trap_policies
 from ipsecstack.ike.keymat import PRFS, child_keymat, prf_plus
 from ipsecstack.ike.session import ChildConfig, ChildDown, ChildUp, IkeSa, IkeUp, PeerConfig
+from ipsecstack.ike.tasks import child_common
 from tests.ike.helpers import A, B, Wire, ike_config, sa_events, ts_range
 from tests.packets import icmp4, tcp4
 
@@ -245,9 +246,9 @@ def test_responder_rekeys_ah_only_for_an_ah_rekey_sa() -> None:
     w.run()
     (ci,) = _ups(w.i)
     sa_events(w.r)
-    inner, _, _, _ = w.i._child_request(ci.child, ci.local_ts, ci.remote_ts, ci.mode, ci.spi_in)
+    inner, _, _, _ = child_common.request(w.i, ci.child, ci.local_ts, ci.remote_ts, ci.mode, ci.spi_in)
     inner[0] = m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, ci.spi_in.to_bytes(4, "big"))
-    w.i._send_request(Exchange.CREATE_CHILD_SA, inner, 1.0)
+    w.i.send_request(Exchange.CREATE_CHILD_SA, inner, 1.0)
     w.run(1.0)
     (resp,) = _inner(w, "r->i", Exchange.CREATE_CHILD_SA)
     assert resp == [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", Protocol.ESP, ci.spi_in.to_bytes(4, "big"))]
@@ -260,7 +261,7 @@ def test_deleting_an_ah_child() -> None:
     (ci,), (cr,) = _ups(w.i), _ups(w.r)
     assert w.r is not None
     # an ESP Delete with the AH SA's SPI names another SA (RFC 4301 §4.1): nothing goes
-    w.r._send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [cr.spi_in.to_bytes(4, "big")])], 2.0)
+    w.r.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [cr.spi_in.to_bytes(4, "big")])], 2.0)
     w.run(2.0)
     assert len(w.i.children) == 1 and not sa_events(w.i)
     # the datapath's hard lifetime ends it: an AH Delete, answered with the peer's AH SPI

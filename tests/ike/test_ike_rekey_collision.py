@@ -50,7 +50,7 @@ class Run:
         """Every new IKE SA A holds (the manager knows them as soon as they exist; the SPIs are the same at B)."""
         for sa in self.a.sas.values():
             if sa is not self.old_a:
-                self.seen[(sa.spi_i, sa.spi_r)] = (min(sa._ni, sa._nr), sa.initiator)
+                self.seen[(sa.spi_i, sa.spi_r)] = (min(sa.ni, sa.nr), sa.initiator)
 
     def pump(self, now: float = T) -> None:
         """Move datagrams until quiet (bounded), noting the new IKE SAs after each one."""

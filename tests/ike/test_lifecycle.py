@@ -43,12 +43,13 @@ def _pair(unique: str) -> tuple[PeerConfig, IkeManager]:
     return cfg_b, IkeManager([cfg_b], seeded_rng(70))
 
 
-def _connect(b: IkeManager, seed: int, now: float, ev_b: list[object],
-             others: Iterable[IkeManager] = ()) -> tuple[IkeManager, list[object]]:  # fmt: skip
+def _connect(b: IkeManager, seed: int, now: float, ev_b: list[object], others: Iterable[IkeManager] = (),
+             initial_contact: bool = True) -> tuple[IkeManager, list[object]]:  # fmt: skip
     """A fresh initiator (same identity, e.g. the peer rebooted) connects to B; returns it and its events.
-    ``others`` (earlier initiators at the same address) receive B's datagrams too."""
+    ``others`` (earlier initiators at the same address) receive B's datagrams too; ``initial_contact=False``:
+    a peer that never sends INITIAL_CONTACT (IKE_AUTH is built after the IKE_SA_INIT answer, so it counts)."""
     a = IkeManager([ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")], seeded_rng(seed))
-    a.initiate("conn", now)
+    a.initiate("conn", now).send_initial_contact = initial_contact
     _exchange([a, *others], b, now, ev_b)
     return a, list[object](a.events())
 
@@ -59,26 +60,16 @@ def _connect(b: IkeManager, seed: int, now: float, ev_b: list[object],
     ("never", True, False),
     ("replace", False, True),
 ])  # fmt: skip
-def test_unique_policy_on_the_responder(unique: str, initial_contact: bool, replaced: bool,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    if not initial_contact:
-        # a peer that does not send INITIAL_CONTACT: the flag the responder read is cleared before IKE_AUTH runs
-        original = IkeSa._on_auth_request
-
-        def without(self: IkeSa, msg: m.Message, inner: list[m.AnyPayload], now: float) -> None:
-            self.initial_contact = False
-            original(self, msg, inner, now)
-
-        monkeypatch.setattr(IkeSa, "_on_auth_request", without)
+def test_unique_policy_on_the_responder(unique: str, initial_contact: bool, replaced: bool) -> None:
     _cfg_b, b = _pair(unique)
     ev_b: list[object] = []
-    a1, ev_a1 = _connect(b, 71, 0.0, ev_b)
+    a1, ev_a1 = _connect(b, 71, 0.0, ev_b, initial_contact=initial_contact)
     (old,) = b.sas.values()
     assert old.established and any(isinstance(e, IkeUp) for e in ev_a1)
     assert old.initial_contact is initial_contact  # what the peer sent is what the manager sees
     old_child = old.children[0].spi_in
     ev_b.clear()
-    _a2, ev_a2 = _connect(b, 72, 10.0, ev_b, [a1])
+    _a2, ev_a2 = _connect(b, 72, 10.0, ev_b, [a1], initial_contact)
     assert any(isinstance(e, IkeUp) for e in ev_a2), "the new IKE SA is always accepted under this policy"
     downs = [e for e in ev_b if isinstance(e, IkeDown)]
     if replaced:

@@ -130,7 +130,7 @@ def test_ike_sa_init_asks_for_certificates_of_every_candidate() -> None:
     net = Net(_profiles())
     net.connect(_client("client-a@example", psk=b"secret of group a"))
     (client,) = net.clients["198.51.100.1"].sas.values()
-    init_response = client._init_response
+    init_response = client.init_response
     req = [p for p in m.decode(init_response).payloads if isinstance(p, m.Certificate) and p.request]
     assert [p.data for p in req] == [ca_hash(ROOT.cert)]  # psk-a asks for none, "certs" does
 

@@ -375,8 +375,7 @@ def test_cookies_under_half_open_pressure() -> None:
     assert sa_a.stats["cookies_received"] == 1
     # a forged cookie is refused
     forged = IkeSa(ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16"), initiator=True, rng=seeded_rng(7), now=2.0)
-    forged._cookie = b"\x00\x00" + bytes(32)
-    forged.start(2.0)
+    forged.start(2.0, cookie=b"\x00\x00" + bytes(32))
     before = len(b.sas)
     for d in forged.datagrams():
         b.receive(d.data, "198.51.100.200", 500, 500, 2.0)

@@ -1,0 +1,1 @@
+"""The IKE exchanges, one task each (see :mod:`ipsecstack.ike.tasks.base`)."""

@@ -1,0 +1,57 @@
+"""When an IKE SA next needs the clock, and what is due then (RFC 7296 §1.3.2, §2.4, §2.8, §2.8.3).
+
+Theory of operation
+-------------------
+Functions of the task :class:`~ipsecstack.ike.tasks.base.Context`; the IKE SA calls them from
+``get_timer`` and ``handle_timer``. An established IKE SA has up to five clocks running: its own
+rekey (``rekey_at``, from ``rekey_time`` a little early by a random amount, ``rand_time`` or
+``rekey_jitter``, so that both ends rarely rekey at once), its hard lifetime (``expire_at``: rekey_time
+plus ``over_time``, strongSwan's default 10% of rekey_time), reauthentication (``reauth_at``: only
+reported, the manager makes the new IKE SA, make-before-break), each child's rekey, and the
+liveness check (``dpd_delay`` after the peer was last heard from: an authenticated message or inbound
+ESP the datapath saw). A half-open responder SA gives up after ``half_open_timeout``; a "deleting" SA
+waits for the peer's DELETE until ``linger_until``. A task that is due runs only when the window is
+free; the retransmission of the outstanding request has its own time (:mod:`window`).
+"""
+
+from __future__ import annotations
+
+from ipsecstack.ike.state import IkeState
+from ipsecstack.ike.tasks.base import Context, Task
+from ipsecstack.ike.tasks.child_delete import Dpd
+from ipsecstack.ike.tasks.child_rekey import ChildRekey
+from ipsecstack.ike.tasks.ike_rekey import IkeRekey
+
+
+def next_time(ctx: Context, retransmit_at: float | None) -> float | None:
+    """When the IKE SA next needs ``handle_timer`` (``retransmit_at``: of the outstanding request, if any)."""
+    state = ctx.state
+    if state is IkeState.CLOSED:
+        return None
+    if retransmit_at is not None:
+        if state is IkeState.ESTABLISHED and ctx.expire_at is not None:
+            return min(retransmit_at, ctx.expire_at)
+        return retransmit_at
+    if state is IkeState.INIT_DONE:
+        return ctx.created + ctx.cfg.half_open_timeout
+    if state is IkeState.DELETING:
+        return ctx.linger_until  # waiting for the peer's DELETE after a rekey (tasks/ike_rekey.py)
+    if state is not IkeState.ESTABLISHED:
+        return None
+    times = [c.rekey_at for c in ctx.children if c.rekey_at is not None]
+    times += [t for t in (ctx.rekey_at, ctx.reauth_at, ctx.expire_at) if t is not None]
+    if ctx.cfg.dpd_delay:
+        times.append(ctx.last_heard + ctx.cfg.dpd_delay)
+    return min(times) if times else None
+
+
+def due_task(ctx: Context, now: float) -> Task | None:
+    """The exchange an established IKE SA with a free window starts now: its rekey, a child's rekey, or DPD."""
+    if ctx.rekey_at is not None and ctx.rekey_at <= now:
+        return IkeRekey(ctx)
+    due = next((c for c in ctx.children if c.rekey_at is not None and c.rekey_at <= now), None)
+    if due is not None:
+        return ChildRekey(ctx, due)
+    if ctx.cfg.dpd_delay and now >= ctx.last_heard + ctx.cfg.dpd_delay:
+        return Dpd(ctx)
+    return None
