@@ -27,7 +27,7 @@ from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Protocol
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
-from ipsecstack.ike.session import ChildConfig, ChildDown, ChildUp, IkeDown, IkeUp, PeerConfig, identity
+from ipsecstack.ike.session import ChildConfig, ChildDown, ChildUp, IkeDown, IkeSa, IkeUp, PeerConfig, identity
 from ipsecstack.ike.ts import Range
 from ipsecstack.runtime import logs
 from ipsecstack.runtime.node import Node
@@ -71,11 +71,13 @@ def _fp(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:12]
 
 
-def _exchange(a: IkeManager, b: IkeManager, out: Callable[[str], None]) -> dict[str, list[ChildUp | ChildDown]]:
+def _exchange(
+    a: IkeManager, b: IkeManager, out: Callable[[str], None]
+) -> dict[str, list[ChildUp[IkeSa] | ChildDown[IkeSa]]]:
     """Move datagrams between the two managers until quiet (bounded), printing messages and events;
     returns the child SA events of each side."""
     now = time.monotonic()
-    ups: dict[str, list[ChildUp | ChildDown]] = {"A": [], "B": []}
+    ups: dict[str, list[ChildUp[IkeSa] | ChildDown[IkeSa]]] = {"A": [], "B": []}
     for _ in range(20):
         moved = False
         for src_name, src, dst, src_addr in (("A", a, b, GW_A), ("B", b, a, GW_B)):

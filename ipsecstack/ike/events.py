@@ -1,9 +1,8 @@
 """What an IKE SA reports to its caller (``IkeSa.events()``, ``IkeManager.events()``).
 
 The events name the IKE SA they are about; they are generic in its type (``S``) so that this module
-needs nothing from the module that defines it: :mod:`ipsecstack.ike.session` subclasses each one with
-``S`` bound to ``IkeSa`` (``class IkeUp(events.IkeUp["IkeSa"])``), and those are what it emits and
-callers see. No state, no I/O.
+needs nothing from the module that defines it: :mod:`ipsecstack.ike.session` re-exports them with
+``Event = events.Event[IkeSa]``, and annotations name the SA type (``ChildUp[IkeSa]``). No state, no I/O.
 """
 
 from __future__ import annotations
@@ -114,3 +113,17 @@ class ChildDown(Generic[S]):
     spi_out: int
     child: ChildConfig | None = None
     cause: str = "local"
+
+
+Event = (
+    IkeUp[S]
+    | IkeRekeyed[S]
+    | PeerMoved[S]
+    | IkeDown[S]
+    | ChildUp[S]
+    | ChildDown[S]
+    | ChildFailed[S]
+    | ReauthDue[S]
+    | IkeReauthed[S]
+    | ReauthFailed[S]
+)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ipsecstack.ike.session import ChildConfig, ChildUp
+from ipsecstack.ike.session import ChildConfig, ChildUp, IkeSa
 from ipsecstack.ike.ts import to_selectors
 from ipsecstack.sa import Lifetime, SecurityAssociation
 from ipsecstack.spd import Action, Policy, Template
 
 
-def child_objects(ev: ChildUp, reqid: int) -> tuple[SecurityAssociation, SecurityAssociation, list[Policy]]:
+def child_objects(ev: ChildUp[IkeSa], reqid: int) -> tuple[SecurityAssociation, SecurityAssociation, list[Policy]]:
     """``(inbound SA, outbound SA, policies)`` for a ChildUp event."""
     sa = ev.sa
     local, remote = sa.cfg.local_addr, sa.remote

@@ -36,104 +36,47 @@ from ipsecstack.ike import events, sk, timers
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.children import ChildSa
-from ipsecstack.ike.const import Exchange, Flag, Notify, Protocol
+from ipsecstack.ike.const import Exchange, Notify, Protocol
+from ipsecstack.ike.derive import sa_keys
+from ipsecstack.ike.events import (
+    ChildDown,
+    ChildFailed,
+    ChildUp,
+    IkeDown,
+    IkeReauthed,
+    IkeRekeyed,
+    IkeUp,
+    PeerMoved,
+    ReauthDue,
+    ReauthFailed,
+)
+from ipsecstack.ike.exchanges import Exchanges
 from ipsecstack.ike.groups import Group, KeyExchangeError, KeyPair, KeyPairSource
-from ipsecstack.ike.keymat import IkeKeys, ike_sa_keys
+from ipsecstack.ike.keymat import IkeKeys
 from ipsecstack.ike.model import (
-    AH_NAT,
-    CFG_REPLY,
-    CFG_REQUEST,
-    CP_INTERNAL_IP4_ADDRESS,
-    CP_INTERNAL_IP4_DNS,
-    CP_INTERNAL_IP6_ADDRESS,
-    CP_INTERNAL_IP6_DNS,
-    NAT_T_PORT,
-    REAUTH_RETRY_DELAY,
-    REAUTH_TRIES,
-    REDUNDANT,
     ChildConfig,
     Datagram,
     PeerConfig,
     id_text,
     identity,
     is_wildcard,
-    match_identity,
-    nat_hash,
     same_identity,
 )
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.state import IkeState, Step, advance
-from ipsecstack.ike.tasks import dispatch, schedule
-from ipsecstack.ike.tasks.base import Context, Result, Task
+from ipsecstack.ike.tasks import schedule
+from ipsecstack.ike.tasks.base import Context
 from ipsecstack.ike.tasks.child_create import ChildCreate
-from ipsecstack.ike.tasks.child_delete import ChildDelete, Dpd
-from ipsecstack.ike.tasks.ike_delete import IkeDelete, deleted
+from ipsecstack.ike.tasks.child_delete import ChildDelete
+from ipsecstack.ike.tasks.ike_delete import IkeDelete
 from ipsecstack.ike.tasks.ike_init import IkeInit
-from ipsecstack.ike.window import Window
-
-# The events of events.py, bound to this IKE SA class (events.py is generic in it so that it needs nothing from
-# here). These are the classes IkeSa emits and callers test with isinstance.
-
-
-class IkeUp(events.IkeUp["IkeSa"]):
-    __doc__ = events.IkeUp.__doc__
-
-
-class PeerMoved(events.PeerMoved["IkeSa"]):
-    __doc__ = events.PeerMoved.__doc__
-
-
-class IkeRekeyed(events.IkeRekeyed["IkeSa"]):
-    __doc__ = events.IkeRekeyed.__doc__
-
-
-class ReauthDue(events.ReauthDue["IkeSa"]):
-    __doc__ = events.ReauthDue.__doc__
-
-
-class IkeReauthed(events.IkeReauthed["IkeSa"]):
-    __doc__ = events.IkeReauthed.__doc__
-
-
-class ChildFailed(events.ChildFailed["IkeSa"]):
-    __doc__ = events.ChildFailed.__doc__
-
-
-class ReauthFailed(events.ReauthFailed["IkeSa"]):
-    __doc__ = events.ReauthFailed.__doc__
-
-
-class IkeDown(events.IkeDown["IkeSa"]):
-    __doc__ = events.IkeDown.__doc__
-
-
-class ChildUp(events.ChildUp["IkeSa"]):
-    __doc__ = events.ChildUp.__doc__
-
-
-class ChildDown(events.ChildDown["IkeSa"]):
-    __doc__ = events.ChildDown.__doc__
-
-
-Event = (
-    IkeUp
-    | IkeRekeyed
-    | PeerMoved
-    | IkeDown
-    | ChildUp
-    | ChildDown
-    | ChildFailed
-    | ReauthDue
-    | IkeReauthed
-    | ReauthFailed
-)
 
 
 class IkeSa:
     def __init__(self, cfg: PeerConfig, *, initiator: bool, rng: Rng, now: float, remote: str | None = None,
                  remote_port: int | None = None, wallclock: Callable[[], float] | None = None,
                  keypairs: KeyPairSource | None = None) -> None:  # fmt: skip
-        self.window = Window(cfg)
+        self.tasks = Exchanges(self, cfg)  # the active task, the queue, the Message-ID window
         self.cfg = cfg
         # responder: the connections IKE_SA_INIT left possible; IKE_AUTH may switch ``cfg`` to one of them (profiles)
         self.candidates: list[PeerConfig] = [cfg]
@@ -173,10 +116,7 @@ class IkeSa:
         self.failure = ""  # the latest refusal, for the manager's failure list
         self.children: list[ChildSa] = []
         self.rekeys_done: dict[int, list[tuple[bytes, bytes, ChildSa, bool]]] = {}  # §2.8.1 (tasks/child_rekey.py)
-        self._out: list[Datagram] = []
         self._events: list[Event] = []
-        self._active: Task | None = None  # the task whose request is outstanding
-        self._queue: list[Task] = []  # tasks waiting for the window (§2.3)
         # IKE SA rekeying (tasks/ike_rekey.py, §2.8.2): the SA that replaced this one; the new IKE SA of the peer's
         # rekey that came while ours was outstanding; whether this SA was made by a rekey and has not taken over;
         # new IKE SAs for the manager (spawned())
@@ -200,7 +140,7 @@ class IkeSa:
     @cfg.setter
     def cfg(self, cfg: PeerConfig) -> None:
         self._cfg = cfg
-        self.window.retry = cfg  # IKE_AUTH may switch the connection (profiles): its retransmission settings
+        self.tasks.window.retry = cfg  # IKE_AUTH may switch the connection (profiles): its retransmission settings
 
     def __repr__(self) -> str:
         return f"<IkeSa {self.cfg.name} {self.spi_i.hex()}_{self.spi_r.hex()} {self.state}>"
@@ -208,7 +148,7 @@ class IkeSa:
     # --- outputs ------------------------------------------------------------------------------
 
     def datagrams(self) -> list[Datagram]:
-        out, self._out = self._out, []
+        out, self.tasks.out = self.tasks.out, []
         return out
 
     def events(self) -> list[Event]:
@@ -237,11 +177,7 @@ class IkeSa:
     @property
     def idle(self) -> bool:
         """No request of ours outstanding or queued (the window is free)."""
-        return self.window.outstanding is None and not self._queue
-
-    @property
-    def active(self) -> Task | None:
-        return self._active
+        return self.tasks.idle
 
     def step(self, step: Step) -> None:
         """The one way the state changes (ike/state.py's table; anything else is a bug: IllegalTransition)."""
@@ -250,189 +186,26 @@ class IkeSa:
     def count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    # --- tasks and the window (§2.3) ------------------------------------------------------------
-
-    def perform(self, task: Task, now: float) -> None:
-        """Run ``task`` now if the window is free, else after the queued ones."""
-        if self.window.outstanding is None:
-            self._run(task, now)
-        else:
-            self._queue.append(task)
-
-    def queue(self, task: Task) -> None:
-        self._queue.append(task)
-
-    def next_queued(self, now: float) -> None:
-        """Run queued tasks while the window is free (an established IKE SA only, for the tasks that need one)."""
-        while self._queue and self.window.outstanding is None and self.state == "established":
-            self._run(self._queue.pop(0), now)
-
-    def _run(self, task: Task, now: float) -> None:
-        inner = task.build(now)
-        if inner is None:
-            return  # nothing to send after all (the task said why)
-        self._active = task
-        if task.exchange == Exchange.IKE_SA_INIT:
-            msg = m.Message(self.spi_i, bytes(8), Exchange.IKE_SA_INIT, Flag.INITIATOR, 0, inner)
-            self.init_request = msg.encode()
-            self.step(Step.SEND_INIT)
-            self.window.next_mid = 1
-            self._request(0, self.init_request, now)
-        else:
-            self._send(task.exchange, inner, now)
-
-    def send_request(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
-        """Send a request that no task waits for (its response is only acknowledged): AUTHENTICATION_FAILED
-        after IKE_AUTH (§2.21.2), the DELETE of ``close_now``. Also the tests' hook for a hand-made request."""
-        self._active = None
-        self._send(exchange, inner, now)
-
-    def _send(self, exchange: int, inner: list[m.AnyPayload], now: float) -> None:
-        assert self.tx is not None
-        flags = Flag.INITIATOR if self.initiator else 0
-        msg = m.Message(self.spi_i, self.spi_r, exchange, flags, self.window.next_mid)
-        data = sk.seal(msg, inner, self.tx, self.rng)
-        self._request(self.window.take(), data, now)
-
-    def _request(self, mid: int, data: bytes, now: float) -> None:
-        self.window.sent(mid, data, now)
-        self._emit(data)
-
-    def _respond(self, req: m.Message, inner: list[m.AnyPayload]) -> None:
-        assert self.tx is not None
-        flags = Flag.RESPONSE | (Flag.INITIATOR if self.initiator else 0)
-        msg = m.Message(self.spi_i, self.spi_r, req.exchange, flags, req.message_id)
-        data = sk.seal(msg, inner, self.tx, self.rng)
-        self.window.cached = (req.message_id, data)
-        self._emit(data)
-
-    def _reply_plain(self, req: m.Message, payloads: list[m.AnyPayload]) -> None:
-        """Unprotected IKE_SA_INIT error response (§2.21.1); no state is kept."""
-        resp = m.Message(req.spi_i, bytes(8), req.exchange, Flag.RESPONSE, req.message_id, payloads)
-        self._emit(resp.encode())
-
-    def _open(self, msg: m.Message) -> list[m.AnyPayload] | None:
-        assert self.rx is not None
-        try:
-            return sk.open_(msg.raw, msg, self.rx)
-        except sk.SkError:
-            self.count("dropped_sk_invalid")
-            return None
-
-    def _emit(self, data: bytes, port: int | None = None) -> None:
-        # Only the initiator moves to port 4500 (§2.23); the responder answers wherever requests come from.
-        self._out.append(Datagram(data, self.remote, self.remote_port, port if port is not None else self.local_port))
-
     # --- the initiator's first exchange, and the responder's ------------------------------------
 
     def start(self, now: float, *, cookie: bytes = b"") -> None:
         """Initiator: send IKE_SA_INIT (with ``cookie`` in it: the tests' hook for a forged COOKIE)."""
         assert self.initiator and self.state == "new"
         self.spi_i = self.rng(8)
-        self._run(IkeInit(self, cookie=cookie), now)
+        self.tasks.run(IkeInit(self, cookie=cookie), now)
 
     def respond_init(self, msg: m.Message, now: float) -> bool:
         """Responder: answer an IKE_SA_INIT request. Returns False if no state should be kept."""
-        task = IkeInit(self, initiator=False)
-        if task.process(msg, msg.payloads, now) is not Result.DONE:
-            if task.refusal:
-                self._reply_plain(msg, task.refusal)
-            return False
-        resp = m.Message(self.spi_i, self.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, task.build(now) or [])
-        self.init_response = resp.encode()
-        self.window.peer_mid = 1
-        self.window.cached = (0, self.init_response)
-        self._emit(self.init_response, port=self.local_port)
-        self.step(Step.ANSWER_INIT)
-        return True
-
-    # --- receiving ----------------------------------------------------------------------------
+        return self.tasks.respond_init(msg, now)
 
     def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
         """A datagram for this SA (non-ESP marker already removed)."""
-        try:
-            msg = m.decode(data)
-        except m.ParseError as e:
-            self.count(f"dropped_parse_{e.reason}")
-            return
-        msg.raw = data
-        if msg.is_response:
-            self._on_response(msg, now)
-        else:
-            self._on_request(msg, src, src_port, dst_port, now)
-
-    def _on_response(self, msg: m.Message, now: float) -> None:
-        out = self.window.outstanding
-        if out is None or msg.message_id != out.mid:
-            self.count("dropped_unexpected_response")
-            return
-        if msg.exchange == Exchange.IKE_SA_INIT:
-            if self.state != "init_sent" or not isinstance(self._active, IkeInit):
-                self.count("dropped_unexpected_response")
-                return
-            self.window.outstanding = None
-            init, self._active = self._active, None
-            if init.process(msg, msg.payloads, now) is Result.NEED_MORE and self.state == "init_sent":
-                self._run(init, now)  # again, with the COOKIE or the KE group the responder asked for
-            return
-        if self.rx is None:
-            self.count("dropped_unexpected_response")  # an encrypted exchange before we have keys
-            return
-        inner = self._open(msg)
-        if inner is None:
-            return
-        self.window.outstanding = None
-        self.heard(now)
-        task, self._active = self._active, None
-        if isinstance(task, IkeDelete):
-            task.process(msg, inner, now)
-        elif msg.exchange == Exchange.INFORMATIONAL and self.state == "deleting":
-            deleted(self)
-        elif task is not None and msg.exchange == task.exchange and task.process(msg, inner, now) is Result.NEED_MORE:
-            self._run(task, now)  # another round of the same exchange
-        self.next_queued(now)
-
-    def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
-        cached = self.window.cached
-        if msg.exchange == Exchange.IKE_SA_INIT:
-            if cached and cached[0] == 0 and msg.raw == self.init_request:
-                self._emit(cached[1])
-            else:
-                self.count("dropped_unexpected_request")
-            return
-        if self.rx is None:
-            self.count("dropped_unexpected_request")
-            return
-        if cached is not None and msg.message_id == cached[0]:
-            if self._open(msg) is not None:  # only an authentic retransmission gets the cached answer
-                self.count("retransmitted_requests")
-                self._emit(cached[1])
-            return
-        if msg.message_id != self.window.peer_mid:
-            self.count("dropped_bad_message_id")
-            return
-        inner = self._open(msg)
-        if inner is None:
-            return
-        # §2.23: follow the peer's address/port once a message authenticates (NAT mapping changed)
-        if (src_port != self.remote_port or src != self.remote) and self.state == "established" and self.nat:
-            self.remote, self.remote_port = src, src_port
-            self.count("peer_moved")
-            self._events.append(PeerMoved(self, src, src_port))
-        elif src_port != self.remote_port or src != self.remote:
-            self.remote, self.remote_port = src, src_port
-        self.local_port = dst_port
-        self.window.peer_mid += 1
-        self.heard(now)
-        task = dispatch.responder(self, msg, inner)
-        if isinstance(task, list):
-            self._respond(msg, task)
-            return
-        task.process(msg, inner, now)
-        self._respond(msg, task.build(now) or [])
-        task.sent(now)
+        self.tasks.receive(data, src, src_port, dst_port, now)
 
     # --- what the tasks report ------------------------------------------------------------------
+
+    def report_peer_moved(self, addr: str, port: int) -> None:
+        self._events.append(PeerMoved(self, addr, port))
 
     def child_up(self, rec: ChildSa) -> None:
         self.children.append(rec)
@@ -468,7 +241,7 @@ class IkeSa:
             self.lease[0].release(self.lease[1])  # the address goes back to the pool
             self.lease = None
         self.step(Step.CLOSE)
-        self.window.outstanding = None
+        self.tasks.window.outstanding = None
         self.linger_until = None
         for c in self.children:
             self._events.append(ChildDown(self, c.spi_in, c.spi_out, c.child, "ike"))
@@ -485,12 +258,6 @@ class IkeSa:
         made = self.keypairs(group) if self.keypairs is not None else None
         return made if made is not None else group.generate(self.rng)
 
-    def new_child_spi(self) -> int:
-        while True:
-            spi = int.from_bytes(self.rng(4), "big")
-            if spi >= 256:
-                return spi
-
     def derive(self, chosen: props.Chosen, priv: Any, peer_ke: bytes) -> bool:
         """SKEYSEED and the SK_* keys of IKE_SA_INIT (§2.14); False (and closed) if the peer's KE is unusable."""
         assert chosen.dh is not None
@@ -503,20 +270,13 @@ class IkeSa:
         return True
 
     def _install_keys(self, chosen: props.Chosen, shared: bytes, old: IkeSa | None = None) -> None:
-        assert chosen.prf is not None
-        encr_len = chosen.encr.key_len + chosen.encr.salt_len
-        integ_len = 0 if chosen.encr.aead or chosen.integ is None else chosen.integ.key_len
-        if old is None:
-            _, keys = ike_sa_keys(chosen.prf, shared, self.ni, self.nr, self.spi_i, self.spi_r, encr_len, integ_len)
-        else:  # §2.18: a rekeyed IKE SA's SKEYSEED comes from the old SK_d
-            assert old.keys is not None and old.chosen is not None
-            _, keys = ike_sa_keys(chosen.prf, shared, self.ni, self.nr, self.spi_i, self.spi_r, encr_len, integ_len,
-                                  old_sk_d=old.keys.sk_d, old_prf=old.chosen.prf)  # fmt: skip
-        self.chosen, self.keys = chosen, keys
-        integ = None if chosen.encr.aead else chosen.integ
-        i_keys = sk.SkKeys(chosen.encr, integ, keys.sk_ei, keys.sk_ai)
-        r_keys = sk.SkKeys(chosen.encr, integ, keys.sk_er, keys.sk_ar)
-        self.tx, self.rx = (i_keys, r_keys) if self.initiator else (r_keys, i_keys)
+        prior = None
+        if old is not None:  # §2.18: a rekeyed IKE SA's SKEYSEED comes from the old SK_d
+            assert old.keys is not None and old.chosen is not None and old.chosen.prf is not None
+            prior = (old.keys.sk_d, old.chosen.prf)
+        self.chosen = chosen
+        self.keys, self.tx, self.rx = sa_keys(chosen, shared, self.ni, self.nr, self.spi_i, self.spi_r,
+                                              initiator=self.initiator, old=prior)  # fmt: skip
 
     def rekeyed_sa(self, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
                    *, initiator: bool, now: float) -> IkeSa:  # fmt: skip
@@ -537,47 +297,15 @@ class IkeSa:
         self._spawned.append(new)
         return new
 
-    def detect_nat(self, msg: m.Message) -> None:
-        src = msg.notify(Notify.NAT_DETECTION_SOURCE_IP)
-        dst = msg.notify(Notify.NAT_DETECTION_DESTINATION_IP)
-        if src is None or dst is None:
-            return
-        # the peer's view: its source is (remote, remote_port); our address is its destination
-        spi_r = msg.spi_r if msg.is_response else bytes(8)
-        want_src = nat_hash(msg.spi_i, spi_r, self.remote, self.remote_port)
-        want_dst = nat_hash(msg.spi_i, spi_r, self.cfg.local_addr, self.local_port)
-        # §2.23: a different destination hash means *our* address was translated: we are behind the NAT
-        # and keep its mapping open with NAT-keepalives (RFC 3948 §2.3)
-        if dst.data != want_dst:
-            self.behind_nat = True
-        if src.data != want_src:
-            self.peer_behind_nat = True
-        if src.data != want_src or dst.data != want_dst or self.nat:
-            self.nat = True
-            if self.initiator:
-                self.local_port = NAT_T_PORT
-                self.remote_port = NAT_T_PORT
-
     def nat_report(self) -> dict[str, bool]:
         """What NAT detection found (§2.23), and encapsulation forced by config, reported separately."""
         return {"nat_local": self.behind_nat, "nat_remote": self.peer_behind_nat, "encap_forced": self.nat_fake,
                 "encap": self.nat}  # fmt: skip
 
-    def nat_notifies(self) -> list[m.AnyPayload]:
-        if self.cfg.encap:
-            # RFC 7296 §2.23 allows faking the source hash to force UDP encapsulation
-            self.nat = self.nat_fake = True
-            src_hash = self.rng(20)
-        else:
-            src_hash = nat_hash(self.spi_i, self.spi_r, self.cfg.local_addr, self.local_port)
-        dst_hash = nat_hash(self.spi_i, self.spi_r, self.remote, self.remote_port)
-        return [m.Notify(Notify.NAT_DETECTION_SOURCE_IP, src_hash), m.Notify(Notify.NAT_DETECTION_DESTINATION_IP,
-                                                                            dst_hash)]  # fmt: skip
-
     # --- the clock ----------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        out = self.window.outstanding
+        out = self.tasks.window.outstanding
         return timers.next_time(self, out.due if out is not None else None)
 
     def heard(self, now: float) -> None:
@@ -585,41 +313,17 @@ class IkeSa:
         self.last_heard = max(self.last_heard, now)
 
     def handle_timer(self, now: float) -> None:
-        state, out = self.state, self.window.outstanding
-        if state == "deleting" and out is None and self.linger_until is not None and now >= self.linger_until:
-            # the peer did not delete it (RFC 7296 §2.8.2: the old SA, or a redundant one it made): we do
-            self.close_now(REDUNDANT if self.standby else "rekeyed", now, "rekeyed")
+        out = self.tasks.window.outstanding
+        if timers.ended(self, now, window_free=out is None):
             return
-        if state == "init_done" and now >= self.created + self.cfg.half_open_timeout:
-            self.close("half-open IKE SA timed out (no IKE_AUTH)")
-            return
-        if state == "established" and self.expire_at is not None and now >= self.expire_at:
-            over = self.expire_at - (self.up_at or 0.0) - (self.cfg.rekey_time or 0.0)
-            self.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
-                           f"{self.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
-            return
-        if state == "established" and self.reauth_at is not None and self.reauth_at <= now:
+        if self.established and self.reauth_at is not None and self.reauth_at <= now:
             self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
             self.count("reauths_due")
             self._events.append(ReauthDue(self))
-        if state == "established" and out is None:
-            task = timers.due_task(self, now)
-            if task is not None:
-                self._run(task, now)
-                return
-        if out is None or now < out.due:
+        if self.established and out is None and (task := timers.due_task(self, now)) is not None:
+            self.tasks.run(task, now)
             return
-        if self.window.exhausted:
-            dpd = isinstance(self._active, Dpd)
-            # §2.4: no answer on an established IKE SA means the peer is dead (the DPD action applies)
-            cause = "dead" if state == "established" else None
-            self.close(("dead peer: no answer to liveness checks" if dpd else "peer did not answer")
-                       + f" after {out.tries + 1} transmissions", cause)  # fmt: skip
-            return
-        data = self.window.retransmit(now)
-        if data is not None:
-            self.count("retransmissions")
-            self._emit(data)
+        self.tasks.retransmit(now)
 
     def set_established(self, now: float) -> None:
         self.step(Step.AUTHENTICATED)
@@ -633,7 +337,7 @@ class IkeSa:
 
     def exchange_span(self) -> float:
         """How long a request of the peer's may take to arrive: our whole retransmission schedule for one."""
-        return self.window.span()
+        return self.tasks.window.span()
 
     def rekey_child_now(self, spi_in: int, now: float) -> bool:
         """A volume (soft) lifetime of a child SA was reached: rekey it as soon as the window allows."""
@@ -651,12 +355,10 @@ class IkeSa:
         child: ChildConfig | None = next((c for c in self.cfg.children if c.name == name), None)
         if child is None or self.state != "established":
             return False
-        busy = any(c.child.name == name for c in self.children) or any(
-            t.about(child) for t in ([self._active] if self._active else []) + self._queue
-        )
+        busy = any(c.child.name == name for c in self.children) or self.tasks.busy_with(child)
         if not busy:
-            self._queue.append(ChildCreate(self, child))
-            self.next_queued(now)
+            self.tasks.queue(ChildCreate(self, child))
+            self.tasks.next_queued(now)
         return True
 
     def child_expired(self, spi: int, now: float) -> bool:
@@ -665,7 +367,7 @@ class IkeSa:
         if c is None:
             return False
         if self.state == "established":
-            self.perform(ChildDelete(self, c), now)
+            self.tasks.perform(ChildDelete(self, c), now)
         else:
             self.child_gone(c)
         return True
@@ -677,29 +379,29 @@ class IkeSa:
             return
         self.step(Step.DELETE)
         self.delete_cause = cause
-        self._run(IkeDelete(self), now)
+        self.tasks.run(IkeDelete(self), now)
 
     def close_now(self, reason: str, now: float, cause: str = "local") -> None:
         """Send one DELETE for the IKE SA without waiting for (or retransmitting) it, and close at once:
         for an SA past its hard lifetime or replaced by the uniqueness policy, whose peer may be gone."""
         if self.state in ("established", "deleting") and self.tx is not None:
-            self.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
+            self.tasks.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.IKE, [])], now)
         self.close(reason, cause)
 
     def refuse_auth(self, reason: str) -> bool:
         """Responder, right after an IKE_AUTH request authenticated the peer and before its output was
         collected: answer AUTHENTICATION_FAILED instead and close (uniqueness policy ``keep``, as strongSwan).
         The IKE_AUTH response, IkeUp and ChildUp are withdrawn. False when it is too late for that."""
-        cached = self.window.cached
+        cached = self.tasks.window.cached
         if self.initiator or self.state != "established" or cached is None \
                 or not any(isinstance(e, IkeUp) for e in self._events):  # fmt: skip
             return False
         mid, data = cached
-        self._out = [d for d in self._out if d.data != data]
+        self.tasks.out = [d for d in self.tasks.out if d.data != data]
         self._events = [e for e in self._events if not isinstance(e, IkeUp | ChildUp)]
         self.children.clear()
-        self._queue.clear()
-        self._respond(m.Message(self.spi_i, self.spi_r, Exchange.IKE_AUTH, 0, mid),
+        self.tasks.clear_queue()
+        self.tasks.respond(m.Message(self.spi_i, self.spi_r, Exchange.IKE_AUTH, 0, mid),
                       [m.Notify(Notify.AUTHENTICATION_FAILED)])  # fmt: skip
         self.count("refused_by_uniqueness")
         self.close(reason, "failed")
@@ -714,10 +416,10 @@ class IkeSa:
         return None if addr is None else str(addr)
 
 
-__all__ = [  # the IKE SA's public surface: model.py's configuration and events.py's events come from here too
-    "AH_NAT", "CFG_REPLY", "CFG_REQUEST", "CP_INTERNAL_IP4_ADDRESS", "CP_INTERNAL_IP4_DNS", "CP_INTERNAL_IP6_ADDRESS",
-    "CP_INTERNAL_IP6_DNS", "NAT_T_PORT", "REAUTH_RETRY_DELAY", "REAUTH_TRIES", "ChildConfig", "ChildDown",
-    "ChildFailed", "ChildSa", "ChildUp", "Datagram", "Event", "IkeDown", "IkeReauthed", "IkeRekeyed", "IkeSa", "IkeUp",
-    "PeerConfig", "PeerMoved", "ReauthDue", "ReauthFailed", "id_text", "identity", "is_wildcard", "match_identity",
-    "nat_hash", "same_identity",
+__all__ = [  # the IKE SA's public surface: the configuration (model.py) and the events (events.py) too
+    "ChildConfig", "ChildDown", "ChildFailed", "ChildSa", "ChildUp", "Datagram", "Event", "IkeDown", "IkeReauthed",
+    "IkeRekeyed", "IkeSa", "IkeUp", "PeerConfig", "PeerMoved", "ReauthDue", "ReauthFailed", "id_text", "identity",
+    "is_wildcard", "same_identity",
 ]  # fmt: skip
+
+Event = events.Event[IkeSa]  # what an IkeSa (and the manager) reports

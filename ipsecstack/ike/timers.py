@@ -16,6 +16,7 @@ free; the retransmission of the outstanding request has its own time (:mod:`wind
 
 from __future__ import annotations
 
+from ipsecstack.ike.model import REDUNDANT
 from ipsecstack.ike.state import IkeState
 from ipsecstack.ike.tasks.base import Context, Task
 from ipsecstack.ike.tasks.child_delete import Dpd
@@ -43,6 +44,24 @@ def next_time(ctx: Context, retransmit_at: float | None) -> float | None:
     if ctx.cfg.dpd_delay:
         times.append(ctx.last_heard + ctx.cfg.dpd_delay)
     return min(times) if times else None
+
+
+def ended(ctx: Context, now: float, *, window_free: bool) -> bool:
+    """Close the IKE SA if one of its lifetimes ended; True if it did."""
+    state = ctx.state
+    if state is IkeState.DELETING and window_free and ctx.linger_until is not None and now >= ctx.linger_until:
+        # the peer did not delete it (RFC 7296 §2.8.2: the old SA, or a redundant one it made): we do
+        ctx.close_now(REDUNDANT if ctx.standby else "rekeyed", now, "rekeyed")
+        return True
+    if state is IkeState.INIT_DONE and now >= ctx.created + ctx.cfg.half_open_timeout:
+        ctx.close("half-open IKE SA timed out (no IKE_AUTH)")
+        return True
+    if state is IkeState.ESTABLISHED and ctx.expire_at is not None and now >= ctx.expire_at:
+        over = ctx.expire_at - (ctx.up_at or 0.0) - (ctx.cfg.rekey_time or 0.0)
+        ctx.close_now(f"not rekeyed within its hard lifetime (rekey_time + over_time = "
+                      f"{ctx.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
+        return True
+    return False
 
 
 def due_task(ctx: Context, now: float) -> Task | None:

@@ -56,7 +56,7 @@ def after_ike_down(sa: IkeSa, cause: str, keeps_itself_up: bool) -> Reaction:
     return r
 
 
-def after_child_down(ev: ChildDown) -> Reaction:
+def after_child_down(ev: ChildDown[IkeSa]) -> Reaction:
     """One child SA went while its IKE SA stays: only a peer's DELETE calls for its ``close_action``."""
     r = Reaction()
     if ev.cause != "peer" or ev.child is None or not ev.sa.established:

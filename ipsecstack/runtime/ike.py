@@ -401,7 +401,7 @@ class IkeEndpoint:
             self._unique_ids[id(sa)] = self._next_unique
         return self._unique_ids[id(sa)]
 
-    def _install(self, ev: ChildUp) -> None:
+    def _install(self, ev: ChildUp[IkeSa]) -> None:
         sa = ev.sa
         rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
         trap = self.traps.get((sa.cfg.name, ev.child.name))

@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from ipsecstack.ike.session import ChildUp, id_text
+from ipsecstack.ike.session import ChildUp, IkeSa, id_text
 from ipsecstack.ike.ts import Range
 
 UPDOWN_TIMEOUT = 20.0  # seconds a script may run before it is killed
@@ -47,7 +47,7 @@ def _port(r: Range) -> str:
     return str(r.port_lo) if r.port_lo == r.port_hi else "0"
 
 
-def environment(ev: ChildUp, reqid: int, up: bool, local: Range, remote: Range, *, unique_id: int,
+def environment(ev: ChildUp[IkeSa], reqid: int, up: bool, local: Range, remote: Range, *, unique_id: int,
                 interface: str | None) -> dict[str, str]:  # fmt: skip
     """strongSwan's updown variables (``PLUTO_VERSION=1.1``) for one pair of traffic selectors."""
     sa = ev.sa
@@ -102,7 +102,7 @@ class Updown:
         self.timeout = timeout
         self.runs = 0
         self.failures = 0
-        self._active: dict[int, tuple[ChildUp, int]] = {}  # reqid -> (latest ChildUp, unique id) of children up
+        self._active: dict[int, tuple[ChildUp[IkeSa], int]] = {}  # reqid -> (latest ChildUp, unique id) of children up
         self._jobs: list[Job] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -110,14 +110,14 @@ class Updown:
 
     # --- what the IKE endpoint calls -------------------------------------------------------------
 
-    def up(self, ev: ChildUp, reqid: int, unique_id: int) -> None:
+    def up(self, ev: ChildUp[IkeSa], reqid: int, unique_id: int) -> None:
         """A child SA was installed (not a rekey)."""
         if not ev.child.updown:
             return
         self._active[reqid] = (ev, unique_id)
         self._queue(ev, reqid, True, unique_id)
 
-    def rekeyed(self, ev: ChildUp, reqid: int) -> None:
+    def rekeyed(self, ev: ChildUp[IkeSa], reqid: int) -> None:
         """A rekey replaced the SAs of ``reqid``: no script run, but ``down`` will describe the new SAs."""
         if reqid in self._active:
             self._active[reqid] = (ev, self._active[reqid][1])
@@ -143,7 +143,7 @@ class Updown:
 
     # --- jobs --------------------------------------------------------------------------------------
 
-    def _queue(self, ev: ChildUp, reqid: int, up: bool, unique_id: int) -> None:
+    def _queue(self, ev: ChildUp[IkeSa], reqid: int, up: bool, unique_id: int) -> None:
         for local in ev.local_ts:
             for remote in ev.remote_ts:
                 if local.start.version != remote.start.version:

@@ -248,7 +248,7 @@ def test_responder_rekeys_ah_only_for_an_ah_rekey_sa() -> None:
     sa_events(w.r)
     inner, _, _, _ = child_common.request(w.i, ci.child, ci.local_ts, ci.remote_ts, ci.mode, ci.spi_in)
     inner[0] = m.Notify(Notify.REKEY_SA, b"", Protocol.ESP, ci.spi_in.to_bytes(4, "big"))
-    w.i.send_request(Exchange.CREATE_CHILD_SA, inner, 1.0)
+    w.i.tasks.send_request(Exchange.CREATE_CHILD_SA, inner, 1.0)
     w.run(1.0)
     (resp,) = _inner(w, "r->i", Exchange.CREATE_CHILD_SA)
     assert resp == [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", Protocol.ESP, ci.spi_in.to_bytes(4, "big"))]
@@ -261,7 +261,7 @@ def test_deleting_an_ah_child() -> None:
     (ci,), (cr,) = _ups(w.i), _ups(w.r)
     assert w.r is not None
     # an ESP Delete with the AH SA's SPI names another SA (RFC 4301 §4.1): nothing goes
-    w.r.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [cr.spi_in.to_bytes(4, "big")])], 2.0)
+    w.r.tasks.send_request(Exchange.INFORMATIONAL, [m.Delete(Protocol.ESP, [cr.spi_in.to_bytes(4, "big")])], 2.0)
     w.run(2.0)
     assert len(w.i.children) == 1 and not sa_events(w.i)
     # the datapath's hard lifetime ends it: an AH Delete, answered with the peer's AH SPI

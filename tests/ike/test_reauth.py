@@ -12,9 +12,8 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Protocol
 from ipsecstack.ike.manager import IkeManager
+from ipsecstack.ike.model import REAUTH_RETRY_DELAY, REAUTH_TRIES
 from ipsecstack.ike.session import (
-    REAUTH_RETRY_DELAY,
-    REAUTH_TRIES,
     ChildConfig,
     ChildDown,
     ChildUp,

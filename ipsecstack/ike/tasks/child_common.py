@@ -21,6 +21,14 @@ from ipsecstack.ike.ts import Range, narrow
 Negotiated = tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]
 
 
+def new_child_spi(ctx: Context) -> int:
+    """A random SPI for our half of a new child SA (1..255 are reserved, RFC 4303 §2.1)."""
+    while True:
+        spi = int.from_bytes(ctx.rng(4), "big")
+        if spi >= 256:
+            return spi
+
+
 def negotiate(ctx: Context, inner: list[m.AnyPayload], ignore_dh: bool = True,
               remote_override: list[Range] | None = None) -> int | Negotiated:  # fmt: skip
     """Responder: the configured child that takes the peer's SA/TSi/TSr offer (with the narrowed selectors,
@@ -72,7 +80,7 @@ def request(ctx: Context, child: ChildConfig, local: list[Range], remote: list[R
     """Initiator side of CREATE_CHILD_SA for a child SA (new, or rekeying ``rekey_spi``): the payloads
     [N(REKEY_SA)], SA, Ni, [KEi when the proposal has a group: PFS], TSi, TSr; plus our SPI, Ni and the
     KE private value."""
-    spi_in = ctx.new_child_spi()
+    spi_in = new_child_spi(ctx)
     nonce = ctx.rng(32)
     spi = spi_in.to_bytes(4, "big")
     inner: list[m.AnyPayload] = []
@@ -135,7 +143,7 @@ def reply(ctx: Context, inner: list[m.AnyPayload], chosen: props.Chosen, mode: s
     """Responder: the CREATE_CHILD_SA response for a child SA (new or rekeyed): SA, Nr, [KEr] (PFS when the
     chosen proposal has a group), TSi, TSr; and ``(our SPI, Nr, g^ir)``, or None when it is an error notify."""
     ke = next((p for p in inner if isinstance(p, m.KE)), None)
-    spi_in = ctx.new_child_spi()
+    spi_in = new_child_spi(ctx)
     nr = ctx.rng(32)
     chosen_reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, chosen.dh, chosen.esn,
                                 chosen.number, spi_in.to_bytes(4, "big"))  # fmt: skip

@@ -68,7 +68,9 @@ class ChildRekey(Task):
                           we_initiated=True, replaces=old.spi_in, now=now)  # fmt: skip
         ctx.count("child_rekeys")
         if not collision(ctx, old, self._nonce, nr, new, True, now):
-            ctx.perform(ChildDelete(ctx, old), now)  # make-before-break: the new pair is in; retire the old (§2.8)
+            ctx.tasks.perform(
+                ChildDelete(ctx, old), now
+            )  # make-before-break: the new pair is in; retire the old (§2.8)
         return Result.DONE
 
     def _request(self, inner: list[m.AnyPayload]) -> Result:
@@ -102,7 +104,7 @@ class ChildRekey(Task):
                           spi_out=int.from_bytes(chosen.spi, "big"), nonces=(ni, nr), shared=shared,
                           we_initiated=False, replaces=old.spi_in, now=now)  # fmt: skip
         ctx.count("child_rekeys")
-        ours = ctx.active
+        ours = ctx.tasks.active
         if (isinstance(ours, ChildRekey) and ours.old is old) or old.spi_in in ctx.rekeys_done:
             collision(ctx, old, ni, nr, new, False, now)
 
@@ -121,8 +123,8 @@ def collision(ctx: Context, old: ChildSa, ni: bytes, nr: bytes, new: ChildSa, we
     del ctx.rekeys_done[old.spi_in]
     redundant, ours = (a_new, a_ours) if min(a_ni, a_nr) < min(b_ni, b_nr) else (b_new, b_ours)
     if ours:
-        ctx.queue(ChildDelete(ctx, redundant))
+        ctx.tasks.queue(ChildDelete(ctx, redundant))
     if old in ctx.children and we_initiated:
-        ctx.queue(ChildDelete(ctx, old))
-    ctx.next_queued(now)
+        ctx.tasks.queue(ChildDelete(ctx, old))
+    ctx.tasks.next_queued(now)
     return True

@@ -72,7 +72,7 @@ class IkeAuth(Task):
             inner.append(m.CP(CFG_REQUEST, [(CP_INTERNAL_IP4_ADDRESS, b"")]))
         if child is not None:
             self._child = child
-            self._child_spi = ctx.new_child_spi()
+            self._child_spi = cc.new_child_spi(ctx)
             spi = self._child_spi.to_bytes(4, "big")
             inner.append(m.SA([p.without_dh().to_payload(i + 1, spi) for i, p in enumerate(child.proposals)]))
             inner.append(m.TS([r.to_payload() for r in child.local_ts], initiator=True))
@@ -106,7 +106,7 @@ class IkeAuth(Task):
         if why is not None:
             ctx.count("auth_failed")
             # §2.21.2: the responder already considers the IKE SA up; tell it, once, in an INFORMATIONAL
-            ctx.send_request(Exchange.INFORMATIONAL, [m.Notify(Notify.AUTHENTICATION_FAILED)], now)
+            ctx.tasks.send_request(Exchange.INFORMATIONAL, [m.Notify(Notify.AUTHENTICATION_FAILED)], now)
             ctx.close(f"authentication of the responder {id_text(idr.id_type, idr.data)!r} failed: {why}")
             return Result.FAILED
         ctx.peer_id = (idr.id_type, idr.data)
@@ -117,7 +117,7 @@ class IkeAuth(Task):
         ctx.set_established(now)
         if self._child is not None and self._first_child(self._child, notes, inner, now):
             for extra in ctx.cfg.children[1:]:
-                ctx.queue(ChildCreate(ctx, extra))
+                ctx.tasks.queue(ChildCreate(ctx, extra))
         return Result.DONE
 
     def _first_child(self, child: ChildConfig, notes: list[m.Notify], inner: list[m.AnyPayload],
@@ -140,7 +140,7 @@ class IkeAuth(Task):
         if ctx.nat and child.protocol == "ah":
             # the peer accepted AH across the NAT anyway: it cannot work; ask it to drop its half
             ctx.child_failed(f"child SA {child.name} not installed: {AH_NAT}")
-            ctx.queue(SpiDelete(ctx, m.Delete(Protocol.AH, [self._child_spi.to_bytes(4, "big")])))
+            ctx.tasks.queue(SpiDelete(ctx, m.Delete(Protocol.AH, [self._child_spi.to_bytes(4, "big")])))
         else:
             transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
             local = [Range.from_payload(t) for t in tsi.selectors]
@@ -191,7 +191,7 @@ class IkeAuth(Task):
             self._reply.append(m.Notify(child_result))
             return Result.DONE
         _child, chosen, mode, tsi, tsr = child_result
-        spi_in = ctx.new_child_spi()
+        spi_in = cc.new_child_spi(ctx)
         reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, None, chosen.esn, chosen.number,
                              spi_in.to_bytes(4, "big"))  # fmt: skip
         self._reply += [m.SA([reply.to_payload()]), m.TS([r.to_payload() for r in tsi], True),

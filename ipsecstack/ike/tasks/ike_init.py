@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipsecstack.ike import auth
+from ipsecstack.ike import auth, nat
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Notify, Protocol
@@ -53,7 +53,7 @@ class IkeInit(Task):
         if self.cookie:
             payloads.append(m.Notify(Notify.COOKIE, self.cookie))
         sa = m.SA([p.to_payload(i + 1, b"") for i, p in enumerate(ctx.cfg.proposals)])
-        payloads += [sa, m.KE(self.group.number, self._pub), m.Nonce(ctx.ni), *ctx.nat_notifies(), auth.hash_notify()]
+        payloads += [sa, m.KE(self.group.number, self._pub), m.Nonce(ctx.ni), *nat.notifies(ctx), auth.hash_notify()]
         return payloads
 
     def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
@@ -94,8 +94,8 @@ class IkeInit(Task):
         ctx.peer_hashes = _hashes(msg)
         if not ctx.derive(chosen, self._priv, ke.data):
             return Result.FAILED
-        ctx.detect_nat(msg)
-        ctx.perform(IkeAuth(ctx), now)
+        nat.detect(ctx, msg)
+        ctx.tasks.perform(IkeAuth(ctx), now)
         return Result.DONE
 
     def _offer(self, msg: m.Message) -> Result:
@@ -126,7 +126,7 @@ class IkeInit(Task):
         self._priv, self._pub = ctx.keypair(chosen.dh)
         if not ctx.derive(chosen, self._priv, ke.data):
             return Result.FAILED
-        ctx.detect_nat(msg)
+        nat.detect(ctx, msg)
         ctx.peer_hashes = _hashes(msg)
         return Result.DONE
 
@@ -135,4 +135,4 @@ class IkeInit(Task):
         assert self.group is not None and ctx.chosen is not None
         payloads: list[m.AnyPayload] = [m.SA([ctx.chosen.to_payload()]), m.KE(self.group.number, self._pub),
                                         m.Nonce(ctx.nr)]  # fmt: skip
-        return [*payloads, *ctx.nat_notifies(), auth.hash_notify(), *auth.certreqs([c.creds for c in ctx.candidates])]
+        return [*payloads, *nat.notifies(ctx), auth.hash_notify(), *auth.certreqs([c.creds for c in ctx.candidates])]

@@ -89,7 +89,7 @@ class IkeRekey(Task):
             _collision(ctx, new, now)
         else:
             take_over(ctx, new, now)
-            ctx.perform(IkeDelete(ctx, retire=True), now)
+            ctx.tasks.perform(IkeDelete(ctx, retire=True), now)
         return Result.DONE
 
     def _refused(self, now: float) -> None:
@@ -133,7 +133,7 @@ class IkeRekey(Task):
         ctx = self.ctx
         chosen, spi_i, spi_r, ni, nr, shared = self._new
         new = ctx.rekeyed_sa(chosen, spi_i, spi_r, ni, nr, shared, initiator=False, now=now)
-        if isinstance(ctx.active, IkeRekey):
+        if isinstance(ctx.tasks.active, IkeRekey):
             ctx.peer_rekey = new  # §2.8.2: both ends rekey this SA; decided once our own exchange ends
         else:
             take_over(ctx, new, now)
@@ -195,4 +195,4 @@ def _collision(ctx: Context, ours: Context, now: float) -> None:
         if redundant.state != "closed":
             redundant.step(Step.PEER_DELETES)  # the peer made it and deletes it
             redundant.linger_until = now + redundant.exchange_span()
-        ctx.perform(IkeDelete(ctx, retire=True), now)
+        ctx.tasks.perform(IkeDelete(ctx, retire=True), now)
