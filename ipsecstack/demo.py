@@ -226,7 +226,7 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
         ok = ok and sum(isinstance(e, ChildUp) for e in events["A"] + events["B"]) == 2
     out("Teardown:")
     for ike_sa in list(a.sas.values()):
-        ike_sa.delete(time.monotonic())
+        a.delete(ike_sa, time.monotonic())
     _exchange(a, b, out)
     out("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1

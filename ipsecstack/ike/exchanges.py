@@ -43,6 +43,7 @@ class Host(Context, Protocol):
     rx: sk.SkKeys | None
 
     def heard(self, now: float) -> None: ...
+    def wake(self) -> None: ...
     def report_peer_moved(self, addr: str, port: int) -> None: ...
 
 
@@ -147,6 +148,7 @@ class Exchanges:
         sa = self.sa
         # Only the initiator moves to port 4500 (§2.23); the responder answers wherever requests come from.
         self.out.append(Datagram(data, sa.remote, sa.remote_port, port if port is not None else sa.local_port))
+        self.sa.wake()
 
     # --- receiving ----------------------------------------------------------------------------
 

@@ -47,13 +47,22 @@ IKE SA rekeys (§2.18): the new IKE SA an exchange makes is demultiplexed to, un
 the moment it exists (``IkeSa.spawned``), not only once it takes over (``IkeRekeyed``): when both
 ends rekey at once (§2.8.2) the peer may use or delete either new SA before this end has decided.
 
-Outputs are collected from every SA by ``datagrams()`` and ``events()``; closed SAs are forgotten
-once their events have been collected. ``get_timer()`` is the earliest of the SAs' timers.
+Outputs. Every input (``receive``, ``handle_timer``, ``initiate`` and the calls that act on one SA:
+``delete``, ``create_child``, ``child_lifetime``) ends with a settle step over the IKE SAs that produced
+something (each SA tells the manager when it has output: a ready set, so the cost per datagram is that of
+the SAs with work, not of all of them): their datagrams and events move to the manager's queues, the
+policies above act on the events (a ``ReauthDue`` starts the new IKE SA, a reauthentication whose new SA
+is up retires the old one), and closed SAs are forgotten. ``datagrams()`` and ``events()`` only hand over
+those queues; they change nothing. Events of live IKE SAs come before those of SAs that closed in the same
+step, so that an SA replaced by a newer one (unique, reauth) reports its ChildDown after the newer one's
+ChildUp and the shared policies (same reqid) never go away in between. ``get_timer()`` reads a heap of the
+SAs' timers, refreshed for the SAs each step touched and rebuilt by ``handle_timer``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import ipaddress
 from collections.abc import Callable
@@ -98,8 +107,12 @@ class IkeManager:
         self._secret_at = -1e18
         self.sas: dict[bytes, IkeSa] = {}
         self._init_index: dict[tuple[bytes, str], IkeSa] = {}
-        self._stateless: list[Datagram] = []
-        self._closed_events: list[Event] = []
+        self._stateless: list[Datagram] = []  # answers without an SA (cookies, INVALID_MAJOR_VERSION, refusals)
+        self._out: list[Datagram] = []  # the SAs' datagrams, settled
+        self._events: list[Event] = []  # the SAs' events and the manager's own, settled
+        self._ready: dict[int, IkeSa] = {}  # id -> SA with output not yet settled
+        self._heap: list[tuple[float, int, IkeSa]] = []  # (timer, id, SA), stale entries skipped
+        self._when: dict[int, float] = {}  # id -> the timer the heap holds for it
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
         self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
@@ -113,10 +126,16 @@ class IkeManager:
 
     def initiate(self, name: str, now: float) -> IkeSa:
         self._now = max(self._now, now)
+        sa = self._start(name, now)
+        self._settle(now)
+        return sa
+
+    def _start(self, name: str, now: float) -> IkeSa:
         cfg = self.peers[name]
         sa = IkeSa(cfg, initiator=True, rng=self.rng, now=now, wallclock=self.wallclock, keypairs=self.keypairs)
         # §2.4: INITIAL_CONTACT tells the peer to drop every other IKE SA with us: only if we have none
         sa.send_initial_contact = not any(o.cfg.name == name and o.state != "closed" for o in self.sas.values())
+        sa.on_output = self._wake
         sa.start(now)
         self.sas[sa.spi_i] = sa
         return sa
@@ -149,9 +168,9 @@ class IkeManager:
             # IKE_AUTH may switch to another candidate: only to one still configured (not replaced by a reload)
             sa.candidates = [c for c in sa.candidates if c is sa.cfg or self.peers.get(c.name) is c]
         sa.receive(data, src, src_port, dst_port, now)
-        self._adopt(sa)
         if before == "init_done" and sa.established:
             self._enforce_unique(sa, now)
+        self._settle(now)
 
     def _enforce_unique(self, new: IkeSa, now: float) -> None:
         """A responder SA just authenticated its peer: apply the connection's ``unique`` policy."""
@@ -180,6 +199,7 @@ class IkeManager:
         existing = self._init_index.get((msg.spi_i, src))
         if existing is not None:
             existing.receive(data, src, src_port, dst_port, now)  # retransmitted IKE_SA_INIT
+            self._settle(now)
             return
         if not any(p.remote_addr in (None, src) for p in self.peers.values()):
             self._count("dropped_no_config")
@@ -200,6 +220,9 @@ class IkeManager:
         if sa.respond_init(msg, now):
             self.sas[sa.spi_r] = sa
             self._init_index[(msg.spi_i, src)] = sa
+            sa.on_output = self._wake
+            self._wake(sa)
+            self._settle(now)
         else:
             self._stateless += sa.datagrams()
             if sa.failure:
@@ -273,46 +296,103 @@ class IkeManager:
         self._count("cookies_sent")
 
     def datagrams(self) -> list[Datagram]:
-        out, self._stateless = self._stateless, []
-        for sa in self.sas.values():
-            out += sa.datagrams()
+        out = self._stateless + self._out
+        self._stateless, self._out = [], []
         return out
+
+    def events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    # --- the calls that act on one IKE SA (each ends with a settle step, like every input) -------------
+
+    def delete(self, sa: IkeSa, now: float, cause: str = "local") -> None:
+        self._now = max(self._now, now)
+        sa.delete(now, cause)
+        self._settle(now)
+
+    def create_child(self, sa: IkeSa, name: str, now: float) -> bool:
+        """Negotiate child ``name`` again in ``sa`` (IkeSa.create_child)."""
+        self._now = max(self._now, now)
+        done = sa.create_child(name, now)
+        self._settle(now)
+        return done
+
+    def child_lifetime(self, spi: int, hard: bool, now: float) -> bool:
+        """The datapath says a child SA (by either SPI) reached its soft (rekey now) or hard (delete it) lifetime.
+        False if no IKE SA has it."""
+        self._now = max(self._now, now)
+        for sa in list(self.sas.values()):
+            if sa.child_expired(spi, now) if hard else sa.rekey_child_now(spi, now):
+                self._wake(sa)  # a soft limit only moves a timer
+                self._settle(now)
+                return True
+        return False
+
+    # --- settling what the IKE SAs produced -----------------------------------------------------
+
+    def _wake(self, sa: IkeSa) -> None:
+        self._ready[id(sa)] = sa
 
     def _adopt(self, sa: IkeSa) -> None:
         """Demultiplex to the new IKE SAs of ``sa``'s rekeys from now on, under our SPI, before one of them takes
         over: in a simultaneous rekey (RFC 7296 §2.8.2) the peer may already use, or delete, the other one."""
         for new in sa.spawned():
             self.sas[new.spi_i if new.initiator else new.spi_r] = new
+            new.on_output = self._wake
+            self._wake(new)
 
-    def events(self) -> list[Event]:
-        out, self._closed_events = self._closed_events, []
-        for sa in list(self.sas.values()):
-            self._adopt(sa)
-        # live IKE SAs first: an SA replaced by a newer one (unique, reauth) reports its ChildDown after
-        # the newer one's ChildUp, so the shared policies (same reqid) never go away in between
-        for key, sa in sorted(self.sas.items(), key=lambda kv: kv[1].state == "closed"):
-            evs = sa.events()
-            for ev in evs:
-                if isinstance(ev, ReauthDue):
-                    self._reauthenticate(ev.sa, self._now)
-                elif isinstance(ev, IkeDown):
-                    if ev.cause == "peer" and self._superseded(ev.sa):
-                        ev.cause = "reauth"
-                    if any(n is ev.sa for n, _ in self._reauths):
-                        self._reauth_why[id(ev.sa)] = ev.reason
-            out += evs
-            if sa.state == "closed":
-                self._stateless += sa.datagrams()  # e.g. the response to the peer's DELETE: still to be sent
-                del self.sas[key]
-                self._init_index.pop((sa.spi_i, sa.remote), None)
-        return out + self._reauth_progress(self._now)
+    def _settle(self, now: float) -> None:
+        """Move the output of every SA that has some to the manager's queues, act on its events, forget the
+        SAs that closed, and refresh their timers; again for what that set off (bounded)."""
+        for _ in range(32):
+            if not self._ready:
+                break
+            ready, self._ready = list(self._ready.values()), {}
+            for sa in ready:
+                self._adopt(sa)
+            # live IKE SAs first (see the module docstring)
+            for sa in sorted(ready, key=lambda sa: sa.state == "closed"):
+                for ev in (evs := sa.events()):
+                    if isinstance(ev, ReauthDue):
+                        self._reauthenticate(ev.sa, now)
+                    elif isinstance(ev, IkeDown):
+                        if ev.cause == "peer" and self._superseded(ev.sa):
+                            ev.cause = "reauth"
+                        if any(n is ev.sa for n, _ in self._reauths):
+                            self._reauth_why[id(ev.sa)] = ev.reason
+                self._events += evs
+                self._out += sa.datagrams()
+                if sa.state == "closed":
+                    self._forget(sa)
+                else:
+                    self._push_timer(sa)
+                for ev in evs:  # an IKE SA an event names may have new timers without output of its own (a rekey's)
+                    for other in (getattr(ev, "new", None), getattr(ev, "redundant", None)):
+                        if isinstance(other, IkeSa) and other.state != "closed":
+                            self._push_timer(other)
+            self._events += self._reauth_progress(now)
+
+    def _forget(self, sa: IkeSa) -> None:
+        for key in [k for k, v in self.sas.items() if v is sa]:
+            del self.sas[key]
+        self._init_index.pop((sa.spi_i, sa.remote), None)
+        self._when.pop(id(sa), None)
+
+    def _push_timer(self, sa: IkeSa) -> None:
+        t = sa.get_timer()
+        if t is None:
+            self._when.pop(id(sa), None)  # its heap entry, if any, is stale now
+        elif self._when.get(id(sa)) != t:
+            self._when[id(sa)] = t
+            heapq.heappush(self._heap, (t, id(sa), sa))
 
     # --- reauthentication (§2.8.3) ----------------------------------------------------------------
 
     def _reauthenticate(self, old: IkeSa, now: float) -> None:
         if old.cfg.name not in self.peers or not old.established or any(o is old for _, o in self._reauths):
             return
-        new = self.initiate(old.cfg.name, now)  # no INITIAL_CONTACT: ``old`` still exists
+        new = self._start(old.cfg.name, now)  # no INITIAL_CONTACT: ``old`` still exists
         self._reauths.append((new, old))
         self._count("reauths_started")
 
@@ -357,13 +437,21 @@ class IkeManager:
         return out
 
     def get_timer(self) -> float | None:
-        times = [t for sa in self.sas.values() if (t := sa.get_timer()) is not None]
-        return min(times) if times else None
+        heap = self._heap
+        while heap and self._when.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale: the SA's timer moved, or it is gone
+        return heap[0][0] if heap else None
 
     def handle_timer(self, now: float) -> None:
+        """Run every SA whose timer is due (all are looked at: a timer may have moved without output), then
+        rebuild the timer heap."""
         self._now = max(self._now, now)
         for sa in list(self.sas.values()):
             t = sa.get_timer()
             if t is not None and t <= now:
                 sa.handle_timer(now)
-                self._adopt(sa)
+                self._wake(sa)
+        self._settle(now)
+        self._heap, self._when = [], {}
+        for sa in set(self.sas.values()):
+            self._push_timer(sa)

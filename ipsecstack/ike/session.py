@@ -117,6 +117,7 @@ class IkeSa:
         self.children: list[ChildSa] = []
         self.rekeys_done: dict[int, list[tuple[bytes, bytes, ChildSa, bool]]] = {}  # §2.8.1 (tasks/child_rekey.py)
         self._events: list[Event] = []
+        self.on_output: Callable[[IkeSa], None] | None = None  # told when there is output (the manager's ready set)
         # IKE SA rekeying (tasks/ike_rekey.py, §2.8.2): the SA that replaced this one; the new IKE SA of the peer's
         # rekey that came while ours was outstanding; whether this SA was made by a rekey and has not taken over;
         # new IKE SAs for the manager (spawned())
@@ -150,6 +151,15 @@ class IkeSa:
     def datagrams(self) -> list[Datagram]:
         out, self.tasks.out = self.tasks.out, []
         return out
+
+    def wake(self) -> None:
+        """There is output to collect: tell whoever collects it (IkeManager), if anyone."""
+        if self.on_output is not None:
+            self.on_output(self)
+
+    def _report(self, ev: Event) -> None:
+        self._events.append(ev)
+        self.wake()
 
     def events(self) -> list[Event]:
         evs, self._events = self._events, []
@@ -205,11 +215,11 @@ class IkeSa:
     # --- what the tasks report ------------------------------------------------------------------
 
     def report_peer_moved(self, addr: str, port: int) -> None:
-        self._events.append(PeerMoved(self, addr, port))
+        self._report(PeerMoved(self, addr, port))
 
     def child_up(self, rec: ChildSa) -> None:
         self.children.append(rec)
-        self._events.append(ChildUp.of(self, rec))
+        self._report(ChildUp.of(self, rec))
 
     def child_gone(self, rec: ChildSa, cause: str = "local") -> None:
         self.rekeys_done.pop(rec.spi_in, None)
@@ -217,16 +227,16 @@ class IkeSa:
             self.children.remove(rec)
             if any(o.child.name == rec.child.name for o in self.children):
                 cause = "rekeyed"  # retired after a rekey (or a collision): its config still has an SA
-            self._events.append(ChildDown(self, rec.spi_in, rec.spi_out, rec.child, cause))
+            self._report(ChildDown(self, rec.spi_in, rec.spi_out, rec.child, cause))
 
     def child_failed(self, reason: str, counter: str = "child_failed") -> None:
         self.count(counter)
         self.failure = reason
-        self._events.append(ChildFailed(self, reason))
+        self._report(ChildFailed(self, reason))
 
     def report_rekeyed(self, new: Context, collision: bool, redundant: Context | None) -> None:
         assert isinstance(new, IkeSa) and (redundant is None or isinstance(redundant, IkeSa))
-        self._events.append(IkeRekeyed(self, new, collision, redundant))
+        self._report(IkeRekeyed(self, new, collision, redundant))
 
     def close(self, reason: str, cause: str | None = None) -> None:
         """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
@@ -244,9 +254,9 @@ class IkeSa:
         self.tasks.window.outstanding = None
         self.linger_until = None
         for c in self.children:
-            self._events.append(ChildDown(self, c.spi_in, c.spi_out, c.child, "ike"))
+            self._report(ChildDown(self, c.spi_in, c.spi_out, c.child, "ike"))
         self.children.clear()
-        self._events.append(IkeDown(self, reason, cause))
+        self._report(IkeDown(self, reason, cause))
         standby, self.peer_rekey = self.peer_rekey, None
         if standby is not None:  # the peer's rekey of this SA never took over: it goes with it, quietly
             standby.close("its IKE SA closed before a simultaneous rekey was resolved (RFC 7296 §2.8.2)", "rekeyed")
@@ -319,7 +329,7 @@ class IkeSa:
         if self.established and self.reauth_at is not None and self.reauth_at <= now:
             self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
             self.count("reauths_due")
-            self._events.append(ReauthDue(self))
+            self._report(ReauthDue(self))
         if self.established and out is None and (task := timers.due_task(self, now)) is not None:
             self.tasks.run(task, now)
             return
@@ -328,7 +338,7 @@ class IkeSa:
     def set_established(self, now: float) -> None:
         self.step(Step.AUTHENTICATED)
         schedule.established(self, now)
-        self._events.append(IkeUp(self))
+        self._report(IkeUp(self))
 
     def reauth_failed(self, now: float) -> float | None:
         """The new IKE SA of our reauthentication failed: try again later, a bounded number of times.

@@ -154,7 +154,7 @@ class IkeEndpoint:
         now = self.clock()
         for sa in list(self.manager.sas.values()):
             if sa.established:
-                sa.delete(now)
+                self.manager.delete(sa, now)
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._send(self.manager.datagrams())
@@ -186,7 +186,7 @@ class IkeEndpoint:
         n = 0
         for sa in self.manager.by_name(name):
             if sa.state != "closed":
-                sa.delete(now)
+                self.manager.delete(sa, now)
                 n += 1
         self._pump()
         return n
@@ -218,12 +218,8 @@ class IkeEndpoint:
         """Datapath lifetime events of negotiated SAs: soft -> rekey now, hard -> delete the child SA."""
         if ev.sa.reqid is None or self._closing:
             return
-        now = self.clock()
-        for sa in list(self.manager.sas.values()):
-            done = sa.rekey_child_now(ev.sa.spi, now) if ev.kind == "soft" else sa.child_expired(ev.sa.spi, now)
-            if done:
-                self.log.info("child sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}")
-                break
+        if self.manager.child_lifetime(ev.sa.spi, ev.kind != "soft", self.clock()):
+            self.log.info("child sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}")
         self._pump()
 
     def _on_acquire(self, acq: Any) -> None:
@@ -239,7 +235,7 @@ class IkeEndpoint:
         if up is not None and key in self._armed and not any(c.child.name == key[1] for c in up.children):
             # close_action = trap after the peer deleted only this child: negotiate it in the IKE SA (§1.3.1)
             self.log.info("acquire", conn=name, child=key[1], ike_sa=up.spi_i.hex())
-            up.create_child(key[1], now)
+            self.manager.create_child(up, key[1], now)
             self._pump()
             return
         if sas:
@@ -376,7 +372,7 @@ class IkeEndpoint:
         now = self.clock()
         for child in r.create:
             self.log.info("child sa negotiated again (close_action = start)", child=child, **fields)
-            sa.create_child(child, now)
+            self.manager.create_child(sa, child, now)
         if r.restart and not any(s.state != "closed" for s in self.manager.by_name(name)):
             self.log.info("connection restarted", **fields)
             self._restarting.add(name)

@@ -98,7 +98,7 @@ class Run:
             assert [type(e).__name__ for e in evs if isinstance(e, ChildUp | ChildDown)] == ["ChildUp", "ChildDown"]
         assert len(sa_a.children) == len(sa_b.children) == 1 and sa_b.children[0] is not old_child
         assert sa_a.children[0].spi_out == sa_b.children[0].spi_in
-        sa_a.delete(70.0)
+        self.a.delete(sa_a, 70.0)
         pump_managers(self.a, self.b, 70.0)
         assert not self.a.sas and not self.b.sas
 

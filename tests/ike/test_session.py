@@ -276,7 +276,7 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     a.handle_timer(60.0)
     ev_a, ev_b = pump_managers(a, b, 60.0)
     assert [type(e).__name__ for e in ev_a if type(e).__name__.startswith("Child")] == ["ChildUp", "ChildDown"]
-    new_a.delete(70.0)
+    a.delete(new_a, 70.0)
     pump_managers(a, b, 70.0)
     assert not a.sas and not b.sas
 
@@ -569,7 +569,7 @@ def test_concentrator_assigns_virtual_ips_from_a_pool() -> None:
     assert mgr.stats.get("init_refused") is None
     # the first client leaves: its address goes back to the pool and the next client gets it
     cm0 = clients[0][0]
-    next(iter(cm0.sas.values())).delete(1.0)
+    cm0.delete(next(iter(cm0.sas.values())), 1.0)
     exchange(cm0, "198.51.100.1", 1.0)
     mgr.events()
     assert pool.leases == {b"\x03client1@example.org": pool.leases[b"\x03client1@example.org"]}
