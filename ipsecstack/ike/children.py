@@ -32,3 +32,4 @@ class ChildSa:
     rekey_at: float | None = None
     protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
     initiated: bool = True  # we initiated the exchange that created it (for a rekey: §2.8's "initiator")
+    reqid: int = 0  # what binds its SAs to their policies (IkeManager assigns it when the child comes up)

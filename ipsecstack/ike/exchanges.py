@@ -69,8 +69,17 @@ class Exchanges:
         """A task for ``subject`` (a ChildConfig, a ChildSa) runs or waits."""
         return any(t.about(subject) for t in ([self._active] if self._active else []) + self._queue)
 
-    def clear_queue(self) -> None:
+    def answer_again(self, exchange: int, inner: list[m.AnyPayload]) -> bool:
+        """Replace the response to the peer's latest request, not yet collected, by another one (and forget the
+        queued requests): the uniqueness policy's late refusal of an IKE_AUTH. False if there is none."""
+        cached = self.window.cached
+        if cached is None:
+            return False
+        mid, data = cached
+        self.out = [d for d in self.out if d.data != data]
         self._queue.clear()
+        self.respond(m.Message(self.sa.spi_i, self.sa.spi_r, exchange, 0, mid), inner)
+        return True
 
     def perform(self, task: Task, now: float) -> None:
         """Run ``task`` now if the window is free, else after the queued ones."""

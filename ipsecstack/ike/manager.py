@@ -14,10 +14,8 @@ connection naming that exact address before the ``%any`` ones), and IKE_AUTH may
 another candidate by the peer's identity and authentication (:mod:`ipsecstack.ike.profiles`).
 
 Cookies (§2.6): once ``cookie_threshold`` half-open SAs exist, an IKE_SA_INIT request must carry a
-COOKIE notify equal to <version> | SHA-256(Ni | IPi | SPIi | secret); without one it gets a COOKIE
-answer and no state at all. The secret is drawn from the injected rng and rotated every
-``COOKIE_LIFETIME`` seconds; cookies made with the previous secret stay valid for one more period.
-Beyond ``half_open_limit`` half-open SAs, requests are dropped and counted even with a cookie.
+valid COOKIE (:mod:`stateless`); without one it gets a COOKIE answer and no state at all. Beyond
+``half_open_limit`` half-open SAs, requests are dropped and counted even with a cookie.
 
 Uniqueness (strongSwan's ``unique``): when an IKE_AUTH request authenticates a peer, before anything
 leaves, the other established IKE SAs of the same connection and peer identity are looked up. ``replace``
@@ -36,12 +34,15 @@ deleted), the old one stays and tries again later (``ReauthFailed``). On either 
 deletes while a newer established IKE SA of the same connection and peer identity stays reports cause
 ``"reauth"`` instead of ``"peer"``: the connection is up, so no close action applies.
 
-Unknown major version (§2.5, §1.5): a message whose header says a major version above 2 is dropped
-and counted. If it is a request (never a response, as in §2.21.1) and the header length is the
-datagram's, it gets an unauthenticated response: the SPIs, exchange type and Message ID copied, the
-Response flag, version 2.0 (the highest we speak) in the header, and one N(INVALID_MAJOR_VERSION)
-without data; the answers share a token bucket of ``MAJOR_VERSION_BURST`` answers that refills at
-``MAJOR_VERSION_RATE`` per second of ``now``, so the stateless answers cannot be turned into a flood.
+Unknown major version (§2.5, §1.5): dropped and counted; a request is answered with a rate-limited
+INVALID_MAJOR_VERSION (:mod:`stateless`).
+
+Reqids: every child SA that comes up gets the reqid that binds its SAs to their policies (strongSwan's
+meaning), set on its ``ChildUp`` and record: a rekey keeps the reqid of the SA it replaces; a child with a
+trap policy (``traps``, by connection and child) takes the trap's; a child whose connection, child
+config, peer, mode and traffic selectors are already up in another IKE SA (a reauthentication, on either
+side) takes that reqid, as strongSwan reuses reqids for identical selectors; else a fresh one from 1. A
+reqid is free again once no child SA holds it.
 
 IKE SA rekeys (§2.18): the new IKE SA an exchange makes is demultiplexed to, under our SPI, from
 the moment it exists (``IkeSa.spawned``), not only once it takes over (``IkeRekeyed``): when both
@@ -61,18 +62,17 @@ SAs' timers, refreshed for the SAs each step touched and rebuilt by ``handle_tim
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import hmac
-import ipaddress
 from collections.abc import Callable
 
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.const import Exchange, Flag, Notify, Protocol
+from ipsecstack.ike.const import Exchange, Protocol
 from ipsecstack.ike.groups import KeyPairSource
 from ipsecstack.ike.session import (
+    ChildDown,
+    ChildUp,
     Datagram,
     Event,
     IkeDown,
@@ -84,12 +84,10 @@ from ipsecstack.ike.session import (
     id_text,
     same_identity,
 )
+from ipsecstack.ike.stateless import MAJOR_VERSION_BURST, MAJOR_VERSION_RATE, Stateless
 
 DEFAULT_HALF_OPEN_LIMIT = 256
 DEFAULT_COOKIE_THRESHOLD = 32
-COOKIE_LIFETIME = 120.0
-MAJOR_VERSION_BURST = 10  # INVALID_MAJOR_VERSION answers at once ...
-MAJOR_VERSION_RATE = 2.0  # ... and then per second
 
 
 class IkeManager:
@@ -103,8 +101,7 @@ class IkeManager:
         self.keypairs = keypairs  # KE key pairs made ahead of time (ike/groups.py), handed to every IKE SA
         self.half_open_limit = half_open_limit
         self.cookie_threshold = cookie_threshold
-        self._secrets: list[tuple[int, bytes]] = []  # (version, secret), newest first
-        self._secret_at = -1e18
+        self.stateless = Stateless(rng, self._count)  # cookies and INVALID_MAJOR_VERSION answers (no state per peer)
         self.sas: dict[bytes, IkeSa] = {}
         self._init_index: dict[tuple[bytes, str], IkeSa] = {}
         self._stateless: list[Datagram] = []  # answers without an SA (cookies, INVALID_MAJOR_VERSION, refusals)
@@ -113,13 +110,15 @@ class IkeManager:
         self._ready: dict[int, IkeSa] = {}  # id -> SA with output not yet settled
         self._heap: list[tuple[float, int, IkeSa]] = []  # (timer, id, SA), stale entries skipped
         self._when: dict[int, float] = {}  # id -> the timer the heap holds for it
+        self.traps: dict[tuple[str, str], int] = {}  # (connection, child) -> the reqid of its trap policy
+        self._reqid = 0  # the last reqid handed out (trap reqids are the runtime's, from a range of their own)
+        self._spi_reqid: dict[int, int] = {}  # inbound SPI of a child SA up -> its reqid
+        self._reqid_keys: dict[int, tuple[object, ...]] = {}  # reqid -> what its policies cover
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
         self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
         self._reauth_why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
         self._now = 0.0  # the latest time we were given (events() acts on ReauthDue with it)
-        self._version_tokens = float(MAJOR_VERSION_BURST)  # token bucket for INVALID_MAJOR_VERSION (§2.5)
-        self._version_tokens_at = 0.0
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -208,8 +207,8 @@ class IkeManager:
         if half_open >= self.half_open_limit:
             self._count("dropped_half_open_limit")
             return
-        if half_open >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
-            self._send_cookie(msg, src, src_port, dst_port, now)
+        if half_open >= self.cookie_threshold and not self.stateless.cookie_ok(msg, src, now):
+            self._stateless.append(self.stateless.cookie(msg, src, src_port, dst_port, now))
             return
         candidates = self._candidates(msg, src)
         cfg = candidates[0]
@@ -244,56 +243,9 @@ class IkeManager:
         return [first, *(p for p in fits if p is not first and p.local_addr == first.local_addr)]
 
     def _unknown_major_version(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
-        """§2.5: drop it; answer a request with INVALID_MAJOR_VERSION in our version (§1.5), rate-limited."""
-        spi_i, spi_r, _np, _v, exchange, flags, mid, length = m.decode_header(data)
-        self._count("dropped_major_version")
-        if flags & Flag.RESPONSE or length != len(data):
-            return  # never answer a response (§2.21.1), nor what is not one whole message
-        elapsed = max(0.0, now - self._version_tokens_at)
-        self._version_tokens = min(float(MAJOR_VERSION_BURST), self._version_tokens + elapsed * MAJOR_VERSION_RATE)
-        self._version_tokens_at = max(self._version_tokens_at, now)
-        if self._version_tokens < 1.0:
-            self._count("invalid_major_version_limited")
-            return
-        self._version_tokens -= 1.0
-        # §1.5: a response with the request's SPIs, exchange type and Message ID; no notification data
-        reply = m.Message(spi_i, spi_r, exchange, Flag.RESPONSE, mid, [m.Notify(Notify.INVALID_MAJOR_VERSION)])
-        self._stateless.append(Datagram(reply.encode(), src, src_port, dst_port))
-        self._count("invalid_major_version_sent")
-
-    # --- cookies (§2.6) ---------------------------------------------------------------------------
-
-    def _rotate(self, now: float) -> None:
-        if now - self._secret_at >= COOKIE_LIFETIME or not self._secrets:
-            version = (self._secrets[0][0] + 1) & 0xFFFF if self._secrets else 0
-            self._secrets = [(version, self.rng(32)), *self._secrets[:1]]
-            self._secret_at = now
-
-    def _cookie(self, version: int, secret: bytes, msg: m.Message, src: str) -> bytes:
-        nonce = next((p.data for p in msg.payloads if isinstance(p, m.Nonce)), b"")
-        ip = ipaddress.ip_address(src).packed
-        return version.to_bytes(2, "big") + hashlib.sha256(nonce + ip + msg.spi_i + secret).digest()
-
-    def _cookie_ok(self, msg: m.Message, src: str, now: float) -> bool:
-        self._rotate(now)
-        first = msg.payloads[0] if msg.payloads else None
-        if not isinstance(first, m.Notify) or first.notify_type != Notify.COOKIE or len(first.data) < 2:
-            return False
-        version = int.from_bytes(first.data[:2], "big")
-        for v, secret in self._secrets:
-            if v == version and hmac.compare_digest(first.data, self._cookie(v, secret, msg, src)):
-                self._count("cookies_accepted")
-                return True
-        self._count("cookies_rejected")
-        return False
-
-    def _send_cookie(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
-        self._rotate(now)
-        v, secret = self._secrets[0]
-        reply = m.Message(msg.spi_i, bytes(8), Exchange.IKE_SA_INIT, 0x20, 0,
-                          [m.Notify(Notify.COOKIE, self._cookie(v, secret, msg, src))])  # fmt: skip
-        self._stateless.append(Datagram(reply.encode(), src, src_port, dst_port))
-        self._count("cookies_sent")
+        reply = self.stateless.major_version(data, src, src_port, dst_port, now)
+        if reply is not None:
+            self._stateless.append(reply)
 
     def datagrams(self) -> list[Datagram]:
         out = self._stateless + self._out
@@ -354,7 +306,11 @@ class IkeManager:
             # live IKE SAs first (see the module docstring)
             for sa in sorted(ready, key=lambda sa: sa.state == "closed"):
                 for ev in (evs := sa.events()):
-                    if isinstance(ev, ReauthDue):
+                    if isinstance(ev, ChildUp):
+                        self._assign_reqid(ev)
+                    elif isinstance(ev, ChildDown):
+                        self._release_reqid(ev.spi_in)
+                    elif isinstance(ev, ReauthDue):
                         self._reauthenticate(ev.sa, now)
                     elif isinstance(ev, IkeDown):
                         if ev.cause == "peer" and self._superseded(ev.sa):
@@ -372,6 +328,32 @@ class IkeManager:
                         if isinstance(other, IkeSa) and other.state != "closed":
                             self._push_timer(other)
             self._events += self._reauth_progress(now)
+
+    def _assign_reqid(self, ev: ChildUp[IkeSa]) -> None:
+        sa = ev.sa
+        reqid = self._spi_reqid.get(ev.replaces) if ev.replaces is not None else None
+        if reqid is None:
+            reqid = self.traps.get((sa.cfg.name, ev.child.name))
+        if reqid is None:
+            peer = sa.peer_id if sa.peer_id is not None else sa.remote
+            key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)),
+                   tuple(map(str, ev.remote_ts)))  # fmt: skip
+            in_use = set(self._spi_reqid.values())
+            reqid = next((r for r, k in self._reqid_keys.items() if k == key and r in in_use), None)
+            if reqid is None:
+                self._reqid += 1
+                reqid = self._reqid
+                self._reqid_keys[reqid] = key
+        ev.reqid = reqid
+        rec = next((c for c in sa.children if c.spi_in == ev.spi_in), None)
+        if rec is not None:
+            rec.reqid = reqid
+        self._spi_reqid[ev.spi_in] = reqid
+
+    def _release_reqid(self, spi_in: int) -> None:
+        reqid = self._spi_reqid.pop(spi_in, None)
+        if reqid is not None and reqid not in self._spi_reqid.values():
+            self._reqid_keys.pop(reqid, None)
 
     def _forget(self, sa: IkeSa) -> None:
         for key in [k for k, v in self.sas.items() if v is sa]:
@@ -455,3 +437,6 @@ class IkeManager:
         self._heap, self._when = [], {}
         for sa in set(self.sas.values()):
             self._push_timer(sa)
+
+
+__all__ = ["MAJOR_VERSION_BURST", "MAJOR_VERSION_RATE", "IkeManager"]

@@ -11,8 +11,8 @@ from typing import Literal
 from ipsecstack.ike import auth
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.certs import DnError, dn_from_text, dn_matches, dn_text, parse_dn, same_dn
 from ipsecstack.ike.const import IdType, Notify, Protocol
+from ipsecstack.ike.dn import DnError, dn_from_text, dn_matches, dn_text, parse_dn, same_dn
 from ipsecstack.ike.pools import Pool
 from ipsecstack.ike.ts import Range
 

@@ -21,7 +21,7 @@ A message that does not fit the state is dropped and counted (§2.21); nothing i
 authenticates, except the unprotected IKE_SA_INIT error notifies §2.21.1 allows. A retransmitted
 peer request gets the cached response again, byte for byte, and is not processed twice. NAT
 traversal (§2.23): if either NAT_DETECTION hash differs, the initiator moves to port 4500 for
-everything after IKE_SA_INIT and the child SAs are UDP-encapsulated. Timers: :mod:`lifetimes`.
+everything after IKE_SA_INIT and the child SAs are UDP-encapsulated (:mod:`nat`). Timers: :mod:`timers`.
 """
 
 from __future__ import annotations
@@ -402,17 +402,12 @@ class IkeSa:
         """Responder, right after an IKE_AUTH request authenticated the peer and before its output was
         collected: answer AUTHENTICATION_FAILED instead and close (uniqueness policy ``keep``, as strongSwan).
         The IKE_AUTH response, IkeUp and ChildUp are withdrawn. False when it is too late for that."""
-        cached = self.tasks.window.cached
-        if self.initiator or self.state != "established" or cached is None \
-                or not any(isinstance(e, IkeUp) for e in self._events):  # fmt: skip
+        if self.initiator or self.state != "established" or not any(isinstance(e, IkeUp) for e in self._events):
             return False
-        mid, data = cached
-        self.tasks.out = [d for d in self.tasks.out if d.data != data]
+        if not self.tasks.answer_again(Exchange.IKE_AUTH, [m.Notify(Notify.AUTHENTICATION_FAILED)]):
+            return False
         self._events = [e for e in self._events if not isinstance(e, IkeUp | ChildUp)]
         self.children.clear()
-        self.tasks.clear_queue()
-        self.tasks.respond(m.Message(self.spi_i, self.spi_r, Exchange.IKE_AUTH, 0, mid),
-                      [m.Notify(Notify.AUTHENTICATION_FAILED)])  # fmt: skip
         self.count("refused_by_uniqueness")
         self.close(reason, "failed")
         return True

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipsecstack.ike.certs import dn_text
+from ipsecstack.ike.dn import dn_text
 from ipsecstack.ike.session import id_text
 
 DEFAULT_SOCKET = "/run/ipsecstack/ipsecstack.sock"

@@ -9,12 +9,12 @@ port 4500 shares the ESP-in-UDP socket (the outer ``udp`` backend), where the da
 non-ESP-marker datagrams back through ``Node.on_ike``. After every input (datagram or timer) the
 endpoint sends what the manager queued, applies its events and re-arms its single timer.
 
-A ``ChildUp`` installs an inbound and an outbound ESP SA sharing a fresh ``reqid`` plus the SPD
-policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
-``IkeDown`` remove them. A child SA whose configuration and traffic selectors already have SAs installed
-by another IKE SA of the same peer (a reauthentication, ``reauth_time``, on either side) takes that reqid,
-as strongSwan reuses reqids for identical selectors: like a rekey, the policies stay, the newest outbound
-SA takes over, no updown script runs, and removing the old IKE SA's SAs later leaves the policies alone.
+A ``ChildUp`` installs an inbound and an outbound ESP SA with the ``reqid`` the manager gave it plus the
+SPD policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
+``IkeDown`` remove them. A child SA whose reqid other installed SAs carry already (a rekey, or a
+reauthentication, ``reauth_time``, on either side: the manager reuses reqids for identical selectors, as
+strongSwan does): the policies stay, the newest outbound SA takes over, no updown script runs, and
+removing the old IKE SA's SAs later leaves the policies alone.
 An IKE SA rekey (``IkeRekeyed``: one per rekey and end, for the IKE SA that carries the children on, also when
 both ends rekeyed at once, RFC 7296 §2.8.2) keeps every child SA as it is; the old IKE SA and a redundant new one
 close quietly (cause ``rekeyed``). Connections with ``start_action = start`` are initiated at launch and, while
@@ -34,7 +34,7 @@ from typing import Any
 
 from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
-from ipsecstack.ike.certs import dn_text
+from ipsecstack.ike.dn import dn_text
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import (
@@ -92,13 +92,12 @@ class IkeEndpoint:
         # §2.8: outbound SAs of rekeys we answered, held back until the peer is ready: spi_in -> (SA, replaced spi_in)
         self._pending_out: dict[int, tuple[SecurityAssociation, int]] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._reqid = 0
-        self._spi_reqid: dict[int, int] = {}
+        self._spi_reqid: dict[int, int] = {}  # inbound SPI of an installed pair -> its reqid
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
         self._policies: dict[int, list[Policy]] = {}
-        self._reqid_keys: dict[int, tuple[Any, ...]] = {}  # negotiated reqid -> what its policies cover
         self._seen: dict[int, int] = {}
         self.traps = dict(traps or {})
+        self.manager.traps = dict(self.traps)
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
         self._armed: set[tuple[str, str]] = set()  # (conn, child) traps armed by close_action/dpd_action = trap
@@ -170,6 +169,7 @@ class IkeEndpoint:
     def set_traps(self, traps: dict[tuple[str, str], int]) -> None:
         """The trap reqids by (connection, child), after a reload."""
         self.traps = dict(traps)
+        self.manager.traps = dict(traps)
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
 
     def initiate(self, name: str) -> None:
@@ -401,23 +401,7 @@ class IkeEndpoint:
         sa = ev.sa
         rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
         trap = self.traps.get((sa.cfg.name, ev.child.name))
-        if rekey:
-            # make-before-break (RFC 7296 §2.8): same reqid, so the policies stay and the newest
-            # outbound SA takes over at once; the old pair goes when its DELETE is done
-            reqid = self._spi_reqid[ev.replaces]  # type: ignore[index]
-        elif trap is not None:
-            reqid = trap  # the trap policies (installed at start) bind the negotiated SAs
-        else:
-            # the same child and selectors already up in another IKE SA of this peer (reauthentication): its reqid
-            peer = sa.peer_id if sa.peer_id is not None else sa.remote
-            key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)),
-                   tuple(map(str, ev.remote_ts)))  # fmt: skip
-            in_use = set(self._spi_reqid.values())
-            reqid = next((r for r, k in self._reqid_keys.items() if k == key and r in in_use), 0)
-            if not reqid:
-                self._reqid += 1
-                reqid = self._reqid
-                self._reqid_keys[reqid] = key
+        reqid = ev.reqid  # the manager's (a rekey keeps it, a trap's, or the one a reauthentication shares)
         # already carried by another SA pair (reauthentication, or a second IKE SA): make-before-break as a rekey
         continues = rekey or reqid in self._spi_reqid.values()
         inb, out, pols = child_objects(ev, reqid)
@@ -485,7 +469,6 @@ class IkeEndpoint:
             for p in self._policies.pop(reqid, []):
                 with contextlib.suppress(ValueError):
                     self.dp.spd.remove(p)
-            self._reqid_keys.pop(reqid, None)
             self.updown.down(reqid)  # the child is gone, not just rekeyed
         self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
 

@@ -9,8 +9,9 @@ import pytest
 
 from ipsecstack.ike import auth
 from ipsecstack.ike import message as m
-from ipsecstack.ike.certs import ca_hash, cert_has_id, dn_from_text, dn_text, parse_dn, same_dn, verify_path
+from ipsecstack.ike.certs import ca_hash, cert_has_id, verify_path
 from ipsecstack.ike.const import AuthMethod, IdType, Notify
+from ipsecstack.ike.dn import dn_from_text, dn_text, parse_dn, same_dn
 from ipsecstack.ike.session import ChildUp, IkeDown, IkeSa, IkeUp, PeerConfig, id_text, identity
 from tests.ike.helpers import A, B, Wire, ike_config, sa_events
 from tests.pkiutil import issue
