@@ -37,12 +37,7 @@ deletes while a newer established IKE SA of the same connection and peer identit
 Unknown major version (§2.5, §1.5): dropped and counted; a request is answered with a rate-limited
 INVALID_MAJOR_VERSION (:mod:`stateless`).
 
-Reqids: every child SA that comes up gets the reqid that binds its SAs to their policies (strongSwan's
-meaning), set on its ``ChildUp`` and record: a rekey keeps the reqid of the SA it replaces; a child with a
-trap policy (``traps``, by connection and child) takes the trap's; a child whose connection, child
-config, peer, mode and traffic selectors are already up in another IKE SA (a reauthentication, on either
-side) takes that reqid, as strongSwan reuses reqids for identical selectors; else a fresh one from 1. A
-reqid is free again once no child SA holds it.
+Reqids: every child SA that comes up gets the reqid binding its SAs to their policies (:mod:`reqids`).
 
 IKE SA rekeys (§2.18): the new IKE SA an exchange makes is demultiplexed to, under our SPI, from
 the moment it exists (``IkeSa.spawned``), not only once it takes over (``IkeRekeyed``): when both
@@ -70,6 +65,7 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Protocol
 from ipsecstack.ike.groups import KeyPairSource
+from ipsecstack.ike.reqids import Reqids
 from ipsecstack.ike.session import (
     ChildDown,
     ChildUp,
@@ -110,10 +106,7 @@ class IkeManager:
         self._ready: dict[int, IkeSa] = {}  # id -> SA with output not yet settled
         self._heap: list[tuple[float, int, IkeSa]] = []  # (timer, id, SA), stale entries skipped
         self._when: dict[int, float] = {}  # id -> the timer the heap holds for it
-        self.traps: dict[tuple[str, str], int] = {}  # (connection, child) -> the reqid of its trap policy
-        self._reqid = 0  # the last reqid handed out (trap reqids are the runtime's, from a range of their own)
-        self._spi_reqid: dict[int, int] = {}  # inbound SPI of a child SA up -> its reqid
-        self._reqid_keys: dict[int, tuple[object, ...]] = {}  # reqid -> what its policies cover
+        self.reqids = Reqids()  # which reqid each child SA gets (reqids.py); ``reqids.traps`` is the runtime's
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
         self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
@@ -307,9 +300,9 @@ class IkeManager:
             for sa in sorted(ready, key=lambda sa: sa.state == "closed"):
                 for ev in (evs := sa.events()):
                     if isinstance(ev, ChildUp):
-                        self._assign_reqid(ev)
+                        self.reqids.assign(ev)
                     elif isinstance(ev, ChildDown):
-                        self._release_reqid(ev.spi_in)
+                        self.reqids.release(ev.spi_in)
                     elif isinstance(ev, ReauthDue):
                         self._reauthenticate(ev.sa, now)
                     elif isinstance(ev, IkeDown):
@@ -328,32 +321,6 @@ class IkeManager:
                         if isinstance(other, IkeSa) and other.state != "closed":
                             self._push_timer(other)
             self._events += self._reauth_progress(now)
-
-    def _assign_reqid(self, ev: ChildUp[IkeSa]) -> None:
-        sa = ev.sa
-        reqid = self._spi_reqid.get(ev.replaces) if ev.replaces is not None else None
-        if reqid is None:
-            reqid = self.traps.get((sa.cfg.name, ev.child.name))
-        if reqid is None:
-            peer = sa.peer_id if sa.peer_id is not None else sa.remote
-            key = (sa.cfg.name, ev.child.name, peer, ev.mode, tuple(map(str, ev.local_ts)),
-                   tuple(map(str, ev.remote_ts)))  # fmt: skip
-            in_use = set(self._spi_reqid.values())
-            reqid = next((r for r, k in self._reqid_keys.items() if k == key and r in in_use), None)
-            if reqid is None:
-                self._reqid += 1
-                reqid = self._reqid
-                self._reqid_keys[reqid] = key
-        ev.reqid = reqid
-        rec = next((c for c in sa.children if c.spi_in == ev.spi_in), None)
-        if rec is not None:
-            rec.reqid = reqid
-        self._spi_reqid[ev.spi_in] = reqid
-
-    def _release_reqid(self, spi_in: int) -> None:
-        reqid = self._spi_reqid.pop(spi_in, None)
-        if reqid is not None and reqid not in self._spi_reqid.values():
-            self._reqid_keys.pop(reqid, None)
 
     def _forget(self, sa: IkeSa) -> None:
         for key in [k for k, v in self.sas.items() if v is sa]:

@@ -97,7 +97,7 @@ class IkeEndpoint:
         self._policies: dict[int, list[Policy]] = {}
         self._seen: dict[int, int] = {}
         self.traps = dict(traps or {})
-        self.manager.traps = dict(self.traps)
+        self.manager.reqids.traps = dict(self.traps)
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
         self._armed: set[tuple[str, str]] = set()  # (conn, child) traps armed by close_action/dpd_action = trap
@@ -169,7 +169,7 @@ class IkeEndpoint:
     def set_traps(self, traps: dict[tuple[str, str], int]) -> None:
         """The trap reqids by (connection, child), after a reload."""
         self.traps = dict(traps)
-        self.manager.traps = dict(traps)
+        self.manager.reqids.traps = dict(traps)
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
 
     def initiate(self, name: str) -> None:

@@ -63,7 +63,7 @@ def test_a_trap_policy_gives_its_reqid() -> None:
     cfg_a = ike_config(A, B, "10.1.0.0/16", "10.2.0.0/16")
     cfg_b = ike_config(B, A, "10.2.0.0/16", "10.1.0.0/16")
     a, b = IkeManager([cfg_a], seeded_rng(13)), IkeManager([cfg_b], seeded_rng(14))
-    a.traps = {("conn", "net"): 1 << 20}
+    a.reqids.traps = {("conn", "net"): 1 << 20}
     a.initiate("conn", 0.0)
     ev_a, ev_b = pump_managers(a, b, 0.0)
     assert [u.reqid for u in _ups(ev_a)] == [1 << 20] and [u.reqid for u in _ups(ev_b)] == [1]
