@@ -33,3 +33,11 @@ class ChildSa:
     protocol: Literal["esp", "ah"] = "esp"  # the child's IPsec protocol (ah_proposals: AH, RFC 4302)
     initiated: bool = True  # we initiated the exchange that created it (for a rekey: §2.8's "initiator")
     reqid: int = 0  # what binds its SAs to their policies (IkeManager assigns it when the child comes up)
+    # RFC 7296 §2.8: the responder of a rekey sends on the new outbound SA only once the initiator is surely
+    # ready: until then (at most this long) the old one carries on; OutboundReady says when
+    out_held_until: float | None = None
+
+    @property
+    def hold_out(self) -> bool:
+        """Its outbound SA waits (§2.8): install only the inbound one until OutboundReady."""
+        return self.out_held_until is not None

@@ -103,6 +103,17 @@ class ChildUp(ChildSa, Generic[S]):
 
 
 @dataclass
+class OutboundReady(Generic[S]):
+    """Send on the outbound SA of child SA ``spi_in`` from now on (RFC 7296 §2.8: it was held back since we
+    answered the rekey that made it). ``why``: the peer sends on the new pair, the peer deleted the SA it
+    replaces, or no traffic came in time (then the new one is used anyway)."""
+
+    sa: S
+    spi_in: int
+    why: str
+
+
+@dataclass
 class ChildDown(Generic[S]):
     """A child SA is gone. ``cause``: ``"peer"`` (the peer deleted it and no other SA of its config remains
     in this IKE SA), ``"rekeyed"`` (a newer SA of the same config carries on), ``"ike"`` (its IKE SA went: see
@@ -122,6 +133,7 @@ Event = (
     | IkeDown[S]
     | ChildUp[S]
     | ChildDown[S]
+    | OutboundReady[S]
     | ChildFailed[S]
     | ReauthDue[S]
     | IkeReauthed[S]

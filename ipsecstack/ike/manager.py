@@ -58,7 +58,7 @@ SAs' timers, refreshed for the SAs each step touched and rebuilt by ``handle_tim
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
@@ -73,6 +73,7 @@ from ipsecstack.ike.session import (
     Event,
     IkeDown,
     IkeReauthed,
+    IkeRekeyed,
     IkeSa,
     PeerConfig,
     ReauthDue,
@@ -106,6 +107,7 @@ class IkeManager:
         self._ready: dict[int, IkeSa] = {}  # id -> SA with output not yet settled
         self._heap: list[tuple[float, int, IkeSa]] = []  # (timer, id, SA), stale entries skipped
         self._when: dict[int, float] = {}  # id -> the timer the heap holds for it
+        self._by_child: dict[int, IkeSa] = {}  # inbound SPI of a child SA -> the IKE SA that has it
         self.reqids = Reqids()  # which reqid each child SA gets (reqids.py); ``reqids.traps`` is the runtime's
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
@@ -274,6 +276,16 @@ class IkeManager:
                 return True
         return False
 
+    def inbound_seen(self, spis: Iterable[int], now: float) -> None:
+        """The datapath saw traffic on these child SAs (by inbound SPI) since it last said: their IKE SAs' peers
+        are alive (DPD, §2.4), and a rekey's held-back outbound SA may go (§2.8). Costs the SPIs given."""
+        self._now = max(self._now, now)
+        for spi in spis:
+            sa = self._by_child.get(spi)
+            if sa is not None and sa.state != "closed":
+                sa.inbound_seen(spi, now)
+        self._settle(now)
+
     # --- settling what the IKE SAs produced -----------------------------------------------------
 
     def _wake(self, sa: IkeSa) -> None:
@@ -301,8 +313,13 @@ class IkeManager:
                 for ev in (evs := sa.events()):
                     if isinstance(ev, ChildUp):
                         self.reqids.assign(ev)
+                        self._by_child[ev.spi_in] = ev.sa
                     elif isinstance(ev, ChildDown):
                         self.reqids.release(ev.spi_in)
+                        if self._by_child.get(ev.spi_in) is ev.sa:
+                            del self._by_child[ev.spi_in]
+                    elif isinstance(ev, IkeRekeyed):
+                        self._by_child.update({c.spi_in: ev.new for c in ev.new.children})
                     elif isinstance(ev, ReauthDue):
                         self._reauthenticate(ev.sa, now)
                     elif isinstance(ev, IkeDown):

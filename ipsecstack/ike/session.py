@@ -46,6 +46,7 @@ from ipsecstack.ike.events import (
     IkeReauthed,
     IkeRekeyed,
     IkeUp,
+    OutboundReady,
     PeerMoved,
     ReauthDue,
     ReauthFailed,
@@ -223,6 +224,9 @@ class IkeSa:
 
     def child_gone(self, rec: ChildSa, cause: str = "local") -> None:
         self.rekeys_done.pop(rec.spi_in, None)
+        for new in self.children:
+            if new.replaces == rec.spi_in and new.hold_out:
+                self.release_out(new, "peer deleted the old SA")  # so the new one is ready before the old goes
         if rec in self.children:
             self.children.remove(rec)
             if any(o.child.name == rec.child.name for o in self.children):
@@ -233,6 +237,19 @@ class IkeSa:
         self.count(counter)
         self.failure = reason
         self._report(ChildFailed(self, reason))
+
+    def release_out(self, rec: ChildSa, why: str) -> None:
+        """§2.8: the held-back outbound SA of ``rec`` carries the traffic from now on."""
+        rec.out_held_until = None
+        self._report(OutboundReady(self, rec.spi_in, why))
+
+    def inbound_seen(self, spi_in: int, now: float) -> None:
+        """The datapath saw traffic on the child SA with this inbound SPI: the peer is alive (§2.4), and it
+        uses the new pair of a rekey we answered (§2.8)."""
+        self.heard(now)
+        rec = next((c for c in self.children if c.spi_in == spi_in), None)
+        if rec is not None and rec.hold_out:
+            self.release_out(rec, "peer sends on it")
 
     def report_rekeyed(self, new: Context, collision: bool, redundant: Context | None) -> None:
         assert isinstance(new, IkeSa) and (redundant is None or isinstance(redundant, IkeSa))
@@ -330,6 +347,8 @@ class IkeSa:
             self.reauth_at = None  # the manager builds the new IKE SA; it needs no exchange in this one
             self.count("reauths_due")
             self._report(ReauthDue(self))
+        for rec in timers.holds_due(self, now):
+            self.release_out(rec, "no traffic from the peer yet")
         if self.established and out is None and (task := timers.due_task(self, now)) is not None:
             self.tasks.run(task, now)
             return
@@ -423,8 +442,8 @@ class IkeSa:
 
 __all__ = [  # the IKE SA's public surface: the configuration (model.py) and the events (events.py) too
     "ChildConfig", "ChildDown", "ChildFailed", "ChildSa", "ChildUp", "Datagram", "Event", "IkeDown", "IkeReauthed",
-    "IkeRekeyed", "IkeSa", "IkeUp", "PeerConfig", "PeerMoved", "ReauthDue", "ReauthFailed", "id_text", "identity",
-    "is_wildcard", "same_identity",
+    "IkeRekeyed", "IkeSa", "IkeUp", "OutboundReady", "PeerConfig", "PeerMoved", "ReauthDue", "ReauthFailed",
+    "id_text", "identity", "is_wildcard", "same_identity",
 ]  # fmt: skip
 
 Event = events.Event[IkeSa]  # what an IkeSa (and the manager) reports

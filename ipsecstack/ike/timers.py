@@ -7,7 +7,8 @@ Functions of the task :class:`~ipsecstack.ike.tasks.base.Context`; the IKE SA ca
 rekey (``rekey_at``, from ``rekey_time`` a little early by a random amount, ``rand_time`` or
 ``rekey_jitter``, so that both ends rarely rekey at once), its hard lifetime (``expire_at``: rekey_time
 plus ``over_time``, strongSwan's default 10% of rekey_time), reauthentication (``reauth_at``: only
-reported, the manager makes the new IKE SA, make-before-break), each child's rekey, and the
+reported, the manager makes the new IKE SA, make-before-break), each child's rekey (and, for a rekey we
+answered, how long its new outbound SA waits at most, §2.8), and the
 liveness check (``dpd_delay`` after the peer was last heard from: an authenticated message or inbound
 ESP the datapath saw). A half-open responder SA gives up after ``half_open_timeout``; a "deleting" SA
 waits for the peer's DELETE until ``linger_until``. A task that is due runs only when the window is
@@ -16,6 +17,7 @@ free; the retransmission of the outstanding request has its own time (:mod:`wind
 
 from __future__ import annotations
 
+from ipsecstack.ike.children import ChildSa
 from ipsecstack.ike.model import REDUNDANT
 from ipsecstack.ike.state import IkeState
 from ipsecstack.ike.tasks.base import Context, Task
@@ -40,6 +42,7 @@ def next_time(ctx: Context, retransmit_at: float | None) -> float | None:
     if state is not IkeState.ESTABLISHED:
         return None
     times = [c.rekey_at for c in ctx.children if c.rekey_at is not None]
+    times += [c.out_held_until for c in ctx.children if c.out_held_until is not None]
     times += [t for t in (ctx.rekey_at, ctx.reauth_at, ctx.expire_at) if t is not None]
     if ctx.cfg.dpd_delay:
         times.append(ctx.last_heard + ctx.cfg.dpd_delay)
@@ -62,6 +65,11 @@ def ended(ctx: Context, now: float, *, window_free: bool) -> bool:
                       f"{ctx.cfg.rekey_time:g}s + {over:g}s)", now, "expired")  # fmt: skip
         return True
     return False
+
+
+def holds_due(ctx: Context, now: float) -> list[ChildSa]:
+    """The children whose outbound SA was held back long enough (§2.8: then it is used anyway)."""
+    return [c for c in ctx.children if c.out_held_until is not None and c.out_held_until <= now]
 
 
 def due_task(ctx: Context, now: float) -> Task | None:

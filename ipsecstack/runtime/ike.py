@@ -15,6 +15,10 @@ SPD policies for the negotiated traffic selectors (PROTECT bound to that reqid);
 reauthentication, ``reauth_time``, on either side: the manager reuses reqids for identical selectors, as
 strongSwan does): the policies stay, the newest outbound SA takes over, no updown script runs, and
 removing the old IKE SA's SAs later leaves the policies alone.
+A child SA rekeyed by the peer (``ChildUp.hold_out``, RFC 7296 §2.8) gets its inbound SA at once and its
+outbound SA at the core's ``OutboundReady``; the endpoint reports the child SAs that received ESP to the core
+(``IkeManager.inbound_seen``: DPD and the hold-back decide on it), looking every IKE timer and, while an
+outbound SA is held back, every ``PENDING_POLL`` seconds at that SA.
 An IKE SA rekey (``IkeRekeyed``: one per rekey and end, for the IKE SA that carries the children on, also when
 both ends rekeyed at once, RFC 7296 §2.8.2) keeps every child SA as it is; the old IKE SA and a redundant new one
 close quietly (cause ``rekeyed``). Connections with ``start_action = start`` are initiated at launch and, while
@@ -47,6 +51,7 @@ from ipsecstack.ike.session import (
     IkeRekeyed,
     IkeSa,
     IkeUp,
+    OutboundReady,
     PeerConfig,
     PeerMoved,
     ReauthDue,
@@ -62,8 +67,7 @@ from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
-PENDING_POLL = 0.02  # how often a held-back outbound SA checks for traffic on its inbound half ...
-PENDING_TRIES = 250  # ... for at most 5 s; then it is used anyway
+PENDING_POLL = 0.02  # how often a held-back outbound SA checks for traffic on its inbound half (the core times out)
 KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
 
@@ -89,8 +93,8 @@ class IkeEndpoint:
         self.clock = clock
         self._socks: dict[str, socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # §2.8: outbound SAs of rekeys we answered, held back until the peer is ready: spi_in -> (SA, replaced spi_in)
-        self._pending_out: dict[int, tuple[SecurityAssociation, int]] = {}
+        # §2.8: outbound SAs of rekeys we answered, held back until the core says OutboundReady: spi_in -> SA
+        self._pending_out: dict[int, SecurityAssociation] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._spi_reqid: dict[int, int] = {}  # inbound SPI of an installed pair -> its reqid
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
@@ -302,6 +306,8 @@ class IkeEndpoint:
             self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):
             self._install(ev)
+        elif isinstance(ev, OutboundReady):
+            self._activate_out(ev.spi_in, ev.why)
         elif isinstance(ev, ChildFailed):
             self.log.warning("child sa failed", conn=ev.sa.cfg.name, peer=ev.sa.remote, reason=ev.reason)
         elif isinstance(ev, ChildDown):
@@ -407,12 +413,11 @@ class IkeEndpoint:
         inb, out, pols = child_objects(ev, reqid)
         now = self.clock()
         self.dp.install(inb, now)
-        if rekey and not ev.initiated:
-            # §2.8: the responder of a rekey sends on the new SA only once the initiator is surely ready:
-            # traffic arrived on the new inbound SA, or the replaced SA is deleted; until then, the old one
-            assert ev.replaces is not None  # a rekey
-            self._pending_out[ev.spi_in] = (out, ev.replaces)
-            self._watch_pending(ev.spi_in, 0)
+        if ev.hold_out:
+            # §2.8 (the core decides): the responder of a rekey sends on the new SA only once the initiator is
+            # surely ready; until OutboundReady, the old one carries on
+            self._pending_out[ev.spi_in] = out
+            self._watch_pending(ev.spi_in)
         else:
             self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
@@ -434,31 +439,31 @@ class IkeEndpoint:
                       key_out_fp=_fp(ev.key_out), **extra)  # fmt: skip
 
     def _activate_out(self, spi_in: int, why: str) -> None:
-        """Start sending on the outbound SA held back by §2.8 (see ``_install``)."""
+        """Start sending on the outbound SA the core held back (§2.8, ``OutboundReady``)."""
         pending = self._pending_out.pop(spi_in, None)
         if pending is not None and spi_in in self._pairs:
-            self.dp.install(pending[0], self.clock())
+            self.dp.install(pending, self.clock())
             self.node.notify_sas_changed()
-            self.log.info("child sa outbound switched", spi_in=f"0x{spi_in:08x}", spi_out=f"0x{pending[0].spi:08x}",
+            self.log.info("child sa outbound switched", spi_in=f"0x{spi_in:08x}", spi_out=f"0x{pending.spi:08x}",
                           why=why)  # fmt: skip
 
-    def _watch_pending(self, spi_in: int, tries: int) -> None:
-        """Poll (every PENDING_POLL s, at most PENDING_TRIES times) for traffic on the new inbound SA."""
-        if spi_in not in self._pending_out:
+    def _watch_pending(self, spi_in: int) -> None:
+        """While an outbound SA is held back, look for traffic on its inbound half every PENDING_POLL s and tell
+        the core (which decides, and also gives up waiting on its own timer)."""
+        if spi_in not in self._pending_out or self._closing:
             return
         pair = self._pairs.get(spi_in)
         if pair is not None:
             self.dp.refresh(pair[0])  # a native SA's counters live in the engine
-        if tries >= PENDING_TRIES or (pair is not None and pair[0].packets > 0):
-            self._activate_out(spi_in, "no traffic from the peer yet" if tries >= PENDING_TRIES else "peer sends on it")
-        elif self._loop is not None and not self._closing:
-            self._loop.call_later(PENDING_POLL, self._watch_pending, spi_in, tries + 1)
+            if pair[0].packets > 0:
+                self.manager.inbound_seen([spi_in], self.clock())
+                self._pump()
+        if spi_in in self._pending_out and self._loop is not None:
+            self._loop.call_later(PENDING_POLL, self._watch_pending, spi_in)
 
     def _uninstall_spi(self, spi_in: int) -> None:
-        for new_spi, (_, replaced) in list(self._pending_out.items()):
-            if replaced == spi_in:
-                self._activate_out(new_spi, "peer deleted the old SA")  # so it is ready for the new one
         self._pending_out.pop(spi_in, None)
+        self._seen.pop(spi_in, None)
         reqid = self._spi_reqid.pop(spi_in, None)
         pair = self._pairs.pop(spi_in, None)
         if reqid is None or pair is None:
@@ -473,13 +478,12 @@ class IkeEndpoint:
         self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
 
     def note_activity(self) -> None:
-        """Tell IKE SAs whose child SAs received ESP that their peer is alive (DPD, §2.4)."""
-        now = self.clock()
-        for sa in self.manager.sas.values():
-            for c in sa.children:
-                pair = self._pairs.get(c.spi_in)
-                if pair is not None:
-                    self.dp.refresh(pair[0])
-                if pair is not None and pair[0].packets != self._seen.get(c.spi_in):
-                    self._seen[c.spi_in] = pair[0].packets
-                    sa.heard(now)
+        """Tell the core which child SAs received ESP since the last look (DPD, §2.4; §2.8 hold-back)."""
+        seen = []
+        for spi_in, (inb, _out) in self._pairs.items():
+            self.dp.refresh(inb)
+            if inb.packets != self._seen.get(spi_in, 0):
+                self._seen[spi_in] = inb.packets
+                seen.append(spi_in)
+        if seen:
+            self.manager.inbound_seen(seen, self.clock())

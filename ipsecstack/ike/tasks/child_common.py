@@ -18,6 +18,7 @@ from ipsecstack.ike.model import AH_NAT, ChildConfig, _notify_name
 from ipsecstack.ike.tasks.base import Context
 from ipsecstack.ike.ts import Range, narrow
 
+OUT_HOLD = 5.0  # §2.8: how long a rekey's responder waits for traffic on the new inbound SA at most
 Negotiated = tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]
 
 
@@ -180,8 +181,11 @@ def child_up(ctx: Context, child: ChildConfig, chosen: props.Chosen, mode: str, 
         # §2.8: rekey before expiry, a little early by a random amount, so both ends rarely collide
         jitter = int.from_bytes(ctx.rng(2), "big") / 65535 * ctx.cfg.rekey_jitter * child.rekey_time
         rekey_at = now + child.rekey_time - jitter
+    # §2.8: as the responder of a rekey, hold the new outbound SA back until the initiator surely has the pair
+    held = now + OUT_HOLD if replaces is not None and not initiator else None
     rec = ChildSa(child, mode, suite.keyword, chosen.esn, spi_in, spi_out, key_in, key_out, local, remote, encap,
-                  replaces, rekey_at, "ah" if chosen.protocol == Protocol.AH else "esp", initiator)  # fmt: skip
+                  replaces, rekey_at, "ah" if chosen.protocol == Protocol.AH else "esp", initiator,
+                  out_held_until=held)  # fmt: skip
     ctx.child_up(rec)
     return rec
 
