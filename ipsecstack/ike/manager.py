@@ -101,7 +101,7 @@ class IkeManager:
         self.stateless = Stateless(rng, self._count)  # cookies and INVALID_MAJOR_VERSION answers (no state per peer)
         self.sas: dict[bytes, IkeSa] = {}
         self._init_index: dict[tuple[bytes, str], IkeSa] = {}
-        self._stateless: list[Datagram] = []  # answers without an SA (cookies, INVALID_MAJOR_VERSION, refusals)
+        self._unattached: list[Datagram] = []  # answers of no SA (cookies, INVALID_MAJOR_VERSION, refusals)
         self._out: list[Datagram] = []  # the SAs' datagrams, settled
         self._events: list[Event] = []  # the SAs' events and the manager's own, settled
         self._ready: dict[int, IkeSa] = {}  # id -> SA with output not yet settled
@@ -113,13 +113,11 @@ class IkeManager:
         self.failures: list[tuple[str, str]] = []
         self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
         self._reauth_why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
-        self._now = 0.0  # the latest time we were given (events() acts on ReauthDue with it)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
     def initiate(self, name: str, now: float) -> IkeSa:
-        self._now = max(self._now, now)
         sa = self._start(name, now)
         self._settle(now)
         return sa
@@ -138,14 +136,15 @@ class IkeManager:
         return [sa for sa in self.sas.values() if sa.cfg.name == name]
 
     def receive(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
-        self._now = max(self._now, now)
         try:
             spi_i, spi_r, _np, version, exchange, flags, _mid, _len = m.decode_header(data)
         except m.ParseError:
             self._count("dropped_truncated")
             return
-        if version >> 4 > m.MAJOR_VERSION:
-            self._unknown_major_version(data, src, src_port, dst_port, now)
+        if version >> 4 > m.MAJOR_VERSION:  # §2.5: dropped; a request gets INVALID_MAJOR_VERSION, rate-limited
+            reply = self.stateless.major_version(data, src, src_port, dst_port, now)
+            if reply is not None:
+                self._unattached.append(reply)
             return
         response = bool(flags & 0x20)
         if exchange == Exchange.IKE_SA_INIT and not response and spi_r == bytes(8):
@@ -203,7 +202,7 @@ class IkeManager:
             self._count("dropped_half_open_limit")
             return
         if half_open >= self.cookie_threshold and not self.stateless.cookie_ok(msg, src, now):
-            self._stateless.append(self.stateless.cookie(msg, src, src_port, dst_port, now))
+            self._unattached.append(self.stateless.cookie(msg, src, src_port, dst_port, now))
             return
         candidates = self._candidates(msg, src)
         cfg = candidates[0]
@@ -218,7 +217,7 @@ class IkeManager:
             self._wake(sa)
             self._settle(now)
         else:
-            self._stateless += sa.datagrams()
+            self._unattached += sa.datagrams()
             if sa.failure:
                 self.failures.append((cfg.name, sa.failure))
             self._count("init_refused")
@@ -237,14 +236,9 @@ class IkeManager:
             return fits[:1]
         return [first, *(p for p in fits if p is not first and p.local_addr == first.local_addr)]
 
-    def _unknown_major_version(self, data: bytes, src: str, src_port: int, dst_port: int, now: float) -> None:
-        reply = self.stateless.major_version(data, src, src_port, dst_port, now)
-        if reply is not None:
-            self._stateless.append(reply)
-
     def datagrams(self) -> list[Datagram]:
-        out = self._stateless + self._out
-        self._stateless, self._out = [], []
+        out = self._unattached + self._out
+        self._unattached, self._out = [], []
         return out
 
     def events(self) -> list[Event]:
@@ -254,13 +248,11 @@ class IkeManager:
     # --- the calls that act on one IKE SA (each ends with a settle step, like every input) -------------
 
     def delete(self, sa: IkeSa, now: float, cause: str = "local") -> None:
-        self._now = max(self._now, now)
         sa.delete(now, cause)
         self._settle(now)
 
     def create_child(self, sa: IkeSa, name: str, now: float) -> bool:
         """Negotiate child ``name`` again in ``sa`` (IkeSa.create_child)."""
-        self._now = max(self._now, now)
         done = sa.create_child(name, now)
         self._settle(now)
         return done
@@ -268,7 +260,6 @@ class IkeManager:
     def child_lifetime(self, spi: int, hard: bool, now: float) -> bool:
         """The datapath says a child SA (by either SPI) reached its soft (rekey now) or hard (delete it) lifetime.
         False if no IKE SA has it."""
-        self._now = max(self._now, now)
         for sa in list(self.sas.values()):
             if sa.child_expired(spi, now) if hard else sa.rekey_child_now(spi, now):
                 self._wake(sa)  # a soft limit only moves a timer
@@ -279,7 +270,6 @@ class IkeManager:
     def inbound_seen(self, spis: Iterable[int], now: float) -> None:
         """The datapath saw traffic on these child SAs (by inbound SPI) since it last said: their IKE SAs' peers
         are alive (DPD, §2.4), and a rekey's held-back outbound SA may go (§2.8). Costs the SPIs given."""
-        self._now = max(self._now, now)
         for spi in spis:
             sa = self._by_child.get(spi)
             if sa is not None and sa.state != "closed":
@@ -320,6 +310,10 @@ class IkeManager:
                             del self._by_child[ev.spi_in]
                     elif isinstance(ev, IkeRekeyed):
                         self._by_child.update({c.spi_in: ev.new for c in ev.new.children})
+                        # the new IKE SA (and a redundant one) got timers without output of their own
+                        for other in (ev.new, ev.redundant):
+                            if other is not None and other.state != "closed":
+                                self._push_timer(other)
                     elif isinstance(ev, ReauthDue):
                         self._reauthenticate(ev.sa, now)
                     elif isinstance(ev, IkeDown):
@@ -333,10 +327,6 @@ class IkeManager:
                     self._forget(sa)
                 else:
                     self._push_timer(sa)
-                for ev in evs:  # an IKE SA an event names may have new timers without output of its own (a rekey's)
-                    for other in (getattr(ev, "new", None), getattr(ev, "redundant", None)):
-                        if isinstance(other, IkeSa) and other.state != "closed":
-                            self._push_timer(other)
             self._events += self._reauth_progress(now)
 
     def _forget(self, sa: IkeSa) -> None:
@@ -411,7 +401,6 @@ class IkeManager:
     def handle_timer(self, now: float) -> None:
         """Run every SA whose timer is due (all are looked at: a timer may have moved without output), then
         rebuild the timer heap."""
-        self._now = max(self._now, now)
         for sa in list(self.sas.values()):
             t = sa.get_timer()
             if t is not None and t <= now:
