@@ -100,8 +100,7 @@ class IkeEndpoint:
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
         self._policies: dict[int, list[Policy]] = {}
         self._seen: dict[int, int] = {}
-        self.traps = dict(traps or {})
-        self.manager.reqids.traps = dict(self.traps)
+        self.manager.reqids.traps = dict(traps or {})  # the core gives the trap's reqid to its child SAs
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
         self._armed: set[tuple[str, str]] = set()  # (conn, child) traps armed by close_action/dpd_action = trap
@@ -170,9 +169,13 @@ class IkeEndpoint:
             s.close()
         self._socks.clear()
 
+    @property
+    def traps(self) -> dict[tuple[str, str], int]:
+        """The trap reqids by (connection, child) (kept by the core, which assigns them)."""
+        return self.manager.reqids.traps
+
     def set_traps(self, traps: dict[tuple[str, str], int]) -> None:
         """The trap reqids by (connection, child), after a reload."""
-        self.traps = dict(traps)
         self.manager.reqids.traps = dict(traps)
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
 
@@ -452,12 +455,8 @@ class IkeEndpoint:
         the core (which decides, and also gives up waiting on its own timer)."""
         if spi_in not in self._pending_out or self._closing:
             return
-        pair = self._pairs.get(spi_in)
-        if pair is not None:
-            self.dp.refresh(pair[0])  # a native SA's counters live in the engine
-            if pair[0].packets > 0:
-                self.manager.inbound_seen([spi_in], self.clock())
-                self._pump()
+        if self._report_inbound([spi_in]):
+            self._pump()
         if spi_in in self._pending_out and self._loop is not None:
             self._loop.call_later(PENDING_POLL, self._watch_pending, spi_in)
 
@@ -479,11 +478,20 @@ class IkeEndpoint:
 
     def note_activity(self) -> None:
         """Tell the core which child SAs received ESP since the last look (DPD, §2.4; §2.8 hold-back)."""
+        self._report_inbound(list(self._pairs))
+
+    def _report_inbound(self, spis: list[int]) -> bool:
+        """Hand the core those of these installed child SAs (inbound SPIs) whose inbound SA counted packets since
+        the last look; True if there were any."""
         seen = []
-        for spi_in, (inb, _out) in self._pairs.items():
-            self.dp.refresh(inb)
-            if inb.packets != self._seen.get(spi_in, 0):
-                self._seen[spi_in] = inb.packets
+        for spi_in in spis:
+            pair = self._pairs.get(spi_in)
+            if pair is None:
+                continue
+            self.dp.refresh(pair[0])  # a native SA's counters live in the engine
+            if pair[0].packets != self._seen.get(spi_in, 0):
+                self._seen[spi_in] = pair[0].packets
                 seen.append(spi_in)
         if seen:
             self.manager.inbound_seen(seen, self.clock())
+        return bool(seen)
