@@ -166,8 +166,8 @@ class Exchanges:
         it was refused (with an unprotected notify, §2.21.1, or none) and no state should be kept."""
         sa, task = self.sa, IkeInit(self.sa, initiator=False)
         if task.process(msg, msg.payloads, now) is not Result.DONE:
-            if task.refusal:
-                self.reply_plain(msg, task.refusal)
+            if task.reply:
+                self.reply_plain(msg, task.reply)
             return False
         resp = m.Message(sa.spi_i, sa.spi_r, Exchange.IKE_SA_INIT, Flag.RESPONSE, 0, task.build(now) or [])
         sa.init_response = resp.encode()

@@ -54,13 +54,25 @@ class Task:
     def __init__(self, ctx: Context, *, initiator: bool = True) -> None:
         self.ctx = ctx
         self.initiator = initiator
+        self.reply: list[m.AnyPayload] = []  # responder: the response, set by on_request
 
     def build(self, now: float) -> list[m.AnyPayload] | None:
-        """The request (initiator) or the response (responder); None: nothing to send (initiator only)."""
-        return []
+        """The request (initiator: ``request``) or the response (responder: what ``on_request`` set)."""
+        return self.request(now) if self.initiator else self.reply
 
     def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        """The response (initiator) or the request (responder), decrypted."""
+        """The response (initiator: ``on_response``) or the request (responder: ``on_request``), decrypted."""
+        return self.on_response(msg, inner, now) if self.initiator else self.on_request(msg, inner, now)
+
+    def request(self, now: float) -> list[m.AnyPayload] | None:
+        """Initiator: the request's payloads; None: nothing to send after all."""
+        return []
+
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+        return Result.DONE
+
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+        """Responder: decide, and set ``reply``."""
         return Result.DONE
 
     def sent(self, now: float) -> None:

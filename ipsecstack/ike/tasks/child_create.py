@@ -27,15 +27,12 @@ class ChildCreate(Task):
         self._spi_in = 0
         self._nonce = b""
         self._dh: Any = None
-        self._reply: list[m.AnyPayload] = []
         self._up: tuple[cc.Negotiated, int, bytes, bytes, bytes | None] | None = None
 
     def about(self, subject: object) -> bool:
         return subject is self.child
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        if not self.initiator:
-            return self._reply
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         child = self.child
         assert child is not None
         if self.ctx.nat and child.protocol == "ah":
@@ -45,10 +42,7 @@ class ChildCreate(Task):
                                                                 child.mode, None)  # fmt: skip
         return inner
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        return self._response(inner, now) if self.initiator else self._request(inner)
-
-    def _response(self, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         child = self.child
         assert child is not None
         answer = cc.check_answer(child, inner, self._dh)
@@ -64,14 +58,14 @@ class ChildCreate(Task):
                     shared=shared, we_initiated=True, now=now)  # fmt: skip
         return Result.DONE
 
-    def _request(self, inner: list[m.AnyPayload]) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         nonce = next(p for p in inner if isinstance(p, m.Nonce))  # dispatch.py checked it is there
         result = cc.negotiate(self.ctx, inner, ignore_dh=False)
         if isinstance(result, int):
-            self._reply = [m.Notify(result)]
+            self.reply = [m.Notify(result)]
             return Result.FAILED
         _child, chosen, mode, tsi, tsr = result
-        self._reply, made = cc.reply(self.ctx, inner, chosen, mode, tsi, tsr)
+        self.reply, made = cc.reply(self.ctx, inner, chosen, mode, tsi, tsr)
         if made is None:
             return Result.FAILED
         spi_in, nr, shared = made

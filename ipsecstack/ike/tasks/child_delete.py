@@ -24,13 +24,13 @@ class ChildDelete(Task):
     def about(self, subject: object) -> bool:
         return subject is self.child
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         c = self.child
         if c not in self.ctx.children:
             return None  # gone meanwhile (the peer deleted it, or its IKE SA was rekeyed away)
         return [m.Delete(c.child.ike_protocol, [c.spi_in.to_bytes(4, "big")])]
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         self.ctx.child_gone(self.child)
         return Result.DONE
 
@@ -42,13 +42,13 @@ class SpiDelete(Task):
         super().__init__(ctx)
         self.delete = delete
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         return [self.delete]
 
 
 class Dpd(Task):
     exchange = Exchange.INFORMATIONAL
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         self.ctx.count("dpd_checks")
         return []

@@ -34,15 +34,12 @@ class ChildRekey(Task):
         self._spi_in = 0
         self._nonce = b""
         self._dh: Any = None
-        self._reply: list[m.AnyPayload] = []
         self._up: tuple[ChildSa, props.Chosen, int, bytes, bytes, bytes | None] | None = None
 
     def about(self, subject: object) -> bool:
         return subject is self.old
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        if not self.initiator:
-            return self._reply
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         old = self.old
         assert old is not None
         old.rekey_at = None
@@ -51,10 +48,7 @@ class ChildRekey(Task):
         self.ctx.count("child_rekeys_started")
         return inner
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        return self._response(inner, now) if self.initiator else self._request(inner)
-
-    def _response(self, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         old, ctx = self.old, self.ctx
         assert old is not None
         answer = cc.check_answer(old.child, inner, self._dh)
@@ -73,7 +67,7 @@ class ChildRekey(Task):
             )  # make-before-break: the new pair is in; retire the old (§2.8)
         return Result.DONE
 
-    def _request(self, inner: list[m.AnyPayload]) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         rekey = next(p for p in inner if isinstance(p, m.Notify) and p.notify_type == Notify.REKEY_SA)
         sa = next(p for p in inner if isinstance(p, m.SA))
@@ -82,13 +76,13 @@ class ChildRekey(Task):
         old = next((c for c in ctx.children if spi in (c.spi_out, c.spi_in)
                     and c.child.ike_protocol == rekey.protocol), None)  # fmt: skip
         if old is None:
-            self._reply = [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", rekey.protocol, rekey.spi)]
+            self.reply = [m.Notify(Notify.CHILD_SA_NOT_FOUND, b"", rekey.protocol, rekey.spi)]
             return Result.FAILED
         chosen = props.select(old.child.proposals, sa.proposals, old.child.ike_protocol)
         if chosen is None or len(chosen.spi) != 4:
-            self._reply = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
+            self.reply = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
             return Result.FAILED
-        self._reply, made = cc.reply(ctx, inner, chosen, old.mode, old.remote_ts, old.local_ts)
+        self.reply, made = cc.reply(ctx, inner, chosen, old.mode, old.remote_ts, old.local_ts)
         if made is None:
             return Result.FAILED
         spi_in, nr, shared = made

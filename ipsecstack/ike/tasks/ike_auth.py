@@ -50,16 +50,13 @@ class IkeAuth(Task):
         super().__init__(ctx, initiator=initiator)
         self._child: ChildConfig | None = None
         self._child_spi = 0
-        self._reply: list[m.AnyPayload] = []
         self._failed = ""  # responder: why the IKE SA closes once the refusal is sent
         self._up = False  # responder: established once the response is sent ...
         self._first: tuple[cc.Negotiated, int] | None = None  # ... with this child SA
 
     # --- initiator ----------------------------------------------------------------------------
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        if not self.initiator:
-            return self._reply
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         ctx = self.ctx
         child = ctx.cfg.children[0] if ctx.cfg.children else None
         idi = m.Identification(*ctx.cfg.local_id, initiator=True)
@@ -84,10 +81,7 @@ class IkeAuth(Task):
         ctx.step(Step.SEND_AUTH)
         return inner
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        return self._response(inner, now) if self.initiator else self._request(inner)
-
-    def _response(self, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         notes = [p for p in inner if isinstance(p, m.Notify)]
         if any(n.notify_type == Notify.AUTHENTICATION_FAILED for n in notes):
@@ -151,20 +145,20 @@ class IkeAuth(Task):
 
     # --- responder ----------------------------------------------------------------------------
 
-    def _request(self, inner: list[m.AnyPayload]) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         # §2.4: the peer says it has no other IKE SA with us (the manager's uniqueness policy reads it)
         ctx.initial_contact = any(isinstance(p, m.Notify) and p.notify_type == Notify.INITIAL_CONTACT for p in inner)
         idi = next((p for p in inner if isinstance(p, m.Identification) and p.initiator), None)
         proof = next((p for p in inner if isinstance(p, m.Auth)), None)
         if idi is None or proof is None:
-            self._reply, self._failed = [m.Notify(Notify.INVALID_SYNTAX)], "IKE_AUTH request without IDi/AUTH"
+            self.reply, self._failed = [m.Notify(Notify.INVALID_SYNTAX)], "IKE_AUTH request without IDi/AUTH"
             return Result.FAILED
         idr_asked = next((p for p in inner if isinstance(p, m.Identification) and not p.initiator), None)
         why = auth_proof.authenticate_peer(ctx, idi, idr_asked, proof, inner)
         if why is not None:
             ctx.count("auth_failed")
-            self._reply = [m.Notify(Notify.AUTHENTICATION_FAILED)]
+            self.reply = [m.Notify(Notify.AUTHENTICATION_FAILED)]
             self._failed = f"authentication of {id_text(idi.id_type, idi.data)!r} failed: {why}"
             return Result.FAILED
         ctx.peer_id = (idi.id_type, idi.data)
@@ -174,7 +168,7 @@ class IkeAuth(Task):
             # insists on the identity it asked for)
             ctx.local_identity = (idr_asked.id_type, idr_asked.data)
         idr = m.Identification(*ctx.local_identity, initiator=False)
-        self._reply = [idr, *auth_proof.prove(ctx, idr)]
+        self.reply = [idr, *auth_proof.prove(ctx, idr)]
         self._up = True
         vip_ts: list[Range] | None = None
         request = next((p for p in inner if isinstance(p, m.CP) and p.cfg_type == CFG_REQUEST), None)
@@ -182,22 +176,22 @@ class IkeAuth(Task):
             vip = _lease_address(ctx, request)
             if vip is None:
                 # §3.15.4: no address for this client: the IKE SA stands, no child SA
-                self._reply.append(m.Notify(Notify.INTERNAL_ADDRESS_FAILURE))
+                self.reply.append(m.Notify(Notify.INTERNAL_ADDRESS_FAILURE))
                 return Result.DONE
-            self._reply.append(_config_reply(ctx, vip))
+            self.reply.append(_config_reply(ctx, vip))
             vip_ts = [Range(vip, vip)]
         child_result = cc.negotiate(ctx, inner, remote_override=vip_ts)
         if isinstance(child_result, int):
-            self._reply.append(m.Notify(child_result))
+            self.reply.append(m.Notify(child_result))
             return Result.DONE
         _child, chosen, mode, tsi, tsr = child_result
         spi_in = cc.new_child_spi(ctx)
         reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, None, None, chosen.esn, chosen.number,
                              spi_in.to_bytes(4, "big"))  # fmt: skip
-        self._reply += [m.SA([reply.to_payload()]), m.TS([r.to_payload() for r in tsi], True),
+        self.reply += [m.SA([reply.to_payload()]), m.TS([r.to_payload() for r in tsi], True),
                         m.TS([r.to_payload() for r in tsr], False)]  # fmt: skip
         if mode == "transport":
-            self._reply.append(m.Notify(Notify.USE_TRANSPORT_MODE))
+            self.reply.append(m.Notify(Notify.USE_TRANSPORT_MODE))
         self._first = (child_result, spi_in)
         return Result.DONE
 

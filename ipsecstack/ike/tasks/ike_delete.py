@@ -21,10 +21,10 @@ class IkeDelete(Task):
         super().__init__(ctx)
         self.retire = retire
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         return [m.Delete(Protocol.IKE, [])]
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         if self.retire:
             self.ctx.close("rekeyed", "rekeyed")
         else:

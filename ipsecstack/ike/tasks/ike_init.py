@@ -38,12 +38,8 @@ class IkeInit(Task):
         self._ke_retries = 0
         self._priv: Any = None
         self._pub = b""
-        self.refusal: list[m.AnyPayload] = []  # responder: the unprotected answer when no state is kept
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        return self._request() if self.initiator else self._response()
-
-    def _request(self) -> list[m.AnyPayload]:
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         ctx = self.ctx
         assert self.group is not None
         if self._fresh:  # a COOKIE retry keeps KE and nonce unchanged (§2.6)
@@ -56,10 +52,7 @@ class IkeInit(Task):
         payloads += [sa, m.KE(self.group.number, self._pub), m.Nonce(ctx.ni), *nat.notifies(ctx), auth.hash_notify()]
         return payloads
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        return self._answer(msg, now) if self.initiator else self._offer(msg)
-
-    def _answer(self, msg: m.Message, now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         for n in msg.notifies():
             if n.notify_type == Notify.COOKIE and not self.cookie:
@@ -98,18 +91,20 @@ class IkeInit(Task):
         ctx.tasks.perform(IkeAuth(ctx), now)
         return Result.DONE
 
-    def _offer(self, msg: m.Message) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+        """Responder: choose and derive; ``reply`` is the response, or the unprotected refusal (no state kept)
+        when it returns FAILED."""
         ctx = self.ctx
         ctx.spi_i = msg.spi_i
         ctx.init_request = msg.raw
         sas, kes, nonces = msg.get(m.SA), msg.get(m.KE), msg.get(m.Nonce)
         if len(sas) != 1 or len(kes) != 1 or len(nonces) != 1:
-            self.refusal = [m.Notify(Notify.INVALID_SYNTAX)]
+            self.reply = [m.Notify(Notify.INVALID_SYNTAX)]
             return Result.FAILED
         chosen = props.select(ctx.cfg.proposals, sas[0].proposals, Protocol.IKE)  # type: ignore[union-attr]
         if chosen is None:
             ctx.count("no_proposal_chosen")
-            self.refusal = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
+            self.reply = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
             theirs = ", ".join(props.describe_offer(p) for p in sas[0].proposals)  # type: ignore[union-attr]
             ours = ", ".join(p.text for p in ctx.cfg.proposals)
             ctx.failure = f"no IKE proposal in common: peer offered {theirs}; ours {ours}"
@@ -117,7 +112,7 @@ class IkeInit(Task):
         ke = kes[0]
         assert isinstance(ke, m.KE) and chosen.dh is not None
         if ke.group != chosen.dh.number:
-            self.refusal = [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))]
+            self.reply = [m.Notify(Notify.INVALID_KE_PAYLOAD, chosen.dh.number.to_bytes(2, "big"))]
             return Result.FAILED
         ctx.ni = nonces[0].data  # type: ignore[union-attr]
         ctx.nr = ctx.rng(32)
@@ -128,11 +123,12 @@ class IkeInit(Task):
             return Result.FAILED
         nat.detect(ctx, msg)
         ctx.peer_hashes = _hashes(msg)
+        self.reply = [
+            m.SA([chosen.to_payload()]),
+            m.KE(chosen.dh.number, self._pub),
+            m.Nonce(ctx.nr),
+            *nat.notifies(ctx),
+            auth.hash_notify(),
+            *auth.certreqs([c.creds for c in ctx.candidates]),
+        ]
         return Result.DONE
-
-    def _response(self) -> list[m.AnyPayload]:
-        ctx = self.ctx
-        assert self.group is not None and ctx.chosen is not None
-        payloads: list[m.AnyPayload] = [m.SA([ctx.chosen.to_payload()]), m.KE(self.group.number, self._pub),
-                                        m.Nonce(ctx.nr)]  # fmt: skip
-        return [*payloads, *nat.notifies(ctx), auth.hash_notify(), *auth.certreqs([c.creds for c in ctx.candidates])]

@@ -46,12 +46,9 @@ class IkeRekey(Task):
         self._spi = b""
         self._nonce = b""
         self._priv: Any = None
-        self._reply: list[m.AnyPayload] = []
         self._new: tuple[props.Chosen, bytes, bytes, bytes, bytes, bytes] | None = None
 
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        if not self.initiator:
-            return self._reply
+    def request(self, now: float) -> list[m.AnyPayload] | None:
         ctx = self.ctx
         assert ctx.chosen is not None and ctx.chosen.dh is not None
         ctx.rekey_at = None
@@ -63,10 +60,7 @@ class IkeRekey(Task):
         ctx.count("ike_rekeys_started")
         return [sa, m.Nonce(self._nonce), m.KE(group.number, pub)]
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
-        return self._response(inner, now) if self.initiator else self._request(inner)
-
-    def _response(self, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_response(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         sas = [p for p in inner if isinstance(p, m.SA)]
         nonce = next((p for p in inner if isinstance(p, m.Nonce)), None)
@@ -100,30 +94,30 @@ class IkeRekey(Task):
             return
         self.ctx.rekey_at = now + RETRY
 
-    def _request(self, inner: list[m.AnyPayload]) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         if ctx.peer_rekey is not None:
             # the peer's first rekey still waits for ours to end (§2.8.2): no third IKE SA (§2.25)
             ctx.count("ike_rekeys_refused")
-            self._reply = [m.Notify(Notify.TEMPORARY_FAILURE)]
+            self.reply = [m.Notify(Notify.TEMPORARY_FAILURE)]
             return Result.FAILED
         sa = next(p for p in inner if isinstance(p, m.SA))
         nonce = next(p for p in inner if isinstance(p, m.Nonce))  # dispatch.py checked both are there
         chosen = props.select(ctx.cfg.proposals, sa.proposals, Protocol.IKE)
         ke = next((p for p in inner if isinstance(p, m.KE)), None)
         if chosen is None or chosen.dh is None or len(chosen.spi) != 8:
-            self._reply = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
+            self.reply = [m.Notify(Notify.NO_PROPOSAL_CHOSEN)]
             return Result.FAILED
         answer = cc.answer_ke(ctx, chosen.dh, ke)
         if isinstance(answer, list):
-            self._reply = answer
+            self.reply = answer
             return Result.FAILED
         pub, shared = answer
         spi_r = ctx.rng(8)
         nr = ctx.rng(32)
         reply = props.Chosen(chosen.protocol, chosen.encr, chosen.integ, chosen.prf, chosen.dh, False, chosen.number,
                              spi_r)  # fmt: skip
-        self._reply = [m.SA([reply.to_payload()]), m.Nonce(nr), m.KE(chosen.dh.number, pub)]
+        self.reply = [m.SA([reply.to_payload()]), m.Nonce(nr), m.KE(chosen.dh.number, pub)]
         self._new = (chosen, chosen.spi, spi_r, nonce.data, nr, shared)
         return Result.DONE
 

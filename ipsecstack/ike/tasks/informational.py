@@ -27,10 +27,9 @@ class Informational(Task):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx, initiator=False)
-        self._reply: list[m.AnyPayload] = []
         self._closing = self._refused = False
 
-    def process(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+    def on_request(self, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
         ctx = self.ctx
         for p in inner:
             if isinstance(p, m.Delete):
@@ -44,13 +43,10 @@ class Informational(Task):
                                 ours.append(c.spi_in.to_bytes(4, "big"))
                                 ctx.child_gone(c, "peer")
                     if ours:
-                        self._reply.append(m.Delete(p.protocol, ours))
+                        self.reply.append(m.Delete(p.protocol, ours))
             elif isinstance(p, m.Notify) and p.notify_type == Notify.AUTHENTICATION_FAILED:
                 self._refused = True
         return Result.DONE
-
-    def build(self, now: float) -> list[m.AnyPayload] | None:
-        return self._reply
 
     def sent(self, now: float) -> None:
         ctx = self.ctx
