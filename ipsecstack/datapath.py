@@ -135,6 +135,8 @@ class Datapath:
         self.out_packets = 0
         self.in_packets = 0
         self._acquiring: dict[Policy, float] = {}
+        self._seen: dict[int, SecurityAssociation] = {}  # Python-engine SAs reported seen, until re-armed
+        self._seen_new: list[int] = []  # ... not yet taken
 
     # --- SA management ---------------------------------------------------------------------------
 
@@ -154,6 +156,9 @@ class Datapath:
 
     def remove(self, sa: SecurityAssociation) -> None:
         self.sad.remove(sa)
+        if self._seen.get(sa.spi) is sa:
+            del self._seen[sa.spi]
+            sa.seen = False  # installed again, it reports its first packet again
         if self.native is not None:
             self.native.release(sa)
         self.changed()
@@ -196,6 +201,32 @@ class Datapath:
                 self.native.refresh()
             elif sa.native:
                 self.native.refresh_sa(sa)
+
+    def take_seen(self) -> list[int]:
+        """Inbound SPIs whose SA accepted a packet since it was installed or re-armed (:meth:`rearm_seen`),
+        each once, whichever engine holds it: what the IKE core needs for liveness (RFC 7296 §2.4) and for
+        the §2.8 hold-back, at a cost per SA with traffic, never per packet or per installed SA."""
+        out, self._seen_new = self._seen_new, []
+        if self.native is not None:
+            out += self.native.take_seen()  # as far as native_events read the engine's queue
+        return out
+
+    def rearm_seen(self, spis: Sequence[int]) -> None:
+        """Report the next packet of each of these inbound SAs again (unknown SPIs are skipped)."""
+        native: list[int] = []
+        for spi in spis:
+            sa = self._seen.pop(spi, None)
+            if sa is not None:
+                sa.seen = False
+            else:
+                native.append(spi)
+        if native and self.native is not None:
+            self.native.rearm(native)
+
+    def _saw(self, sa: SecurityAssociation) -> None:
+        sa.seen = True
+        self._seen[sa.spi] = sa
+        self._seen_new.append(sa.spi)
 
     def drop_totals(self) -> dict[str, int]:
         """Drops by reason: what the batch calls saw, plus what the native engine dropped on its own."""
@@ -419,6 +450,8 @@ class Datapath:
                 else:
                     self._plaintext_in(res, pkt)
                     continue
+                if not sa.seen:
+                    self._saw(sa)
                 if not sa.selectors:
                     self._check_inbound_policy(sa, inner)
                 to_inner.append(inner)
@@ -454,6 +487,8 @@ class Datapath:
                         inner = opened
                     else:
                         inner = esp_xform.unprotect_datagram(sa, d)
+                    if not sa.seen:
+                        self._saw(sa)
                     if not sa.selectors:
                         self._check_inbound_policy(sa, inner)
                     to_inner.append(inner)

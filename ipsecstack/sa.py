@@ -111,6 +111,7 @@ class SecurityAssociation:
         "replay",
         "reqid",
         "rng",
+        "seen",
         "selectors",
         "seq",
         "seq_max",
@@ -262,6 +263,9 @@ class SecurityAssociation:
         # True while a native engine holds this SA's state (ipsecstack/native/link.py): seq, packets, bytes and
         # the engine's drop reasons here are then a mirror that the datapath refreshes
         self.native = False
+        # inbound: accepted a packet that the datapath reported (Datapath.take_seen) and not re-armed since; a
+        # native SA keeps it set, as the engine reports for it
+        self.seen = False
         self._arm_limits()
 
     def _precompute_outer(self) -> None:

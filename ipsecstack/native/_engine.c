@@ -11,6 +11,7 @@
  *   unprotect(packets)                     -> list of bytes (inner packet) or str (drop reason)
  *   expire(direction, spi, hard) -> bool   fire a time lifetime (the owner has the clock)
  *   sa_stats(direction, spi) -> dict, stats() -> dict, sas() -> list, poll_events() -> list
+ *   rearm_seen(spis)                       the next packet of these inbound SAs raises a "seen" event
  *
  * A batch call runs in three phases: with the GIL, the packets are copied into one C arena and
  * the output bytes objects are allocated at their largest size (batch.c); without the GIL, the SA
@@ -480,14 +481,49 @@ static PyObject *Engine_poll_events(EngineObject *self, PyObject *Py_UNUSED(igno
     Py_END_ALLOW_THREADS
     PyObject *list = PyList_New(n);
     for (uint32_t i = 0; list != NULL && i < n; i++) {
-        PyObject *t = Py_BuildValue("(ssks)", ev[i].kind == IPS_EV_HARD ? "hard" : "soft", dir_name[ev[i].dir],
-                                    (unsigned long)ev[i].spi, trigger_name[ev[i].trigger]);
+        static const char *const kind_name[] = {[IPS_EV_SOFT] = "soft", [IPS_EV_HARD] = "hard",
+                                                 [IPS_EV_SEEN] = "seen"};
+        PyObject *t = Py_BuildValue("(ssks)", kind_name[ev[i].kind], dir_name[ev[i].dir], (unsigned long)ev[i].spi,
+                                    trigger_name[ev[i].trigger]);
         if (t == NULL)
             Py_CLEAR(list);
         else
             PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
     return list;
+}
+
+/* Re-arm the inbound SAs named (a sequence of SPIs): each raises one "seen" event on its next packet. SPIs
+ * no longer installed are skipped. */
+static PyObject *Engine_rearm_seen(EngineObject *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "rearm_seen() takes a sequence of SPIs");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint32_t *spis = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(*spis));
+    if (spis == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (ips_get_spi(PySequence_Fast_GET_ITEM(seq, i), &spis[i]) != 0) {
+            PyMem_Free(spis);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    Py_DECREF(seq);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_rdlock(&self->table_lock);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ips_sa *sa = ips_table_find(self, IPS_IN, spis[i]);
+        if (sa != NULL)
+            ips_sa_rearm_seen(sa);
+    }
+    pthread_rwlock_unlock(&self->table_lock);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(spis);
+    Py_RETURN_NONE;
 }
 
 /* ---- the type and the module ---------------------------------------------------------------- */
@@ -567,7 +603,9 @@ static PyMethodDef Engine_methods[] = {
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "stats() -> dict"},
     {"sas", (PyCFunction)Engine_sas, METH_NOARGS, "sas() -> list of (direction, spi)"},
     {"poll_events", (PyCFunction)Engine_poll_events, METH_NOARGS,
-     "poll_events() -> list of (kind, direction, spi, trigger)"},
+     "poll_events() -> list of (kind, direction, spi, trigger); kind soft | hard (lifetimes) | seen"},
+    {"rearm_seen", (PyCFunction)Engine_rearm_seen, METH_O,
+     "rearm_seen(spis): these inbound SAs raise one \"seen\" event on their next packet"},
     {"fwd_start", (PyCFunction)(void (*)(void))ips_py_fwd_start, METH_VARARGS | METH_KEYWORDS,
      "fwd_start(tun_fd, outer, *, batch=64, punt_capacity=4096, cache_size=65536) -> eventfd\n--\n\n"
      "Start the forwarder's threads on the inner fd and the outer sockets (see fwd.h)."},

@@ -48,8 +48,9 @@ class Engine:
     def poll_events(
         self,
     ) -> list[
-        tuple[Literal["soft", "hard"], Literal["in", "out"], int, Literal["seconds", "bytes", "packets", "seq"]]
+        tuple[Literal["soft", "hard", "seen"], Literal["in", "out"], int, Literal["seconds", "bytes", "packets", "seq"]]
     ]: ...
+    def rearm_seen(self, spis: Sequence[int]) -> None: ...
     # --- the forwarder (fwd.h): threads that own the TUN fd and the outer sockets -------------------
     def fwd_start(
         self,

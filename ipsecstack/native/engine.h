@@ -132,7 +132,8 @@ ips_reason ips_open(ips_cipher *c, const uint8_t *esp, size_t body_len, const ui
 
 /* ---- sa.c ----------------------------------------------------------------------------------- */
 
-typedef enum { IPS_EV_SOFT = 0, IPS_EV_HARD = 1 } ips_event_kind;
+/* IPS_EV_SEEN: the first packet an inbound SA accepted since the owner last re-armed it (ips_sa_note_seen) */
+typedef enum { IPS_EV_SOFT = 0, IPS_EV_HARD = 1, IPS_EV_SEEN = 2 } ips_event_kind;
 typedef enum { IPS_TRIG_SECONDS = 0, IPS_TRIG_BYTES, IPS_TRIG_PACKETS, IPS_TRIG_SEQ } ips_trigger;
 
 typedef struct {
@@ -149,7 +150,7 @@ typedef struct {
 
 int ips_events_init(ips_events *q, uint32_t cap);
 void ips_events_free(ips_events *q);
-void ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind kind, ips_trigger trigger);
+int ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind kind, ips_trigger trigger); /* -1: full */
 uint32_t ips_events_take(ips_events *q, ips_event *out, uint32_t max);
 uint64_t ips_events_lost(ips_events *q);
 uint32_t ips_events_pending(ips_events *q);
@@ -176,6 +177,7 @@ typedef struct ips_sa {
     uint64_t packets, bytes;
     uint64_t drops[IPS_R_COUNT];
     uint8_t soft_fired, dead;
+    uint8_t seen;  /* atomic: an IPS_EV_SEEN is queued or taken and not yet re-armed (ips_sa_rearm_seen) */
     ips_events *events;
     pthread_mutex_t lock;
 } ips_sa;
@@ -199,6 +201,8 @@ ips_reason ips_sa_next_seq(ips_sa *sa, uint64_t *seq);
 void ips_sa_charge(ips_sa *sa, uint64_t nbytes);
 void ips_sa_expire_soft(ips_sa *sa, ips_trigger trigger);
 void ips_sa_expire_hard(ips_sa *sa, ips_trigger trigger);
+void ips_sa_note_seen(ips_sa *sa);   /* an inbound packet passed: IPS_EV_SEEN unless already told */
+void ips_sa_rearm_seen(ips_sa *sa);  /* the owner wants to hear of the next packet (no lock needed) */
 
 /* ---- esp.c ---------------------------------------------------------------------------------- */
 

@@ -17,7 +17,8 @@ for how it works) plus what is easier in Python:
   when one is due (trigger ``seconds``), as :meth:`SecurityAssociation.check_time` does.
 - ``protect(spi, packets)`` / ``unprotect(packets)`` return, per packet, the resulting bytes or the
   drop reason (a :class:`~ipsecstack.errors.Reason` string); counters are in ``sa_stats`` and
-  ``stats``, lifetime events in :meth:`take_events`.
+  ``stats``, lifetime events in :meth:`take_events`; the inbound SAs that accepted a packet since they were
+  installed or re-armed (``rearm_seen``) in :meth:`take_seen`, one event per SA and re-arm.
 - AES-CBC IVs come from OpenSSL's CSPRNG. For byte-for-byte comparison with the Python engine, an SA
   may be installed with an ``rng`` (a copy of the Python SA's injected one): protect draws ``rng(16)``
   per packet of the batch before the GIL is released, the engine feeds one to its CBC stream per
@@ -65,11 +66,12 @@ class _Seeds:
 class Engine(_engine.Engine):
     """The native ESP engine; see the module docstring."""
 
-    __slots__ = ("_rngs",)
+    __slots__ = ("_rngs", "_seen")
 
     def __init__(self) -> None:
         super().__init__()
         self._rngs: dict[int, _Seeds] = {}
+        self._seen: list[int] = []
 
     def install_sa(self, sa: SecurityAssociation, *, rng: Rng | None = None) -> None:
         """Install ``sa`` (with its current state). ``rng``: CBC IV seeds for tests, see the module docstring."""
@@ -139,5 +141,18 @@ class Engine(_engine.Engine):
         return out
 
     def take_events(self) -> list[NativeEvent]:
-        """Lifetime events since the last call, oldest first (``poll_events`` typed)."""
-        return [NativeEvent(*e) for e in super().poll_events()]
+        """Lifetime events since the last call, oldest first (``poll_events`` typed; its ``seen`` events
+        wait for :meth:`take_seen`)."""
+        out: list[NativeEvent] = []
+        for kind, direction, spi, trigger in super().poll_events():
+            if kind == "seen":
+                self._seen.append(spi)
+            else:
+                out.append(NativeEvent(kind, direction, spi, trigger))
+        return out
+
+    def take_seen(self) -> list[int]:
+        """Inbound SPIs whose SA accepted a packet since it was installed or re-armed (``rearm_seen``), each
+        once, oldest first, as far as :meth:`take_events` has read the engine's queue."""
+        out, self._seen = self._seen, []
+        return out

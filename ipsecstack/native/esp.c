@@ -508,6 +508,7 @@ ips_reason ips_unprotect(ips_sa *sa, const uint8_t *pkt, const ips_located *loc,
     if (r != IPS_OK)
         return r;
     ips_sa_charge(sa, plen);
+    ips_sa_note_seen(sa); /* a dummy packet (below) is still the peer's */
     if (nh == PROTO_NONE)
         return IPS_R_DUMMY; /* RFC 4303 §2.6 */
     if (sa->tunnel) {

@@ -22,6 +22,10 @@ accepts to the engine. :class:`NativeLink` is that hand-over:
   then a no-op on the object (``expire_*`` are idempotent).
 - :meth:`release` takes the SA's last counters and state into the object and removes it from the
   engine; the object is then a whole Python SA again (installing it anew carries its state over).
+- "Seen": the engine raises one ``seen`` event when an inbound SA accepts a packet, then stays quiet for
+  that SA until :meth:`rearm` (engine ``rearm_seen``); the Datapath hands those SPIs on
+  (``Datapath.take_seen``). The SA object keeps ``seen`` set while adopted, so the Python engine's path
+  never reports it twice.
 - :meth:`move` makes an outbound SA follow its peer (RFC 7296 §2.23) in the engine under the SA's lock.
 - Drops the engine returns to a Python batch call are counted by the Datapath in its ``drops`` and by the
   engine in ``stats()``; ``engine_refused`` keeps the former so that what the engine dropped on its own
@@ -72,6 +76,7 @@ class NativeLink:
         self._base[key] = _Base(sa)
         self.sas[key] = sa
         sa.native = True
+        sa.seen = True  # the engine reports this SA's traffic from now on
         return True
 
     def release(self, sa: SecurityAssociation) -> None:
@@ -87,6 +92,7 @@ class NativeLink:
         del self.sas[key]
         del self._base[key]
         sa.native = False  # the object holds the whole state again: installing it anew carries it over
+        sa.seen = False
 
     # --- packets (one at a time: the Datapath's batches keep their per-packet policy logic) -------
 
@@ -124,6 +130,13 @@ class NativeLink:
             self.engine.expire(sa.direction, sa.spi, True)
         elif sa.soft_fired and not was_soft:
             self.engine.expire(sa.direction, sa.spi, False)
+
+    def take_seen(self) -> list[int]:
+        return self.engine.take_seen()
+
+    def rearm(self, spis: list[int]) -> None:
+        """The next packet of each of these inbound SAs raises one ``seen`` event again."""
+        self.engine.rearm_seen(spis)
 
     # --- peers and counters ------------------------------------------------------------------------
 

@@ -14,6 +14,14 @@
  *
  * Events go to the engine's queue, a ring of fixed capacity: an SA fires at most one soft and one
  * hard event in its life, and a full queue counts what it could not hold instead of growing.
+ *
+ * "Seen" (for the IKE core's liveness checks, RFC 7296 §2.4, and the §2.8 hold-back of a rekey's new
+ * outbound SA): the first packet an inbound SA accepts raises one IPS_EV_SEEN and sets `seen`; later
+ * packets cost one relaxed load until the owner re-arms the SA (rearm_seen), which it does at its own
+ * pace. So an SA raises at most one event per re-arm however fast it receives, and the owner learns of
+ * traffic without reading every SA's counters. Seen events may fill only half the ring (the rest stays
+ * for lifetime events, which must not be lost); one that finds no room leaves the flag clear, so a later
+ * packet tries again.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -46,11 +54,15 @@ void ips_events_free(ips_events *q)
     q->ring = NULL;
 }
 
-void ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind kind, ips_trigger trigger)
+int ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind kind, ips_trigger trigger)
 {
+    int r = 0;
     pthread_mutex_lock(&q->lock);
-    if (q->count == q->cap) {
+    if (kind == IPS_EV_SEEN && q->count >= q->cap / 2) {
+        r = -1; /* half the ring stays for lifetime events; the SA's next packet tries again */
+    } else if (q->count == q->cap) {
         q->lost++;
+        r = -1;
     } else {
         ips_event *e = &q->ring[(q->head + q->count) % q->cap];
         e->spi = spi;
@@ -60,6 +72,7 @@ void ips_events_push(ips_events *q, uint32_t spi, uint8_t dir, ips_event_kind ki
         q->count++;
     }
     pthread_mutex_unlock(&q->lock);
+    return r;
 }
 
 /* Move up to `max` events, oldest first, into `out`. */
@@ -182,7 +195,7 @@ void ips_sa_expire_soft(ips_sa *sa, ips_trigger trigger)
         return;
     sa->soft_fired = 1;
     arm_limits(sa);
-    ips_events_push(sa->events, sa->spi, sa->dir, IPS_EV_SOFT, trigger);
+    (void)ips_events_push(sa->events, sa->spi, sa->dir, IPS_EV_SOFT, trigger);
 }
 
 void ips_sa_expire_hard(ips_sa *sa, ips_trigger trigger)
@@ -191,7 +204,21 @@ void ips_sa_expire_hard(ips_sa *sa, ips_trigger trigger)
         return;
     sa->dead = 1;
     sa->next_packets = sa->next_bytes = IPS_NO_LIMIT;
-    ips_events_push(sa->events, sa->spi, sa->dir, IPS_EV_HARD, trigger);
+    (void)ips_events_push(sa->events, sa->spi, sa->dir, IPS_EV_HARD, trigger);
+}
+
+void ips_sa_note_seen(ips_sa *sa)
+{
+    if (__atomic_load_n(&sa->seen, __ATOMIC_RELAXED))
+        return;
+    __atomic_store_n(&sa->seen, 1, __ATOMIC_RELAXED);
+    if (ips_events_push(sa->events, sa->spi, sa->dir, IPS_EV_SEEN, IPS_TRIG_PACKETS) != 0)
+        __atomic_store_n(&sa->seen, 0, __ATOMIC_RELAXED);
+}
+
+void ips_sa_rearm_seen(ips_sa *sa)
+{
+    __atomic_store_n(&sa->seen, 0, __ATOMIC_RELAXED);
 }
 
 static void limits_crossed(ips_sa *sa)

@@ -132,6 +132,8 @@ class ControlServer:
                     "local_id": id_text(*sa.local_identity), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
                     "remote_auth": sa.peer_auth or None,
                     "remote_cert": dn_text(sa.peer_cert.subject.public_bytes()) if sa.peer_cert else None,
+                    # an authenticated IKE message or ESP the datapath reported (RFC 7296 §2.4: DPD waits for it)
+                    "heard_ago": round(max(0.0, self.ike.clock() - sa.last_heard), 1), "stats": dict(sa.stats),
                 }  # fmt: skip
                 for c in sa.children:
                     inb, outb = child_sas.get(c.spi_in), child_sas.get(c.spi_out)

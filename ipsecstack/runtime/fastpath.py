@@ -23,11 +23,11 @@ cannot decide alone, through a bounded queue whose eventfd this module watches:
   it: ``Datapath.inbound`` sorts it exactly as without the forwarder.
 
 Every change of the SPD or SAD flushes both flow caches (``Datapath.on_change``), so no decision outlives
-the state it was taken from. Lifetime events the engine's threads raise wake the same eventfd and reach
-the Node's handlers (``Datapath.native_events``). A wake-up handles at most ``ROUNDS`` x ``batch`` punts
-and re-schedules itself when more wait, so the asyncio loop (IKE, control socket) is never starved; the
-engine drops and counts what does not fit its queue. What the outer planes carry that the engine does
-not read (AH on the raw socket) is still read by the Node.
+the state it was taken from. Lifetime and "seen" events the engine's threads raise wake the same eventfd and
+reach the Node's handlers (``Datapath.native_events``, ``Node.report_seen``). A wake-up handles at most
+``ROUNDS`` x ``batch`` punts and re-schedules itself when more wait, so the asyncio loop (IKE, control
+socket) is never starved; the engine drops and counts what does not fit its queue. What the outer planes
+carry that the engine does not read (AH on the raw socket) is still read by the Node.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ class PuntLoop:
             for ev in events:
                 node._event(ev)
             node._arm_timer()
+        node.report_seen()
         limit = node.batch_size
         for _ in range(ROUNDS):
             punts = self._engine.take_punts(limit)

@@ -16,9 +16,10 @@ reauthentication, ``reauth_time``, on either side: the manager reuses reqids for
 strongSwan does): the policies stay, the newest outbound SA takes over, no updown script runs, and
 removing the old IKE SA's SAs later leaves the policies alone.
 A child SA rekeyed by the peer (``ChildUp.hold_out``, RFC 7296 §2.8) gets its inbound SA at once and its
-outbound SA at the core's ``OutboundReady``; the endpoint reports the child SAs that received ESP to the core
-(``IkeManager.inbound_seen``: DPD and the hold-back decide on it), looking every IKE timer and, while an
-outbound SA is held back, every ``PENDING_POLL`` seconds at that SA.
+outbound SA at the core's ``OutboundReady``. The datapath (either engine) reports each inbound SA's first
+packet since it was last re-armed (``Node.on_seen``, ``Datapath.take_seen``); the endpoint passes those
+SPIs straight to the core (``IkeManager.inbound_seen``: DPD and the hold-back decide on it) and re-arms them
+``SEEN_REARM`` seconds later, so a busy SA costs one report per period and an idle one nothing.
 An IKE SA rekey (``IkeRekeyed``: one per rekey and end, for the IKE SA that carries the children on, also when
 both ends rekeyed at once, RFC 7296 §2.8.2) keeps every child SA as it is; the old IKE SA and a redundant new one
 close quietly (cause ``rekeyed``). Connections with ``start_action = start`` are initiated at launch and, while
@@ -67,7 +68,7 @@ from ipsecstack.sa import SecurityAssociation
 from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
-PENDING_POLL = 0.02  # how often a held-back outbound SA checks for traffic on its inbound half (the core times out)
+SEEN_REARM = 1.0  # how long the datapath stays quiet about an SA it reported traffic on (DPD resolution)
 KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
 
@@ -99,7 +100,8 @@ class IkeEndpoint:
         self._spi_reqid: dict[int, int] = {}  # inbound SPI of an installed pair -> its reqid
         self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
         self._policies: dict[int, list[Policy]] = {}
-        self._seen: dict[int, int] = {}
+        self._rearm: set[int] = set()  # inbound SPIs reported seen, re-armed at _rearm_handle
+        self._rearm_handle: asyncio.TimerHandle | None = None
         self.manager.reqids.traps = dict(traps or {})  # the core gives the trap's reqid to its child SAs
         self._trap_names = {reqid: key for key, reqid in self.traps.items()}
         self.acquire_names = set(acquire_names or start)
@@ -132,6 +134,7 @@ class IkeEndpoint:
         self.node.on_ike = self._on_encap_ike
         self.node.on_acquire = self._on_acquire
         self.node.on_event = self._on_sa_event
+        self.node.on_seen = self._on_seen
         now = self.clock()
         for name in self.start_names:
             self._initiate(name, now)
@@ -153,6 +156,8 @@ class IkeEndpoint:
             self._timer.cancel()
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
+        if self._rearm_handle is not None:
+            self._rearm_handle.cancel()
         now = self.clock()
         for sa in list(self.manager.sas.values()):
             if sa.established:
@@ -251,9 +256,25 @@ class IkeEndpoint:
         self._initiate(name, now)
         self._pump()
 
+    def _on_seen(self, spis: list[int]) -> None:
+        """The datapath saw traffic on these child SAs (inbound SPIs): the core hears of it now (DPD, the
+        §2.8 hold-back), and the datapath again about them once ``SEEN_REARM`` has passed."""
+        if self._closing:
+            return
+        self._rearm.update(spis)
+        if self._rearm_handle is None and self._loop is not None:
+            self._rearm_handle = self._loop.call_later(SEEN_REARM, self._rearm_seen)
+        self.manager.inbound_seen(spis, self.clock())
+        self._pump()
+
+    def _rearm_seen(self) -> None:
+        self._rearm_handle = None
+        spis, self._rearm = list(self._rearm), set()
+        self.dp.rearm_seen(spis)
+
     def _on_timer(self) -> None:
         self._timer = None
-        self.note_activity()
+        self.node.report_seen()  # anything seen in a batch not reported yet, before DPD decides
         self.manager.handle_timer(self.clock())
         self._pump()
 
@@ -418,9 +439,9 @@ class IkeEndpoint:
         self.dp.install(inb, now)
         if ev.hold_out:
             # §2.8 (the core decides): the responder of a rekey sends on the new SA only once the initiator is
-            # surely ready; until OutboundReady, the old one carries on
+            # surely ready; until OutboundReady (traffic on the new inbound SA, or the core's timer), the old one
+            # carries on
             self._pending_out[ev.spi_in] = out
-            self._watch_pending(ev.spi_in)
         else:
             self.dp.install(out, now)
         self._spi_reqid[ev.spi_in] = reqid
@@ -450,19 +471,8 @@ class IkeEndpoint:
             self.log.info("child sa outbound switched", spi_in=f"0x{spi_in:08x}", spi_out=f"0x{pending.spi:08x}",
                           why=why)  # fmt: skip
 
-    def _watch_pending(self, spi_in: int) -> None:
-        """While an outbound SA is held back, look for traffic on its inbound half every PENDING_POLL s and tell
-        the core (which decides, and also gives up waiting on its own timer)."""
-        if spi_in not in self._pending_out or self._closing:
-            return
-        if self._report_inbound([spi_in]):
-            self._pump()
-        if spi_in in self._pending_out and self._loop is not None:
-            self._loop.call_later(PENDING_POLL, self._watch_pending, spi_in)
-
     def _uninstall_spi(self, spi_in: int) -> None:
         self._pending_out.pop(spi_in, None)
-        self._seen.pop(spi_in, None)
         reqid = self._spi_reqid.pop(spi_in, None)
         pair = self._pairs.pop(spi_in, None)
         if reqid is None or pair is None:
@@ -475,23 +485,3 @@ class IkeEndpoint:
                     self.dp.spd.remove(p)
             self.updown.down(reqid)  # the child is gone, not just rekeyed
         self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
-
-    def note_activity(self) -> None:
-        """Tell the core which child SAs received ESP since the last look (DPD, §2.4; §2.8 hold-back)."""
-        self._report_inbound(list(self._pairs))
-
-    def _report_inbound(self, spis: list[int]) -> bool:
-        """Hand the core those of these installed child SAs (inbound SPIs) whose inbound SA counted packets since
-        the last look; True if there were any."""
-        seen = []
-        for spi_in in spis:
-            pair = self._pairs.get(spi_in)
-            if pair is None:
-                continue
-            self.dp.refresh(pair[0])  # a native SA's counters live in the engine
-            if pair[0].packets != self._seen.get(spi_in, 0):
-                self._seen[spi_in] = pair[0].packets
-                seen.append(spi_in)
-        if seen:
-            self.manager.inbound_seen(seen, self.clock())
-        return bool(seen)

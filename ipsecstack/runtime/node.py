@@ -86,6 +86,8 @@ class Node:
         self.on_event: Callable[[SAEvent], None] | None = None
         self.on_acquire: Callable[[Acquire], None] | None = None
         self.on_ike: Callable[[IkeDatagram], None] | None = None
+        # inbound SPIs whose SA accepted traffic since the datapath last reported it (Datapath.take_seen)
+        self.on_seen: Callable[[list[int]], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Event | None = None
@@ -276,6 +278,13 @@ class Node:
         if res.to_ike and self.on_ike is not None:
             for dgram in res.to_ike:
                 self.on_ike(dgram)
+        self.report_seen()
+
+    def report_seen(self) -> None:
+        """Hand ``on_seen`` the inbound SAs that saw traffic since they were re-armed (none: costs a call)."""
+        seen = self.datapath.take_seen()
+        if seen and self.on_seen is not None:
+            self.on_seen(seen)
 
     def _event(self, ev: SAEvent) -> None:
         self.log.info("sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}", sa=ev.sa.name)
@@ -299,6 +308,7 @@ class Node:
         self._timer = None
         for ev in self.datapath.handle_timer(self.clock()):
             self._event(ev)
+        self.report_seen()
         self._arm_timer()
 
     def notify_sas_changed(self) -> None:

@@ -360,3 +360,55 @@ def test_concurrent_batches_installs_and_reads() -> None:
     rx = make_pair("aes128gcm16", replay_window=4096).rx
     assert sorted(int.from_bytes(w[24:28], "big") for w in results["out"]) == list(range(1, 2001))
     assert all(unprotect(rx, w) == INNER for w in sorted(results["out"], key=lambda w: w[24:28]))
+
+
+# --- "seen" reports ---------------------------------------------------------------------------------
+
+
+def _inbound_sas(n: int) -> tuple[Any, list[SecurityAssociation]]:
+    """An engine with ``n`` inbound tunnel SAs (SPIs 1..n), and the Python outbound SAs that feed them."""
+    from ipsecstack.native import Engine
+
+    eng, senders = Engine(), []
+    for spi in range(1, n + 1):
+        opts: dict[str, Any] = dict(key=GCM_KEY, tunnel_src="192.0.2.1", tunnel_dst="192.0.2.2")
+        eng.install_sa(SecurityAssociation(spi, "esp", "tunnel", "aes128gcm16", direction="in", **opts))
+        senders.append(SecurityAssociation(spi, "esp", "tunnel", "aes128gcm16", direction="out", **opts))
+    return eng, senders
+
+
+def _send(senders: list[SecurityAssociation]) -> list[bytes]:
+    return [protect(sa, INNER) for sa in senders]
+
+
+def test_seen_once_per_sa_until_rearmed() -> None:
+    eng, senders = _inbound_sas(2)
+    assert eng.take_events() == [] and eng.take_seen() == []
+    assert all(isinstance(r, bytes) for r in eng.unprotect(_send(senders) + _send(senders[:1])))
+    assert eng.take_events() == []  # seen events are not lifetime events
+    assert eng.take_seen() == [1, 2] and eng.take_seen() == []
+    eng.rearm_seen([1, 99])  # an SPI not installed is skipped
+    eng.rearm_seen(())
+    eng.unprotect(_send(senders))
+    eng.take_events()
+    assert eng.take_seen() == [1]
+    for bad in ([0], [1 << 32], ["1"], 5):
+        with pytest.raises((ValueError, TypeError, OverflowError)):
+            eng.rearm_seen(bad)
+
+
+def test_seen_events_leave_room_for_lifetime_events() -> None:
+    """Seen events may fill only half the engine's queue: a lifetime event still gets in, and the SAs that
+    found no room report with their next packet instead."""
+    from ipsecstack.native import _engine
+
+    half = _engine.EVENT_QUEUE // 2
+    eng, senders = _inbound_sas(half + 20)
+    eng.unprotect(_send(senders))
+    assert eng.expire("in", 1, False)
+    assert eng.take_events() == [("soft", "in", 1, "seconds")]
+    assert eng.take_seen() == list(range(1, half + 1))
+    assert eng.stats()["events_lost"] == 0
+    eng.unprotect(_send(senders))
+    eng.take_events()
+    assert eng.take_seen() == list(range(half + 1, half + 21))

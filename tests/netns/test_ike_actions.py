@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +145,37 @@ def test_close_action_when_the_peer_terminates(action: str, tmp_path: Path) -> N
         finally:
             codes = [d.terminate() for d in (da, db)]
         assert codes == [0, 0], da.output() + db.output()
+
+
+def _liveness(sock: Path) -> tuple[int, float]:
+    """The established IKE SA of ``site``: its DPD checks so far, and how long ago it heard from the peer."""
+    r = _cli("list-sas", "--socket", str(sock), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (sa,) = [e for e in json.loads(r.stdout) if e["name"] == "site" and e["state"] == "established"]
+    return int(sa["stats"].get("dpd_checks", 0)), float(sa["heard_ago"])
+
+
+def test_dpd_waits_while_esp_arrives_and_checks_once_it_stops(tmp_path: Path) -> None:
+    """RFC 7296 §2.4: ESP from the peer proves it alive. The datapath reports inbound traffic per SA (the
+    native engine's "seen" events), so A sends no DPD request while B's replies arrive, and one soon after."""
+    with nsutil.netns_pair("iq") as pair:
+        a, b = _configs(pair, tmp_path, a_conn='dpd_delay = "2s"')
+        da, db = _start(pair, tmp_path, a, b)
+        sock = tmp_path / "a.sock"
+        try:
+            _wait_children((da, 1), (db, 1))
+            ping = ("ping", "-n", "-q", "-c", "70", "-i", "0.1", "-W", "1", "-I", "10.1.0.1", "10.2.0.1")
+            flow = threading.Thread(target=pair.a.run, args=ping, kwargs={"check": False, "timeout": 30})
+            flow.start()
+            time.sleep(1.5)  # a check from before the first reply may still be counted
+            before, _ = _liveness(sock)
+            time.sleep(4.5)  # more than twice dpd_delay of replies
+            during, heard_ago = _liveness(sock)
+            flow.join(timeout=30)
+            assert during == before, f"DPD checks while ESP arrived: {before} -> {during}\n{da.output()}"
+            assert heard_ago < 2.0
+            nsutil.wait_for(lambda: _liveness(sock)[0] > during, timeout=10,
+                            what=f"a DPD check once the ESP stopped:\n{da.output()}")  # fmt: skip
+        finally:
+            codes = [d.terminate() for d in (da, db)]
+        assert codes == [0, 0], da.output()
