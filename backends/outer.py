@@ -31,8 +31,8 @@ from backends.rawsock import RawPort
 from backends.udp import UdpEncapPort
 from ipsecstack.runtime.io import PortStats
 from ipsecstack.wire.ip import PROTO_UDP
+from ipsecstack.wire.outer import parse_outer
 from ipsecstack.wire.udp_encap import Datagram, OutDatagram
-from ipsecstack.xform.mode import parse_outer
 
 PROTO_ESP = 50
 PROTO_AH = 51

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from ipsecstack.errors import Dropped
 from ipsecstack.runtime.io import BackendError, PortStats
 from ipsecstack.wire.ip import PROTO_UDP, traffic_class
+from ipsecstack.wire.outer import parse_outer
 from ipsecstack.wire.udp_encap import (
     NAT_KEEPALIVE,
     NON_ESP_MARKER,
@@ -53,7 +54,6 @@ from ipsecstack.wire.udp_encap import (
     OutDatagram,
     to_ip_packet,
 )
-from ipsecstack.xform.mode import parse_outer
 
 RECV_SIZE = 65535
 SOCKBUF = 4 << 20

@@ -86,11 +86,14 @@ def _print_errors(path: str, error: ConfigError) -> None:
         print(f"ipsecstack: {path}: {len(error.errors)} errors", file=sys.stderr)
 
 
-def _run(cfg: Config, path: str) -> int:
+def run_daemon(cfg: Config, path: str) -> int:
+    """``ipsecstack run``: the daemon for a loaded ``cfg`` (read from ``path``, which SIGHUP re-reads) until a
+    signal stops it; the exit status. Public so that a test can change the process (drop to an account,
+    say) between loading the file and starting the daemon, as ``tests/netns/test_privdrop.py`` does."""
     import structlog
 
+    from ipsecstack.agent import Reloader, attach_control, attach_ike, build_node, drop_privileges
     from ipsecstack.runtime import logs, privs
-    from ipsecstack.runtime.agent import Reloader, attach_control, attach_ike, build_node, drop_privileges
     from ipsecstack.runtime.io import BackendError
     from ipsecstack.runtime.loop import loop_name, run
 
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.config}: warning: {w}", file=sys.stderr)
             print(f"{args.config}: ok ({len(cfg.connections)} IKE connection(s), {len(cfg.manual)} manual)")
             return 0
-        return _run(cfg, args.config)
+        return run_daemon(cfg, args.config)
     if args.command == "bench":
         from ipsecstack import benchmark
 

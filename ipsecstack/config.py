@@ -457,7 +457,7 @@ def _cross_checks(agent: AgentConfig, manual: list[ManualConnection], peers: lis
     for peer in peers:
         ah = next((ch.name for ch in peer.children if ch.protocol == "ah"), None)
         if ah is not None and agent.outer_backend == "udp":
-            # the udp backend sends everything as ESP in UDP (runtime/agent.py forces encap); AH needs raw IP
+            # the udp backend sends everything as ESP in UDP (agent/services.py forces encap); AH needs raw IP
             raise ConfigError("agent.outer_backend", "udp", f"connections.{peer.name}.children.{ah}.ah_proposals "
                               "needs IP protocol 51, which the udp backend cannot carry (ESP in UDP only, RFC 3948): "
                               'use outer_backend = "raw" (tunnel mode) or nfqueue (transport mode)')  # fmt: skip

@@ -47,6 +47,7 @@ from ipsecstack.sa import SAEvent, SecurityAssociation
 from ipsecstack.sad import SAD
 from ipsecstack.spd import SPD, Action, Policy
 from ipsecstack.wire import icmp, ip
+from ipsecstack.wire.outer import parse_outer
 from ipsecstack.wire.udp_encap import (
     ENCAP_PORT,
     KIND_ESP,
@@ -60,7 +61,7 @@ from ipsecstack.wire.udp_encap import (
 )
 from ipsecstack.xform import ah as ah_xform
 from ipsecstack.xform import esp as esp_xform
-from ipsecstack.xform import mode, protect
+from ipsecstack.xform import protect
 
 if TYPE_CHECKING:
     from ipsecstack.native.engine import Engine
@@ -402,7 +403,7 @@ class Datapath:
         for pkt in packets:
             sa = None
             try:
-                version, off, nh_field, end = mode.parse_outer(pkt)
+                version, off, nh_field, end = parse_outer(pkt)
                 proto = pkt[nh_field]
                 dst = pkt[16:20] if version == 4 else pkt[24:40]
                 if proto == ip.PROTO_ESP:

@@ -1,6 +1,6 @@
 /*
  * ESP protect/unprotect of one whole IP packet (RFC 4303), with UDP encapsulation (RFC 3948):
- * the twin of ipsecstack/xform/esp.py and ipsecstack/xform/mode.py, check for check and in the same
+ * the twin of ipsecstack/xform/esp.py, xform/mode.py and wire/outer.py, check for check and in the same
  * order, so both engines refuse a packet for the same reason and produce the same bytes.
  *
  * Outbound (RFC 4303 §3.3): find what to carry (tunnel mode: the whole inner packet, whose length
@@ -137,7 +137,7 @@ typedef struct {
     size_t off, nh_field, end;
 } ips_parsed;
 
-/* mode.py parse_outer: the IPsec payload of a packet (inbound) or where it goes (outbound). */
+/* wire/outer.py parse_outer: the IPsec payload of a packet (inbound) or where it goes (outbound). */
 static ips_reason parse_ip(const uint8_t *pkt, size_t orig, int inbound, ips_parsed *p)
 {
     if (orig < 20)

@@ -41,7 +41,7 @@ class ControlServer:
 
     async def start(self) -> None:
         if self._server is not None:
-            return  # already listening (started early to drop privileges: runtime/agent.py)
+            return  # already listening (started early to drop privileges: ipsecstack/agent/services.py)
         p = Path(self.path)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):

@@ -35,19 +35,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipsecstack.datapath import DISCARD_FLOW, Datapath, Result
 
 if TYPE_CHECKING:
-    from backends.rawsock import RawPort
     from ipsecstack.runtime.node import Node
 
 ROUNDS = 8  # punt batches per wake-up before yielding to the loop
 PROTO_ESP = 50
 
 Buffer = bytes | bytearray | memoryview
+
+
+class AuxPort(Protocol):
+    """An outer port the engine shares: it reads the port's ESP, the Node the other protocols (AH on
+    ``backends/rawsock.py``'s RawPort)."""
+
+    @property
+    def protocols(self) -> Sequence[int]: ...
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None], *,
+               protocols: Iterable[int] | None = ...) -> None: ...  # fmt: skip
+
+    def read_batch(self, limit: int) -> list[bytes]: ...
 
 
 class PuntEngine(Protocol):
@@ -72,34 +84,6 @@ class Forwarder(PuntEngine, Protocol):
     def learn_out(self, pkt: Buffer, spi: int | None) -> None: ...
 
     def learn_in(self, spi: int, inner: Buffer) -> None: ...
-
-
-def outer_fds(outer: object) -> tuple[list[tuple[str, int]], list[RawPort]] | None:
-    """The engine's share of an outer plane: ``(kind, fd)`` pairs, and the raw ports whose AH stays here.
-
-    None when the plane is not one the engine can drive (then the Node reads it as before).
-    """
-    from backends.outer import OuterSet
-    from backends.rawsock import RawPort
-    from backends.udp import UdpEncapPort
-
-    fds: list[tuple[str, int]] = []
-    python_raw: list[RawPort] = []
-    parts: Sequence[object] = (outer.udp, outer.raw) if isinstance(outer, OuterSet) else (outer,)
-    for part in parts:
-        if isinstance(part, UdpEncapPort):
-            fds.append((f"udp{part.version}", part.fileno()))
-        elif isinstance(part, RawPort):
-            esp = [fd for proto, fd in part.receive_fds() if proto == PROTO_ESP]
-            if not esp:
-                return None
-            fds.append((f"esp{part.version}", esp[0]))
-            fds.append((f"raw{part.version}", part.send_fd()))
-            if any(proto != PROTO_ESP for proto, _fd in part.receive_fds()):
-                python_raw.append(part)
-        else:
-            return None
-    return fds, python_raw
 
 
 class PuntLoop:
@@ -187,7 +171,7 @@ class FastPath(PuntLoop):
     """Starts the engine's forwarder on a Node's planes and answers its punts (see the module docstring)."""
 
     def __init__(self, node: Node, engine: Forwarder, tun_fd: int, fds: Sequence[tuple[str, int]],
-                 python_raw: Sequence[RawPort] = (), *, tso: bool = False,
+                 python_raw: Sequence[AuxPort] = (), *, tso: bool = False,
                  udp_offloads: bool = False, codel_ms: tuple[float, float] = (0.0, 100.0)) -> None:  # fmt: skip
         super().__init__(node, engine, ("out", "in", "outer"))
         self.engine = engine
@@ -199,27 +183,6 @@ class FastPath(PuntLoop):
         self.offloads = {"tso": tso, "coalesce": tso, "gso": udp_offloads, "gro": udp_offloads}
         # CoDel on the ESP receive queues (native/codel.c): (target, interval) in ms, target 0: off
         self.codel_us = (round(codel_ms[0] * 1000), round(codel_ms[1] * 1000))
-
-    @classmethod
-    def for_node(cls, node: Node, *, offloads: bool = True,
-                 codel_ms: tuple[float, float] = (0.0, 100.0)) -> FastPath | None:  # fmt: skip
-        """A FastPath when the node runs the native datapath between a TUN device and raw/UDP sockets.
-
-        ``offloads``: TSO and coalescing where the TUN device has the virtio header, UDP GSO/GRO on the
-        ESP-in-UDP socket (``[agent] offloads``). ``codel_ms``: CoDel's target and interval on the ESP
-        receive sockets (``[agent] codel_target_ms``, ``codel_interval_ms``; target 0: off).
-        """
-        from backends.tun import TunPort
-
-        dp = node.datapath
-        if dp.native is None or not isinstance(node.inner, TunPort) or node.outer is None:
-            return None
-        got = outer_fds(node.outer)
-        if got is None:
-            return None
-        fds, python_raw = got
-        return cls(node, dp.native.engine, node.inner.fileno(), fds, python_raw,
-                   tso=offloads and node.inner.vnet_hdr, udp_offloads=offloads, codel_ms=codel_ms)  # fmt: skip
 
     def _start_engine(self) -> int:
         target, interval = self.codel_us
@@ -278,7 +241,7 @@ class FastPath(PuntLoop):
             if spi is not None:
                 learn_out(pkt, None if spi == DISCARD_FLOW else spi)
 
-    def _raw_readable(self, port: RawPort) -> None:
+    def _raw_readable(self, port: AuxPort) -> None:
         node = self.node
         pkts = port.read_batch(node.batch_size)
         if pkts:

@@ -41,11 +41,23 @@ from ipsecstack.datapath import DISCARD_FLOW, Datapath
 from ipsecstack.runtime.fastpath import Buffer, PuntEngine, PuntLoop
 
 if TYPE_CHECKING:
-    from backends.nfqueue import NfqueuePort
     from ipsecstack.runtime.node import Node
 
 MAX_ENCAP_PORTS = 8  # what the engine takes (fwd.h IPS_NFQ_ENCAP)
 MTU_CACHE = 4096  # path MTUs remembered by destination, then forgotten at once
+
+
+class QueuePort(Protocol):
+    """A bound queue the engine's threads read (``backends/nfqueue.py``'s NfqueuePort)."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def queue_num(self) -> int: ...
+
+    @property
+    def mark(self) -> int | None: ...
 
 
 class QueueForwarder(PuntEngine, Protocol):
@@ -64,7 +76,7 @@ class QueueForwarder(PuntEngine, Protocol):
 class QueueFastPath(PuntLoop):
     """Starts the engine's NFQUEUE threads on a Node's two queues and answers their punts (module docstring)."""
 
-    def __init__(self, node: Node, engine: QueueForwarder, out_port: NfqueuePort, in_port: NfqueuePort,
+    def __init__(self, node: Node, engine: QueueForwarder, out_port: QueuePort, in_port: QueuePort,
                  *, coalesce: bool = True) -> None:  # fmt: skip
         super().__init__(node, engine, ("qout", "qin", "qouter"))
         self.engine = engine
@@ -74,24 +86,10 @@ class QueueFastPath(PuntLoop):
         self.verdict_errors = 0
         self._mtus: dict[bytes, int] = {}
 
-    @classmethod
-    def for_node(cls, node: Node, *, offloads: bool = True) -> QueueFastPath | None:
-        """A QueueFastPath when the node runs the native datapath on two bound NFQUEUE ports.
-
-        ``offloads`` (``[agent] offloads``): the in queue's in-order TCP segments of a round are accepted
-        as one packet, as GRO would have merged them."""
-        from backends.nfqueue import NfqueuePort
-
-        dp = node.datapath
-        out, inn = node.queue_out, node.queue_in
-        if dp.native is None or not isinstance(out, NfqueuePort) or not isinstance(inn, NfqueuePort):
-            return None
-        return cls(node, dp.native.engine, out, inn, coalesce=offloads)
-
     def _start_engine(self) -> int:
         out, inn = self.out_port, self.in_port
         return self.engine.nfq_start(
-            [("out", out._fd, out.queue_num, out.mark), ("in", inn._fd, inn.queue_num, None)],
+            [("out", out.fd, out.queue_num, out.mark), ("in", inn.fd, inn.queue_num, None)],
             batch=min(self.node.batch_size, 256),
             encap_ports=sorted(self.node.datapath.encap_ports)[:MAX_ENCAP_PORTS],
             coalesce=self.coalesce,

@@ -98,7 +98,7 @@ class Node:
         self.traps: dict[tuple[str, str], int] = {}  # reqids of trap policies by (connection, child)
         self.control_task: Any = None
         self.on_reload: Callable[[], None] | None = None  # SIGHUP
-        # outer ports beside the main planes, read only: IKE's NAT-T socket next to NFQUEUE (runtime/agent.py)
+        # outer ports beside the main planes, read only: IKE's NAT-T socket next to NFQUEUE (agent/services.py)
         self.side_ports: list[PacketPort] = []
         # where ICMP errors for local senders go (Result.to_local, path MTU): the inner port by default
         # (TUN: the kernel routes them to the sender), a raw socket to this host with NFQUEUE

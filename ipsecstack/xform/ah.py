@@ -17,6 +17,7 @@ from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.wire import ip
 from ipsecstack.wire.ah import FIXED_LEN, HEADER, build_header, icv_field_len
+from ipsecstack.wire.outer import parse_outer
 from ipsecstack.xform import mode
 
 _M32 = 0xFFFFFFFF
@@ -95,7 +96,7 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
         version = sa.outer_version
         payload = pkt
     else:
-        version, off, nh_field, end = mode.parse_outer(pkt, inbound=False)
+        version, off, nh_field, end = parse_outer(pkt, inbound=False)
         payload = pkt[off:end]
         seq = sa.next_seq()
         ah = build_header(pkt[nh_field], sa.spi, seq & _M32, icv_field_len(ctx.icv_len, version == 6))
@@ -109,7 +110,7 @@ def protect(sa: SecurityAssociation, pkt: bytes) -> bytes:
 def unprotect(sa: SecurityAssociation, pkt: bytes) -> bytes:
     ctx = sa.ah_ctx
     assert ctx is not None
-    version, off, nh_field, end = mode.parse_outer(pkt)
+    version, off, nh_field, end = parse_outer(pkt)
     if pkt[nh_field] != ip.PROTO_AH:
         raise Dropped(Reason.MALFORMED, f"IP protocol {pkt[nh_field]} is not AH")
     if end - off < FIXED_LEN:

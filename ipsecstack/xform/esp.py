@@ -17,6 +17,7 @@ from ipsecstack.errors import Dropped, Reason
 from ipsecstack.sa import SecurityAssociation
 from ipsecstack.wire import ip
 from ipsecstack.wire.esp import PAD
+from ipsecstack.wire.outer import parse_outer
 from ipsecstack.wire.udp_encap import (
     KIND_ESP,
     KIND_IKE,
@@ -57,7 +58,7 @@ def _seal_input(sa: SecurityAssociation, pkt: bytes) -> tuple[int, int, int, byt
             # RFC 4303 §2.4: random-length TFC padding after the inner packet, inside the encryption.
             payload = pkt + bytes(int.from_bytes(sa.rng(2), "big") % (sa.tfc_padding + 1))
     else:
-        version, off, nh_field, end = mode.parse_outer(pkt, inbound=False)
+        version, off, nh_field, end = parse_outer(pkt, inbound=False)
         nh = pkt[nh_field]
         payload = pkt[off:end]
     # RFC 4303 §3.3.3: the counter never wraps (SecurityAssociation.next_seq, inlined: hot path)
@@ -132,7 +133,7 @@ def _protect_udp6(
     udp = mode.udp_encap_header(sa, esp_len, src, dst, esp)
     if sa.tunnel:
         return mode.outer_header(sa, pkt, UDP_HEADER_LEN + esp_len, seq) + udp + esp
-    _v, off, nh_field, _end = mode.parse_outer(pkt, inbound=False)
+    _v, off, nh_field, _end = parse_outer(pkt, inbound=False)
     return mode.transport_header(pkt, version, off, nh_field, UDP_HEADER_LEN + esp_len, ip.PROTO_UDP) + udp + esp
 
 
@@ -151,7 +152,7 @@ def locate(pkt: bytes) -> tuple[int, int, int, int, bool]:
     ``off`` points at the IP payload (the UDP header when ``udp``). Raises ``Dropped`` for packets that
     carry no ESP: NAT keepalives (silently), IKE on the encapsulation port, other protocols.
     """
-    version, off, nh_field, end = mode.parse_outer(pkt)
+    version, off, nh_field, end = parse_outer(pkt)
     proto = pkt[nh_field]
     if proto == ip.PROTO_ESP:
         return version, off, nh_field, end, False

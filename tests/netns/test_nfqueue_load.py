@@ -65,7 +65,7 @@ PROBE = """
 import socket, structlog
 from backends.nfqueue import NETLINK_NO_ENOBUFS, SOL_NETLINK, NfqueuePort
 port = NfqueuePort("probe", 31, lambda p: None, structlog.get_logger())
-s = socket.socket(fileno=__import__("os").dup(port._fd))
+s = socket.socket(fileno=__import__("os").dup(port.fd))
 print(s.getsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS), s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 s.close()
 port.close()

@@ -222,7 +222,7 @@ RUN_AS = """
 import os, sys
 from ipsecstack import cli
 from ipsecstack.config import load
-import ipsecstack.runtime.agent, ipsecstack.runtime.logs, ipsecstack.runtime.loop, ipsecstack.runtime.privs
+import ipsecstack.agent, ipsecstack.runtime.logs, ipsecstack.runtime.loop, ipsecstack.runtime.privs
 import structlog, asyncio
 try:
     import uvloop
@@ -233,7 +233,7 @@ if sys.argv[2] == "nobody":  # the stdlib may sit under /root (mode 700): everyt
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
-sys.exit(cli._run(cfg, sys.argv[1]))
+sys.exit(cli.run_daemon(cfg, sys.argv[1]))
 """
 
 

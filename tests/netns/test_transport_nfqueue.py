@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.nfqueue import CHAIN_IN, CHAIN_MSS, CHAIN_OUT, plan_rules
+from backends.nfqueue import CHAIN_IN, CHAIN_MSS, CHAIN_OUT
+from ipsecstack.agent.nfq_rules import plan_rules
 from ipsecstack.config import build_datapath, parse
 from tests.netns import nsutil
 
@@ -423,7 +424,7 @@ PROBE = """
 import os, sys
 from pathlib import Path
 from ipsecstack.config import parse
-from ipsecstack.runtime.agent import build_node
+from ipsecstack.agent import build_node
 from ipsecstack.runtime.io import BackendError
 cfg = parse(Path(sys.argv[1]).read_text())
 if sys.argv[2] == "nobody":

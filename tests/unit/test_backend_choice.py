@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from backends.outer import OuterSet, is_udp
+from ipsecstack.agent import force_encap
 from ipsecstack.config import parse
 from ipsecstack.errors import ConfigError
-from ipsecstack.runtime.agent import force_encap
 from tests.packets import udp4
 
 IKE = """

@@ -5,6 +5,11 @@ function (a function-local import hides a cycle, it does not remove it). ``from 
 edge to ``pkg.name`` when that is a module (compiled ones are found by their ``.pyi`` stub), else to
 ``pkg``; a submodule's implicit import of its own parent package is not an edge.
 
+The layers (``ipsecstack/agent/__init__.py``) are a contract too: the sans-IO core imports neither
+the runtime nor a backend; the runtime imports no backend; a backend imports only the I/O protocols
+(``ipsecstack.runtime.io``), the wire codecs, ``ipsecstack.errors`` and other backends; only the
+composition root (``ipsecstack.agent``), the CLI and the demo name both.
+
 There is no cycle (issue #11 took apart the last one, the IKE SA's class chain); keep it so. The task
 modules under ``ipsecstack/ike/tasks`` see their IKE SA only through the ``Context`` protocol, and the
 events are generic in the IKE SA's type, so nothing below ``ike/session.py`` imports it.
@@ -129,3 +134,58 @@ def test_the_checker_sees_every_kind_of_import() -> None:
 def test_no_import_cycles() -> None:
     found = [sorted(c) for c in cycles(import_graph())]
     assert not found, f"import cycles: {found} (break them: move what both sides need into a module below both)"
+
+
+TOP = ("ipsecstack.agent", "ipsecstack.cli", "ipsecstack.__main__", "ipsecstack.demo")
+BACKEND_MAY_USE = ("ipsecstack.runtime.io", "ipsecstack.errors", "ipsecstack.wire", "backends")
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layer(module: str) -> str:
+    if _under(module, ("backends",)):
+        return "backends"
+    if _under(module, TOP):
+        return "top"
+    if _under(module, ("ipsecstack.runtime",)):
+        return "runtime"
+    return "core"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, targets in sorted(graph.items()):
+        here = layer(mod)
+        for t in sorted(targets):
+            there = layer(t)
+            if (
+                (here == "core" and there != "core")
+                or (here == "runtime" and there in ("backends", "top"))
+                or (here == "backends" and not _under(t, BACKEND_MAY_USE))
+            ):
+                bad.append(f"{mod} ({here}) -> {t} ({there})")
+    return bad
+
+
+def test_the_layer_check_catches_each_kind_of_crossing() -> None:
+    toy = {
+        "ipsecstack.datapath": {"ipsecstack.runtime.node"},
+        "ipsecstack.runtime.node": {"backends.tun", "ipsecstack.datapath"},
+        "backends.tun": {"ipsecstack.runtime.io", "ipsecstack.wire.ip", "ipsecstack.config"},
+        "ipsecstack.agent.build": {"backends.tun", "ipsecstack.runtime.node", "ipsecstack.datapath"},
+    }
+    assert layer_violations(toy) == [
+        "backends.tun (backends) -> ipsecstack.config (core)",
+        "ipsecstack.datapath (core) -> ipsecstack.runtime.node (runtime)",
+        "ipsecstack.runtime.node (runtime) -> backends.tun (backends)",
+    ]
+    assert layer("ipsecstack.agent") == layer("ipsecstack.cli") == "top"
+
+
+def test_imports_respect_the_layers() -> None:
+    graph = import_graph()
+    assert {"ipsecstack.agent.build", "ipsecstack.runtime.fastpath", "backends.nfqueue"} <= set(graph)
+    bad = layer_violations(graph)
+    assert not bad, "imports across the layers (ipsecstack/agent/__init__.py): " + "; ".join(bad)
