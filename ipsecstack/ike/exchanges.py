@@ -201,10 +201,15 @@ class Exchanges:
             if sa.state != "init_sent" or not isinstance(self._active, IkeInit):
                 sa.count("dropped_unexpected_response")
                 return
-            self.window.outstanding = None
+            out, self.window.outstanding = self.window.outstanding, None
             init, self._active = self._active, None
-            if init.process(msg, msg.payloads, now) is Result.NEED_MORE and sa.state == "init_sent":
+            res = init.process(msg, msg.payloads, now)
+            if res is Result.NEED_MORE and sa.state == "init_sent":
                 self.run(init, now)  # again, with the COOKIE or the KE group the responder asked for
+            elif res is Result.FAILED and sa.state == "init_sent":
+                # §2.21.1: an unprotected answer that cannot be used may be forged; it was counted, and the
+                # request stays outstanding (retransmitted, then given up) for the real one
+                self.window.outstanding, self._active = out, init
             return
         if sa.rx is None:
             sa.count("dropped_unexpected_response")  # an encrypted exchange before we have keys
@@ -212,14 +217,21 @@ class Exchanges:
         inner = self._open(msg)
         if inner is None:
             return
+        task = self._active
+        deleting = isinstance(task, IkeDelete) or (msg.exchange == Exchange.INFORMATIONAL and sa.state == "deleting")
+        if task is not None and msg.exchange != task.exchange and not deleting:
+            # §1.2, §2.21: a response answers the request of its Message ID, of the same exchange type; one
+            # that does not is dropped, and the request stays outstanding (retransmitted, then given up)
+            sa.count("dropped_wrong_exchange")
+            return
         self.window.outstanding = None
         sa.heard(now)
-        task, self._active = self._active, None
+        self._active = None
         if isinstance(task, IkeDelete):
             task.process(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and sa.state == "deleting":
             deleted(sa)
-        elif task is not None and msg.exchange == task.exchange and task.process(msg, inner, now) is Result.NEED_MORE:
+        elif task is not None and task.process(msg, inner, now) is Result.NEED_MORE:
             self.run(task, now)  # another round of the same exchange
         self.next_queued(now)
 
