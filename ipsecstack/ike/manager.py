@@ -23,16 +23,9 @@ closes them (one DELETE each, not waited for); ``keep`` refuses the new one with
 ``no`` (the default) replaces only if the peer sent INITIAL_CONTACT, which says it lost every other IKE
 SA with us (§2.4); ``never`` allows any number.
 
-Reauthentication (``reauth_time``, RFC 7296 §2.8.3, strongSwan's make-before-break): when an SA says
-``ReauthDue``, a new IKE SA of the same connection is initiated (fresh IKE_SA_INIT and IKE_AUTH, no
-INITIAL_CONTACT since the old one still exists) and the pair is remembered. Once the new SA is
-established, idle (its CREATE_CHILD_SA for further children done) and carries a child SA of every
-configuration the old one had, the old SA (or its IKE-rekeyed successor) is deleted with cause
-``"reauth"`` and ``IkeReauthed`` is reported; its children go as ``ChildDown(cause="ike")`` after the new
-ones are up, so traffic has no gap. If the new SA fails, or comes up without all children (it is then
-deleted), the old one stays and tries again later (``ReauthFailed``). On either side, an IKE SA the peer
-deletes while a newer established IKE SA of the same connection and peer identity stays reports cause
-``"reauth"`` instead of ``"peer"``: the connection is up, so no close action applies.
+Reauthentication (``reauth_time``, RFC 7296 §2.8.3): make-before-break, in :mod:`reauth`. On either
+side, an IKE SA the peer deletes while a newer established IKE SA of the same connection and peer identity
+stays reports cause ``"reauth"`` instead of ``"peer"``: the connection is up, so no close action applies.
 
 Unknown major version (§2.5, §1.5): dropped and counted; a request is answered with a rate-limited
 INVALID_MAJOR_VERSION (:mod:`stateless`).
@@ -65,6 +58,7 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Protocol
 from ipsecstack.ike.groups import KeyPairSource
+from ipsecstack.ike.reauth import Reauths
 from ipsecstack.ike.reqids import Reqids
 from ipsecstack.ike.session import (
     ChildDown,
@@ -72,12 +66,10 @@ from ipsecstack.ike.session import (
     Datagram,
     Event,
     IkeDown,
-    IkeReauthed,
     IkeRekeyed,
     IkeSa,
     PeerConfig,
     ReauthDue,
-    ReauthFailed,
     id_text,
     same_identity,
 )
@@ -111,8 +103,7 @@ class IkeManager:
         self.reqids = Reqids()  # which reqid each child SA gets (reqids.py); ``reqids.traps`` is the runtime's
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
-        self._reauths: list[tuple[IkeSa, IkeSa]] = []  # (new IKE SA, the one it reauthenticates)
-        self._reauth_why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
+        self.reauths = Reauths(self._start, self._count)  # reauthentications under way (reauth.py)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -315,19 +306,19 @@ class IkeManager:
                             if other is not None and other.state != "closed":
                                 self._push_timer(other)
                     elif isinstance(ev, ReauthDue):
-                        self._reauthenticate(ev.sa, now)
+                        if ev.sa.cfg.name in self.peers:  # not if the connection was removed meanwhile
+                            self.reauths.due(ev.sa, now)
                     elif isinstance(ev, IkeDown):
                         if ev.cause == "peer" and self._superseded(ev.sa):
                             ev.cause = "reauth"
-                        if any(n is ev.sa for n, _ in self._reauths):
-                            self._reauth_why[id(ev.sa)] = ev.reason
+                        self.reauths.closed(ev)
                 self._events += evs
                 self._out += sa.datagrams()
                 if sa.state == "closed":
                     self._forget(sa)
                 else:
                     self._push_timer(sa)
-            self._events += self._reauth_progress(now)
+            self._events += self.reauths.progress(now)
 
     def _forget(self, sa: IkeSa) -> None:
         for key in [k for k, v in self.sas.items() if v is sa]:
@@ -343,14 +334,7 @@ class IkeManager:
             self._when[id(sa)] = t
             heapq.heappush(self._heap, (t, id(sa), sa))
 
-    # --- reauthentication (§2.8.3) ----------------------------------------------------------------
-
-    def _reauthenticate(self, old: IkeSa, now: float) -> None:
-        if old.cfg.name not in self.peers or not old.established or any(o is old for _, o in self._reauths):
-            return
-        new = self._start(old.cfg.name, now)  # no INITIAL_CONTACT: ``old`` still exists
-        self._reauths.append((new, old))
-        self._count("reauths_started")
+    # --- the same peer ------------------------------------------------------------------------
 
     def _same_peer(self, sa: IkeSa) -> list[IkeSa]:
         """The other established IKE SAs of ``sa``'s connection with the same peer identity."""
@@ -362,35 +346,6 @@ class IkeManager:
     def _superseded(self, sa: IkeSa) -> bool:
         """Another established IKE SA of the same connection and peer identity stays (the peer reauthenticated)."""
         return bool(self._same_peer(sa))
-
-    def _reauth_progress(self, now: float) -> list[Event]:
-        """Retire the old IKE SA of every reauthentication whose new SA is up with all its children."""
-        out: list[Event] = []
-        for pair in list(self._reauths):
-            new, old = pair
-            while old.successor is not None:
-                old = old.successor  # the old one was IKE-rekeyed meanwhile: retire its successor
-            if new.state not in ("closed", "established") or (new.established and not new.idle):
-                continue  # still negotiating
-            missing = sorted({c.child.name for c in old.children} - {c.child.name for c in new.children})
-            if new.established and not missing:
-                if old.state != "established":
-                    self._reauths.remove(pair)  # it went meanwhile (expired, deleted): nothing to retire
-                elif old.idle:
-                    self._reauths.remove(pair)
-                    old.delete(now, "reauth")
-                    self._count("reauths")
-                    out.append(IkeReauthed(old, new))
-                continue  # else: once the old one's outstanding request is done
-            self._reauths.remove(pair)
-            why = self._reauth_why.pop(id(new), "the new IKE SA failed")
-            if new.established:
-                why = f"child SA(s) {', '.join(missing)} not negotiated" + (f": {new.failure}" if new.failure else "")
-                new.delete(now)
-            self._count("reauths_failed")
-            if old.state == "established":
-                out.append(ReauthFailed(old, why, old.reauth_failed(now)))
-        return out
 
     def get_timer(self) -> float | None:
         heap = self._heap

@@ -52,3 +52,10 @@ def notifies(ctx: Context) -> list[m.AnyPayload]:
         m.Notify(Notify.NAT_DETECTION_SOURCE_IP, src_hash),
         m.Notify(Notify.NAT_DETECTION_DESTINATION_IP, dst_hash),
     ]
+
+
+def report(ctx: Context) -> dict[str, bool]:
+    """What NAT detection found (§2.23), and encapsulation forced by config, reported separately (for
+    ``list-sas`` and the logs)."""
+    return {"nat_local": ctx.behind_nat, "nat_remote": ctx.peer_behind_nat, "encap_forced": ctx.nat_fake,
+            "encap": ctx.nat}  # fmt: skip

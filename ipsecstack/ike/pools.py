@@ -65,3 +65,19 @@ class Pool:
 
     def release(self, identity: bytes) -> None:
         self.leases.pop(identity, None)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The address a pool handed to one client identity, held by its IKE SA (and passed on by a rekey)."""
+
+    pool: Pool
+    key: bytes
+
+    @property
+    def address(self) -> str | None:
+        addr = self.pool.leases.get(self.key)
+        return None if addr is None else str(addr)
+
+    def release(self) -> None:
+        self.pool.release(self.key)

@@ -27,7 +27,6 @@ everything after IKE_SA_INIT and the child SAs are UDP-encapsulated (:mod:`nat`)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from cryptography import x509
 
@@ -37,7 +36,6 @@ from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.children import ChildSa
 from ipsecstack.ike.const import Exchange, Notify, Protocol
-from ipsecstack.ike.derive import sa_keys
 from ipsecstack.ike.events import (
     ChildDown,
     ChildFailed,
@@ -52,7 +50,7 @@ from ipsecstack.ike.events import (
     ReauthFailed,
 )
 from ipsecstack.ike.exchanges import Exchanges
-from ipsecstack.ike.groups import Group, KeyExchangeError, KeyPair, KeyPairSource
+from ipsecstack.ike.groups import KeyPairSource
 from ipsecstack.ike.keymat import IkeKeys
 from ipsecstack.ike.model import (
     ChildConfig,
@@ -63,7 +61,7 @@ from ipsecstack.ike.model import (
     is_wildcard,
     same_identity,
 )
-from ipsecstack.ike.pools import Pool
+from ipsecstack.ike.pools import Lease
 from ipsecstack.ike.state import IkeState, Step, advance
 from ipsecstack.ike.tasks import schedule
 from ipsecstack.ike.tasks.base import Context
@@ -112,7 +110,7 @@ class IkeSa:
         self.nat_fake = False  # we faked our source hash to force encapsulation (``encap = true``)
         self.peer_id: tuple[int, bytes] | None = None
         self.virtual_ip: str | None = None  # what the peer assigned us (client side)
-        self.lease: tuple[Pool, bytes] | None = None  # the address we leased to the peer (pool, key)
+        self.lease: Lease | None = None  # the address we leased to the peer
         self.stats: dict[str, int] = {}
         self.failure = ""  # the latest refusal, for the manager's failure list
         self.children: list[ChildSa] = []
@@ -265,7 +263,7 @@ class IkeSa:
             if self.state == "deleting":
                 cause = self.delete_cause  # our DELETE went unanswered: still why we deleted it
         if self.lease is not None and self.successor is None:
-            self.lease[0].release(self.lease[1])  # the address goes back to the pool
+            self.lease.release()  # the address goes back to the pool
             self.lease = None
         self.step(Step.CLOSE)
         self.tasks.window.outstanding = None
@@ -278,56 +276,15 @@ class IkeSa:
         if standby is not None:  # the peer's rekey of this SA never took over: it goes with it, quietly
             standby.close("its IKE SA closed before a simultaneous rekey was resolved (RFC 7296 §2.8.2)", "rekeyed")
 
-    # --- keys, NAT ----------------------------------------------------------------------------
+    # --- rekeying, NAT ----------------------------------------------------------------------------
 
-    def keypair(self, group: Group) -> KeyPair:
-        """A KE private value and public data: made ahead of time by ``keypairs`` if it has one, else now."""
-        made = self.keypairs(group) if self.keypairs is not None else None
-        return made if made is not None else group.generate(self.rng)
-
-    def derive(self, chosen: props.Chosen, priv: Any, peer_ke: bytes) -> bool:
-        """SKEYSEED and the SK_* keys of IKE_SA_INIT (§2.14); False (and closed) if the peer's KE is unusable."""
-        assert chosen.dh is not None
-        try:
-            shared = chosen.dh.shared(priv, peer_ke)
-        except KeyExchangeError as e:
-            self.close(f"unusable key exchange data: {e}")
-            return False
-        self._install_keys(chosen, shared)
-        return True
-
-    def _install_keys(self, chosen: props.Chosen, shared: bytes, old: IkeSa | None = None) -> None:
-        prior = None
-        if old is not None:  # §2.18: a rekeyed IKE SA's SKEYSEED comes from the old SK_d
-            assert old.keys is not None and old.chosen is not None and old.chosen.prf is not None
-            prior = (old.keys.sk_d, old.chosen.prf)
-        self.chosen = chosen
-        self.keys, self.tx, self.rx = sa_keys(chosen, shared, self.ni, self.nr, self.spi_i, self.spi_r,
-                                              initiator=self.initiator, old=prior)  # fmt: skip
-
-    def rekeyed_sa(self, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
-                   *, initiator: bool, now: float) -> IkeSa:  # fmt: skip
-        """The new IKE SA of a rekey exchange (§2.18), established but not (yet) in charge of anything."""
+    def sibling(self, *, initiator: bool, now: float) -> IkeSa:
+        """A new IKE SA of the same connection and peer, for the manager once it exists (``spawned()``): a
+        rekey's (tasks/ike_rekey.py gives it what it inherits, §2.18)."""
         new = IkeSa(self.cfg, initiator=initiator, rng=self.rng, now=now, wallclock=self.wallclock, remote=self.remote,
                     remote_port=self.remote_port, keypairs=self.keypairs)  # fmt: skip
-        new.local_port = self.local_port
-        new.nat, new.behind_nat, new.peer_behind_nat, new.nat_fake = (self.nat, self.behind_nat, self.peer_behind_nat,
-                                                                      self.nat_fake)  # fmt: skip
-        new.peer_id = self.peer_id
-        new.local_identity = self.local_identity
-        new.spi_i, new.spi_r, new.ni, new.nr = spi_i, spi_r, ni, nr
-        new._install_keys(chosen, shared, old=self)
-        new.step(Step.REKEYED_IN)
-        new.up_at = now
-        new.last_heard = now
-        new.standby = True
         self._spawned.append(new)
         return new
-
-    def nat_report(self) -> dict[str, bool]:
-        """What NAT detection found (§2.23), and encapsulation forced by config, reported separately."""
-        return {"nat_local": self.behind_nat, "nat_remote": self.peer_behind_nat, "encap_forced": self.nat_fake,
-                "encap": self.nat}  # fmt: skip
 
     # --- the clock ----------------------------------------------------------------------------
 
@@ -358,11 +315,6 @@ class IkeSa:
         self.step(Step.AUTHENTICATED)
         schedule.established(self, now)
         self._report(IkeUp(self))
-
-    def reauth_failed(self, now: float) -> float | None:
-        """The new IKE SA of our reauthentication failed: try again later, a bounded number of times.
-        Returns when (None: no more tries)."""
-        return schedule.reauth_failed(self, now)
 
     def exchange_span(self) -> float:
         """How long a request of the peer's may take to arrive: our whole retransmission schedule for one."""
@@ -434,10 +386,7 @@ class IkeSa:
     @property
     def peer_virtual_ip(self) -> str | None:
         """The address we leased to the peer from a pool (§3.15), if any."""
-        if self.lease is None:
-            return None
-        addr = self.lease[0].leases.get(self.lease[1])
-        return None if addr is None else str(addr)
+        return None if self.lease is None else self.lease.address
 
 
 __all__ = [  # the IKE SA's public surface: the configuration (model.py) and the events (events.py) too

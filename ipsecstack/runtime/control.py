@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ipsecstack.ike import nat
 from ipsecstack.ike.dn import dn_text
 from ipsecstack.ike.session import id_text
 
@@ -127,7 +128,7 @@ class ControlServer:
                 entry: dict[str, Any] = {
                     "name": sa.cfg.name, "state": sa.state, "initiator": sa.initiator, "remote": sa.remote,
                     "remote_port": sa.remote_port, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
-                    "proposal": sa.chosen.describe() if sa.chosen else None, **sa.nat_report(),
+                    "proposal": sa.chosen.describe() if sa.chosen else None, **nat.report(sa),
                     "rekey_at": sa.rekey_at, "reauth_at": sa.reauth_at, "children": [],
                     "local_id": id_text(*sa.local_identity), "remote_id": id_text(*sa.peer_id) if sa.peer_id else None,
                     "remote_auth": sa.peer_auth or None,

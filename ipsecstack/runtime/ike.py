@@ -39,6 +39,7 @@ from typing import Any
 
 from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
+from ipsecstack.ike import nat
 from ipsecstack.ike.dn import dn_text
 from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
@@ -325,7 +326,7 @@ class IkeEndpoint:
             if sa.switched_from is not None:
                 extra["switched_from"] = sa.switched_from  # IKE_AUTH chose this connection (profiles.py)
             self.log.info("ike sa established", conn=sa.cfg.name, peer=sa.remote, peer_id=peer, proposal=suite,
-                          peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), **sa.nat_report(),
+                          peer_auth=sa.peer_auth, spi_i=sa.spi_i.hex(), spi_r=sa.spi_r.hex(), **nat.report(sa),
                           **extra)  # fmt: skip
             self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):

@@ -6,6 +6,7 @@ Before, ``nat`` was true whenever ESP went in UDP, so two directly connected dae
 
 from __future__ import annotations
 
+from ipsecstack.ike import nat
 from tests.ike.helpers import A, B, Wire, ike_config
 
 
@@ -24,20 +25,20 @@ def test_no_nat_reports_nothing() -> None:
     w = _wire()
     assert w.r is not None
     for sa in (w.i, w.r):
-        assert sa.nat_report() == {"nat_local": False, "nat_remote": False, "encap_forced": False, "encap": False}
+        assert nat.report(sa) == {"nat_local": False, "nat_remote": False, "encap_forced": False, "encap": False}
 
 
 def test_forced_encapsulation_is_not_a_nat() -> None:
     w = _wire(encap_i=True)
     assert w.r is not None
     # the side that forces it knows it faked its hash; it found no NAT
-    assert w.i.nat_report() == {"nat_local": False, "nat_remote": False, "encap_forced": True, "encap": True}
+    assert nat.report(w.i) == {"nat_local": False, "nat_remote": False, "encap_forced": True, "encap": True}
     # the peer cannot tell a faked hash from a NAT in front of the initiator (as strongSwan: nat-remote)
-    assert w.r.nat_report() == {"nat_local": False, "nat_remote": True, "encap_forced": False, "encap": True}
+    assert nat.report(w.r) == {"nat_local": False, "nat_remote": True, "encap_forced": False, "encap": True}
 
 
 def test_a_real_nat_is_reported_on_both_sides() -> None:
     w = _wire(nat=True)
     assert w.r is not None
-    assert w.i.nat_report() == {"nat_local": True, "nat_remote": False, "encap_forced": False, "encap": True}
-    assert w.r.nat_report() == {"nat_local": False, "nat_remote": True, "encap_forced": False, "encap": True}
+    assert nat.report(w.i) == {"nat_local": True, "nat_remote": False, "encap_forced": False, "encap": True}
+    assert nat.report(w.r) == {"nat_local": False, "nat_remote": True, "encap_forced": False, "encap": True}

@@ -30,12 +30,13 @@ from typing import Any, ClassVar, Protocol
 from ipsecstack.entropy import Rng
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
+from ipsecstack.ike import sk
 from ipsecstack.ike.children import ChildSa
 from ipsecstack.ike.const import Exchange
-from ipsecstack.ike.groups import Group, KeyPair
+from ipsecstack.ike.groups import KeyPairSource
 from ipsecstack.ike.keymat import IkeKeys
 from ipsecstack.ike.model import PeerConfig
-from ipsecstack.ike.pools import Pool
+from ipsecstack.ike.pools import Lease
 from ipsecstack.ike.state import IkeState, Step
 
 
@@ -114,6 +115,9 @@ class Context(Protocol):
     spi_r: bytes
     chosen: props.Chosen | None
     keys: IkeKeys | None
+    tx: sk.SkKeys | None
+    rx: sk.SkKeys | None
+    keypairs: KeyPairSource | None
     ni: bytes
     nr: bytes
     init_request: bytes
@@ -134,7 +138,7 @@ class Context(Protocol):
     send_initial_contact: bool
     initial_contact: bool
     virtual_ip: str | None
-    lease: tuple[Pool, bytes] | None
+    lease: Lease | None
     failure: str
     # children and timers
     children: list[ChildSa]
@@ -165,14 +169,11 @@ class Context(Protocol):
     def step(self, step: Step) -> None: ...
     def close(self, reason: str, cause: str | None = None) -> None: ...
     def close_now(self, reason: str, now: float, cause: str = "local") -> None: ...
-    def keypair(self, group: Group) -> KeyPair: ...
-    def derive(self, chosen: props.Chosen, priv: Any, peer_ke: bytes) -> bool: ...
     def child_failed(self, reason: str, counter: str = "child_failed") -> None: ...
     def child_up(self, rec: ChildSa) -> None: ...
     def child_gone(self, rec: ChildSa, cause: str = "local") -> None: ...
     def set_established(self, now: float) -> None: ...
     def exchange_span(self) -> float: ...
     def delete(self, now: float, cause: str = "local") -> None: ...
-    def rekeyed_sa(self, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
-                   *, initiator: bool, now: float) -> Context: ...  # fmt: skip
+    def sibling(self, *, initiator: bool, now: float) -> Context: ...
     def report_rekeyed(self, new: Context, collision: bool, redundant: Context | None) -> None: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipsecstack.ike import derive
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.children import ChildSa
@@ -93,7 +94,7 @@ def request(ctx: Context, child: ChildConfig, local: list[Range], remote: list[R
     group = child.proposals[0].dh[0] if child.proposals[0].dh else None
     dh = None
     if group is not None:
-        dh, pub = ctx.keypair(group)
+        dh, pub = derive.keypair(ctx, group)
         inner.append(m.KE(group.number, pub))
     inner.append(m.TS([r.to_payload() for r in local], True))
     inner.append(m.TS([r.to_payload() for r in remote], False))
@@ -132,7 +133,7 @@ def answer_ke(ctx: Context, group: Group, ke: m.KE | None) -> tuple[bytes, bytes
     response to send instead: INVALID_KE_PAYLOAD (the group we want) or INVALID_SYNTAX (a bad public value)."""
     if ke is None or ke.group != group.number:
         return [m.Notify(Notify.INVALID_KE_PAYLOAD, group.number.to_bytes(2, "big"))]
-    priv, pub = ctx.keypair(group)
+    priv, pub = derive.keypair(ctx, group)
     try:
         return pub, group.shared(priv, ke.data)
     except KeyExchangeError:

@@ -32,6 +32,7 @@ from ipsecstack.ike.model import (
     match_identity,
     same_identity,
 )
+from ipsecstack.ike.pools import Lease
 from ipsecstack.ike.state import Step
 from ipsecstack.ike.tasks import auth_proof
 from ipsecstack.ike.tasks import child_common as cc
@@ -220,7 +221,7 @@ def _lease_address(ctx: Context, request: m.CP) -> Any:
         ):
             addr = pool.acquire(key)
             if addr is not None:
-                ctx.lease = (pool, key)
+                ctx.lease = Lease(pool, key)
                 ctx.count("addresses_leased")
                 return addr
     ctx.count("address_pool_exhausted")
@@ -233,7 +234,7 @@ def _config_reply(ctx: Context, vip: Any) -> m.CP:
         attrs.append((CP_INTERNAL_IP4_ADDRESS, vip.packed))
     else:
         attrs.append((CP_INTERNAL_IP6_ADDRESS, vip.packed + b"\x80"))  # address | prefix length 128
-    pool = ctx.lease[0] if ctx.lease else None
+    pool = ctx.lease.pool if ctx.lease else None
     for dns in pool.dns if pool else []:
         attrs.append((CP_INTERNAL_IP4_DNS if dns.version == 4 else CP_INTERNAL_IP6_DNS, dns.packed))
     return m.CP(CFG_REPLY, attrs)

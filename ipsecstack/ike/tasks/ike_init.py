@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipsecstack.ike import auth, nat
+from ipsecstack.ike import auth, derive, nat
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Notify, Protocol
@@ -43,7 +43,7 @@ class IkeInit(Task):
         ctx = self.ctx
         assert self.group is not None
         if self._fresh:  # a COOKIE retry keeps KE and nonce unchanged (§2.6)
-            self._priv, self._pub = ctx.keypair(self.group)
+            self._priv, self._pub = derive.keypair(ctx, self.group)
             ctx.ni = ctx.rng(32)
         payloads: list[m.AnyPayload] = []
         if self.cookie:
@@ -85,7 +85,7 @@ class IkeInit(Task):
         ctx.nr = nonces[0].data  # type: ignore[union-attr]
         ctx.init_response = msg.raw
         ctx.peer_hashes = _hashes(msg)
-        if not ctx.derive(chosen, self._priv, ke.data):
+        if not derive.derive(ctx, chosen, self._priv, ke.data):
             return Result.FAILED
         nat.detect(ctx, msg)
         ctx.tasks.perform(IkeAuth(ctx), now)
@@ -118,8 +118,8 @@ class IkeInit(Task):
         ctx.nr = ctx.rng(32)
         ctx.spi_r = ctx.rng(8)
         self.group = chosen.dh
-        self._priv, self._pub = ctx.keypair(chosen.dh)
-        if not ctx.derive(chosen, self._priv, ke.data):
+        self._priv, self._pub = derive.keypair(ctx, chosen.dh)
+        if not derive.derive(ctx, chosen, self._priv, ke.data):
             return Result.FAILED
         nat.detect(ctx, msg)
         ctx.peer_hashes = _hashes(msg)

@@ -1,6 +1,6 @@
 """CREATE_CHILD_SA rekeying the IKE SA (RFC 7296 §1.3.2, §2.8, §2.8.2, §2.18, §2.25.2), both roles.
 
-The exchange makes a new IKE SA with new SPIs and keys from SK_d (§2.18): ``Context.rekeyed_sa``
+The exchange makes a new IKE SA with new SPIs and keys from SK_d (§2.18): ``rekeyed_sa``
 builds it, established but in charge of nothing, and the manager demultiplexes to it at once. When
 it takes over (:func:`take_over`) it inherits the children, the reauthentication time and any lease,
 its rekey timer starts, and ``IkeRekeyed`` is reported (once per rekey); the old SA is "deleting" from
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipsecstack.ike import derive
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
 from ipsecstack.ike.const import Exchange, Notify, Protocol
@@ -55,7 +56,7 @@ class IkeRekey(Task):
         self._spi = ctx.rng(8)
         self._nonce = ctx.rng(32)
         group = ctx.chosen.dh
-        self._priv, pub = ctx.keypair(group)
+        self._priv, pub = derive.keypair(ctx, group)
         sa = m.SA([p.to_payload(i + 1, self._spi) for i, p in enumerate(ctx.cfg.proposals)])
         ctx.count("ike_rekeys_started")
         return [sa, m.Nonce(self._nonce), m.KE(group.number, pub)]
@@ -78,7 +79,7 @@ class IkeRekey(Task):
         except KeyExchangeError:
             self._refused(now)
             return Result.FAILED
-        new = ctx.rekeyed_sa(chosen, self._spi, chosen.spi, self._nonce, nonce.data, shared, initiator=True, now=now)
+        new = rekeyed_sa(ctx, chosen, self._spi, chosen.spi, self._nonce, nonce.data, shared, initiator=True, now=now)
         if ctx.peer_rekey is not None:
             _collision(ctx, new, now)
         else:
@@ -126,11 +127,30 @@ class IkeRekey(Task):
             return
         ctx = self.ctx
         chosen, spi_i, spi_r, ni, nr, shared = self._new
-        new = ctx.rekeyed_sa(chosen, spi_i, spi_r, ni, nr, shared, initiator=False, now=now)
+        new = rekeyed_sa(ctx, chosen, spi_i, spi_r, ni, nr, shared, initiator=False, now=now)
         if isinstance(ctx.tasks.active, IkeRekey):
             ctx.peer_rekey = new  # §2.8.2: both ends rekey this SA; decided once our own exchange ends
         else:
             take_over(ctx, new, now)
+
+
+def rekeyed_sa(ctx: Context, chosen: props.Chosen, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes, shared: bytes,
+               *, initiator: bool, now: float) -> Context:  # fmt: skip
+    """The new IKE SA of a rekey exchange (§2.18), established but not (yet) in charge of anything: the
+    same peer, path, NAT state and identities, new SPIs and nonces, keys from the old SA's SK_d."""
+    new = ctx.sibling(initiator=initiator, now=now)
+    new.local_port = ctx.local_port
+    new.nat, new.behind_nat, new.peer_behind_nat = ctx.nat, ctx.behind_nat, ctx.peer_behind_nat
+    new.nat_fake = ctx.nat_fake
+    new.peer_id = ctx.peer_id
+    new.local_identity = ctx.local_identity
+    new.spi_i, new.spi_r, new.ni, new.nr = spi_i, spi_r, ni, nr
+    derive.install(new, chosen, shared, old=ctx)
+    new.step(Step.REKEYED_IN)
+    new.up_at = now
+    new.last_heard = now
+    new.standby = True
+    return new
 
 
 def is_ike_rekey(inner: list[m.AnyPayload]) -> bool:
