@@ -43,7 +43,7 @@ def tests(settings: Settings) -> list[str]:
             "ping-idle", "ping-load"]  # fmt: skip
 
 
-def _rate_of(test: str, settings: Settings) -> tuple[int, int]:
+def rate_of(test: str, settings: Settings) -> tuple[int, int]:
     """(size, packets/s) of a fixed-rate test name made by ``rate_tests``."""
     size, label = test[4:].split("@")
     return int(size), next(r for r in settings.rates if rate_label(r) == label)
@@ -70,7 +70,7 @@ def measure(path: Path, settings: Settings, progress: Progress, scenario: str = 
             row(test, "gbps", bps / 1e9 if bps else None, res.get("error"),
                 retransmits=end.get("sum_sent", {}).get("retransmits"), cpu_s=w.cpu)  # fmt: skip
         elif test.startswith("udp-") and "@" in test:
-            size, rate = _rate_of(test, settings)
+            size, rate = rate_of(test, settings)
             bitrate = rate * (size - 28) * 8  # iperf3's -b counts the UDP payload
             with ProcWatch(path.pids) as w:
                 res = iperf(path.pair, path.src, path.dst, ["-u", "-b", str(bitrate), "-l", str(size - 28)],

@@ -303,8 +303,9 @@ def test_raw_esp_send_and_receive_and_outer_punts_like_rawport() -> None:
                 spi, "esp", "tunnel", "aes128gcm16", key, direction=d, tunnel_src=LOOP, tunnel_dst=LOOP
             )
             p.engine.install_sa(sa)
-        a.eventfd = a.engine.fwd_start(a.tun.fileno(), [("raw4", tx._tx.fileno())])
-        b.eventfd = b.engine.fwd_start(b.tun.fileno(), [("esp4", rx4._rx[0].fileno()), ("esp6", rx6._rx[0].fileno())])
+        a.eventfd = a.engine.fwd_start(a.tun.fileno(), [("raw4", tx.send_fd())])
+        esp4, esp6 = rx4.receive_fds()[0][1], rx6.receive_fds()[0][1]
+        b.eventfd = b.engine.fwd_start(b.tun.fileno(), [("esp4", esp4), ("esp6", esp6)])
         a.engine.learn_out(PKT, spi)
         b.engine.learn_in(spi, PKT)
         a.send_inner(PKT, 3)
@@ -318,7 +319,7 @@ def test_raw_esp_send_and_receive_and_outer_punts_like_rawport() -> None:
             s.sendto(junk, (dst, 0))
             s.close()
         got = take(b, 2)
-        wait_until(lambda: readable(ref6._rx[0].fileno(), 0), what="the reference copy")
+        wait_until(lambda: readable(ref6.receive_fds()[0][1], 0), what="the reference copy")
         ref = [p for p in ref4.read_batch(64) + ref6.read_batch(64) if p.endswith(junk)]
         assert sorted(got) == sorted(("outer", r) for r in ref)  # (the two sockets are read in either order)
     finally:

@@ -91,7 +91,7 @@ def test_rates_and_their_test_names() -> None:
     s = run.settings_from(run.parse_args(["--rates", "50k,100k", "--rate-sizes", "64,1400", "--sizes", "64"]))
     assert tunnel.rate_tests(s) == ["udp-64@50k", "udp-64@100k", "udp-1400@50k", "udp-1400@100k"]
     assert tunnel.tests(s) == ["tcp-1", "tcp-4", "udp-64", *tunnel.rate_tests(s), "ping-idle", "ping-load"]
-    assert tunnel._rate_of("udp-1400@100k", s) == (1400, 100_000)
+    assert tunnel.rate_of("udp-1400@100k", s) == (1400, 100_000)
 
 
 def test_step_count_covers_every_measurement() -> None:
