@@ -210,8 +210,7 @@ def run(mode: str = "tunnel", proposal: str = "aes128gcm16-prfsha256-x25519", es
         out("Rekey of the child SA (CREATE_CHILD_SA, new keys installed before the old ones go):")
         (ike_a,) = a.sas.values()
         now = time.monotonic()
-        ike_a.children[0].rekey_at = now
-        a.handle_timer(now)
+        a.rekey(ike_a, now, ike_a.children[0].spi_in)
         events = _exchange(a, b, out)
         for dp, side in ((dp_a, "A"), (dp_b, "B")):
             for change in events[side]:

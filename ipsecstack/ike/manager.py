@@ -37,7 +37,7 @@ the moment it exists (``IkeSa.spawned``), not only once it takes over (``IkeReke
 ends rekey at once (§2.8.2) the peer may use or delete either new SA before this end has decided.
 
 Outputs. Every input (``receive``, ``handle_timer``, ``initiate`` and the calls that act on one SA:
-``delete``, ``create_child``, ``child_lifetime``) ends with a settle step over the IKE SAs that produced
+``delete``, ``create_child``, ``rekey``, ``child_lifetime``) ends with a settle step over the IKE SAs that produced
 something (each SA tells the manager when it has output: a ready set, so the cost per datagram is that of
 the SAs with work, not of all of them): their datagrams and events move to the manager's queues, the
 policies above act on the events (a ``ReauthDue`` starts the new IKE SA, a reauthentication whose new SA
@@ -45,7 +45,8 @@ is up retires the old one), and closed SAs are forgotten. ``datagrams()`` and ``
 those queues; they change nothing. Events of live IKE SAs come before those of SAs that closed in the same
 step, so that an SA replaced by a newer one (unique, reauth) reports its ChildDown after the newer one's
 ChildUp and the shared policies (same reqid) never go away in between. ``get_timer()`` reads a heap of the
-SAs' timers, refreshed for the SAs each step touched and rebuilt by ``handle_timer``.
+SAs' timers, refreshed for the SAs each step touched; ``handle_timer`` pops the due ones and runs only those.
+So an SA's timers change only through these calls (``rekey``, not ``sa.rekey_at = ...``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class IkeManager:
         self.reqids = Reqids()  # which reqid each child SA gets (reqids.py); ``reqids.traps`` is the runtime's
         self.stats: dict[str, int] = {}
         self.failures: list[tuple[str, str]] = []
-        self.reauths = Reauths(self._start, self._count)  # reauthentications under way (reauth.py)
+        self.reauths = Reauths(self._start, self._count, self._wake)  # reauthentications under way (reauth.py)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -152,6 +153,7 @@ class IkeManager:
             # IKE_AUTH may switch to another candidate: only to one still configured (not replaced by a reload)
             sa.candidates = [c for c in sa.candidates if c is sa.cfg or self.peers.get(c.name) is c]
         sa.receive(data, src, src_port, dst_port, now)
+        self._wake(sa)  # its timer may have moved without output (an answered request): refresh it
         if before == "init_done" and sa.established:
             self._enforce_unique(sa, now)
         self._settle(now)
@@ -240,11 +242,13 @@ class IkeManager:
 
     def delete(self, sa: IkeSa, now: float, cause: str = "local") -> None:
         sa.delete(now, cause)
+        self._wake(sa)
         self._settle(now)
 
     def create_child(self, sa: IkeSa, name: str, now: float) -> bool:
         """Negotiate child ``name`` again in ``sa`` (IkeSa.create_child)."""
         done = sa.create_child(name, now)
+        self._wake(sa)
         self._settle(now)
         return done
 
@@ -252,11 +256,21 @@ class IkeManager:
         """The datapath says a child SA (by either SPI) reached its soft (rekey now) or hard (delete it) lifetime.
         False if no IKE SA has it."""
         for sa in list(self.sas.values()):
-            if sa.child_expired(spi, now) if hard else sa.rekey_child_now(spi, now):
+            if sa.child_expired(spi, now) if hard else sa.rekey_now(now, spi):
                 self._wake(sa)  # a soft limit only moves a timer
                 self._settle(now)
                 return True
         return False
+
+    def rekey(self, sa: IkeSa, now: float, spi: int | None = None) -> bool:
+        """Rekey ``sa`` now, or its child SA with SPI ``spi`` (either direction), as its lifetime would
+        (``swanctl --rekey``). False if there is no such child or ``sa`` is not established."""
+        done = sa.rekey_now(now, spi)
+        if done:
+            sa.handle_timer(now)  # the exchange starts at once if the window is free, else when it is
+            self._wake(sa)
+        self._settle(now)
+        return done
 
     def inbound_seen(self, spis: Iterable[int], now: float) -> None:
         """The datapath saw traffic on these child SAs (by inbound SPI) since it last said: their IKE SAs' peers
@@ -354,17 +368,18 @@ class IkeManager:
         return heap[0][0] if heap else None
 
     def handle_timer(self, now: float) -> None:
-        """Run every SA whose timer is due (all are looked at: a timer may have moved without output), then
-        rebuild the timer heap."""
-        for sa in list(self.sas.values()):
-            t = sa.get_timer()
-            if t is not None and t <= now:
+        """Run the SAs whose timer is due (popped from the heap: the cost is theirs, not that of every SA)."""
+        heap, due = self._heap, []
+        while heap and heap[0][0] <= now:
+            t, key, sa = heapq.heappop(heap)
+            if self._when.get(key) == t:  # else stale: the SA's timer moved, or it is gone
+                del self._when[key]
+                due.append(sa)
+        for sa in due:
+            if sa.state != "closed":
                 sa.handle_timer(now)
-                self._wake(sa)
+            self._wake(sa)  # settled, so its next timer goes into the heap
         self._settle(now)
-        self._heap, self._when = [], {}
-        for sa in set(self.sas.values()):
-            self._push_timer(sa)
 
 
 __all__ = ["MAJOR_VERSION_BURST", "MAJOR_VERSION_RATE", "IkeManager"]

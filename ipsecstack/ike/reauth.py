@@ -23,9 +23,11 @@ from ipsecstack.ike.tasks import schedule
 class Reauths:
     """The reauthentications under way: (new IKE SA, the one it replaces)."""
 
-    def __init__(self, start: Callable[[str, float], IkeSa], count: Callable[[str], None]) -> None:
+    def __init__(self, start: Callable[[str, float], IkeSa], count: Callable[[str], None],
+                 touched: Callable[[IkeSa], None]) -> None:  # fmt: skip
         self._start = start  # the manager's: initiate an IKE SA of a connection
         self._count = count
+        self._touched = touched  # the manager's: an SA's timer moved (its heap entry is refreshed)
         self._pairs: list[tuple[IkeSa, IkeSa]] = []
         self._why: dict[int, str] = {}  # id(new IKE SA) -> why it closed
 
@@ -69,4 +71,5 @@ class Reauths:
             self._count("reauths_failed")
             if old.state == "established":
                 out.append(ReauthFailed(old, why, schedule.reauth_failed(old, now)))
+                self._touched(old)
         return out

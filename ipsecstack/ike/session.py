@@ -165,8 +165,7 @@ class IkeSa:
         return evs
 
     def spawned(self) -> list[IkeSa]:
-        """The IKE SAs our rekey exchanges made since the last call (the manager demultiplexes to them at once,
-        before one of them takes over: RFC 7296 §2.8.2)."""
+        """The IKE SAs our rekeys made since the last call (demultiplexed to at once, RFC 7296 §2.8.2)."""
         out, self._spawned = self._spawned, []
         return out
 
@@ -254,8 +253,7 @@ class IkeSa:
         self._report(IkeRekeyed(self, new, collision, redundant))
 
     def close(self, reason: str, cause: str | None = None) -> None:
-        """Forget the IKE SA and its children; ``cause`` (see IkeDown) defaults to "local" once it was
-        established and "failed" before."""
+        """Forget the IKE SA and its children; ``cause`` (IkeDown) defaults to "local", "failed" if never up."""
         if self.state == "closed":
             return
         if cause is None:
@@ -320,12 +318,16 @@ class IkeSa:
         """How long a request of the peer's may take to arrive: our whole retransmission schedule for one."""
         return self.tasks.window.span()
 
-    def rekey_child_now(self, spi_in: int, now: float) -> bool:
-        """A volume (soft) lifetime of a child SA was reached: rekey it as soon as the window allows."""
-        c = next((c for c in self.children if c.spi_in == spi_in or c.spi_out == spi_in), None)
-        if c is None or self.state != "established":
+    def rekey_now(self, now: float, spi: int | None = None) -> bool:
+        """Rekey the child SA with this SPI (either direction: a volume lifetime, say), or with None the IKE SA,
+        as soon as the window allows. False if there is no such child or the IKE SA is not established."""
+        c = None if spi is None else next((c for c in self.children if spi in (c.spi_in, c.spi_out)), None)
+        if (spi is not None and c is None) or self.state != "established":
             return False
-        c.rekey_at = now
+        if c is None:
+            self.rekey_at = now
+        else:
+            c.rekey_at = now
         return True
 
     # --- what the caller asks for -----------------------------------------------------------------

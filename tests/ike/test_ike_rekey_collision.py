@@ -35,9 +35,7 @@ class Run:
         self.ev_a: list[object] = []
         self.ev_b: list[object] = []
         self.seen: Seen = {}
-        self.old_a.rekey_at = self.old_b.rekey_at = T
-        self.a.handle_timer(T)
-        self.b.handle_timer(T)
+        assert self.a.rekey(self.old_a, T) and self.b.rekey(self.old_b, T)
         self.req_a, self.req_b = self.a.datagrams(), self.b.datagrams()
         assert len(self.req_a) == len(self.req_b) == 1
 
@@ -92,8 +90,7 @@ class Run:
     def still_works(self, sa_a: IkeSa, sa_b: IkeSa) -> None:
         """A child rekey (by B) and then a delete (by A) over the surviving IKE SA."""
         old_child = sa_b.children[0]
-        old_child.rekey_at = 60.0
-        self.b.handle_timer(60.0)
+        assert self.b.rekey(sa_b, 60.0, old_child.spi_in)
         for evs in pump_managers(self.a, self.b, 60.0):
             assert [type(e).__name__ for e in evs if isinstance(e, ChildUp | ChildDown)] == ["ChildUp", "ChildDown"]
         assert len(sa_a.children) == len(sa_b.children) == 1 and sa_b.children[0] is not old_child

@@ -75,3 +75,48 @@ def test_the_timer_heap_follows_the_ike_sas() -> None:
     rest = [t for sa in a.sas.values() if (t := sa.get_timer()) is not None]
     assert a.get_timer() == min(rest)
     assert not any(isinstance(e, IkeUp) for e in evs_a)
+
+
+def test_a_timer_runs_only_the_ike_sas_that_are_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, _b = _pair(n=40, dpd=30.0)
+    ran: list[IkeSa] = []
+    original = IkeSa.handle_timer
+
+    def counting(self: IkeSa, now: float) -> None:
+        ran.append(self)
+        original(self, now)
+
+    read: list[IkeSa] = []
+    get_timer = IkeSa.get_timer
+
+    def reading(self: IkeSa) -> float | None:
+        read.append(self)
+        return get_timer(self)
+
+    # A's 40 IKE SAs came up a millisecond apart: at the first one's DPD time only it is due
+    first = min(a.sas.values(), key=lambda sa: sa.get_timer() or 1e9)
+    when = a.get_timer()
+    assert when is not None and when == first.get_timer()
+    monkeypatch.setattr(IkeSa, "handle_timer", counting)
+    monkeypatch.setattr(IkeSa, "get_timer", reading)
+    a.handle_timer(when)
+    # run, and asked for its next time: that SA alone, not the 39 others
+    assert ran == [first] and set(read) == {first} and first.stats["dpd_checks"] == 1
+    monkeypatch.undo()
+    # ... and the heap holds its next time (the check's retransmission) beside the 39 others
+    assert a.get_timer() == min(t for sa in a.sas.values() if (t := sa.get_timer()) is not None)
+
+
+def test_rekey_on_demand_starts_the_exchange_and_refuses_what_it_cannot() -> None:
+    a, b = _pair()
+    (sa,) = a.sas.values()
+    assert a.rekey(sa, 5.0, sa.children[0].spi_out)  # a child, by either SPI (swanctl --rekey --child)
+    assert sa.stats["child_rekeys_started"] == 1 and sa.stats.get("child_rekeys") is None  # the request is out
+    assert not a.rekey(sa, 5.0, 0x12345678)  # no such child
+    pump_managers(a, b, 5.0)
+    assert sa.stats["child_rekeys"] == 1
+    assert a.rekey(sa, 6.0)  # the IKE SA itself (swanctl --rekey --ike)
+    pump_managers(a, b, 6.0)
+    (new,) = a.sas.values()
+    assert new is not sa and new.established and sa.state == "closed"
+    assert not a.rekey(sa, 7.0)  # a closed IKE SA cannot be rekeyed

@@ -34,8 +34,7 @@ def test_a_child_gets_a_fresh_reqid_and_its_record_too() -> None:
 def test_a_rekey_keeps_the_reqid_and_a_deleted_child_frees_it() -> None:
     a, b, _, _ = _pair()
     (sa_a,) = a.sas.values()
-    sa_a.children[0].rekey_at = 10.0
-    a.handle_timer(10.0)
+    assert a.rekey(sa_a, 10.0, sa_a.children[0].spi_in)
     ev_a, ev_b = pump_managers(a, b, 10.0)
     assert [u.reqid for u in _ups(ev_a)] == [u.reqid for u in _ups(ev_b)] == [1]
     assert [type(e) for e in ev_a if isinstance(e, ChildUp | ChildDown)] == [ChildUp, ChildDown]

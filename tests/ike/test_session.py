@@ -253,8 +253,7 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     (old_a,) = a.sas.values()
     (old_b,) = b.sas.values()
     assert old_a.rekey_at is not None and 14400 * 0.9 <= old_a.rekey_at <= 14400
-    old_a.rekey_at = 50.0
-    a.handle_timer(50.0)
+    assert a.rekey(old_a, 50.0)
     ev_a, ev_b = pump_managers(a, b, 50.0)
     assert any(isinstance(e, IkeRekeyed) for e in ev_a) and any(isinstance(e, IkeRekeyed) for e in ev_b)
     assert [e.reason for e in ev_a + ev_b if isinstance(e, IkeDown)] == ["rekeyed", "rekeyed"]
@@ -271,8 +270,7 @@ def test_ike_sa_rekey_moves_children_and_retires_the_old_sa() -> None:
     assert new_a.keys.sk_d == new_b.keys.sk_d  # type: ignore[union-attr]
     assert len(new_a.children) == 1 and len(new_b.children) == 1
     # the new IKE SA works: a child rekey over it, then a delete
-    new_a.children[0].rekey_at = 60.0
-    a.handle_timer(60.0)
+    assert a.rekey(new_a, 60.0, new_a.children[0].spi_in)
     ev_a, ev_b = pump_managers(a, b, 60.0)
     assert [type(e).__name__ for e in ev_a if type(e).__name__.startswith("Child")] == ["ChildUp", "ChildDown"]
     a.delete(new_a, 70.0)
@@ -307,13 +305,11 @@ def _modp_run(a_source: object, b_source: object) -> tuple[object, object, list[
     a.initiate("conn", 0.0)
     pump(0.0)
     (sa_a,) = a.sas.values()
-    sa_a.rekey_at = 50.0
-    a.handle_timer(50.0)
+    assert a.rekey(sa_a, 50.0)
     pump(50.0)
     (sa_a,) = a.sas.values()
     assert sa_a.established and sa_a.stats.get("ike_rekeys_started") is None and len(sa_a.children) == 1
-    sa_a.children[0].rekey_at = 60.0
-    a.handle_timer(60.0)
+    assert a.rekey(sa_a, 60.0, sa_a.children[0].spi_in)
     pump(60.0)
     return a, b, wire
 
