@@ -9,17 +9,12 @@ port 4500 shares the ESP-in-UDP socket (the outer ``udp`` backend), where the da
 non-ESP-marker datagrams back through ``Node.on_ike``. After every input (datagram or timer) the
 endpoint sends what the manager queued, applies its events and re-arms its single timer.
 
-A ``ChildUp`` installs an inbound and an outbound ESP SA with the ``reqid`` the manager gave it plus the
-SPD policies for the negotiated traffic selectors (PROTECT bound to that reqid); ``ChildDown`` and
-``IkeDown`` remove them. A child SA whose reqid other installed SAs carry already (a rekey, or a
-reauthentication, ``reauth_time``, on either side: the manager reuses reqids for identical selectors, as
-strongSwan does): the policies stay, the newest outbound SA takes over, no updown script runs, and
-removing the old IKE SA's SAs later leaves the policies alone.
-A child SA rekeyed by the peer (``ChildUp.hold_out``, RFC 7296 §2.8) gets its inbound SA at once and its
-outbound SA at the core's ``OutboundReady``. The datapath (either engine) reports each inbound SA's first
-packet since it was last re-armed (``Node.on_seen``, ``Datapath.take_seen``); the endpoint passes those
-SPIs straight to the core (``IkeManager.inbound_seen``: DPD and the hold-back decide on it) and re-arms them
-``SEEN_REARM`` seconds later, so a busy SA costs one report per period and an idle one nothing.
+``ChildUp``, ``OutboundReady`` and ``ChildDown`` go to :mod:`ipsecstack.runtime.child_install`, which
+installs and removes the SA pairs and their policies (with the reqid the core gave them). The datapath
+(either engine) reports each inbound SA's first packet since it was last re-armed (``Node.on_seen``,
+``Datapath.take_seen``); the endpoint passes those SPIs straight to the core (``IkeManager.inbound_seen``:
+DPD and the hold-back decide on it) and re-arms them ``SEEN_REARM`` seconds later, so a busy SA costs one
+report per period and an idle one nothing.
 An IKE SA rekey (``IkeRekeyed``: one per rekey and end, for the IKE SA that carries the children on, also when
 both ends rekeyed at once, RFC 7296 §2.8.2) keeps every child SA as it is; the old IKE SA and a redundant new one
 close quietly (cause ``rekeyed``). Connections with ``start_action = start`` are initiated at launch and, while
@@ -32,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import ipaddress
 import socket
 import time
 from typing import Any
@@ -41,7 +36,6 @@ from ipsecstack.datapath import Datapath, IkeDatagram
 from ipsecstack.entropy import Rng, system_rng
 from ipsecstack.ike import nat
 from ipsecstack.ike.dn import dn_text
-from ipsecstack.ike.install import child_objects
 from ipsecstack.ike.manager import IkeManager
 from ipsecstack.ike.session import (
     ChildDown,
@@ -61,21 +55,16 @@ from ipsecstack.ike.session import (
     id_text,
 )
 from ipsecstack.runtime import actions
+from ipsecstack.runtime.child_install import ChildInstaller
 from ipsecstack.runtime.io import BackendError
 from ipsecstack.runtime.kepool import KeyPairPool
 from ipsecstack.runtime.node import Node
 from ipsecstack.runtime.updown import Updown
-from ipsecstack.sa import SecurityAssociation
-from ipsecstack.spd import Policy
 
 RETRY_DELAY = 5.0
 SEEN_REARM = 1.0  # how long the datapath stays quiet about an SA it reported traffic on (DPD resolution)
 KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
-
-
-def _fp(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()[:12]
 
 
 class IkeEndpoint:
@@ -95,12 +84,7 @@ class IkeEndpoint:
         self.clock = clock
         self._socks: dict[str, socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # §2.8: outbound SAs of rekeys we answered, held back until the core says OutboundReady: spi_in -> SA
-        self._pending_out: dict[int, SecurityAssociation] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._spi_reqid: dict[int, int] = {}  # inbound SPI of an installed pair -> its reqid
-        self._pairs: dict[int, tuple[SecurityAssociation, SecurityAssociation]] = {}
-        self._policies: dict[int, list[Policy]] = {}
         self._rearm: set[int] = set()  # inbound SPIs reported seen, re-armed at _rearm_handle
         self._rearm_handle: asyncio.TimerHandle | None = None
         self.manager.reqids.traps = dict(traps or {})  # the core gives the trap's reqid to its child SAs
@@ -108,10 +92,10 @@ class IkeEndpoint:
         self.acquire_names = set(acquire_names or start)
         self._armed: set[tuple[str, str]] = set()  # (conn, child) traps armed by close_action/dpd_action = trap
         self._restarting: set[str] = set()  # connections restarted by an action: retried until up again
-        self._unique_ids: dict[int, int] = {}  # id(IkeSa) -> PLUTO_UNIQUEID, kept across IKE SA rekeys
-        self._next_unique = 0
         inner = getattr(node, "inner", None)
         self.updown = Updown(log, interface=getattr(inner, "name", None) if inner is not None else None)
+        self.children = ChildInstaller(self.dp, self.updown, log=log, clock=clock, traps=lambda: self.traps,
+                                       changed=node.notify_sas_changed)  # fmt: skip
         self._closing = False
         self._keepalive_handle: asyncio.TimerHandle | None = None
         for addr in sorted({p.local_addr for p in peers}):
@@ -222,8 +206,6 @@ class IkeEndpoint:
         self._pump()
 
     def _on_encap_ike(self, d: IkeDatagram) -> None:
-        import ipaddress
-
         self.manager.receive(d.message, str(ipaddress.ip_address(d.src)), d.sport, d.dport, self.clock())
         self._pump()
 
@@ -330,24 +312,23 @@ class IkeEndpoint:
                           **extra)  # fmt: skip
             self._restarting.discard(sa.cfg.name)
         elif isinstance(ev, ChildUp):
-            self._install(ev)
+            self.children.install(ev)
         elif isinstance(ev, OutboundReady):
-            self._activate_out(ev.spi_in, ev.why)
+            self.children.activate_out(ev.spi_in, ev.why)
         elif isinstance(ev, ChildFailed):
             self.log.warning("child sa failed", conn=ev.sa.cfg.name, peer=ev.sa.remote, reason=ev.reason)
         elif isinstance(ev, ChildDown):
-            self._uninstall_spi(ev.spi_in)
+            self.children.uninstall(ev.spi_in)
             self._react(ev.sa, actions.after_child_down(ev), ev.cause)
         elif isinstance(ev, PeerMoved):
             for c in ev.sa.children:
-                pair = self._pairs.get(c.spi_in)
+                pair = self.children.pairs.get(c.spi_in)
                 if pair is not None:
                     self.dp.move_peer(pair[1], ev.addr, ev.port if pair[1].udp_encap else None)
             self.log.info("peer moved", conn=ev.sa.cfg.name, addr=ev.addr, port=ev.port)
         elif isinstance(ev, IkeRekeyed):
             new = ev.new
-            if id(ev.old) in self._unique_ids:
-                self._unique_ids[id(new)] = self._unique_ids.pop(id(ev.old))
+            self.children.rekeyed(ev.old, new)
             self.log.info("ike sa rekeyed", conn=new.cfg.name, old_spi_i=ev.old.spi_i.hex(), spi_i=new.spi_i.hex(),
                           spi_r=new.spi_r.hex(), children=len(new.children))  # fmt: skip
             if ev.collision:
@@ -372,7 +353,7 @@ class IkeEndpoint:
                              reason=ev.reason, retry_in=retry)  # fmt: skip
         elif isinstance(ev, IkeDown):
             sa = ev.sa
-            self._unique_ids.pop(id(sa), None)
+            self.children.forget(sa)
             if sa.successor is not None:
                 self.log.info("old ike sa closed after rekey", conn=sa.cfg.name, spi_i=sa.spi_i.hex())
                 return
@@ -420,69 +401,3 @@ class IkeEndpoint:
             return  # terminated meanwhile
         self._initiate(name, self.clock())
         self._pump()
-
-    def _unique_id(self, sa: IkeSa) -> int:
-        """strongSwan's IKE SA unique id (``PLUTO_UNIQUEID``); a rekeyed IKE SA keeps it."""
-        if id(sa) not in self._unique_ids:
-            self._next_unique += 1
-            self._unique_ids[id(sa)] = self._next_unique
-        return self._unique_ids[id(sa)]
-
-    def _install(self, ev: ChildUp[IkeSa]) -> None:
-        sa = ev.sa
-        rekey = ev.replaces is not None and ev.replaces in self._spi_reqid
-        trap = self.traps.get((sa.cfg.name, ev.child.name))
-        reqid = ev.reqid  # the manager's (a rekey keeps it, a trap's, or the one a reauthentication shares)
-        # already carried by another SA pair (reauthentication, or a second IKE SA): make-before-break as a rekey
-        continues = rekey or reqid in self._spi_reqid.values()
-        inb, out, pols = child_objects(ev, reqid)
-        now = self.clock()
-        self.dp.install(inb, now)
-        if ev.hold_out:
-            # §2.8 (the core decides): the responder of a rekey sends on the new SA only once the initiator is
-            # surely ready; until OutboundReady (traffic on the new inbound SA, or the core's timer), the old one
-            # carries on
-            self._pending_out[ev.spi_in] = out
-        else:
-            self.dp.install(out, now)
-        self._spi_reqid[ev.spi_in] = reqid
-        self._pairs[ev.spi_in] = (inb, out)
-        if continues:
-            self.updown.rekeyed(ev, reqid)  # strongSwan does not run the script for a rekey either
-        else:
-            self.updown.up(ev, reqid, self._unique_id(sa))
-        if not continues and trap is None:
-            for p in pols:
-                self.dp.spd.add(p)
-            self._policies[reqid] = pols
-        self.node.notify_sas_changed()
-        extra = {"reqid": reqid, "continues": True} if continues and not rekey else {}
-        self.log.info("child sa rekeyed" if rekey else "child sa installed", conn=sa.cfg.name, child=ev.child.name,
-                      mode=out.mode, transform=ev.transform, spi_in=f"0x{ev.spi_in:08x}", spi_out=f"0x{ev.spi_out:08x}",
-                      encap=bool(ev.encap), local_ts=[str(r) for r in ev.local_ts],
-                      remote_ts=[str(r) for r in ev.remote_ts], key_in_fp=_fp(ev.key_in),
-                      key_out_fp=_fp(ev.key_out), **extra)  # fmt: skip
-
-    def _activate_out(self, spi_in: int, why: str) -> None:
-        """Start sending on the outbound SA the core held back (§2.8, ``OutboundReady``)."""
-        pending = self._pending_out.pop(spi_in, None)
-        if pending is not None and spi_in in self._pairs:
-            self.dp.install(pending, self.clock())
-            self.node.notify_sas_changed()
-            self.log.info("child sa outbound switched", spi_in=f"0x{spi_in:08x}", spi_out=f"0x{pending.spi:08x}",
-                          why=why)  # fmt: skip
-
-    def _uninstall_spi(self, spi_in: int) -> None:
-        self._pending_out.pop(spi_in, None)
-        reqid = self._spi_reqid.pop(spi_in, None)
-        pair = self._pairs.pop(spi_in, None)
-        if reqid is None or pair is None:
-            return
-        for s in pair:
-            self.dp.remove(s)  # an outbound SA still held back was never installed: removing it is a no-op
-        if reqid not in self._spi_reqid.values():
-            for p in self._policies.pop(reqid, []):
-                with contextlib.suppress(ValueError):
-                    self.dp.spd.remove(p)
-            self.updown.down(reqid)  # the child is gone, not just rekeyed
-        self.log.info("child sa removed", spi_in=f"0x{spi_in:08x}", reqid=reqid)
