@@ -25,7 +25,7 @@ from typing import Protocol
 
 from ipsecstack.ike import message as m
 from ipsecstack.ike import sk
-from ipsecstack.ike.const import Exchange, Flag
+from ipsecstack.ike.const import Exchange, Flag, Notify
 from ipsecstack.ike.model import Datagram, PeerConfig
 from ipsecstack.ike.state import Step
 from ipsecstack.ike.tasks import dispatch
@@ -231,9 +231,16 @@ class Exchanges:
             task.process(msg, inner, now)
         elif msg.exchange == Exchange.INFORMATIONAL and sa.state == "deleting":
             deleted(sa)
-        elif task is not None and task.process(msg, inner, now) is Result.NEED_MORE:
+        elif task is not None and self._process_response(task, msg, inner, now) is Result.NEED_MORE:
             self.run(task, now)  # another round of the same exchange
         self.next_queued(now)
+
+    def _process_response(self, task: Task, msg: m.Message, inner: list[m.AnyPayload], now: float) -> Result:
+        try:
+            return task.process(msg, inner, now)
+        except Exception:  # a bug in one exchange fails that exchange, never the SA nor its caller
+            self.sa.count("exchange_errors")
+            return Result.FAILED
 
     def _on_request(self, msg: m.Message, src: str, src_port: int, dst_port: int, now: float) -> None:
         sa = self.sa
@@ -268,13 +275,22 @@ class Exchanges:
         sa.local_port = dst_port
         self.window.peer_mid += 1
         sa.heard(now)
-        task = dispatch.responder(sa, msg, inner)
-        if isinstance(task, list):
-            self.respond(msg, task)
+        try:
+            task = dispatch.responder(sa, msg, inner)
+            if isinstance(task, list):
+                self.respond(msg, task)
+                return
+            task.process(msg, inner, now)
+            reply = task.build(now) or []
+        except Exception:  # a bug in one exchange fails that exchange, never the SA nor its caller
+            sa.count("exchange_errors")
+            self.respond(msg, [m.Notify(Notify.INVALID_SYNTAX)])  # §2.21, §3.10.1: the request fails, IDs stay in step
             return
-        task.process(msg, inner, now)
-        self.respond(msg, task.build(now) or [])
-        task.sent(now)
+        self.respond(msg, reply)
+        try:
+            task.sent(now)
+        except Exception:  # the response is out: the exchange's outcome is lost, the SA goes on
+            sa.count("exchange_errors")
 
     def retransmit(self, now: float) -> None:
         """Send the outstanding request again if its time has come, or give up after the last try (§2.4: on an

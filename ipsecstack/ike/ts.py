@@ -66,6 +66,19 @@ class Range:
         return nets
 
 
+def ranges(ts: m.TS) -> list[Range]:
+    """The selectors of a TS payload that select something. RFC 7296 §3.13.1 gives each as a starting and an
+    ending address; one whose start is above its end selects no address and is left out (a peer that sends
+    only such selectors gets TS_UNACCEPTABLE, §2.9). Ports stay as they are: start above end is how OPAQUE
+    ports are written (§3.13.1), and it selects no port here."""
+    out = []
+    for t in ts.selectors:
+        r = Range.from_payload(t)
+        if r.start.version == r.end.version and int(r.start) <= int(r.end):
+            out.append(r)
+    return out
+
+
 def narrow(offered: list[Range], allowed: list[Range]) -> list[Range]:
     """Every non-empty intersection of what the peer offered with what our config allows (§2.9)."""
     out: list[Range] = []

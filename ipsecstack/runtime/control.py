@@ -101,7 +101,7 @@ class ControlServer:
         out: dict[str, Any] = {"uptime": round(time.time() - self.started, 1), **self.node.counters()}
         if self.ike is not None:
             out["ike"] = {"sas": len(self.ike.manager.sas), **self.ike.manager.stats,
-                          "keypairs": dict(self.ike.keypairs.stats)}  # fmt: skip
+                          "keypairs": dict(self.ike.keypairs.stats), "errors": dict(self.ike.errors)}  # fmt: skip
         return out
 
     def _list_conns(self, req: dict[str, Any]) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ import contextlib
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ipsecstack.datapath import Datapath, IkeDatagram
@@ -65,6 +66,7 @@ RETRY_DELAY = 5.0
 SEEN_REARM = 1.0  # how long the datapath stays quiet about an SA it reported traffic on (DPD resolution)
 KEEPALIVE_INTERVAL = 20.0  # RFC 3948 §2.3: keep the NAT mapping of ESP-in-UDP alive
 IKE_PORT = 500
+ERROR_LOG_INTERVAL = 10.0  # an error escaping a callback is logged (with its traceback) at most this often
 
 
 class IkeEndpoint:
@@ -97,6 +99,8 @@ class IkeEndpoint:
         self.children = ChildInstaller(self.dp, self.updown, log=log, clock=clock, traps=lambda: self.traps,
                                        changed=node.notify_sas_changed)  # fmt: skip
         self._closing = False
+        self.errors: dict[str, int] = {}  # exceptions that escaped a callback, by callback (status: ike.errors)
+        self._error_logged = -ERROR_LOG_INTERVAL
         self._keepalive_handle: asyncio.TimerHandle | None = None
         for addr in sorted({p.local_addr for p in peers}):
             fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -194,7 +198,24 @@ class IkeEndpoint:
 
     # --- input -----------------------------------------------------------------------------------
 
+    def _guard(self, where: str, fn: Callable[[], None]) -> None:
+        """Run a callback's work; an exception is counted, logged (rate-limited, with its traceback) and
+        swallowed, and the endpoint still sends what is queued and re-arms its timer: it keeps serving."""
+        try:
+            fn()
+        except Exception:
+            self.errors[where] = self.errors.get(where, 0) + 1
+            now = self.clock()
+            if now - self._error_logged >= ERROR_LOG_INTERVAL:
+                self._error_logged = now
+                self.log.error("ike endpoint error; serving on", where=where, count=self.errors[where], exc_info=True)
+        if where != "pump":
+            self._guard("pump", self._pump)
+
     def _readable(self, s: socket.socket) -> None:
+        self._guard("receive", lambda: self._read(s))
+
+    def _read(self, s: socket.socket) -> None:
         for _ in range(64):
             try:
                 data, addr = s.recvfrom(65535)
@@ -203,22 +224,27 @@ class IkeEndpoint:
             except OSError:
                 break
             self.manager.receive(data, addr[0], addr[1], IKE_PORT, self.clock())
-        self._pump()
 
     def _on_encap_ike(self, d: IkeDatagram) -> None:
-        self.manager.receive(d.message, str(ipaddress.ip_address(d.src)), d.sport, d.dport, self.clock())
-        self._pump()
+        src = str(ipaddress.ip_address(d.src))
+        self._guard("receive", lambda: self.manager.receive(d.message, src, d.sport, d.dport, self.clock()))
 
     def _on_sa_event(self, ev: Any) -> None:
         """Datapath lifetime events of negotiated SAs: soft -> rekey now, hard -> delete the child SA."""
         if ev.sa.reqid is None or self._closing:
             return
-        if self.manager.child_lifetime(ev.sa.spi, ev.kind != "soft", self.clock()):
-            self.log.info("child sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}")
-        self._pump()
+
+        def apply() -> None:
+            if self.manager.child_lifetime(ev.sa.spi, ev.kind != "soft", self.clock()):
+                self.log.info("child sa lifetime", kind=ev.kind, trigger=ev.trigger, spi=f"0x{ev.sa.spi:08x}")
+
+        self._guard("lifetime", apply)
 
     def _on_acquire(self, acq: Any) -> None:
         """A packet hit a trap policy with no SA (xfrm's acquire): negotiate its connection."""
+        self._guard("acquire", lambda: self._acquire(acq))
+
+    def _acquire(self, acq: Any) -> None:
         t = acq.policy.template
         key = self._trap_names.get(t.reqid) if t is not None else None
         if key is None or self._closing or (key[0] not in self.acquire_names and key not in self._armed):
@@ -231,13 +257,11 @@ class IkeEndpoint:
             # close_action = trap after the peer deleted only this child: negotiate it in the IKE SA (§1.3.1)
             self.log.info("acquire", conn=name, child=key[1], ike_sa=up.spi_i.hex())
             self.manager.create_child(up, key[1], now)
-            self._pump()
             return
         if sas:
             return  # already negotiating or up
         self.log.info("acquire", conn=name, child=key[1])
         self._initiate(name, now)
-        self._pump()
 
     def _on_seen(self, spis: list[int]) -> None:
         """The datapath saw traffic on these child SAs (inbound SPIs): the core hears of it now (DPD, the
@@ -247,8 +271,7 @@ class IkeEndpoint:
         self._rearm.update(spis)
         if self._rearm_handle is None and self._loop is not None:
             self._rearm_handle = self._loop.call_later(SEEN_REARM, self._rearm_seen)
-        self.manager.inbound_seen(spis, self.clock())
-        self._pump()
+        self._guard("seen", lambda: self.manager.inbound_seen(spis, self.clock()))
 
     def _rearm_seen(self) -> None:
         self._rearm_handle = None
@@ -258,20 +281,21 @@ class IkeEndpoint:
     def _on_timer(self) -> None:
         self._timer = None
         self.node.report_seen()  # anything seen in a batch not reported yet, before DPD decides
-        self.manager.handle_timer(self.clock())
-        self._pump()
+        self._guard("timer", lambda: self.manager.handle_timer(self.clock()))
 
     # --- output ----------------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        self._send(self.manager.datagrams())
-        for name, why in self.manager.failures:
-            self.log.warning("ike proposal mismatch", conn=name, reason=why)
-        self.manager.failures.clear()
-        for ev in self.manager.events():
-            self._event(ev)
-        self._send(self.manager.datagrams())
-        self._arm()
+        try:
+            self._send(self.manager.datagrams())
+            for name, why in self.manager.failures:
+                self.log.warning("ike proposal mismatch", conn=name, reason=why)
+            self.manager.failures.clear()
+            for ev in self.manager.events():
+                self._event(ev)
+            self._send(self.manager.datagrams())
+        finally:
+            self._arm()  # whatever happened above, the manager's next timer is armed
 
     def _send(self, dgs: list[Datagram]) -> None:
         for d in dgs:

@@ -17,7 +17,8 @@ from ipsecstack.ike.groups import Group, KeyExchangeError
 from ipsecstack.ike.keymat import child_keymat
 from ipsecstack.ike.model import AH_NAT, ChildConfig, _notify_name
 from ipsecstack.ike.tasks.base import Context
-from ipsecstack.ike.ts import Range, narrow
+from ipsecstack.ike.tasks.child_delete import SpiDelete
+from ipsecstack.ike.ts import Range, narrow, ranges
 
 OUT_HOLD = 5.0  # §2.8: how long a rekey's responder waits for traffic on the new inbound SA at most
 Negotiated = tuple[ChildConfig, props.Chosen, str, list[Range], list[Range]]
@@ -42,8 +43,7 @@ def negotiate(ctx: Context, inner: list[m.AnyPayload], ignore_dh: bool = True,
         ctx.child_failed("child SA request without SA/TSi/TSr payloads")
         return Notify.NO_PROPOSAL_CHOSEN
     transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
-    offered_i = [Range.from_payload(t) for t in tsi.selectors]
-    offered_r = [Range.from_payload(t) for t in tsr.selectors]
+    offered_i, offered_r = ranges(tsi), ranges(tsr)
     any_proposal = False
     ah_refused = ""
     for child in ctx.cfg.children:
@@ -189,6 +189,27 @@ def child_up(ctx: Context, child: ChildConfig, chosen: props.Chosen, mode: str, 
                   out_held_until=held)  # fmt: skip
     ctx.child_up(rec)
     return rec
+
+
+def answered_ts(
+    ctx: Context, child: ChildConfig, spi_in: int, offered: tuple[list[Range], list[Range]], tsi: m.TS, tsr: m.TS
+) -> tuple[list[Range], list[Range]] | None:
+    """Initiator: the responder's TSi/TSr, which RFC 7296 §2.9 has it narrow from what we ``offered``; kept
+    to that offer (a selector beyond it is cut back to the part we proposed). None when nothing we proposed
+    is left: the child SA fails, and the peer is asked to delete its half (it installed it)."""
+    local, remote = narrow(ranges(tsi), offered[0]), narrow(ranges(tsr), offered[1])
+    if local and remote:
+        if (local, remote) != (ranges(tsi), ranges(tsr)):
+            ctx.count("ts_beyond_offer")
+        return local, remote
+    ctx.child_failed(
+        f"child SA {child.name}: the peer's traffic selectors TSi {', '.join(map(str, ranges(tsi)))} "
+        f"TSr {', '.join(map(str, ranges(tsr)))} are outside what we proposed",
+        "ts_unacceptable",
+    )
+    protocol = Protocol.AH if child.protocol == "ah" else Protocol.ESP
+    ctx.tasks.queue(SpiDelete(ctx, m.Delete(protocol, [spi_in.to_bytes(4, "big")])))
+    return None
 
 
 def selectors(inner: list[m.AnyPayload]) -> tuple[m.TS | None, m.TS | None]:

@@ -15,7 +15,6 @@ from ipsecstack.ike.const import Exchange, Notify
 from ipsecstack.ike.model import AH_NAT, ChildConfig
 from ipsecstack.ike.tasks import child_common as cc
 from ipsecstack.ike.tasks.base import Context, Result, Task
-from ipsecstack.ike.ts import Range
 
 
 class ChildCreate(Task):
@@ -51,9 +50,11 @@ class ChildCreate(Task):
             self.ctx.child_failed(f"child SA {child.name} refused: {answer if isinstance(answer, str) else 'no TS'}")
             return Result.FAILED
         chosen, nr, shared = answer
+        ts = cc.answered_ts(self.ctx, child, self._spi_in, (child.local_ts, child.remote_ts), tsi, tsr)
+        if ts is None:
+            return Result.FAILED
         transport = any(isinstance(p, m.Notify) and p.notify_type == Notify.USE_TRANSPORT_MODE for p in inner)
-        cc.child_up(self.ctx, child, chosen, "transport" if transport else "tunnel",
-                    [Range.from_payload(t) for t in tsi.selectors], [Range.from_payload(t) for t in tsr.selectors],
+        cc.child_up(self.ctx, child, chosen, "transport" if transport else "tunnel", ts[0], ts[1],
                     spi_in=self._spi_in, spi_out=int.from_bytes(chosen.spi, "big"), nonces=(self._nonce, nr),
                     shared=shared, we_initiated=True, now=now)  # fmt: skip
         return Result.DONE

@@ -136,11 +136,11 @@ class IkeAuth(Task):
             # the peer accepted AH across the NAT anyway: it cannot work; ask it to drop its half
             ctx.child_failed(f"child SA {child.name} not installed: {AH_NAT}")
             ctx.tasks.queue(SpiDelete(ctx, m.Delete(Protocol.AH, [self._child_spi.to_bytes(4, "big")])))
+        elif (ts := cc.answered_ts(ctx, child, self._child_spi, (child.local_ts, child.remote_ts), tsi, tsr)) is None:
+            return False
         else:
             transport = any(n.notify_type == Notify.USE_TRANSPORT_MODE for n in notes)
-            local = [Range.from_payload(t) for t in tsi.selectors]
-            remote = [Range.from_payload(t) for t in tsr.selectors]
-            cc.child_up(ctx, child, chosen, "transport" if transport else "tunnel", local, remote,
+            cc.child_up(ctx, child, chosen, "transport" if transport else "tunnel", ts[0], ts[1],
                         spi_in=self._child_spi, spi_out=int.from_bytes(chosen.spi, "big"), now=now)  # fmt: skip
         return True
 
