@@ -84,6 +84,9 @@ _POOL: list[m.AnyPayload] = [
     m.SA([props.parse("aes128gcm16", Protocol.ESP).to_payload(1, b"\x00\x00\x20\x00")]),
     m.Vendor(b"x"),
     m.Unknown(99, b"?", critical=True),
+    # selectors whose start is above their end (RFC 7296 §3.13.1: they select nothing)
+    m.TS([m.TrafficSelector(7, 0, 0, 65535, bytes([10, 1, 255, 255]), bytes([10, 1, 0, 0]))]),
+    m.TS([m.TrafficSelector(8, 0, 0, 65535, b"\xff" * 16, bytes(16))], initiator=False),
 ]
 
 # each stage: how far the exchange has gone, and the states (initiator, responder) it leaves; together they
