@@ -41,3 +41,8 @@ class ChildSa:
     def hold_out(self) -> bool:
         """Its outbound SA waits (§2.8): install only the inbound one until OutboundReady."""
         return self.out_held_until is not None
+
+
+def by_spi(children: list[ChildSa], spi: int) -> ChildSa | None:
+    """The child SA with this SPI, inbound or outbound (the datapath names SAs by either)."""
+    return next((c for c in children if spi in (c.spi_in, c.spi_out)), None)

@@ -228,8 +228,8 @@ class Exchanges:
         sa.heard(now)
         self._active = None
         if isinstance(task, IkeDelete):
-            task.process(msg, inner, now)
-        elif msg.exchange == Exchange.INFORMATIONAL and sa.state == "deleting":
+            self._process_response(task, msg, inner, now)
+        elif deleting:  # an INFORMATIONAL answer while our DELETE of the SA is on its way
             deleted(sa)
         elif task is not None and self._process_response(task, msg, inner, now) is Result.NEED_MORE:
             self.run(task, now)  # another round of the same exchange

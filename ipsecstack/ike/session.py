@@ -34,7 +34,7 @@ from ipsecstack.entropy import Rng
 from ipsecstack.ike import events, sk, timers
 from ipsecstack.ike import message as m
 from ipsecstack.ike import proposals as props
-from ipsecstack.ike.children import ChildSa
+from ipsecstack.ike.children import ChildSa, by_spi
 from ipsecstack.ike.const import Exchange, Notify, Protocol
 from ipsecstack.ike.events import (
     ChildDown,
@@ -321,7 +321,7 @@ class IkeSa:
     def rekey_now(self, now: float, spi: int | None = None) -> bool:
         """Rekey the child SA with this SPI (either direction: a volume lifetime, say), or with None the IKE SA,
         as soon as the window allows. False if there is no such child or the IKE SA is not established."""
-        c = None if spi is None else next((c for c in self.children if spi in (c.spi_in, c.spi_out)), None)
+        c = None if spi is None else by_spi(self.children, spi)
         if (spi is not None and c is None) or self.state != "established":
             return False
         if c is None:
@@ -346,7 +346,7 @@ class IkeSa:
 
     def child_expired(self, spi: int, now: float) -> bool:
         """A child SA hit its hard lifetime in the datapath: tell the peer and forget it (§1.4.1)."""
-        c = next((c for c in self.children if spi in (c.spi_in, c.spi_out)), None)
+        c = by_spi(self.children, spi)
         if c is None:
             return False
         if self.state == "established":

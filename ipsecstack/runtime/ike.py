@@ -199,18 +199,17 @@ class IkeEndpoint:
     # --- input -----------------------------------------------------------------------------------
 
     def _guard(self, where: str, fn: Callable[[], None]) -> None:
-        """Run a callback's work; an exception is counted, logged (rate-limited, with its traceback) and
-        swallowed, and the endpoint still sends what is queued and re-arms its timer: it keeps serving."""
-        try:
-            fn()
-        except Exception:
-            self.errors[where] = self.errors.get(where, 0) + 1
-            now = self.clock()
-            if now - self._error_logged >= ERROR_LOG_INTERVAL:
-                self._error_logged = now
-                self.log.error("ike endpoint error; serving on", where=where, count=self.errors[where], exc_info=True)
-        if where != "pump":
-            self._guard("pump", self._pump)
+        """Run a callback's work, then send what is queued and re-arm the timer (``_pump``). An exception in
+        either is counted, logged (rate-limited, with its traceback) and swallowed: the endpoint keeps serving."""
+        for name, step in ((where, fn), ("pump", self._pump)):
+            try:
+                step()
+            except Exception:
+                self.errors[name] = self.errors.get(name, 0) + 1
+                now = self.clock()
+                if now - self._error_logged >= ERROR_LOG_INTERVAL:
+                    self._error_logged = now
+                    self.log.error("ike endpoint error; serving on", where=name, count=self.errors[name], exc_info=True)
 
     def _readable(self, s: socket.socket) -> None:
         self._guard("receive", lambda: self._read(s))

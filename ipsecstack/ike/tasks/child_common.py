@@ -197,14 +197,15 @@ def answered_ts(
     """Initiator: the responder's TSi/TSr, which RFC 7296 §2.9 has it narrow from what we ``offered``; kept
     to that offer (a selector beyond it is cut back to the part we proposed). None when nothing we proposed
     is left: the child SA fails, and the peer is asked to delete its half (it installed it)."""
-    local, remote = narrow(ranges(tsi), offered[0]), narrow(ranges(tsr), offered[1])
+    got_i, got_r = ranges(tsi), ranges(tsr)
+    local, remote = narrow(got_i, offered[0]), narrow(got_r, offered[1])
     if local and remote:
-        if (local, remote) != (ranges(tsi), ranges(tsr)):
+        if (local, remote) != (got_i, got_r):
             ctx.count("ts_beyond_offer")
         return local, remote
     ctx.child_failed(
-        f"child SA {child.name}: the peer's traffic selectors TSi {', '.join(map(str, ranges(tsi)))} "
-        f"TSr {', '.join(map(str, ranges(tsr)))} are outside what we proposed",
+        f"child SA {child.name}: the peer's traffic selectors TSi {', '.join(map(str, got_i))} "
+        f"TSr {', '.join(map(str, got_r))} are outside what we proposed",
         "ts_unacceptable",
     )
     protocol = Protocol.AH if child.protocol == "ah" else Protocol.ESP
