@@ -43,7 +43,7 @@ def extensions() -> list[Extension]:
             "ipsecstack.native._engine",
             sources=[f"{NATIVE}/{name}.c" for name in (
                     "_engine", "batch", "params", "esp", "cipher", "replay", "sa", "table",
-                    "fwd", "fwd_out", "fwd_in", "fwd_seg", "fwd_coal", "codel", "flowcache", "punt", "pyfwd", "nfq", "fwd_nfq", "pynfq",
+                    "fwd", "fwd_out", "fwd_in", "fwd_seg", "fwd_coal", "codel", "flowcache", "punt", "pyfwd", "nfq", "fwd_nfq", "fwd_nfq_gso", "pynfq",
                 )],
             depends=[f"{NATIVE}/{h}.h" for h in ("engine", "pyglue", "engine_obj", "fwd", "nfq")],
             include_dirs=inc,

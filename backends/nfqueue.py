@@ -61,7 +61,12 @@ default) a ``TCPMSS --set-mss`` rule in the mangle table (chain ``IPSECSTACK-MSS
 clamps the MSS of TCP SYNs (ours and our SYN-ACKs) to the protected peers to
 ``link MTU - IP header - 20 - worst-case SA overhead``, so both ends send segments whose protected form
 fits. NetfilterQueue does not ask for GSO packets (``NFQA_CFG_F_GSO``), so the kernel segments before
-queueing and each queued packet is one wire-sized packet. NetfilterQueue copies at most 4016 bytes of a
+queueing and each queued packet is one wire-sized packet. The exception is the native engine's TCP
+queue (``queue_tcp``, ``agent.nfqueue_tcp``, planned by ``ipsecstack/agent/nfq_rules.py`` when the native
+engine runs with offloads): the engine sets ``NFQA_CFG_F_GSO`` on it, takes whole TCP super-packets,
+and sends their protected segments on the IPPROTO_RAW sockets this class opens (``raw_socks``, with
+``MARK``, which the first rule of ``IPSECSTACK-OUT`` returns); ``close_tcp`` closes both once the engine
+has stopped. NetfilterQueue copies at most 4016 bytes of a
 packet: longer ones (jumbo frames) are dropped and counted, and the clamp never allows more. Non-TCP
 datagrams within the overhead of the MTU are not covered (IPv4 without DF gets fragmented by the kernel
 after the replacement). A lower-MTU route is no substitute: its MTU applies to the replaced packet too
@@ -77,6 +82,7 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 import warnings
 from collections.abc import Callable, Sequence
@@ -102,6 +108,8 @@ QUEUE_MAXLEN = 4096
 SOL_NETLINK = 270  # Linux <linux/socket.h>; not every Python names these
 NETLINK_NO_ENOBUFS = 5  # <linux/netlink.h>
 SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+RAW_SNDBUF = 4 << 20
 NETLINK_RCVBUF = 8 << 20
 MAX_COPY = 4096 - 80  # NetfilterQueue's copy range: its 4 KiB receive buffer less the netlink metadata
 IPTABLES_TIMEOUT = 20.0
@@ -376,6 +384,7 @@ class NfqueueTransport:
         *,
         queue_out: int = 10,
         queue_in: int = 11,
+        queue_tcp: int | None = None,
         bypass: bool = False,
         log: Any = None,
         runner: Runner = run_tool,
@@ -387,6 +396,13 @@ class NfqueueTransport:
         self._closed = False
         if queue_out == queue_in:
             raise BackendError(f"agent.nfqueue_out and agent.nfqueue_in are both {queue_out}: give two numbers")
+        if queue_tcp is not None and queue_tcp in (queue_out, queue_in):
+            raise BackendError(
+                f"agent.nfqueue_tcp is {queue_tcp}, as agent.nfqueue_{'out' if queue_tcp == queue_out else 'in'}: "
+                "give three different numbers"
+            )
+        self.tcp_port: NfqueuePort | None = None
+        self.raw_socks: dict[int, socket.socket] = {}
         _preflight()
         self.rules = list(rules)
         for fam in sorted({r.family for r in self.rules}):
@@ -402,6 +418,15 @@ class NfqueueTransport:
             self.out_port.close()
             raise
         self._open_ports = 2
+        if queue_tcp is not None:
+            try:
+                self.tcp_port = NfqueuePort("nfqueue-tcp", queue_tcp, self._port_closed, self.log)
+                self._open_ports += 1
+                self.raw_socks = _raw_senders({r.family for r in self.rules})
+            except BaseException:
+                self.close()
+                raise
+            self.tcp_port.mark = MARK
         # RFC 4301 §8: the protected packets get a route (and so a path MTU) apart from the host's own packets
         self.routes = EspRoutes({r.family for r in self.rules}, self._run, self.log)
         self.out_port.mark = MARK
@@ -414,7 +439,7 @@ class NfqueueTransport:
             raise
         self.log.info(
             "nfqueue rules installed", rules=len(self.rules), queue_out=queue_out, queue_in=queue_in,
-            fail="open (queue_bypass)" if bypass else "closed",
+            queue_tcp=queue_tcp, fail="open (queue_bypass)" if bypass else "closed",
         )  # fmt: skip
 
     # --- rules -------------------------------------------------------------------------------------
@@ -503,6 +528,7 @@ class NfqueueTransport:
         if self._closed:
             return
         self._closed = True
+        self.close_tcp()
         for port in (getattr(self, "out_port", None), getattr(self, "in_port", None)):
             if port is not None:
                 port.close()
@@ -510,6 +536,38 @@ class NfqueueTransport:
         routes = getattr(self, "routes", None)
         if routes is not None:
             routes.remove()
+
+    def close_tcp(self) -> None:
+        """Unbind the TCP queue and close the raw sockets its ESP packets leave by (after the engine stopped)."""
+        port, self.tcp_port = getattr(self, "tcp_port", None), None
+        if port is not None:
+            port.close()
+        for sock in getattr(self, "raw_socks", {}).values():
+            sock.close()
+        self.raw_socks = {}
+
+
+def _raw_senders(families: set[int]) -> dict[int, socket.socket]:
+    """IPPROTO_RAW sockets (header included) for the TCP queue's ESP packets, by IP version, with the
+    protected packets' mark (their own routes, backends/esp_routes.py; the rules return them at once)."""
+    socks: dict[int, socket.socket] = {}
+    for version in sorted(families):
+        af = socket.AF_INET if version == 4 else socket.AF_INET6
+        try:
+            s = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+            with contextlib.suppress(OSError):  # SO_SNDBUFFORCE: room for a round of segments
+                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, RAW_SNDBUF)
+            s.setblocking(False)
+        except OSError as e:
+            for other in socks.values():
+                other.close()
+            raise BackendError(
+                f"cannot open the IPv{version} raw socket the TCP queue sends on ({e}): this needs root "
+                "(CAP_NET_RAW, CAP_NET_ADMIN for its mark)"
+            ) from None
+        socks[version] = s
+    return socks
 
 
 def _preflight() -> None:

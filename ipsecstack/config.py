@@ -71,6 +71,7 @@ class AgentConfig:
     user: str | None = None  # drop root to this user once everything is open (runtime/privs.py)
     nfqueue_out: int = 10
     nfqueue_in: int = 11
+    nfqueue_tcp: int = 12  # the native engine's TCP queue (NFQA_CFG_F_GSO), with offloads on
     queue_bypass: bool = False
     log_format: str = "console"
     log_level: str = "info"

@@ -157,6 +157,11 @@ class Agent(_Table):
     user: str | None = key('a user name, e.g. "nobody": the daemon drops root to it once everything is open')
     nfqueue_out: Port = key("NFQUEUE number for the host's outbound packets: 0..65535 (default 10)", 10)
     nfqueue_in: Port = key("NFQUEUE number for inbound ESP/AH: 0..65535 (default 11)", 11)
+    nfqueue_tcp: Port = key(
+        "NFQUEUE number for the host's outbound TCP with the native engine and offloads on: the kernel hands "
+        "it whole TCP super-packets, which the engine cuts and protects: 0..65535 (default 12)",
+        12,
+    )
     queue_bypass: bool = key("let traffic pass in clear while the agent is down (default false)", False)
     log_format: Literal["console", "json"] = key("use console or json", "console")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = key(

@@ -81,7 +81,13 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
             from ipsecstack.agent.engine import queue_forwarder
 
             # the native engine's threads answer the queues; the Node answers what they ask (DESIGN.md §4a)
-            node.forwarder = queue_forwarder(node, offloads=a.offloads)
+            node.forwarder = queue_forwarder(
+                node,
+                offloads=a.offloads,
+                tcp=nfq.tcp_port,
+                raw_fds={v: sock.fileno() for v, sock in nfq.raw_socks.items()},
+            )
+        node.on_stop.append(nfq.close_tcp)  # (after the forwarder stopped: Node.stop runs it first)
         return node
     inner: PacketPort
     if a.inner_backend == "tun":

@@ -9,7 +9,7 @@ sockets) gives None, and the Node reads it as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from backends.nfqueue import NfqueuePort
 from backends.outer import OuterSet
@@ -64,14 +64,17 @@ def tun_forwarder(node: Node, *, offloads: bool = True,
                     tso=offloads and node.inner.vnet_hdr, udp_offloads=offloads, codel_ms=codel_ms)  # fmt: skip
 
 
-def queue_forwarder(node: Node, *, offloads: bool = True) -> QueueFastPath | None:
+def queue_forwarder(node: Node, *, offloads: bool = True, tcp: NfqueuePort | None = None,
+                    raw_fds: Mapping[int, int] | None = None) -> QueueFastPath | None:  # fmt: skip
     """A QueueFastPath when the node runs the native datapath on two bound NFQUEUE ports.
 
     ``offloads`` (``[agent] offloads``): the in queue's in-order TCP segments of a round are accepted
-    as one packet, as GRO would have merged them.
+    as one packet, as GRO would have merged them. ``tcp``: the TCP queue (whole super-packets), whose
+    ESP packets leave by the raw sockets ``raw_fds`` (by IP version).
     """
     dp = node.datapath
     out, inn = node.queue_out, node.queue_in
     if dp.native is None or not isinstance(out, NfqueuePort) or not isinstance(inn, NfqueuePort):
         return None
-    return QueueFastPath(node, dp.native.engine, out, inn, coalesce=offloads)
+    return QueueFastPath(node, dp.native.engine, out, inn, coalesce=offloads, tcp_port=tcp,
+                         raw_fds=dict(raw_fds or {}))  # fmt: skip

@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from backends.esp_routes import MARK
 from backends.nfqueue import (
     CHAIN_IN,
     CHAIN_MSS,
@@ -95,6 +96,14 @@ def selector_matches(sel: Selector, family: int) -> list[list[str]]:
     return out
 
 
+def _tcp_of(match: list[str]) -> list[str] | None:
+    """The TCP share of a rule's match: the match itself when it names TCP, it with ``-p tcp`` when it names
+    no protocol, None when it names another one."""
+    if "-p" in match:
+        return match if match[match.index("-p") + 1] == "tcp" else None
+    return None if "-m" in match else [*match, "-p", "tcp"]
+
+
 def _queue_target(num: int, bypass: bool) -> list[str]:
     return ["-j", "NFQUEUE", "--queue-num", str(num), *(["--queue-bypass"] if bypass else [])]
 
@@ -105,6 +114,7 @@ def plan_rules(
     *,
     queue_out: int,
     queue_in: int,
+    queue_tcp: int | None = None,
     bypass: bool = False,
     encap_ports: Iterable[int] = (),
     mss: Callable[[Policy, int], int | None] | None = None,
@@ -114,6 +124,10 @@ def plan_rules(
 
     ``ike_ports``: UDP ports of the agent's own IKE traffic, which bypasses IPsec in both directions
     (RFC 4301 §5.1: the key manager's packets must not need the SAs they negotiate).
+
+    ``queue_tcp``: the native engine's TCP queue (whole super-packets, ``native/fwd_nfq_gso.c``). A PROTECT
+    policy that admits TCP sends TCP there, in the same place of the policy order, and the rest to
+    ``queue_out``; what the engine sends on its raw sockets carries ``MARK`` and returns at once.
     """
     encap = sorted(set(encap_ports))
     ike = sorted(set(ike_ports))
@@ -130,6 +144,8 @@ def plan_rules(
                 add("filter", chain, "-p", "udp", "--sport", str(port), "-j", "RETURN")
                 add("filter", chain, "-p", "udp", "--dport", str(port), "-j", "RETURN")
         # outbound: never queue what is already protected, nor neighbour discovery
+        if queue_tcp is not None:
+            add("filter", CHAIN_OUT, "-m", "mark", "--mark", hex(MARK), "-j", "RETURN")  # the engine's own sends
         add("filter", CHAIN_OUT, "-p", "esp", "-j", "RETURN")
         add("filter", CHAIN_OUT, *_proto_arg(51, fam), "-j", "RETURN")
         for port in encap:
@@ -170,6 +186,12 @@ def plan_rules(
                     # drops and counts it (and with --queue-bypass and no agent, it passes like the rest)
                     target = _queue_target(queue_out if direction == "out" else queue_in, bypass)
                 for m in selector_matches(pol.selector, fam):
+                    if direction == "out" and queue_tcp is not None and pol.action is Action.PROTECT:
+                        tcp = _tcp_of(m)
+                        if tcp is not None:
+                            add("filter", chain, *tcp, *_queue_target(queue_tcp, bypass))
+                            if tcp is m:
+                                continue
                     add("filter", chain, *m, *target)
         # MSS clamp for TCP SYNs we send to protected destinations
         if mss is not None:
@@ -200,7 +222,10 @@ def plan_rules(
 
 
 def transport_for(cfg: Config, dp: Datapath, *, log: Any = None, runner: Runner = run_tool) -> NfqueueTransport:
-    """The NFQUEUE backend for ``cfg`` (transport mode only), its rules planned from ``dp``'s SPD."""
+    """The NFQUEUE backend for ``cfg`` (transport mode only), its rules planned from ``dp``'s SPD.
+
+    With the native engine and ``[agent] offloads`` (the defaults), TCP gets a queue of its own that the
+    kernel hands whole super-packets (``agent.nfqueue_tcp``)."""
     a = cfg.agent
     for c in cfg.manual:
         if c.mode != "transport":
@@ -220,13 +245,14 @@ def transport_for(cfg: Config, dp: Datapath, *, log: Any = None, runner: Runner 
         # RFC 7296 §2.23: IKE floats to 4500 across a NAT; ESP in UDP and IKE there are queued inbound
         # (the datapath hands IKE to the endpoint's socket, ipsecstack/agent/services.py attach_ike)
         encap.add(a.encap_port)
+    queue_tcp = a.nfqueue_tcp if dp.native is not None and a.offloads else None
     rules = plan_rules(
         dp.spd.policies("out"), dp.spd.policies("in"), queue_out=a.nfqueue_out, queue_in=a.nfqueue_in,
-        bypass=a.queue_bypass, encap_ports=encap, ike_ports=ike_ports,
+        queue_tcp=queue_tcp, bypass=a.queue_bypass, encap_ports=encap, ike_ports=ike_ports,
         mss=(lambda pol, fam: mss_clamp(dp, pol, fam, runner)) if a.mss_clamp else None,
     )  # fmt: skip
-    return NfqueueTransport(rules, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, bypass=a.queue_bypass,
-                            log=log, runner=runner)  # fmt: skip
+    return NfqueueTransport(rules, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, queue_tcp=queue_tcp,
+                            bypass=a.queue_bypass, log=log, runner=runner)  # fmt: skip
 
 
 def mss_clamp(dp: Datapath, pol: Policy, fam: int, runner: Runner = run_tool) -> int:

@@ -625,6 +625,8 @@ static PyMethodDef Engine_methods[] = {
     {"nfq_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "nfq_stop(): fwd_stop() (idempotent)"},
     {"nfq_verdict", (PyCFunction)(void (*)(void))ips_py_nfq_verdict, METH_VARARGS | METH_KEYWORDS,
      "nfq_verdict(queue_num, packet_id, payload, mark=None) -> bool: accept with payload, or drop (None)"},
+    {"nfq_send", (PyCFunction)ips_py_nfq_send, METH_O,
+     "nfq_send(packet) -> bool: a 'qseg' punt's answer, sent on the raw socket of its IP version"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -641,6 +643,10 @@ static PyMethodDef module_functions[] = {
      "nfq_build_verdict(queue_num, packet_id, verdict, payload | None, mark | None) -> bytes"},
     {"nfq_config_copy", (PyCFunction)ips_py_nfq_config_copy, METH_VARARGS,
      "nfq_config_copy(queue_num, copy_range) -> bytes: NFQNL_MSG_CONFIG with NFQA_CFG_PARAMS"},
+    {"inet_sum", (PyCFunction)ips_py_inet_sum, METH_VARARGS,
+     "inet_sum(data, start=0) -> int: the folded ones' complement sum of data's 16-bit words plus start"},
+    {"nfq_config_flags", (PyCFunction)ips_py_nfq_config_flags, METH_VARARGS,
+     "nfq_config_flags(queue_num, flags, mask) -> bytes: NFQNL_MSG_CONFIG with NFQA_CFG_MASK and NFQA_CFG_FLAGS"},
     {NULL, NULL, 0, NULL},
 };
 

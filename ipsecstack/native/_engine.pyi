@@ -89,7 +89,8 @@ class Engine:
         offloads {tso, coalesce, gso, gro}; tso {super, segments, csum_completed}; gso {sends, segments};
         gro {super, segments}; coalesced {writes, segments}. Kept after fwd_stop (until the next fwd_start);
         nfq {queues, received, accepted, dropped, python_verdicts,
-        kernel_errors, malformed, tx_errors, truncated, too_big, qout, qin, qouter}."""
+        kernel_errors, malformed, tx_errors, truncated, too_big, qout, qin, qouter, qseg,
+        tcp_queue {super, segments, csum_finished, raw_sent}}."""
     # --- the NFQUEUE threads (nfq.h, fwd_nfq.c): transport mode on bound netfilter queues ------------
     def nfq_start(
         self,
@@ -100,13 +101,19 @@ class Engine:
         cache_size: int = 65536,
         encap_ports: Sequence[int] = (4500,),
         coalesce: bool = True,
+        raw4: int | None = None,
+        raw6: int | None = None,
     ) -> int:
-        """queues: ("out" | "in", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts are
-        ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt).
-        coalesce: in-order TCP segments of a flow in one in-queue round are accepted as one packet."""
+        """queues: ("out" | "in" | "tcp", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts
+        are ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt)
+        | ("qseg", segment). coalesce: in-order TCP segments of a flow in one in-queue round are accepted
+        as one packet. A "tcp" queue takes GSO super-packets whole and sends its ESP packets on the
+        IPPROTO_RAW sockets raw4 / raw6 (fwd_nfq_gso.c)."""
     def nfq_stop(self) -> None: ...
     def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool:
         """ACCEPT with payload as the packet (and mark), or DROP (None); False when the kernel refused it."""
+    def nfq_send(self, packet: Buffer) -> bool:
+        """A "qseg" punt's answer on the raw socket of its IP version; False when none or refused."""
 
 # --- the NFQUEUE netlink codec (nfq.c), for tests and fuzzing --------------------------------------
 def tcp_merge(packets: Sequence[bytes], max_segments: int = 16, max_bytes: int = 24576) -> list[bytes | None]:
@@ -117,10 +124,13 @@ def codel_trace(target_ns: int, interval_ns: int, dequeues: Sequence[tuple[int, 
     """CoDel's drop decision (codel.c, RFC 8289) per (now_ns, sojourn_ns) dequeue, in order, for tests."""
 
 def nfq_parse(data: Buffer) -> list[tuple[Any, ...]]:
-    """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None) | ("error", errno) |
+    """("packet" | "bad_packet", queue_num, id, payload | None, cap_len, mark | None, skbinfo) | ("error", errno) |
     ("other",) | ("malformed",), in order; a "malformed" entry ends the list."""
 
 def nfq_build_verdict(
     queue_num: int, packet_id: int, verdict: int, payload: Buffer | None, mark: int | None
 ) -> bytes: ...
 def nfq_config_copy(queue_num: int, copy_range: int) -> bytes: ...
+def nfq_config_flags(queue_num: int, flags: int, mask: int) -> bytes: ...
+def inet_sum(data: Buffer, start: int = 0) -> int:
+    """The folded ones' complement sum of data's network-order 16-bit words, plus start (fwd_seg.c)."""

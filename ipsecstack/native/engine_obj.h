@@ -59,5 +59,8 @@ PyObject *ips_py_tcp_merge(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *ips_py_codel_trace(PyObject *module, PyObject *args);
 PyObject *ips_py_nfq_build_verdict(PyObject *module, PyObject *args);
 PyObject *ips_py_nfq_config_copy(PyObject *module, PyObject *args);
+PyObject *ips_py_nfq_config_flags(PyObject *module, PyObject *args);
+PyObject *ips_py_inet_sum(PyObject *module, PyObject *args);
+PyObject *ips_py_nfq_send(EngineObject *self, PyObject *arg);
 
 #endif

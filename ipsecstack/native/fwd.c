@@ -33,6 +33,7 @@ ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size
     f->batch = batch;
     f->tun_fd = -1;
     f->stop_fd = -1;
+    f->nfq_raw[0] = f->nfq_raw[1] = -1;
     for (int k = 0; k < K_KINDS; k++)
         f->port[k].fd = -1;
     if (pthread_mutex_init(&f->stats_lock, NULL) != 0) {
@@ -42,7 +43,7 @@ ips_fwd *ips_fwd_new(uint32_t batch, uint32_t punt_capacity, uint32_t cache_size
     }
     f->ready = 1;
     if (ips_pq_init(&f->punts, punt_capacity) != 0 || ips_fc_init(&f->cache[IPS_IN], cache_size) != 0 ||
-        ips_fc_init(&f->cache[IPS_OUT], cache_size) != 0) {
+        ips_fc_init(&f->cache[IPS_OUT], cache_size) != 0 || ips_mss_init(&f->mss) != 0) {
         *why = "out of memory (flow caches) or no eventfd";
         ips_fwd_free(f);
         return NULL;
@@ -131,6 +132,7 @@ void ips_fwd_free(ips_fwd *f)
     ips_fwd_stop(f);
     ips_fc_free(&f->cache[IPS_IN]);
     ips_fc_free(&f->cache[IPS_OUT]);
+    ips_mss_free(&f->mss);
     if (f->ready)
         pthread_mutex_destroy(&f->stats_lock);
     free(f);

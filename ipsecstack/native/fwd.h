@@ -130,6 +130,7 @@ typedef enum {
     IPS_PUNT_QOUT,
     IPS_PUNT_QIN,
     IPS_PUNT_QOUTER,
+    IPS_PUNT_QSEG, /* a segment of a GSO super-packet whose flow had no decision: answered with nfq_send */
     IPS_PUNT_KINDS
 } ips_punt_kind;
 
@@ -220,6 +221,43 @@ void ips_deliver(ips_fwd *f, ips_fwd_counters *c, ips_delivery *d, uint32_t n, i
 void ips_merge(ips_fwd_counters *c, ips_delivery *d, uint32_t n, uint8_t *absorbed, uint32_t max_count,
                uint32_t max_bytes);
 
+/* ---- fwd_nfq_gso.c: the NFQUEUE TCP queue (NFQA_CFG_F_GSO) ----------------------------------- */
+
+/* The MSS the peers of TCP flows announced (their SYN, decrypted by the in queue), by our direction's flow
+ * key: a direct-mapped table, a collision overwrites (then the segment size falls back to the MTU's). */
+#define IPS_MSS_SLOTS 4096
+typedef struct {
+    ips_flow key;
+    uint32_t mss; /* 0: empty */
+} ips_mss_slot;
+
+typedef struct {
+    pthread_mutex_t lock;
+    ips_mss_slot *slots;
+    int ready;
+} ips_mss_table;
+
+typedef struct ips_nfq_tx ips_nfq_tx; /* protected packets waiting for sendmmsg on the raw sockets */
+
+ips_nfq_tx *ips_nfq_tx_new(void);
+void ips_nfq_tx_free(ips_nfq_tx *t);
+/* A buffer for one more packet of up to `need` bytes, or NULL when the batch is full (flush first). */
+uint8_t *ips_nfq_tx_room(ips_nfq_tx *t, size_t need);
+void ips_nfq_tx_commit(ips_nfq_tx *t, size_t len); /* the packet written at the last room */
+/* Send what waits (sendmmsg on f->nfq_raw, by IP version), count it into c, empty the batch. */
+void ips_nfq_tx_flush(ips_fwd *f, ips_nfq_tx *t, ips_fwd_counters *c);
+/* Finish a CHECKSUM_PARTIAL TCP/UDP checksum (NFQA_SKB_CSUMNOTREADY) in place. */
+ips_reason ips_csum_partial(uint8_t *pkt, size_t len);
+int ips_mss_init(ips_mss_table *t);
+void ips_mss_free(ips_mss_table *t);
+/* An inbound TCP SYN's MSS option, remembered for the reverse flow (RFC 9293 §3.7.1). */
+void ips_mss_learn(ips_mss_table *t, const uint8_t *pkt, size_t len);
+/* The segment size for a TCP super-packet of this outbound flow: its protected segments fit mtu, and
+ * no segment carries more than the peer announced (less the TCP options, RFC 6691). sa NULL: a flow
+ * without a decision, whose segments Python protects (1024 bytes of payload at most). pkt is a TCP packet
+ * with its headers checked (ips_seg_plan). */
+uint32_t ips_gso_size(ips_mss_table *t, const ips_sa *sa, const uint8_t *pkt, size_t len, uint32_t mtu);
+
 /* ---- fwd.c ---------------------------------------------------------------------------------- */
 
 enum { K_UDP4 = 0, K_UDP6, K_ESP4, K_ESP6, K_RAW4, K_RAW6, K_TUN, K_KINDS };
@@ -239,6 +277,9 @@ struct ips_fwd_counters {
      * errors the kernel returned, datagrams or messages that did not parse, failed sends */
     uint64_t nfq_rx, nfq_accept, nfq_drop, nfq_py_verdicts, nfq_kernel_errors, nfq_malformed, nfq_tx_errors;
     uint64_t nfq_truncated, nfq_too_big; /* cut-short packets; punted for the PMTU check (RFC 4301 §8) */
+    /* the TCP queue (fwd_nfq_gso.c): super-packets segmented, their segments, checksums finished, packets
+     * sent on the raw sockets */
+    uint64_t nfq_gso_super, nfq_gso_segments, nfq_csum_finished, nfq_raw_sent;
     uint64_t engine_drops[IPS_R_COUNT]; /* this batch's share of the engine-wide drops */
     uint64_t engine_packets;            /* packets given to protect / unprotect */
 };
@@ -259,6 +300,7 @@ typedef struct {
     uint16_t queue_num;
     uint8_t inbound;  /* 1: the in queue (ESP to unprotect), 0: the out queue (plaintext to protect) */
     uint8_t has_mark; /* set this mark on the replacements (backends/esp_routes.py) */
+    uint8_t gso;      /* the TCP queue: NFQA_CFG_F_GSO, protected packets leave by the raw sockets */
     uint32_t mark;
     pthread_t thread;
     int started;
@@ -279,6 +321,8 @@ struct ips_fwd {
     EngineObject *engine;
     ips_nfq_queue nfq[IPS_NFQ_QUEUES]; /* NFQUEUE mode (fwd_nfq.c): no TUN threads */
     uint32_t nnfq;
+    int nfq_raw[2];    /* IPPROTO_RAW sockets (IPv4, IPv6; -1 absent) the TCP queue sends on (nfq_start raw_fds) */
+    ips_mss_table mss; /* the TCP queue's segment sizes (fwd_nfq_gso.c) */
     uint16_t encap_ports[IPS_NFQ_ENCAP]; /* UDP ports that carry ESP (RFC 3948) on the in queues */
     uint32_t nencap;
     int tun_fd;

@@ -23,6 +23,13 @@
  *              MERGE_MAX_BYTES, and the others are dropped as absorbed): the local TCP stack takes
  *              one packet instead of many, which is most of what a queued TCP segment costs.
  *
+ *   TCP queue  (nfq_start kind "tcp", fwd_nfq_gso.c) the out queue's work for the host's TCP, with
+ *              NFQA_CFG_F_GSO: a super-packet is cut (ips_seg_write) and each segment protected; every
+ *              ESP packet of this queue leaves by the raw sockets (sendmmsg at the end of the round),
+ *              its original dropped as delivered; a super-packet of an unknown flow goes to Python as
+ *              its segments ("qseg"), a single packet as "qout". Unfinished checksums (CSUMNOTREADY)
+ *              are finished as the packet is collected, before anything reads it.
+ *
  * A punted packet stays queued in the kernel until Python's Engine.nfq_verdict names its id; a punt
  * that finds the punt queue full (or no memory for its copy) is answered DROP at once and counted
  * (punt_dropped), so nothing waits without bound. A packet cut short (NFQA_CAP_LEN, or shorter than
@@ -56,7 +63,8 @@
 #define MERGE_MAX_SEGMENTS 16
 #define MERGE_MAX_BYTES (24 * 1024)
 
-enum { ST_MISS = 0, ST_SPI, ST_DISCARD, ST_DONE, ST_PUNT };
+enum { ST_MISS = 0, ST_SPI, ST_DISCARD, ST_DONE, ST_PUNT, ST_SENT };
+#define SEG_MAX 1024 /* segments of one super-packet (64 KiB at the smallest segment size) */
 
 static const uint8_t zeros[4] = {0, 0, 0, 0};
 
@@ -87,6 +95,9 @@ typedef struct {
     size_t budget;
     ips_fwd_counters c;
     ips_punt_list punts;
+    ips_nfq_tx *tx;   /* the TCP queue: protected packets for the raw sockets (fwd_nfq_gso.c) */
+    uint8_t *seg;     /* the TCP queue: one segment of a super-packet */
+    uint8_t *segrand; /* the TCP queue: CBC IVs for one super-packet's segments */
 } nfq_ctx;
 
 static unsigned be16(const uint8_t *p)
@@ -111,6 +122,9 @@ static void ctx_free(nfq_ctx *x)
     free(x->dl);
     free(x->dl_id);
     free(x->absorbed);
+    ips_nfq_tx_free(x->tx);
+    free(x->seg);
+    free(x->segrand);
 }
 
 static int ctx_alloc(nfq_ctx *x, ips_nfq_queue *q)
@@ -141,6 +155,15 @@ static int ctx_alloc(nfq_ctx *x, ips_nfq_queue *q)
           x->out_len && x->v && x->dl && x->dl_id && x->absorbed)) {
         ctx_free(x);
         return -1;
+    }
+    if (q->gso) {
+        x->tx = ips_nfq_tx_new();
+        x->seg = malloc(IPS_MAX_DATAGRAM);
+        x->segrand = malloc(16 * SEG_MAX);
+        if (!(x->tx && x->seg && x->segrand)) {
+            ctx_free(x);
+            return -1;
+        }
     }
     int sndbuf = 0;
     socklen_t sl = sizeof(sndbuf);
@@ -295,6 +318,85 @@ static int too_big(const ips_sa *sa, const uint8_t *pkt, uint32_t mtu)
     return n > 1280 && n > mtu && (!v4 || (pkt[6] & 0x40));
 }
 
+/* The raw sockets' batch has room for a packet of `need` bytes (sent first when it has not). */
+static uint8_t *tx_room(nfq_ctx *x, size_t need)
+{
+    uint8_t *out = ips_nfq_tx_room(x->tx, need);
+    if (out == NULL) {
+        ips_nfq_tx_flush(x->f, x->tx, &x->c);
+        out = ips_nfq_tx_room(x->tx, need);
+    }
+    return out; /* (need is at most one datagram: an empty batch always has room) */
+}
+
+/* A TCP super-packet of a cached flow (fwd_nfq_gso.c): cut, each segment protected into the batch. */
+static void protect_super(nfq_ctx *x, ips_sa *sa, uint32_t i)
+{
+    const ips_nfq_packet *p = &x->pk[i];
+    ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u}; /* VIRTIO_NET_HDR_GSO_TCPV4 / TCPV6 */
+    ips_seg plan;
+    x->state[i] = ST_DONE;
+    v.gso_size = 1024;
+    ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, &plan); /* the headers, checked */
+    if (why == IPS_OK) {
+        v.gso_size = ips_gso_size(&x->f->mss, sa, p->payload, p->payload_len, x->mtu[i]);
+        why = ips_seg_plan(p->payload, p->payload_len, &v, &plan);
+    }
+    if (why == IPS_OK && plan.count > SEG_MAX)
+        why = IPS_R_MALFORMED;
+    if (why != IPS_OK) {
+        drop(x, why);
+        add_verdict(x, p->id, NULL, 0, 0);
+        return;
+    }
+    const uint8_t *rand = NULL;
+    if (sa->cipher.suite->kind == IPS_CBC && RAND_bytes(x->segrand, 16 * (int)plan.count) == 1)
+        rand = x->segrand;
+    x->c.nfq_gso_super++;
+    x->c.nfq_gso_segments += plan.count;
+    for (uint32_t k = 0; k < plan.count; k++) {
+        size_t n = ips_seg_write(p->payload, &plan, k, x->seg);
+        size_t cap = n + IPS_HEADROOM, got = 0;
+        uint8_t *out = tx_room(x, cap);
+        ips_reason r = ips_protect(sa, x->seg, n, n, out, cap, &got, rand ? rand + 16 * k : NULL);
+        x->c.engine_packets++;
+        if (r == IPS_OK) {
+            ips_nfq_tx_commit(x->tx, got);
+        } else {
+            sa->drops[r]++;
+            drop(x, r);
+        }
+    }
+    push_verdict(x, p->id, NULL, 0, 0); /* the super-packet: its segments left by the raw sockets */
+}
+
+/* A TCP super-packet whose flow has no decision: its segments go to Python one by one ("qseg"). */
+static void punt_super(nfq_ctx *x, uint32_t i)
+{
+    const ips_nfq_packet *p = &x->pk[i];
+    ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u, .gso_size = 1024};
+    ips_seg plan;
+    ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, &plan);
+    if (why == IPS_OK) { /* the planned headers are there: the size Python's protected segments fit */
+        plan.gso = ips_gso_size(&x->f->mss, NULL, p->payload, p->payload_len, 0);
+        why = ips_seg_plan(p->payload, p->payload_len, &(ips_vnet){.gso_type = v.gso_type, .gso_size = plan.gso}, &plan);
+    }
+    if (why == IPS_OK && plan.count > SEG_MAX)
+        why = IPS_R_MALFORMED;
+    if (why != IPS_OK) {
+        drop(x, why);
+        add_verdict(x, p->id, NULL, 0, 0);
+        return;
+    }
+    x->c.nfq_gso_super++;
+    x->c.nfq_gso_segments += plan.count;
+    for (uint32_t k = 0; k < plan.count; k++) {
+        size_t n = ips_seg_write(p->payload, &plan, k, x->seg);
+        ips_pl_add_q(&x->punts, IPS_PUNT_QSEG, x->q->queue_num, 0, 0, x->seg, n); /* (no copy: counted) */
+    }
+    push_verdict(x, p->id, NULL, 0, 0);
+}
+
 static void protect_all(nfq_ctx *x)
 {
     EngineObject *e = x->f->engine;
@@ -317,6 +419,10 @@ static void protect_all(nfq_ctx *x)
             pthread_mutex_lock(&sa->lock);
         }
         const ips_nfq_packet *p = &x->pk[i];
+        if (x->q->gso && (p->skbinfo & IPS_NFQ_SKB_GSO)) {
+            protect_super(x, sa, i);
+            continue;
+        }
         if (too_big(sa, p->payload, x->mtu[i])) {
             x->state[i] = ST_PUNT;
             x->c.nfq_too_big++;
@@ -329,10 +435,19 @@ static void protect_all(nfq_ctx *x)
             r16 = have_rand > 0 ? x->rand + 16 * used : NULL;
         }
         uint8_t *out = x->out + (size_t)i * OUT_SIZE;
-        ips_reason r = ips_protect(sa, p->payload, p->payload_len, p->payload_len, out, OUT_SIZE, &x->out_len[i], r16);
+        size_t cap = OUT_SIZE;
+        if (x->q->gso) { /* straight into the raw sockets' batch */
+            cap = p->payload_len + IPS_HEADROOM;
+            out = tx_room(x, cap);
+        }
+        ips_reason r = ips_protect(sa, p->payload, p->payload_len, p->payload_len, out, cap, &x->out_len[i], r16);
         x->c.engine_packets++;
         if (r == IPS_OK || r == IPS_R_CRYPTO_ERROR)
             used++;
+        if (r == IPS_OK && x->q->gso) {
+            ips_nfq_tx_commit(x->tx, x->out_len[i]);
+            x->state[i] = ST_SENT;
+        }
         if (r != IPS_OK) {
             sa->drops[r]++;
             drop(x, r);
@@ -372,7 +487,15 @@ static void round_out(nfq_ctx *x)
             drop(x, IPS_R_POLICY_DISCARD);
             add_verdict(x, p->id, NULL, 0, 0);
             break;
+        case ST_SENT:
+            push_verdict(x, p->id, NULL, 0, 0); /* its ESP form left by the raw sockets */
+            break;
         case ST_MISS:
+            if (x->q->gso && (p->skbinfo & IPS_NFQ_SKB_GSO)) {
+                punt_super(x, i);
+                break;
+            }
+            /* fall through */
         case ST_PUNT:
             punt(x, IPS_PUNT_QOUT, p->id, 0, p->payload, p->payload_len);
             break;
@@ -457,6 +580,7 @@ static void in_packet(nfq_ctx *x, uint32_t i)
         add_verdict(x, p->id, NULL, 0, 0);
         return;
     }
+    ips_mss_learn(&x->f->mss, out, out_len); /* a SYN's MSS bounds the TCP queue's segments (fwd_nfq_gso.c) */
     ips_flow k;
     uint32_t v;
     int known = 0;
@@ -537,7 +661,13 @@ static void collect(nfq_ctx *x, const uint8_t *buf, size_t len)
         } else if (x->npk >= x->maxpk) {
             x->c.nfq_malformed++; /* more messages in one round than the kernel ever sends: drop them */
             add_verdict(x, p.id, NULL, 0, 0);
+        } else if ((p.skbinfo & (IPS_NFQ_SKB_CSUMNOTREADY | IPS_NFQ_SKB_GSO)) == IPS_NFQ_SKB_CSUMNOTREADY &&
+                   ips_csum_partial((uint8_t *)p.payload, p.payload_len) != IPS_OK) {
+            drop(x, IPS_R_MALFORMED); /* (the payload lies in this thread's receive buffer) */
+            add_verdict(x, p.id, NULL, 0, 0);
         } else {
+            if ((p.skbinfo & (IPS_NFQ_SKB_CSUMNOTREADY | IPS_NFQ_SKB_GSO)) == IPS_NFQ_SKB_CSUMNOTREADY)
+                x->c.nfq_csum_finished++;
             x->pk[x->npk++] = p;
         }
     }
@@ -546,7 +676,8 @@ static void collect(nfq_ctx *x, const uint8_t *buf, size_t len)
 static void answer_overflow(nfq_ctx *x, ips_punt *rest)
 {
     for (ips_punt *p = rest; p != NULL; p = p->next)
-        add_verdict(x, p->id, NULL, 0, 0); /* the punt queue is full: drop (counted as punt_dropped) */
+        if (p->kind != IPS_PUNT_QSEG) /* (a segment's super-packet was answered already) */
+            add_verdict(x, p->id, NULL, 0, 0); /* the punt queue is full: drop (counted as punt_dropped) */
     flush_verdicts(x);
     ips_punt_free_chain(rest);
 }
@@ -586,6 +717,8 @@ static void round_nfq(nfq_ctx *x)
         deliver_in(x);
     } else
         round_out(x);
+    if (x->tx != NULL)
+        ips_nfq_tx_flush(x->f, x->tx, &x->c); /* the TCP queue's ESP packets, then the verdicts that free theirs */
     flush_verdicts(x);
     ips_punt *rest = ips_pq_push_rest(&x->f->punts, &x->punts, 0);
     if (rest != NULL)

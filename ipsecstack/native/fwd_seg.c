@@ -42,19 +42,59 @@ static void put16(uint8_t *p, unsigned v)
     p[1] = (uint8_t)v;
 }
 
-uint32_t ips_csum_add(uint32_t sum, const uint8_t *p, size_t n)
+/* The ones' complement sum does not depend on byte order (RFC 1071 §2(B)): the words are summed as the
+ * host loads them, 8 bytes at a time into a 64-bit accumulator (two 32-bit halves per load, so nothing
+ * carries out for 2^31 loads: the chunks below fold long before), and the folded result is swapped
+ * to network order once. */
+static uint64_t sum_native(const uint8_t *p, size_t n)
 {
-    uint64_t s = sum;
+    uint64_t s = 0;
     size_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        s += ((uint32_t)p[i] << 24) | ((uint32_t)p[i + 1] << 16) | ((uint32_t)p[i + 2] << 8) | p[i + 3];
-    for (; i + 2 <= n; i += 2)
-        s += ((uint32_t)p[i] << 8) | p[i + 1];
-    if (i < n)
-        s += (uint32_t)p[i] << 8;
+    for (; i + 32 <= n; i += 32) {
+        uint64_t w[4];
+        memcpy(w, p + i, 32);
+        s += (w[0] & 0xFFFFFFFFu) + (w[0] >> 32) + (w[1] & 0xFFFFFFFFu) + (w[1] >> 32);
+        s += (w[2] & 0xFFFFFFFFu) + (w[2] >> 32) + (w[3] & 0xFFFFFFFFu) + (w[3] >> 32);
+    }
+    for (; i + 4 <= n; i += 4) {
+        uint32_t w;
+        memcpy(&w, p + i, 4);
+        s += w;
+    }
+    for (; i + 2 <= n; i += 2) {
+        uint16_t w;
+        memcpy(&w, p + i, 2);
+        s += w;
+    }
+    if (i < n) { /* the last byte is the high half of a network-order word */
+        uint16_t w = 0;
+        memcpy(&w, p + i, 1);
+        s += w;
+    }
+    return s;
+}
+
+static uint32_t fold64(uint64_t s)
+{
     while (s >> 16)
         s = (s & 0xFFFF) + (s >> 16);
     return (uint32_t)s;
+}
+
+uint32_t ips_csum_add(uint32_t sum, const uint8_t *p, size_t n)
+{
+    uint64_t total = sum;
+    while (n > 0) { /* chunks of 1 MiB: the accumulator never overflows */
+        size_t k = n < (1u << 20) ? n : (1u << 20);
+        uint32_t h = fold64(sum_native(p, k));
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        h = ((h & 0xFF) << 8) | (h >> 8);
+#endif
+        total += h;
+        p += k;
+        n -= k;
+    }
+    return fold64(total);
 }
 
 unsigned ips_csum_fold(uint32_t sum)

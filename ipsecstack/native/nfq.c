@@ -90,6 +90,11 @@ static int packet_attrs(const uint8_t *a, size_t n, ips_nfq_packet *pkt, int *ha
             pkt->mark = be32(v);
             pkt->has_mark = 1;
             break;
+        case NFQA_SKB_INFO:
+            if (vlen < 4)
+                return -1;
+            pkt->skbinfo = be32(v);
+            break;
         default:
             break; /* timestamps, interfaces, uid/gid, conntrack...: not ours */
         }
@@ -179,6 +184,28 @@ size_t ips_nfq_verdict_hdr(uint8_t *hdr, uint16_t queue_num, uint32_t id, uint32
 size_t ips_nfq_pad(size_t msg_len)
 {
     return ALIGN4(msg_len) - msg_len;
+}
+
+size_t ips_nfq_config_flags(uint8_t *buf, uint16_t queue_num, uint32_t flags, uint32_t mask)
+{
+    size_t n = NLHDR;
+    buf[n] = AF_UNSPEC;
+    buf[n + 1] = NFNETLINK_V0;
+    buf[n + 2] = (uint8_t)(queue_num >> 8);
+    buf[n + 3] = (uint8_t)queue_num;
+    n += GENHDR;
+    n += attr(buf + n, NFQA_CFG_MASK, 4); /* the kernel wants both, big-endian (nfqnl_recv_config) */
+    put_be32(buf + n, mask);
+    n += 4;
+    n += attr(buf + n, NFQA_CFG_FLAGS, 4);
+    put_be32(buf + n, flags & mask);
+    n += 4;
+    put_h32(buf, (uint32_t)n);
+    put_h16(buf + 4, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG);
+    put_h16(buf + 6, NLM_F_REQUEST);
+    put_h32(buf + 8, 0);
+    put_h32(buf + 12, 0);
+    return n;
 }
 
 size_t ips_nfq_config_copy(uint8_t *buf, uint16_t queue_num, uint32_t range)

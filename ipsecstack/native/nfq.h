@@ -14,7 +14,7 @@
  * Wire format (<linux/netfilter/nfnetlink_queue.h>): nlmsghdr (host byte order) with type
  * NFNL_SUBSYS_QUEUE << 8 | message, then nfgenmsg (res_id = the queue number, big-endian), then
  * netlink attributes (nla_len, nla_type host order, 4-byte aligned; the values the queue defines are
- * big-endian). The parser reads NFQA_PACKET_HDR (id), NFQA_PAYLOAD, NFQA_CAP_LEN and NFQA_MARK and
+ * big-endian). The parser reads NFQA_PACKET_HDR (id), NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_MARK and NFQA_SKB_INFO and
  * skips the others; every length is checked against the bytes received before it is used, and a
  * message that does not add up ends the walk of its datagram (counted by the caller). The builder
  * writes a verdict's header bytes (nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR, NFQA_MARK, the NFQA_PAYLOAD
@@ -32,6 +32,10 @@
 #define IPS_NFQ_MAX_PAYLOAD (0xFFFF - 4)
 #define IPS_NFQ_DROP 0u   /* NF_DROP */
 #define IPS_NFQ_ACCEPT 1u /* NF_ACCEPT */
+/* NFQA_SKB_INFO bits, on a queue configured with NFQA_CFG_F_GSO (ips_nfq_config_flags) */
+#define IPS_NFQ_SKB_CSUMNOTREADY 1u /* CHECKSUM_PARTIAL: the L4 checksum field holds the pseudo-header sum */
+#define IPS_NFQ_SKB_GSO 2u          /* a GSO super-packet (its segment size is not given) */
+#define IPS_NFQ_CFG_F_GSO 4u        /* NFQA_CFG_F_GSO: hand GSO packets over whole */
 
 typedef struct {
     uint32_t id;
@@ -39,6 +43,7 @@ typedef struct {
     uint8_t hook, has_mark;
     uint32_t mark;
     uint32_t cap_len; /* NFQA_CAP_LEN: the packet's length when the payload was cut short; 0 absent */
+    uint32_t skbinfo; /* NFQA_SKB_INFO: IPS_NFQ_SKB_* (0 absent) */
     const uint8_t *payload;
     uint32_t payload_len;
 } ips_nfq_packet;
@@ -62,6 +67,9 @@ size_t ips_nfq_verdict_hdr(uint8_t *hdr, uint16_t queue_num, uint32_t id, uint32
                            uint32_t mark, int has_payload, size_t payload_len);
 /* zero bytes after a message of this many bytes, so the next one starts aligned */
 size_t ips_nfq_pad(size_t msg_len);
+
+/* NFQNL_MSG_CONFIG with NFQA_CFG_MASK and NFQA_CFG_FLAGS (the bits of mask set to flags): its length (36). */
+size_t ips_nfq_config_flags(uint8_t *buf, uint16_t queue_num, uint32_t flags, uint32_t mask);
 
 /* NFQNL_MSG_CONFIG with NFQA_CFG_PARAMS (NFQNL_COPY_PACKET, range) for queue_num: its length (32). */
 size_t ips_nfq_config_copy(uint8_t *buf, uint16_t queue_num, uint32_t range);

@@ -31,7 +31,7 @@
 #include "fwd.h"
 #include "pyglue.h"
 
-static const char *const punt_kind_name[IPS_PUNT_KINDS] = {"out", "in", "outer", "qout", "qin", "qouter"};
+static const char *const punt_kind_name[IPS_PUNT_KINDS] = {"out", "in", "outer", "qout", "qin", "qouter", "qseg"};
 
 static int in_range(PyObject *o, const char *name, long lo, long hi, long *v)
 {
@@ -366,6 +366,8 @@ static PyObject *punt_tuple(const ips_punt *p)
     if (p->kind == IPS_PUNT_QIN) /* (kind, queue_num, packet id, spi, inner): the packet waits for nfq_verdict */
         return Py_BuildValue("(sIkkN)", punt_kind_name[p->kind], (unsigned)p->queue_num, (unsigned long)p->id,
                              (unsigned long)p->spi, data);
+    if (p->kind == IPS_PUNT_QSEG) /* (kind, segment): a cut super-packet's piece, answered with nfq_send */
+        return Py_BuildValue("(sN)", punt_kind_name[p->kind], data);
     if (p->kind >= IPS_PUNT_QOUT)
         return Py_BuildValue("(sIkN)", punt_kind_name[p->kind], (unsigned)p->queue_num, (unsigned long)p->id, data);
     return Py_BuildValue("(sN)", punt_kind_name[p->kind], data);
@@ -496,7 +498,7 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
     PyObject *base = Py_BuildValue(
         "{s:O,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K},s:K,s:K,s:N,s:N,"
         "s:{s:{s:K,s:K,s:K},s:{s:K,s:K,s:K},s:K},s:N,"
-        "s:{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}}",
+        "s:{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:{s:K,s:K,s:K,s:K}}}",
         "running", s.running ? Py_True : Py_False, "out_packets", U(c->packets[IPS_OUT]), "out_bytes",
         U(c->bytes[IPS_OUT]), "in_packets", U(c->packets[IPS_IN]), "in_bytes", U(c->bytes[IPS_IN]), "syscalls",
         U(c->syscalls), "batches_out", U(c->batches[IPS_OUT]), "batches_in", U(c->batches[IPS_IN]), "punts", "out",
@@ -509,7 +511,9 @@ PyObject *ips_py_fwd_stats(EngineObject *self, PyObject *Py_UNUSED(unused))
         U(c->nfq_drop), "python_verdicts", U(c->nfq_py_verdicts), "kernel_errors", U(c->nfq_kernel_errors),
         "malformed", U(c->nfq_malformed), "tx_errors", U(c->nfq_tx_errors), "truncated", U(c->nfq_truncated),
         "too_big", U(c->nfq_too_big), "qout", U(s.queued[IPS_PUNT_QOUT]), "qin", U(s.queued[IPS_PUNT_QIN]),
-        "qouter", U(s.queued[IPS_PUNT_QOUTER]));
+        "qouter", U(s.queued[IPS_PUNT_QOUTER]), "qseg", U(s.queued[IPS_PUNT_QSEG]), "tcp_queue", "super",
+        U(c->nfq_gso_super), "segments", U(c->nfq_gso_segments), "csum_finished", U(c->nfq_csum_finished),
+        "raw_sent", U(c->nfq_raw_sent));
     if (base == NULL || PyDict_Update(base, d) != 0)
         Py_CLEAR(base);
     Py_DECREF(d);

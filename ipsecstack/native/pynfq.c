@@ -1,15 +1,21 @@
 /*
  * The NFQUEUE methods of Engine (see nfq.h and fwd_nfq.c) and the codec's test entry points:
  *
- *   nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True)
- *       -> the punt eventfd. queues: ("out" | "in", netlink fd, queue number, mark | None) for each
- *       bound queue; sets each queue's copy range to 0xFFFF, then starts one thread per queue.
+ *   nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True,
+ *             raw4=None, raw6=None)
+ *       -> the punt eventfd. queues: ("out" | "in" | "tcp", netlink fd, queue number, mark | None) for
+ *       each bound queue; sets each queue's copy range to 0xFFFF (and NFQA_CFG_F_GSO on a "tcp" queue,
+ *       whose ESP packets leave by the IPPROTO_RAW sockets raw4/raw6: fwd_nfq_gso.c), then starts one
+ *       thread per queue.
+ *   nfq_send(packet) -> bool
+ *       Python's answer to a "qseg" punt: the packet (ESP, or plaintext let through) sent on the raw
+ *       socket of its IP version. False when there is none or the kernel refused it.
  *       Stopped by fwd_stop() (nfq_stop is the same call); the punts, learn_*, flush, fwd_stats are
  *       the forwarder's (pyfwd.c).
  *   nfq_verdict(queue_num, packet_id, payload | None, mark=None) -> bool
  *       Python's answer to a "q*" punt: ACCEPT with payload as the packet (and mark), or DROP (None).
  *       False when the kernel refused it (counted in fwd_stats()["nfq"]["tx_errors"]).
- *   nfq_parse(data) -> list, nfq_build_verdict(...) -> bytes, nfq_config_copy(...) -> bytes
+ *   nfq_parse(data) -> list, nfq_build_verdict(...) -> bytes, nfq_config_copy(...) / nfq_config_flags(...) -> bytes
  *       module functions: the codec on Python buffers, for tests and fuzzing.
  *
  * As in pyfwd.c: arguments are checked with the GIL held, sockets are used with it released, and a
@@ -22,6 +28,7 @@
 #include <stdlib.h>
 #include <fcntl.h>
 #include <linux/netlink.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -102,8 +109,9 @@ static int parse_queues(PyObject *queues, ips_nfq_queue *out, uint32_t *n)
             PyErr_Clear();
             PyErr_Format(PyExc_TypeError, "queues[%zd] must be a (kind, fd, queue_num, mark) tuple", i);
             rc = -1;
-        } else if (strcmp(kind, "out") != 0 && strcmp(kind, "in") != 0) {
-            PyErr_Format(PyExc_ValueError, "queues[%zd]: kind %R: use 'out' or 'in'", i, PyTuple_GET_ITEM(item, 0));
+        } else if (strcmp(kind, "out") != 0 && strcmp(kind, "in") != 0 && strcmp(kind, "tcp") != 0) {
+            PyErr_Format(PyExc_ValueError, "queues[%zd]: kind %R: use 'out', 'in' or 'tcp'", i,
+                         PyTuple_GET_ITEM(item, 0));
             rc = -1;
         } else if (long_in(num_o, "queue_num", 0, 0xFFFF, &num) != 0 || get_mark(mark_o, &q->has_mark, &q->mark) != 0 ||
                    check_netlink(fd, i) != 0) {
@@ -112,6 +120,7 @@ static int parse_queues(PyObject *queues, ips_nfq_queue *out, uint32_t *n)
             q->fd = fd;
             q->queue_num = (uint16_t)num;
             q->inbound = strcmp(kind, "in") == 0;
+            q->gso = strcmp(kind, "tcp") == 0;
             for (Py_ssize_t j = 0; j < i; j++)
                 if (out[j].queue_num == q->queue_num) {
                     PyErr_Format(PyExc_ValueError, "queues[%zd]: queue %ld is given twice", i, num);
@@ -152,10 +161,8 @@ static int parse_encap(PyObject *o, uint16_t *ports, uint32_t *n)
 }
 
 /* NFQNL_MSG_CONFIG: copy whole packets (up to 64 KiB) instead of NetfilterQueue's 4016 bytes. */
-static int set_copy_range(const ips_nfq_queue *q)
+static int send_config(const ips_nfq_queue *q, const uint8_t *buf, size_t n)
 {
-    uint8_t buf[32];
-    size_t n = ips_nfq_config_copy(buf, q->queue_num, COPY_RANGE);
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
     ssize_t r;
     do
@@ -164,14 +171,52 @@ static int set_copy_range(const ips_nfq_queue *q)
     return r == (ssize_t)n ? 0 : -1;
 }
 
+/* The copy range, and on the TCP queue GSO packets handed over whole (NFQA_CFG_F_GSO). */
+static int set_copy_range(const ips_nfq_queue *q)
+{
+    uint8_t buf[40];
+    if (send_config(q, buf, ips_nfq_config_copy(buf, q->queue_num, COPY_RANGE)) != 0)
+        return -1;
+    if (q->gso) {
+        size_t n = ips_nfq_config_flags(buf, q->queue_num, IPS_NFQ_CFG_F_GSO, IPS_NFQ_CFG_F_GSO);
+        return send_config(q, buf, n);
+    }
+    return 0;
+}
+
+/* An IPPROTO_RAW socket of this family, or None (-1). */
+static int raw_fd(PyObject *o, const char *name, int family, int *fd)
+{
+    *fd = -1;
+    if (o == NULL || o == Py_None)
+        return 0;
+    long v;
+    if (long_in(o, name, 0, 1 << 30, &v) != 0)
+        return -1;
+    int domain = 0, type = 0, proto = 0;
+    socklen_t len = sizeof(int);
+    if (getsockopt((int)v, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 ||
+        getsockopt((int)v, SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
+        getsockopt((int)v, SOL_SOCKET, SO_PROTOCOL, &proto, &len) != 0 || domain != family || type != SOCK_RAW ||
+        proto != IPPROTO_RAW) {
+        PyErr_Format(PyExc_ValueError, "%s = %ld is not an IPPROTO_RAW socket of its family", name, v);
+        return -1;
+    }
+    *fd = (int)v;
+    return 0;
+}
+
 PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"queues", "batch", "punt_capacity", "cache_size", "encap_ports", "coalesce", NULL};
-    PyObject *queues, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL, *encap_o = NULL;
+    static char *kwlist[] = {"queues", "batch",    "punt_capacity", "cache_size", "encap_ports",
+                             "coalesce", "raw4", "raw6",          NULL};
+    PyObject *queues, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL, *encap_o = NULL, *raw4_o = NULL,
+                      *raw6_o = NULL;
     long batch = 64, cap = 4096, cache = 65536;
-    int coalesce = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOp", kwlist, &queues, &batch_o, &cap_o, &cache_o,
-                                     &encap_o, &coalesce) ||
+    int coalesce = 1, raw4 = -1, raw6 = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOpOO", kwlist, &queues, &batch_o, &cap_o, &cache_o,
+                                     &encap_o, &coalesce, &raw4_o, &raw6_o) ||
+        raw_fd(raw4_o, "raw4", AF_INET, &raw4) != 0 || raw_fd(raw6_o, "raw6", AF_INET6, &raw6) != 0 ||
         (batch_o && long_in(batch_o, "batch", 1, 256, &batch) != 0) ||
         (cap_o && long_in(cap_o, "punt_capacity", 1, 1 << 20, &cap) != 0) ||
         (cache_o && long_in(cache_o, "cache_size", 1, 1 << 24, &cache) != 0))
@@ -189,6 +234,11 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     uint32_t nq = 0, nencap = 0;
     if (parse_queues(queues, qs, &nq) != 0 || parse_encap(encap_o, encap, &nencap) != 0)
         return NULL;
+    for (uint32_t i = 0; i < nq; i++)
+        if (qs[i].gso && raw4 < 0 && raw6 < 0) {
+            PyErr_SetString(PyExc_ValueError, "a 'tcp' queue sends on raw sockets: give raw4 and/or raw6");
+            return NULL;
+        }
     for (uint32_t i = 0; i < nq; i++)
         if (set_copy_range(&qs[i]) != 0)
             return PyErr_Format(PyExc_OSError, "NFQUEUE %u: cannot set the copy range: %s", qs[i].queue_num,
@@ -211,6 +261,8 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         memcpy(f->encap_ports, encap, sizeof(encap[0]) * nencap);
         f->nencap = nencap;
         f->coalesce = coalesce;
+        f->nfq_raw[0] = raw4;
+        f->nfq_raw[1] = raw6;
         rc = ips_nfq_run(f, &why);
     }
     Py_END_ALLOW_THREADS
@@ -295,6 +347,53 @@ PyObject *ips_py_nfq_verdict(EngineObject *self, PyObject *args, PyObject *kwarg
     return PyBool_FromLong(r >= 0);
 }
 
+PyObject *ips_py_nfq_send(EngineObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0)
+        return NULL;
+    ips_fwd *f = self->fwd;
+    const uint8_t *p = view.buf;
+    int v6 = view.len >= 40 && p[0] >> 4 == 6;
+    int fd = f == NULL || !f->running ? -1 : f->nfq_raw[v6];
+    if (fd < 0 || view.len < 20 || (!v6 && p[0] >> 4 != 4)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    struct sockaddr_in6 name = {0};
+    socklen_t namelen;
+    if (v6) {
+        name.sin6_family = AF_INET6;
+        memcpy(&name.sin6_addr, p + 24, 16);
+        namelen = sizeof(name);
+    } else {
+        struct sockaddr_in *a = (struct sockaddr_in *)&name;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_addr, p + 16, 4);
+        namelen = sizeof(*a);
+    }
+    ssize_t r;
+    self->fwd_users++;
+    Py_BEGIN_ALLOW_THREADS
+    do
+        r = sendto(fd, p, (size_t)view.len, MSG_DONTWAIT, (struct sockaddr *)&name, namelen);
+    while (r < 0 && errno == EINTR);
+    pthread_mutex_lock(&f->stats_lock);
+    f->c.syscalls++;
+    if (r < 0)
+        f->c.tx_errors[v6 ? K_RAW6 : K_RAW4]++;
+    else {
+        f->c.nfq_raw_sent++;
+        f->c.packets[IPS_OUT]++;
+        f->c.bytes[IPS_OUT] += (uint64_t)view.len;
+    }
+    pthread_mutex_unlock(&f->stats_lock);
+    Py_END_ALLOW_THREADS
+    self->fwd_users--;
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(r >= 0);
+}
+
 /* ---- the codec on Python buffers (tests, fuzzing) ------------------------------------------- */
 
 static PyObject *packet_tuple(const char *what, const ips_nfq_packet *p)
@@ -315,8 +414,8 @@ static PyObject *packet_tuple(const char *what, const ips_nfq_packet *p)
         Py_XDECREF(mark);
         return NULL;
     }
-    return Py_BuildValue("(sIkNkN)", what, (unsigned)p->queue_num, (unsigned long)p->id, payload,
-                         (unsigned long)p->cap_len, mark);
+    return Py_BuildValue("(sIkNkNk)", what, (unsigned)p->queue_num, (unsigned long)p->id, payload,
+                         (unsigned long)p->cap_len, mark, (unsigned long)p->skbinfo);
 }
 
 /* tcp_merge(packets, max_segments=16, max_bytes=24576) -> list: the in queue's coalescing (fwd_coal.c
@@ -466,4 +565,29 @@ PyObject *ips_py_nfq_config_copy(PyObject *Py_UNUSED(module), PyObject *args)
     uint8_t buf[32];
     size_t n = ips_nfq_config_copy(buf, (uint16_t)num, (uint32_t)range);
     return PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)n);
+}
+
+PyObject *ips_py_nfq_config_flags(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    long num;
+    unsigned long flags, mask;
+    PyObject *num_o;
+    if (!PyArg_ParseTuple(args, "Okk", &num_o, &flags, &mask) || long_in(num_o, "queue_num", 0, 0xFFFF, &num) != 0)
+        return NULL;
+    uint8_t buf[40];
+    size_t n = ips_nfq_config_flags(buf, (uint16_t)num, (uint32_t)flags, (uint32_t)mask);
+    return PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)n);
+}
+
+/* inet_sum(data, start=0) -> int: the folded ones' complement sum of data's network-order words added to
+ * start (fwd_seg.c ips_csum_add, which every checksum the forwarder writes uses), for tests. */
+PyObject *ips_py_inet_sum(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer view;
+    unsigned int start = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &view, &start))
+        return NULL;
+    uint32_t s = ips_csum_add(start, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(s);
 }

@@ -22,6 +22,9 @@ module's ``Engine.nfq_verdict`` names it:
 - ``("qin", queue, id, spi, inner)``: ESP the engine decrypted and charged, whose flow it does not yet
   know to be allowed: ``Datapath.inbound_decrypted`` runs the RFC 4301 §5.2 check; the plaintext is
   accepted and its flow taught (``learn_in``), or the packet is dropped.
+- ``("qseg", pkt)``: a segment of a TCP super-packet from the TCP queue (the engine cut it; the
+  super-packet itself was dropped) whose flow has no cached decision: ``Datapath.outbound`` runs as for
+  "qout", and what it gives leaves by the engine's raw socket (``Engine.nfq_send``); the flow is taught.
 - ``("qouter", queue, id, pkt)``: what the engine does not handle (AH, ESP of a Python SA or an unknown
   SPI, IKE on the encapsulation port, plaintext that should have been protected): ``Datapath.inbound``
   sorts it exactly as without the engine; IKE goes to the Node's IKE handler and the packet is dropped.
@@ -34,7 +37,7 @@ and counts what does not fit its queue (verdict DROP), so no packet waits in the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ipsecstack.datapath import DISCARD_FLOW, Datapath
@@ -64,9 +67,12 @@ class QueueForwarder(PuntEngine, Protocol):
     """The C NFQUEUE threads' methods (native/fwd_nfq.c, pynfq.c)."""
 
     def nfq_start(self, queues: Sequence[tuple[str, int, int, int | None]], *, batch: int = ...,
-                  encap_ports: Sequence[int] = ..., coalesce: bool = ...) -> int: ...  # fmt: skip
+                  encap_ports: Sequence[int] = ..., coalesce: bool = ..., raw4: int | None = ...,
+                  raw6: int | None = ...) -> int: ...  # fmt: skip
 
     def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool: ...
+
+    def nfq_send(self, packet: Buffer) -> bool: ...
 
     def learn_out(self, pkt: Buffer, spi: int | None, *, mtu: int = ...) -> None: ...
 
@@ -77,27 +83,37 @@ class QueueFastPath(PuntLoop):
     """Starts the engine's NFQUEUE threads on a Node's two queues and answers their punts (module docstring)."""
 
     def __init__(self, node: Node, engine: QueueForwarder, out_port: QueuePort, in_port: QueuePort,
-                 *, coalesce: bool = True) -> None:  # fmt: skip
-        super().__init__(node, engine, ("qout", "qin", "qouter"))
+                 *, coalesce: bool = True, tcp_port: QueuePort | None = None,
+                 raw_fds: Mapping[int, int] | None = None) -> None:  # fmt: skip
+        super().__init__(node, engine, ("qout", "qin", "qouter", "qseg"))
         self.engine = engine
         self.coalesce = coalesce
         self.out_port = out_port
         self.in_port = in_port
+        self.tcp_port = tcp_port
+        self.raw_fds = dict(raw_fds or {})
+        self.send_errors = 0
         self.verdict_errors = 0
         self._mtus: dict[bytes, int] = {}
 
     def _start_engine(self) -> int:
-        out, inn = self.out_port, self.in_port
+        out, inn, tcp = self.out_port, self.in_port, self.tcp_port
+        queues = [("out", out.fd, out.queue_num, out.mark), ("in", inn.fd, inn.queue_num, None)]
+        if tcp is not None:
+            queues.append(("tcp", tcp.fd, tcp.queue_num, tcp.mark))
         return self.engine.nfq_start(
-            [("out", out.fd, out.queue_num, out.mark), ("in", inn.fd, inn.queue_num, None)],
+            queues,
             batch=min(self.node.batch_size, 256),
             encap_ports=sorted(self.node.datapath.encap_ports)[:MAX_ENCAP_PORTS],
             coalesce=self.coalesce,
+            raw4=self.raw_fds.get(4),
+            raw6=self.raw_fds.get(6),
         )
 
     def stats(self) -> dict[str, object]:
         out = super().stats()
         out["verdict_errors"] = self.verdict_errors
+        out["send_errors"] = self.send_errors
         return out
 
     def answer(self, punts: Sequence[tuple[Any, ...]]) -> None:
@@ -113,6 +129,8 @@ class QueueFastPath(PuntLoop):
                 self._in(dp, p[1], p[2], p[3], p[4], now)
             elif kind == "qouter":
                 self._outer(dp, p[1], p[2], p[3], now)
+            elif kind == "qseg":
+                self._segment(dp, p[1], now)
             else:
                 continue  # a TUN-mode punt cannot come from these threads
             self.punts[kind] += 1
@@ -126,6 +144,16 @@ class QueueFastPath(PuntLoop):
         rep = res.to_network[0] if res.to_network else None
         # a replacement is routed by the protected packets' table; a packet let through as it is is not
         self._verdict(queue, packet_id, rep, self.out_port.mark if rep is not None and rep is not pkt else None)
+        self.node._after(res, "out")
+        spi = dp.decide_out(pkt)
+        if spi is not None:
+            self.engine.learn_out(pkt, None if spi == DISCARD_FLOW else spi, mtu=self._mtu(dp, pkt))
+
+    def _segment(self, dp: Datapath, pkt: bytes, now: float) -> None:
+        res = dp.outbound([pkt], now)
+        for rep in res.to_network[:1]:
+            if not self.engine.nfq_send(rep):
+                self.send_errors += 1  # counted by the engine too (fwd_stats tx_errors raw4/raw6)
         self.node._after(res, "out")
         spi = dp.decide_out(pkt)
         if spi is not None:

@@ -28,7 +28,7 @@ if __name__ == "__main__":
 
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
 MSG_PACKET = (3 << 8) | 0  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET
-NFQA_PACKET_HDR, NFQA_MARK, NFQA_PAYLOAD, NFQA_CAP_LEN = 1, 3, 10, 13
+NFQA_PACKET_HDR, NFQA_MARK, NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 1, 3, 10, 13, 14
 
 
 def attr(kind: int, value: bytes) -> bytes:
@@ -37,7 +37,7 @@ def attr(kind: int, value: bytes) -> bytes:
 
 
 def packet_msg(queue: int, pid: int, payload: bytes | None, *, mark: int | None = None, cap_len: int | None = None,
-               extra: bytes = b"") -> bytes:  # fmt: skip
+               extra: bytes = b"", skbinfo: int | None = None) -> bytes:  # fmt: skip
     body = struct.pack("!BBH", 0, 0, queue) + attr(NFQA_PACKET_HDR, struct.pack("!IHB", pid, 0x0800, 3))
     if mark is not None:
         body += attr(NFQA_MARK, struct.pack("!I", mark))
@@ -46,6 +46,8 @@ def packet_msg(queue: int, pid: int, payload: bytes | None, *, mark: int | None 
         body += attr(NFQA_PAYLOAD, payload)
     if cap_len is not None:
         body += attr(NFQA_CAP_LEN, struct.pack("!I", cap_len))
+    if skbinfo is not None:
+        body += attr(NFQA_SKB_INFO, struct.pack("!I", skbinfo))
     msg = struct.pack("=IHHII", 16 + len(body), MSG_PACKET, 0, 0, 0) + body
     return msg + bytes(-len(msg) % 4)
 
@@ -85,7 +87,7 @@ def reference_parse(data: bytes) -> list[tuple[Any, ...]]:
         queue = int.from_bytes(body[2:4], "big")
         pid: int | None = None
         payload: bytes | None = None
-        cap_len, mark, bad = 0, None, False
+        cap_len, mark, skbinfo, bad = 0, None, 0, False
         a, pos = body[4:], 0
         while pos + 4 <= len(a):
             alen, kind = struct.unpack_from("=HH", a, pos)
@@ -101,19 +103,21 @@ def reference_parse(data: bytes) -> list[tuple[Any, ...]]:
                 pid = int.from_bytes(value[:4], "big")
             elif kind == NFQA_PAYLOAD:
                 payload = value
-            elif kind in (NFQA_CAP_LEN, NFQA_MARK):
+            elif kind in (NFQA_CAP_LEN, NFQA_MARK, NFQA_SKB_INFO):
                 if len(value) < 4:
                     bad = True
                     break
                 if kind == NFQA_CAP_LEN:
                     cap_len = int.from_bytes(value[:4], "big")
-                else:
+                elif kind == NFQA_MARK:
                     mark = int.from_bytes(value[:4], "big")
+                else:
+                    skbinfo = int.from_bytes(value[:4], "big")
             pos += (alen + 3) & ~3
         if pid is None:
             out.append(("malformed",))
             break
-        out.append(("bad_packet" if bad else "packet", queue, pid, payload, cap_len, mark))
+        out.append(("bad_packet" if bad else "packet", queue, pid, payload, cap_len, mark, skbinfo))
     return out
 
 
@@ -134,6 +138,7 @@ def build(data: bytes) -> bytes:
             msgs += packet_msg(rnd.randrange(1 << 16), rnd.getrandbits(32), payload,
                                mark=rnd.getrandbits(32) if rnd.random() < 0.5 else None,
                                cap_len=rnd.randrange(1 << 17) if rnd.random() < 0.3 else None,
+                               skbinfo=rnd.randrange(8) if rnd.random() < 0.3 else None,
                                extra=attr(rnd.randrange(1 << 16), rnd.randbytes(rnd.randrange(9))))  # fmt: skip
     buf = bytearray(msgs)
     for _ in range(rnd.randrange(4)):

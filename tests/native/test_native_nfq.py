@@ -32,23 +32,23 @@ def _engine() -> ModuleType:
 
 def test_packet_message_fields() -> None:
     msg = packet_msg(11, 0xDEADBEEF, IP, mark=0x2471)
-    assert _engine().nfq_parse(msg) == [("packet", 11, 0xDEADBEEF, IP, 0, 0x2471)]
+    assert _engine().nfq_parse(msg) == [("packet", 11, 0xDEADBEEF, IP, 0, 0x2471, 0)]
 
 
 def test_several_messages_and_kernel_errors_in_one_datagram() -> None:
     dgram = packet_msg(10, 1, IP) + error_msg(2) + error_msg(0) + packet_msg(10, 2, None, cap_len=9000)
     assert _engine().nfq_parse(dgram) == [
-        ("packet", 10, 1, IP, 0, None),
+        ("packet", 10, 1, IP, 0, None, 0),
         ("error", 2),  # ENOENT: a verdict for an id the kernel no longer held
         ("error", 0),  # an acknowledgement
-        ("packet", 10, 2, None, 9000, None),  # no payload, cut short: the thread drops it (truncated)
+        ("packet", 10, 2, None, 9000, None, 0),  # no payload, cut short: the thread drops it (truncated)
     ]
 
 
 def test_unknown_attributes_and_flags_are_skipped() -> None:
     extra = struct.pack("=HH", 8, 0x4000 | 5) + bytes(4)  # NFQA_IFINDEX_INDEV with NLA_F_NET_BYTEORDER
     msg = packet_msg(3, 7, IP, extra=extra)
-    assert _engine().nfq_parse(msg) == [("packet", 3, 7, IP, 0, None)]
+    assert _engine().nfq_parse(msg) == [("packet", 3, 7, IP, 0, None, 0)]
 
 
 @pytest.mark.parametrize("cut", [1, 4, 15, 16, 19, 20, 27, 40])
@@ -63,7 +63,7 @@ def test_attribute_longer_than_its_message_is_a_bad_packet_with_its_id() -> None
     msg = bytearray(packet_msg(10, 42, IP))
     # the payload attribute (after nlmsghdr 16, nfgenmsg 4, packet header 12) claims 200 bytes more
     struct.pack_into("=H", msg, 32, struct.unpack_from("=H", msg, 32)[0] + 200)
-    assert _engine().nfq_parse(bytes(msg)) == [("bad_packet", 10, 42, None, 0, None)]
+    assert _engine().nfq_parse(bytes(msg)) == [("bad_packet", 10, 42, None, 0, None, 0)]
 
 
 def test_message_without_packet_header_is_malformed() -> None:
@@ -76,7 +76,7 @@ def test_other_messages_are_skipped() -> None:
     noop = struct.pack("=IHHII", 16, 1, 0, 0, 0)
     config = struct.pack("=IHHII", 20, (3 << 8) | 2, 0, 0, 0) + bytes(4)
     assert _engine().nfq_parse(noop + config + packet_msg(1, 1, IP)) == [
-        ("other",), ("other",), ("packet", 1, 1, IP, 0, None)
+        ("other",), ("other",), ("packet", 1, 1, IP, 0, None, 0)
     ]  # fmt: skip
 
 
@@ -103,6 +103,21 @@ def test_verdict_payload_limit() -> None:
         e.nfq_build_verdict(70000, 1, 1, None, None)
 
 
+def test_skb_info_is_read() -> None:
+    # a GSO queue's packet (NFQA_CFG_F_GSO): CSUMNOTREADY | GSO
+    msg = packet_msg(12, 5, IP, skbinfo=3)
+    assert _engine().nfq_parse(msg) == [("packet", 12, 5, IP, 0, None, 3)]
+
+
+def test_gso_flag_config() -> None:
+    raw = _engine().nfq_config_flags(12, 4, 4)
+    assert struct.unpack_from("=IHH", raw) == (36, (3 << 8) | 2, 1) and raw[16:20] == bytes([0, 0, 0, 12])
+    # NFQA_CFG_MASK then NFQA_CFG_FLAGS, both big-endian: NFQA_CFG_F_GSO
+    assert raw[20:36] == struct.pack("=HH", 8, 4) + struct.pack("!I", 4) + struct.pack("=HH", 8, 5) + struct.pack(
+        "!I", 4
+    )
+
+
 def test_copy_range_config() -> None:
     raw = _engine().nfq_config_copy(10, 0xFFFF)
     assert struct.unpack_from("=IHH", raw) == (32, (3 << 8) | 2, 1)
@@ -119,3 +134,28 @@ def test_parser_agrees_on_seeded_random_inputs() -> None:
     rnd = random.Random(20251010)
     for _ in range(3000):
         one_input(rnd.randbytes(rnd.randrange(1, 400)))
+
+
+def _reference_sum(data: bytes, start: int) -> int:
+    s = start
+    padded = data + b"\0" * (len(data) & 1)
+    for i in range(0, len(padded), 2):
+        s += padded[i] << 8 | padded[i + 1]
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 0xFFFFF), st.integers(0, 7))
+def test_checksum_sum_matches_rfc1071(data: bytes, start: int, offset: int) -> None:
+    # every length and alignment (the native sum loads 8 bytes at a time from wherever the data starts)
+    buf = memoryview(bytes(offset) + data)[offset:]
+    assert _engine().inet_sum(buf, start) == _reference_sum(data, start)
+
+
+def test_checksum_sum_of_a_super_packet() -> None:
+    rnd = random.Random(7)
+    for n in (65535, 65536, 1 << 20 | 3):
+        data = rnd.randbytes(n)
+        assert _engine().inet_sum(data) == _reference_sum(data, 0)

@@ -60,10 +60,78 @@ def test_native_threads_carry_pings_of_all_sizes_and_tcp(tmp_path: Path) -> None
             fwd = counters["forwarder"]
             assert isinstance(fwd, dict), counters
             nfq = fwd["nfq"]
-            assert nfq["queues"] == 2 and nfq["malformed"] == 0 and nfq["tx_errors"] == 0, fwd
+            assert nfq["queues"] == 3 and nfq["malformed"] == 0 and nfq["tx_errors"] == 0, fwd
             assert nfq["truncated"] == 0 and nfq["kernel_errors"] == 0, fwd
             # the engine protected and decrypted (nearly) everything itself; Python saw each flow's first packet
             carried = fwd["out_packets"] + fwd["in_packets"]
             assert fwd["out_packets"] > 200 and fwd["in_packets"] > 200, fwd
             assert nfq["python_verdicts"] < 40 and carried > 20 * nfq["python_verdicts"], fwd
             assert fwd["punt_dropped"] == 0, fwd
+            # the TCP queue took the host's TCP super-packets whole, cut them and sent the ESP packets itself
+            tcpq = nfq["tcp_queue"]
+            assert tcpq["segments"] > tcpq["super"] > 0 and tcpq["raw_sent"] > tcpq["segments"], fwd
+            assert fwd["tx_errors"]["raw4"] == 0, fwd
+
+
+MSS_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, int(sys.argv[3]))  # announced in the SYN-ACK
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(30)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+n = 0
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    n += len(d)
+print(n, flush=True)
+"""
+
+MSS_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(bytes(int(sys.argv[3])))
+c.close()
+"""
+
+
+def test_tcp_queue_segments_stay_within_the_peers_mss(tmp_path: Path) -> None:
+    """The kernel hands the TCP queue super-packets without their segment size: the engine cuts them to
+    fit the path MTU (9000 here) and never above the MSS the peer announced (RFC 9293 §3.7.1)."""
+    import sys
+
+    from tests.netns.test_transport_nfqueue import _readline
+
+    mss, size = 1000, 4 << 20
+    with nsutil.netns_pair("nm", mtu=9000) as pair:
+        a, b = start_agents(pair, tmp_path)
+        try:
+            cap = Capture(pair.a, tmp_path / "mss.pcap")
+            server = pair.b.popen(sys.executable, "-c", MSS_SERVER, pair.addr_b, "5301", str(mss))
+            try:
+                assert _readline(server) == b"ready\n"
+                pair.a.run(sys.executable, "-c", MSS_CLIENT, pair.addr_b, "5301", str(size), timeout=60)
+                assert _readline(server, timeout=20) == f"{size}\n".encode()
+            finally:
+                if server.poll() is None:
+                    server.kill()
+                server.wait(timeout=5)
+            cap.stop()
+        finally:
+            rc_a, err_a = stop(a)
+            rc_b, err_b = stop(b)
+        assert rc_a == 0 and rc_b == 0, err_a[-2000:] + err_b[-2000:]
+        tcpq = _final_counters(err_a)["forwarder"]["nfq"]["tcp_queue"]  # type: ignore[index]
+        assert tcpq["segments"] > tcpq["super"] > 0, tcpq
+        from scapy.layers.inet import IP
+        from scapy.utils import rdpcap
+
+        sizes = [p[IP].len for p in rdpcap(str(cap.path)) if IP in p and p[IP].src == pair.addr_a and p[IP].proto == 50]
+        # IP 20 + ESP 8 + IV 8 + TCP 32 (timestamps) + at most mss - 12 of data + padding 3 + trailer 2 + ICV 16
+        assert len(sizes) > size // mss // 2 and max(sizes) <= 20 + 8 + 8 + 32 + mss - 12 + 3 + 2 + 16, max(sizes)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.esp_routes import MARK
 from backends.nfqueue import CHAIN_IN, CHAIN_MSS, CHAIN_OUT
 from ipsecstack.agent.nfq_rules import plan_rules
 from ipsecstack.config import build_datapath, parse
@@ -257,6 +258,25 @@ def test_rules_plan_fail_closed_by_default() -> None:
     in_rules = [r.args for r in closed if r.chain == CHAIN_IN]
     assert "esp" in in_rules[0] and "NFQUEUE" in in_rules[0]
     assert "esp" not in in_rules[-1] and in_rules[-1][-4:] == ("-j", "NFQUEUE", "--queue-num", "11")
+
+
+def test_rules_plan_tcp_queue() -> None:
+    """No root needed: with the native engine's TCP queue, each PROTECT policy's TCP goes there, in its
+    place of the policy order, the rest to the out queue, and the engine's own (marked) sends return."""
+    cfg = parse(_config(nsutil.Pair(nsutil.Netns("x"), nsutil.Netns("y"), "192.0.2.1", "192.0.2.2", "", ""), "a",
+                        "esp", False, ""))  # fmt: skip
+    dp = build_datapath(cfg, 0.0)
+    out, inn = dp.spd.policies("out"), dp.spd.policies("in")
+    plain = plan_rules(out, inn, queue_out=10, queue_in=11)
+    rules = plan_rules(out, inn, queue_out=10, queue_in=11, queue_tcp=12)
+    out_rules = [r.args for r in rules if r.chain == CHAIN_OUT]
+    assert out_rules[0] == ("-m", "mark", "--mark", hex(MARK), "-j", "RETURN")
+    queued = [a for a in out_rules if "NFQUEUE" in a]
+    assert queued[-2][-2:] == ("--queue-num", "12") and queued[-2][-6:-4] == ("-p", "tcp")
+    assert queued[-1][-2:] == ("--queue-num", "10") and queued[-1][:-4] == queued[-2][:-6]
+    # the inbound rules and everything else are the plan without the TCP queue
+    assert [r for r in rules if r.chain != CHAIN_OUT] == [r for r in plain if r.chain != CHAIN_OUT]
+    assert len(out_rules) == len([r for r in plain if r.chain == CHAIN_OUT]) + 2
 
 
 @pytest.mark.root
