@@ -329,31 +329,40 @@ static uint8_t *tx_room(nfq_ctx *x, size_t need)
     return out; /* (need is at most one datagram: an empty batch always has room) */
 }
 
+/* Plan a TCP super-packet's segments at the size ips_gso_size gives (sa NULL: a flow Python decides);
+ * 0, or -1 when it does not parse (dropped and counted, its verdict given). */
+static int plan_super(nfq_ctx *x, const ips_sa *sa, uint32_t i, ips_seg *plan)
+{
+    const ips_nfq_packet *p = &x->pk[i];
+    ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u, .gso_size = 1024}; /* GSO_TCPV4 / TCPV6 */
+    ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, plan); /* the headers, checked */
+    if (why == IPS_OK) {
+        v.gso_size = ips_gso_size(&x->f->mss, sa, p->payload, p->payload_len, sa != NULL ? x->mtu[i] : 0);
+        why = ips_seg_plan(p->payload, p->payload_len, &v, plan);
+    }
+    if (why == IPS_OK && plan->count > SEG_MAX)
+        why = IPS_R_MALFORMED;
+    if (why == IPS_OK) {
+        x->c.nfq_gso_super++;
+        x->c.nfq_gso_segments += plan->count;
+        return 0;
+    }
+    drop(x, why);
+    add_verdict(x, p->id, NULL, 0, 0);
+    return -1;
+}
+
 /* A TCP super-packet of a cached flow (fwd_nfq_gso.c): cut, each segment protected into the batch. */
 static void protect_super(nfq_ctx *x, ips_sa *sa, uint32_t i)
 {
     const ips_nfq_packet *p = &x->pk[i];
-    ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u}; /* VIRTIO_NET_HDR_GSO_TCPV4 / TCPV6 */
     ips_seg plan;
     x->state[i] = ST_DONE;
-    v.gso_size = 1024;
-    ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, &plan); /* the headers, checked */
-    if (why == IPS_OK) {
-        v.gso_size = ips_gso_size(&x->f->mss, sa, p->payload, p->payload_len, x->mtu[i]);
-        why = ips_seg_plan(p->payload, p->payload_len, &v, &plan);
-    }
-    if (why == IPS_OK && plan.count > SEG_MAX)
-        why = IPS_R_MALFORMED;
-    if (why != IPS_OK) {
-        drop(x, why);
-        add_verdict(x, p->id, NULL, 0, 0);
+    if (plan_super(x, sa, i, &plan) != 0)
         return;
-    }
     const uint8_t *rand = NULL;
     if (sa->cipher.suite->kind == IPS_CBC && RAND_bytes(x->segrand, 16 * (int)plan.count) == 1)
         rand = x->segrand;
-    x->c.nfq_gso_super++;
-    x->c.nfq_gso_segments += plan.count;
     for (uint32_t k = 0; k < plan.count; k++) {
         size_t n = ips_seg_write(p->payload, &plan, k, x->seg);
         size_t cap = n + IPS_HEADROOM, got = 0;
@@ -374,22 +383,9 @@ static void protect_super(nfq_ctx *x, ips_sa *sa, uint32_t i)
 static void punt_super(nfq_ctx *x, uint32_t i)
 {
     const ips_nfq_packet *p = &x->pk[i];
-    ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u, .gso_size = 1024};
     ips_seg plan;
-    ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, &plan);
-    if (why == IPS_OK) { /* the planned headers are there: the size Python's protected segments fit */
-        plan.gso = ips_gso_size(&x->f->mss, NULL, p->payload, p->payload_len, 0);
-        why = ips_seg_plan(p->payload, p->payload_len, &(ips_vnet){.gso_type = v.gso_type, .gso_size = plan.gso}, &plan);
-    }
-    if (why == IPS_OK && plan.count > SEG_MAX)
-        why = IPS_R_MALFORMED;
-    if (why != IPS_OK) {
-        drop(x, why);
-        add_verdict(x, p->id, NULL, 0, 0);
+    if (plan_super(x, NULL, i, &plan) != 0)
         return;
-    }
-    x->c.nfq_gso_super++;
-    x->c.nfq_gso_segments += plan.count;
     for (uint32_t k = 0; k < plan.count; k++) {
         size_t n = ips_seg_write(p->payload, &plan, k, x->seg);
         ips_pl_add_q(&x->punts, IPS_PUNT_QSEG, x->q->queue_num, 0, 0, x->seg, n); /* (no copy: counted) */

@@ -186,20 +186,19 @@ size_t ips_nfq_pad(size_t msg_len)
     return ALIGN4(msg_len) - msg_len;
 }
 
-size_t ips_nfq_config_flags(uint8_t *buf, uint16_t queue_num, uint32_t flags, uint32_t mask)
+/* An NFQNL_MSG_CONFIG for queue_num: the nfgenmsg after the header; the attributes start at the result. */
+static size_t config_start(uint8_t *buf, uint16_t queue_num)
 {
-    size_t n = NLHDR;
-    buf[n] = AF_UNSPEC;
-    buf[n + 1] = NFNETLINK_V0;
-    buf[n + 2] = (uint8_t)(queue_num >> 8);
-    buf[n + 3] = (uint8_t)queue_num;
-    n += GENHDR;
-    n += attr(buf + n, NFQA_CFG_MASK, 4); /* the kernel wants both, big-endian (nfqnl_recv_config) */
-    put_be32(buf + n, mask);
-    n += 4;
-    n += attr(buf + n, NFQA_CFG_FLAGS, 4);
-    put_be32(buf + n, flags & mask);
-    n += 4;
+    buf[NLHDR] = AF_UNSPEC;
+    buf[NLHDR + 1] = NFNETLINK_V0;
+    buf[NLHDR + 2] = (uint8_t)(queue_num >> 8);
+    buf[NLHDR + 3] = (uint8_t)queue_num;
+    return NLHDR + GENHDR;
+}
+
+/* The netlink header of a config message of n bytes (no acknowledgement asked for); returns n. */
+static size_t config_end(uint8_t *buf, size_t n)
+{
     put_h32(buf, (uint32_t)n);
     put_h16(buf + 4, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG);
     put_h16(buf + 6, NLM_F_REQUEST);
@@ -208,23 +207,25 @@ size_t ips_nfq_config_flags(uint8_t *buf, uint16_t queue_num, uint32_t flags, ui
     return n;
 }
 
+size_t ips_nfq_config_flags(uint8_t *buf, uint16_t queue_num, uint32_t flags, uint32_t mask)
+{
+    size_t n = config_start(buf, queue_num);
+    n += attr(buf + n, NFQA_CFG_MASK, 4); /* the kernel wants both, big-endian (nfqnl_recv_config) */
+    put_be32(buf + n, mask);
+    n += 4;
+    n += attr(buf + n, NFQA_CFG_FLAGS, 4);
+    put_be32(buf + n, flags & mask);
+    n += 4;
+    return config_end(buf, n);
+}
+
 size_t ips_nfq_config_copy(uint8_t *buf, uint16_t queue_num, uint32_t range)
 {
-    size_t n = NLHDR;
-    buf[n] = AF_UNSPEC;
-    buf[n + 1] = NFNETLINK_V0;
-    buf[n + 2] = (uint8_t)(queue_num >> 8);
-    buf[n + 3] = (uint8_t)queue_num;
-    n += GENHDR;
+    size_t n = config_start(buf, queue_num);
     n += attr(buf + n, NFQA_CFG_PARAMS, 5); /* struct nfqnl_msg_config_params (packed): be32 range, u8 mode */
     put_be32(buf + n, range);
     buf[n + 4] = NFQNL_COPY_PACKET;
     memset(buf + n + 5, 0, 3);
     n += 8;
-    put_h32(buf, (uint32_t)n);
-    put_h16(buf + 4, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG);
-    put_h16(buf + 6, NLM_F_REQUEST);
-    put_h32(buf + 8, 0);
-    put_h32(buf + 12, 0);
-    return n;
+    return config_end(buf, n);
 }

@@ -12,25 +12,20 @@ import ipaddress
 from typing import Any
 
 from ipsecstack.config import build_datapath, parse
+from ipsecstack.datapath import Datapath
 from ipsecstack.runtime.fastpath_nfq import QueueFastPath
 from ipsecstack.runtime.node import Node
 from ipsecstack.wire import ip
+from tests.netns import nsutil
+from tests.netns.test_transport_nfqueue import _config
 
 A, B = "192.0.2.1", "192.0.2.2"
-K1, K2 = bytes(range(20)).hex(), bytes(range(100, 120)).hex()
 
 
-def _cfg(local: str, remote: str, spi_in: int, spi_out: int, key_in: str, key_out: str) -> str:
-    return f"""
-[manual.host]
-mode = "transport"
-local_addrs = "{local}"
-remote_addrs = "{remote}"
-spi_in = {spi_in}
-spi_out = {spi_out}
-key_in = "{key_in}"
-key_out = "{key_out}"
-"""
+def _dp(side: str) -> Datapath:
+    """The manual transport-mode ESP host of the NFQUEUE tests (tests/netns/test_transport_nfqueue.py)."""
+    pair = nsutil.Pair(nsutil.Netns("x"), nsutil.Netns("y"), A, B, "", "")
+    return build_datapath(parse(_config(pair, side, "esp", False, "")), 0.0)
 
 
 class FakeQueue:
@@ -64,8 +59,8 @@ def _segment(src: str, dst: str) -> bytes:
 
 
 def test_qseg_is_protected_sent_and_its_flow_taught() -> None:
-    dp_a = build_datapath(parse(_cfg(A, B, 0x2002, 0x1001, K2, K1)), 0.0)
-    dp_b = build_datapath(parse(_cfg(B, A, 0x1001, 0x2002, K1, K2)), 0.0)
+    dp_a = _dp("a")
+    dp_b = _dp("b")
     engine = RecordingEngine()
     fp = QueueFastPath(Node(dp_a, queue_out=FakeQueue(), queue_in=FakeQueue()), engine, FakeQueue(), FakeQueue())  # type: ignore[arg-type]
     seg = _segment(A, B)
@@ -78,7 +73,7 @@ def test_qseg_is_protected_sent_and_its_flow_taught() -> None:
 
 
 def test_qseg_no_policy_covers_is_dropped_not_sent() -> None:
-    dp_a = build_datapath(parse(_cfg(A, B, 0x2002, 0x1001, K2, K1)), 0.0)
+    dp_a = _dp("a")
     engine = RecordingEngine()
     node = Node(dp_a, queue_out=FakeQueue(), queue_in=FakeQueue())  # type: ignore[arg-type]
     fp = QueueFastPath(node, engine, FakeQueue(), FakeQueue())  # type: ignore[arg-type]
