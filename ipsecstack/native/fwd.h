@@ -195,6 +195,8 @@ void ips_vnet_write(uint8_t *h, size_t hlen, const ips_vnet *v); /* v NULL: all 
 ips_reason ips_csum_complete(uint8_t *pkt, size_t len, unsigned start, unsigned offset);
 /* check a GSO super-packet and plan its segments; IPS_OK or why it is dropped */
 ips_reason ips_seg_plan(const uint8_t *pkt, size_t len, const ips_vnet *v, ips_seg *s);
+/* the same plan at another segment size (gso > 0) */
+void ips_seg_resize(ips_seg *s, uint32_t gso);
 /* write segment i (< s->count) of pkt to out (room: s->hdrs + s->gso); its length */
 size_t ips_seg_write(const uint8_t *pkt, const ips_seg *s, uint32_t i, uint8_t *out);
 
@@ -244,6 +246,9 @@ void ips_nfq_tx_free(ips_nfq_tx *t);
 /* A buffer for one more packet of up to `need` bytes, or NULL when the batch is full (flush first). */
 uint8_t *ips_nfq_tx_room(ips_nfq_tx *t, size_t need);
 void ips_nfq_tx_commit(ips_nfq_tx *t, size_t len); /* the packet written at the last room */
+/* The destination of an IP packet (IPv4, else IPv6) for an IPPROTO_RAW socket, which takes the header as
+ * it is (the address only routes it): name filled, its length returned. */
+socklen_t ips_raw_dest(const uint8_t *pkt, struct sockaddr_in6 *name);
 /* Send what waits (sendmmsg on f->nfq_raw, by IP version), count it into c, empty the batch. */
 void ips_nfq_tx_flush(ips_fwd *f, ips_nfq_tx *t, ips_fwd_counters *c);
 /* Finish a CHECKSUM_PARTIAL TCP/UDP checksum (NFQA_SKB_CSUMNOTREADY) in place. */

@@ -336,10 +336,8 @@ static int plan_super(nfq_ctx *x, const ips_sa *sa, uint32_t i, ips_seg *plan)
     const ips_nfq_packet *p = &x->pk[i];
     ips_vnet v = {.gso_type = p->payload[0] >> 4 == 4 ? 1u : 4u, .gso_size = 1024}; /* GSO_TCPV4 / TCPV6 */
     ips_reason why = ips_seg_plan(p->payload, p->payload_len, &v, plan); /* the headers, checked */
-    if (why == IPS_OK) {
-        v.gso_size = ips_gso_size(&x->f->mss, sa, p->payload, p->payload_len, sa != NULL ? x->mtu[i] : 0);
-        why = ips_seg_plan(p->payload, p->payload_len, &v, plan);
-    }
+    if (why == IPS_OK) /* the size read off those headers */
+        ips_seg_resize(plan, ips_gso_size(&x->f->mss, sa, p->payload, p->payload_len, sa != NULL ? x->mtu[i] : 0));
     if (why == IPS_OK && plan->count > SEG_MAX)
         why = IPS_R_MALFORMED;
     if (why == IPS_OK) {
@@ -657,14 +655,14 @@ static void collect(nfq_ctx *x, const uint8_t *buf, size_t len)
         } else if (x->npk >= x->maxpk) {
             x->c.nfq_malformed++; /* more messages in one round than the kernel ever sends: drop them */
             add_verdict(x, p.id, NULL, 0, 0);
-        } else if ((p.skbinfo & (IPS_NFQ_SKB_CSUMNOTREADY | IPS_NFQ_SKB_GSO)) == IPS_NFQ_SKB_CSUMNOTREADY &&
-                   ips_csum_partial((uint8_t *)p.payload, p.payload_len) != IPS_OK) {
-            drop(x, IPS_R_MALFORMED); /* (the payload lies in this thread's receive buffer) */
-            add_verdict(x, p.id, NULL, 0, 0);
-        } else {
-            if ((p.skbinfo & (IPS_NFQ_SKB_CSUMNOTREADY | IPS_NFQ_SKB_GSO)) == IPS_NFQ_SKB_CSUMNOTREADY)
-                x->c.nfq_csum_finished++;
+        } else if ((p.skbinfo & (IPS_NFQ_SKB_CSUMNOTREADY | IPS_NFQ_SKB_GSO)) != IPS_NFQ_SKB_CSUMNOTREADY) {
+            x->pk[x->npk++] = p; /* (a super-packet's segments get full checksums as they are cut) */
+        } else if (ips_csum_partial((uint8_t *)p.payload, p.payload_len) == IPS_OK) {
+            x->c.nfq_csum_finished++; /* (the payload lies in this thread's receive buffer) */
             x->pk[x->npk++] = p;
+        } else {
+            drop(x, IPS_R_MALFORMED);
+            add_verdict(x, p.id, NULL, 0, 0);
         }
     }
 }

@@ -92,28 +92,31 @@ void ips_nfq_tx_commit(ips_nfq_tx *t, size_t len)
     t->used += (len + 15) & ~(size_t)15;
 }
 
-/* One message per packet, its destination the packet's own (an IPPROTO_RAW socket takes the header
- * as it is; the address only routes it). */
+socklen_t ips_raw_dest(const uint8_t *pkt, struct sockaddr_in6 *name)
+{
+    memset(name, 0, sizeof(*name));
+    if (pkt[0] >> 4 == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)name;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_addr, pkt + 16, 4);
+        return sizeof(*a);
+    }
+    name->sin6_family = AF_INET6;
+    memcpy(&name->sin6_addr, pkt + 24, 16);
+    return sizeof(*name);
+}
+
+/* One message per packet, its destination the packet's own. */
 static void build(ips_nfq_tx *t, uint32_t i)
 {
     uint8_t *p = t->arena + t->off[i];
     struct msghdr *m = &t->mm[i].msg_hdr;
     memset(m, 0, sizeof(*m));
-    memset(&t->name[i], 0, sizeof(t->name[i]));
     t->iov[i] = (struct iovec){.iov_base = p, .iov_len = t->len[i]};
     m->msg_iov = &t->iov[i];
     m->msg_iovlen = 1;
     m->msg_name = &t->name[i];
-    if (p[0] >> 4 == 4) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&t->name[i];
-        a->sin_family = AF_INET;
-        memcpy(&a->sin_addr, p + 16, 4);
-        m->msg_namelen = sizeof(*a);
-    } else {
-        t->name[i].sin6_family = AF_INET6;
-        memcpy(&t->name[i].sin6_addr, p + 24, 16);
-        m->msg_namelen = sizeof(t->name[i]);
-    }
+    m->msg_namelen = ips_raw_dest(p, &t->name[i]);
     t->mm[i].msg_len = 0;
 }
 

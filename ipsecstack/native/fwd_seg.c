@@ -197,11 +197,16 @@ ips_reason ips_seg_plan(const uint8_t *pkt, size_t len, const ips_vnet *v, ips_s
     s->l3 = (uint32_t)l3;
     s->hdrs = (uint32_t)(l3 + l4h);
     s->proto = (uint8_t)proto;
-    s->gso = v->gso_size;
-    size_t payload = len - s->hdrs;
-    s->count = payload == 0 ? 1 : (uint32_t)((payload + s->gso - 1) / s->gso);
     s->len = len;
+    ips_seg_resize(s, v->gso_size);
     return IPS_OK;
+}
+
+void ips_seg_resize(ips_seg *s, uint32_t gso)
+{
+    size_t payload = s->len - s->hdrs;
+    s->gso = gso;
+    s->count = payload == 0 ? 1 : (uint32_t)((payload + gso - 1) / gso);
 }
 
 size_t ips_seg_write(const uint8_t *pkt, const ips_seg *s, uint32_t i, uint8_t *out)

@@ -360,18 +360,8 @@ PyObject *ips_py_nfq_send(EngineObject *self, PyObject *arg)
         PyBuffer_Release(&view);
         Py_RETURN_FALSE;
     }
-    struct sockaddr_in6 name = {0};
-    socklen_t namelen;
-    if (v6) {
-        name.sin6_family = AF_INET6;
-        memcpy(&name.sin6_addr, p + 24, 16);
-        namelen = sizeof(name);
-    } else {
-        struct sockaddr_in *a = (struct sockaddr_in *)&name;
-        a->sin_family = AF_INET;
-        memcpy(&a->sin_addr, p + 16, 4);
-        namelen = sizeof(*a);
-    }
+    struct sockaddr_in6 name;
+    socklen_t namelen = ips_raw_dest(p, &name);
     ssize_t r;
     self->fwd_users++;
     Py_BEGIN_ALLOW_THREADS

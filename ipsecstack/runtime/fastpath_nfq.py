@@ -145,9 +145,7 @@ class QueueFastPath(PuntLoop):
         # a replacement is routed by the protected packets' table; a packet let through as it is is not
         self._verdict(queue, packet_id, rep, self.out_port.mark if rep is not None and rep is not pkt else None)
         self.node._after(res, "out")
-        spi = dp.decide_out(pkt)
-        if spi is not None:
-            self.engine.learn_out(pkt, None if spi == DISCARD_FLOW else spi, mtu=self._mtu(dp, pkt))
+        self._teach_out(dp, pkt)
 
     def _segment(self, dp: Datapath, pkt: bytes, now: float) -> None:
         res = dp.outbound([pkt], now)
@@ -155,6 +153,10 @@ class QueueFastPath(PuntLoop):
             if not self.engine.nfq_send(rep):
                 self.send_errors += 1  # counted by the engine too (fwd_stats tx_errors raw4/raw6)
         self.node._after(res, "out")
+        self._teach_out(dp, pkt)
+
+    def _teach_out(self, dp: Datapath, pkt: bytes) -> None:
+        """After the packet's answer went out: its flow's decision and path MTU, for the engine's cache."""
         spi = dp.decide_out(pkt)
         if spi is not None:
             self.engine.learn_out(pkt, None if spi == DISCARD_FLOW else spi, mtu=self._mtu(dp, pkt))
