@@ -64,9 +64,11 @@ fits. NetfilterQueue does not ask for GSO packets (``NFQA_CFG_F_GSO``), so the k
 queueing and each queued packet is one wire-sized packet. The exception is the native engine's TCP
 queue (``queue_tcp``, ``agent.nfqueue_tcp``, planned by ``ipsecstack/agent/nfq_rules.py`` when the native
 engine runs with offloads): the engine sets ``NFQA_CFG_F_GSO`` on it, takes whole TCP super-packets,
-and sends their protected segments on the IPPROTO_RAW sockets this class opens (``raw_socks``, with
-``MARK``, which the first rule of ``IPSECSTACK-OUT`` returns); ``close_tcp`` closes both once the engine
-has stopped. NetfilterQueue copies at most 4016 bytes of a
+and sends their protected segments on the IPPROTO_RAW sockets of ``engine_io``
+(:mod:`backends.nfq_engine_io`, with ``MARK``, which the first rule of ``IPSECSTACK-OUT`` returns). In
+the same mode the peers' ESP is not queued: the engine reads it from ``engine_io``'s raw ESP sockets and
+writes the plaintext into its inject TUN (that module says how). ``close_engine_io`` closes all of it
+once the engine has stopped. NetfilterQueue copies at most 4016 bytes of a
 packet: longer ones (jumbo frames) are dropped and counted, and the clamp never allows more. Non-TCP
 datagrams within the overhead of the MTU are not covered (IPv4 without DF gets fragmented by the kernel
 after the replacement). A lower-MTU route is no substitute: its MTU applies to the replaced packet too
@@ -92,6 +94,7 @@ from typing import Any, cast
 import structlog
 
 from backends.esp_routes import MARK, EspRoutes
+from backends.nfq_engine_io import EngineIO, inject_name
 from ipsecstack.runtime.io import BackendError, PortStats, QueuedPacket
 
 CHAIN_OUT = "IPSECSTACK-OUT"
@@ -108,8 +111,6 @@ QUEUE_MAXLEN = 4096
 SOL_NETLINK = 270  # Linux <linux/socket.h>; not every Python names these
 NETLINK_NO_ENOBUFS = 5  # <linux/netlink.h>
 SO_RCVBUFFORCE = 33
-SO_SNDBUFFORCE = 32
-RAW_SNDBUF = 4 << 20
 NETLINK_RCVBUF = 8 << 20
 MAX_COPY = 4096 - 80  # NetfilterQueue's copy range: its 4 KiB receive buffer less the netlink metadata
 IPTABLES_TIMEOUT = 20.0
@@ -210,7 +211,6 @@ class NfqueuePort:
         dropped from then on (a UDP flood followed by a stall of all traffic). NETLINK_NO_ENOBUFS keeps
         the drops and drops the error; a larger buffer makes them rarer.
         """
-        import socket
 
         s = socket.socket(fileno=os.dup(self._fd))
         try:
@@ -336,7 +336,6 @@ class LocalInjector:
     mtu = DEFAULT_LINK_MTU
 
     def __init__(self) -> None:
-        import socket
 
         self.stats = PortStats()
         self._socks: dict[int, Any] = {}
@@ -402,7 +401,7 @@ class NfqueueTransport:
                 "give three different numbers"
             )
         self.tcp_port: NfqueuePort | None = None
-        self.raw_socks: dict[int, socket.socket] = {}
+        self.engine_io: EngineIO | None = None
         _preflight()
         self.rules = list(rules)
         for fam in sorted({r.family for r in self.rules}):
@@ -422,7 +421,7 @@ class NfqueueTransport:
             try:
                 self.tcp_port = NfqueuePort("nfqueue-tcp", queue_tcp, self._port_closed, self.log)
                 self._open_ports += 1
-                self.raw_socks = _raw_senders({r.family for r in self.rules})
+                self.engine_io = EngineIO({r.family for r in self.rules}, inject_name(queue_in))
             except BaseException:
                 self.close()
                 raise
@@ -528,7 +527,7 @@ class NfqueueTransport:
         if self._closed:
             return
         self._closed = True
-        self.close_tcp()
+        self.close_engine_io()
         for port in (getattr(self, "out_port", None), getattr(self, "in_port", None)):
             if port is not None:
                 port.close()
@@ -537,37 +536,14 @@ class NfqueueTransport:
         if routes is not None:
             routes.remove()
 
-    def close_tcp(self) -> None:
-        """Unbind the TCP queue and close the raw sockets its ESP packets leave by (after the engine stopped)."""
+    def close_engine_io(self) -> None:
+        """Unbind the TCP queue, close the raw sockets and remove the inject TUN (after the engine stopped)."""
         port, self.tcp_port = getattr(self, "tcp_port", None), None
         if port is not None:
             port.close()
-        for sock in getattr(self, "raw_socks", {}).values():
-            sock.close()
-        self.raw_socks = {}
-
-
-def _raw_senders(families: set[int]) -> dict[int, socket.socket]:
-    """IPPROTO_RAW sockets (header included) for the TCP queue's ESP packets, by IP version, with the
-    protected packets' mark (their own routes, backends/esp_routes.py; the rules return them at once)."""
-    socks: dict[int, socket.socket] = {}
-    for version in sorted(families):
-        af = socket.AF_INET if version == 4 else socket.AF_INET6
-        try:
-            s = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
-            with contextlib.suppress(OSError):  # SO_SNDBUFFORCE: room for a round of segments
-                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, RAW_SNDBUF)
-            s.setblocking(False)
-        except OSError as e:
-            for other in socks.values():
-                other.close()
-            raise BackendError(
-                f"cannot open the IPv{version} raw socket the TCP queue sends on ({e}): this needs root "
-                "(CAP_NET_RAW, CAP_NET_ADMIN for its mark)"
-            ) from None
-        socks[version] = s
-    return socks
+        io, self.engine_io = getattr(self, "engine_io", None), None
+        if io is not None:
+            io.close()
 
 
 def _preflight() -> None:

@@ -138,8 +138,10 @@ class TunPort:
         dev_path: str = "/dev/net/tun",
         vnet_hdr: bool = False,
         txqueuelen: int | None = None,
+        scope: int | None = None,
     ) -> None:
         self.name = name
+        self.scope = scope  # the addresses' rtnetlink scope (RT_SCOPE_HOST = 254, ...); None: universe
         self.mtu = mtu
         # the kernel's ring between the stack and our reads, in packets (None: the kernel's 500). The TUN
         # driver orphans what it queues, so TCP's small-queue limit does not apply and a bulk flow fills
@@ -214,6 +216,8 @@ class TunPort:
                     kw: dict[str, Any] = {}
                     if a.version == 6:
                         kw["flags"] = IFA_F_NODAD
+                    if self.scope is not None:
+                        kw["scope"] = self.scope
                     ipr.addr("add", index=self._index, address=str(a.ip), prefixlen=a.network.prefixlen, **kw)
                     self._added_addrs.append(a)
                 for n in nets:

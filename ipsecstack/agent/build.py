@@ -85,9 +85,9 @@ def build_node(cfg: Config, *, now: float | None = None, log: Any = None) -> Nod
                 node,
                 offloads=a.offloads,
                 tcp=nfq.tcp_port,
-                raw_fds={v: sock.fileno() for v, sock in nfq.raw_socks.items()},
+                io=nfq.engine_io,
             )
-        node.on_stop.append(nfq.close_tcp)  # (after the forwarder stopped: Node.stop runs it first)
+        node.on_stop.append(nfq.close_engine_io)  # (after the forwarder stopped: Node.stop runs it first)
         return node
     inner: PacketPort
     if a.inner_backend == "tun":

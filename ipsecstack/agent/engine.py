@@ -9,8 +9,9 @@ sockets) gives None, and the Node reads it as before.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+from backends.nfq_engine_io import EngineIO
 from backends.nfqueue import NfqueuePort
 from backends.outer import OuterSet
 from backends.rawsock import RawPort
@@ -65,16 +66,18 @@ def tun_forwarder(node: Node, *, offloads: bool = True,
 
 
 def queue_forwarder(node: Node, *, offloads: bool = True, tcp: NfqueuePort | None = None,
-                    raw_fds: Mapping[int, int] | None = None) -> QueueFastPath | None:  # fmt: skip
+                    io: EngineIO | None = None) -> QueueFastPath | None:  # fmt: skip
     """A QueueFastPath when the node runs the native datapath on two bound NFQUEUE ports.
 
     ``offloads`` (``[agent] offloads``): the in queue's in-order TCP segments of a round are accepted
     as one packet, as GRO would have merged them. ``tcp``: the TCP queue (whole super-packets), whose
-    ESP packets leave by the raw sockets ``raw_fds`` (by IP version).
+    ESP packets leave by ``io``'s raw sockets; ``io`` also gives the raw ESP sockets the peers' ESP is
+    read from and the TUN the plaintext is written into (``backends/nfq_engine_io.py``).
     """
     dp = node.datapath
     out, inn = node.queue_out, node.queue_in
     if dp.native is None or not isinstance(out, NfqueuePort) or not isinstance(inn, NfqueuePort):
         return None
     return QueueFastPath(node, dp.native.engine, out, inn, coalesce=offloads, tcp_port=tcp,
-                         raw_fds=dict(raw_fds or {}))  # fmt: skip
+                         raw_fds=io.send_fds() if io else None, esp_fds=io.esp_fds() if io else None,
+                         inject=io.inject if io else None)  # fmt: skip

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from backends.esp_routes import MARK
+from backends.nfq_engine_io import inject_name
 from backends.nfqueue import (
     CHAIN_IN,
     CHAIN_MSS,
@@ -115,6 +116,7 @@ def plan_rules(
     queue_out: int,
     queue_in: int,
     queue_tcp: int | None = None,
+    inject_dev: str | None = None,
     bypass: bool = False,
     encap_ports: Iterable[int] = (),
     mss: Callable[[Policy, int], int | None] | None = None,
@@ -128,6 +130,11 @@ def plan_rules(
     ``queue_tcp``: the native engine's TCP queue (whole super-packets, ``native/fwd_nfq_gso.c``). A PROTECT
     policy that admits TCP sends TCP there, in the same place of the policy order, and the rest to
     ``queue_out``; what the engine sends on its raw sockets carries ``MARK`` and returns at once.
+
+    ``inject_dev``: the engine's inject TUN (``backends/nfq_engine_io.py``). The peers' ESP is accepted,
+    not queued (the engine reads it from raw sockets), and what the TUN gives the host is accepted first:
+    it is the plaintext the engine or Python decrypted and checked (RFC 4301 §5.2). ESP in UDP and AH stay
+    queued.
     """
     encap = sorted(set(encap_ports))
     ike = sorted(set(ike_ports))
@@ -137,6 +144,9 @@ def plan_rules(
 
         def add(table: str, chain: str, *args: str, fam: int = fam) -> None:
             rules.append(Rule(fam, table, chain, tuple(args)))
+
+        if inject_dev is not None:
+            add("filter", CHAIN_IN, "-i", inject_dev, "-j", "ACCEPT")
 
         # IKE bypasses IPsec
         for port in ike:
@@ -171,7 +181,9 @@ def plan_rules(
                 key = (*ends, *m)
                 if key not in seen:
                     seen.add(key)
-                    add("filter", CHAIN_IN, *ends, *m, *_queue_target(queue_in, bypass))
+                    # ACCEPT, not RETURN: the firewall's later INPUT rules did not see queued ESP either
+                    raw = inject_dev is not None and m[:2] == ["-p", "esp"]
+                    add("filter", CHAIN_IN, *ends, *m, *(["-j", "ACCEPT"] if raw else _queue_target(queue_in, bypass)))
         # the SPDs in order
         for direction, chain, pols in (("out", CHAIN_OUT, policies_out), ("in", CHAIN_IN, policies_in)):
             for pol in pols:
@@ -225,7 +237,8 @@ def transport_for(cfg: Config, dp: Datapath, *, log: Any = None, runner: Runner 
     """The NFQUEUE backend for ``cfg`` (transport mode only), its rules planned from ``dp``'s SPD.
 
     With the native engine and ``[agent] offloads`` (the defaults), TCP gets a queue of its own that the
-    kernel hands whole super-packets (``agent.nfqueue_tcp``)."""
+    kernel hands whole super-packets (``agent.nfqueue_tcp``), and the peers' ESP reaches the engine by raw
+    sockets instead of the in queue (``backends/nfq_engine_io.py``)."""
     a = cfg.agent
     for c in cfg.manual:
         if c.mode != "transport":
@@ -248,7 +261,8 @@ def transport_for(cfg: Config, dp: Datapath, *, log: Any = None, runner: Runner 
     queue_tcp = a.nfqueue_tcp if dp.native is not None and a.offloads else None
     rules = plan_rules(
         dp.spd.policies("out"), dp.spd.policies("in"), queue_out=a.nfqueue_out, queue_in=a.nfqueue_in,
-        queue_tcp=queue_tcp, bypass=a.queue_bypass, encap_ports=encap, ike_ports=ike_ports,
+        queue_tcp=queue_tcp, inject_dev=inject_name(a.nfqueue_in) if queue_tcp is not None else None,
+        bypass=a.queue_bypass, encap_ports=encap, ike_ports=ike_ports,
         mss=(lambda pol, fam: mss_clamp(dp, pol, fam, runner)) if a.mss_clamp else None,
     )  # fmt: skip
     return NfqueueTransport(rules, queue_out=a.nfqueue_out, queue_in=a.nfqueue_in, queue_tcp=queue_tcp,

@@ -619,9 +619,11 @@ static PyMethodDef Engine_methods[] = {
      "take_punts(max=256) -> list of ('out', pkt) | ('in', spi, inner) | ('outer', pkt)"},
     {"fwd_stats", (PyCFunction)ips_py_fwd_stats, METH_NOARGS, "fwd_stats() -> dict"},
     {"nfq_start", (PyCFunction)(void (*)(void))ips_py_nfq_start, METH_VARARGS | METH_KEYWORDS,
-     "nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True)"
-     " -> eventfd\n--\n\n"
-     "Start one thread per bound NFQUEUE: queues are ('out' | 'in', netlink fd, queue_num, mark | None)."},
+     "nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True,"
+     " raw4=None, raw6=None, esp4=None, esp6=None, inject=None) -> eventfd\n--\n\n"
+     "Start one thread per bound NFQUEUE: queues are ('out' | 'in' | 'tcp', netlink fd, queue_num, mark | None);"
+     " a 'tcp' queue sends on the IPPROTO_RAW sockets raw4/raw6. esp4/esp6 (raw IPPROTO_ESP sockets) with"
+     " inject (a TUN fd): an inbound thread decrypts the ESP they receive into the TUN."},
     {"nfq_stop", (PyCFunction)ips_py_fwd_stop, METH_NOARGS, "nfq_stop(): fwd_stop() (idempotent)"},
     {"nfq_verdict", (PyCFunction)(void (*)(void))ips_py_nfq_verdict, METH_VARARGS | METH_KEYWORDS,
      "nfq_verdict(queue_num, packet_id, payload, mark=None) -> bool: accept with payload, or drop (None)"},

@@ -103,8 +103,13 @@ class Engine:
         coalesce: bool = True,
         raw4: int | None = None,
         raw6: int | None = None,
+        esp4: int | None = None,
+        esp6: int | None = None,
+        inject: int | None = None,
     ) -> int:
-        """queues: ("out" | "in" | "tcp", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts
+        """esp4/esp6 (raw IPPROTO_ESP sockets) with inject (a TUN fd): an inbound thread decrypts the ESP
+        they receive into the TUN and punts ("in", spi, inner) | ("outer", pkt) as fwd_start's does.
+        queues: ("out" | "in" | "tcp", netlink fd, queue_num, mark | None). Returns the punt eventfd; punts
         are ("qout", queue_num, id, pkt) | ("qin", queue_num, id, spi, inner) | ("qouter", queue_num, id, pkt)
         | ("qseg", segment). coalesce: in-order TCP segments of a flow in one in-queue round are accepted
         as one packet. A "tcp" queue takes GSO super-packets whole and sends its ESP packets on the

@@ -274,6 +274,8 @@ static void esp_in(in_ctx *x, const uint8_t *pkt, size_t n)
         drop(x, r);
         return;
     }
+    if (x->f->nnfq > 0) /* transport mode over NFQUEUE: a SYN's MSS bounds the TCP queue's segments */
+        ips_mss_learn(&x->f->mss, out, out_len);
     ips_flow k;
     uint32_t v;
     int known = 0;

@@ -755,6 +755,23 @@ void *ips_nfq_main(void *arg)
 
 int ips_nfq_run(ips_fwd *f, const char **why)
 {
+    if (f->port[K_ESP4].fd >= 0 || f->port[K_ESP6].fd >= 0) {
+        /* the host's ESP from raw sockets, decrypted into the inject TUN (fwd_in.c): no in queue for it */
+        f->in_ctx = ips_fwd_in_new(f);
+        if (f->in_ctx == NULL) {
+            *why = "cannot allocate the inbound thread's buffers or its epoll set (lower batch?)";
+            f->failed = 1;
+            ips_fwd_stop(f);
+            return -1;
+        }
+        if (pthread_create(&f->threads[0], NULL, ips_fwd_in_main, f->in_ctx) != 0) {
+            *why = "cannot create the inbound thread";
+            f->failed = 1;
+            ips_fwd_stop(f);
+            return -1;
+        }
+        f->started[0] = 1;
+    }
     for (uint32_t i = 0; i < f->nnfq; i++) {
         f->nfq[i].f = f;
         if (pthread_create(&f->nfq[i].thread, NULL, ips_nfq_main, &f->nfq[i]) != 0) {

@@ -140,7 +140,7 @@ static int parse_outer(PyObject *outer, ips_fwd_port *ports)
 
 /* tso: the virtio_net_hdr size of a TUN opened with IFF_VNET_HDR; another packet fd (a socketpair in
  * the tests) is taken to carry the 10-byte header. -1 with an exception when the TUN has none. */
-static int vnet_len_of(int fd)
+int ips_vnet_len_of(int fd)
 {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
@@ -218,7 +218,7 @@ PyObject *ips_py_fwd_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "coalesce=True needs tso=True (a TUN with a virtio_net_hdr)");
         return NULL;
     }
-    int vnet_len = tso ? vnet_len_of(tun_fd) : 0;
+    int vnet_len = tso ? ips_vnet_len_of(tun_fd) : 0;
     if (vnet_len < 0 || (gro && set_gro(ports, 1) != 0))
         return NULL;
     if (target > 0 && set_timestamps(ports, 1) != 0) {

@@ -26,6 +26,12 @@ int ips_mark_seen(ips_replay *w, PyObject *seen);
 int ips_get_dir(const char *s, uint8_t *dir);
 int ips_get_spi(PyObject *o, uint32_t *spi);
 
+/* ---- pyfwd.c -------------------------------------------------------------------------------- */
+
+/* The virtio_net_hdr size of a TUN opened with IFF_VNET_HDR (10 or 12; another packet fd, a socketpair
+ * in the tests, is taken to carry 10 bytes); -1 with an exception when the TUN has none. */
+int ips_vnet_len_of(int fd);
+
 /* ---- batch.c -------------------------------------------------------------------------------- */
 
 typedef struct {

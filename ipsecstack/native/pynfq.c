@@ -2,11 +2,14 @@
  * The NFQUEUE methods of Engine (see nfq.h and fwd_nfq.c) and the codec's test entry points:
  *
  *   nfq_start(queues, *, batch=64, punt_capacity=4096, cache_size=65536, encap_ports=(4500,), coalesce=True,
- *             raw4=None, raw6=None)
+ *             raw4=None, raw6=None, esp4=None, esp6=None, inject=None)
  *       -> the punt eventfd. queues: ("out" | "in" | "tcp", netlink fd, queue number, mark | None) for
  *       each bound queue; sets each queue's copy range to 0xFFFF (and NFQA_CFG_F_GSO on a "tcp" queue,
  *       whose ESP packets leave by the IPPROTO_RAW sockets raw4/raw6: fwd_nfq_gso.c), then starts one
- *       thread per queue.
+ *       thread per queue. esp4/esp6 (raw IPPROTO_ESP sockets) with inject (a TUN fd, with or without
+ *       the virtio header): the forwarder's inbound thread (fwd_in.c) reads the host's ESP from the
+ *       sockets instead of a queue and writes what it decrypts into the TUN, TCP coalesced into
+ *       super-packets when the TUN has the header; "in" and "outer" punts come from it.
  *   nfq_send(packet) -> bool
  *       Python's answer to a "qseg" punt: the packet (ESP, or plaintext let through) sent on the raw
  *       socket of its IP version. False when there is none or the kernel refused it.
@@ -184,8 +187,8 @@ static int set_copy_range(const ips_nfq_queue *q)
     return 0;
 }
 
-/* An IPPROTO_RAW socket of this family, or None (-1). */
-static int raw_fd(PyObject *o, const char *name, int family, int *fd)
+/* A raw socket of this family and protocol (IPPROTO_RAW to send, IPPROTO_ESP to receive), or None (-1). */
+static int raw_fd(PyObject *o, const char *name, int family, int protocol, int *fd)
 {
     *fd = -1;
     if (o == NULL || o == Py_None)
@@ -198,8 +201,9 @@ static int raw_fd(PyObject *o, const char *name, int family, int *fd)
     if (getsockopt((int)v, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 ||
         getsockopt((int)v, SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
         getsockopt((int)v, SOL_SOCKET, SO_PROTOCOL, &proto, &len) != 0 || domain != family || type != SOCK_RAW ||
-        proto != IPPROTO_RAW) {
-        PyErr_Format(PyExc_ValueError, "%s = %ld is not an IPPROTO_RAW socket of its family", name, v);
+        proto != protocol) {
+        PyErr_Format(PyExc_ValueError, "%s = %ld is not an IPPROTO_%s socket of its family", name, v,
+                     protocol == IPPROTO_RAW ? "RAW" : "ESP");
         return -1;
     }
     *fd = (int)v;
@@ -208,15 +212,19 @@ static int raw_fd(PyObject *o, const char *name, int family, int *fd)
 
 PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"queues", "batch",    "punt_capacity", "cache_size", "encap_ports",
-                             "coalesce", "raw4", "raw6",          NULL};
+    static char *kwlist[] = {"queues", "batch", "punt_capacity", "cache_size", "encap_ports", "coalesce",
+                             "raw4",   "raw6",  "esp4",          "esp6",       "inject",      NULL};
     PyObject *queues, *batch_o = NULL, *cap_o = NULL, *cache_o = NULL, *encap_o = NULL, *raw4_o = NULL,
-                      *raw6_o = NULL;
-    long batch = 64, cap = 4096, cache = 65536;
-    int coalesce = 1, raw4 = -1, raw6 = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOpOO", kwlist, &queues, &batch_o, &cap_o, &cache_o,
-                                     &encap_o, &coalesce, &raw4_o, &raw6_o) ||
-        raw_fd(raw4_o, "raw4", AF_INET, &raw4) != 0 || raw_fd(raw6_o, "raw6", AF_INET6, &raw6) != 0 ||
+                      *raw6_o = NULL, *esp4_o = NULL, *esp6_o = NULL, *inject_o = NULL;
+    long batch = 64, cap = 4096, cache = 65536, inject = -1;
+    int coalesce = 1, raw4 = -1, raw6 = -1, esp4 = -1, esp6 = -1, vnet_len = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOpOOOOO", kwlist, &queues, &batch_o, &cap_o, &cache_o,
+                                     &encap_o, &coalesce, &raw4_o, &raw6_o, &esp4_o, &esp6_o, &inject_o) ||
+        raw_fd(raw4_o, "raw4", AF_INET, IPPROTO_RAW, &raw4) != 0 ||
+        raw_fd(raw6_o, "raw6", AF_INET6, IPPROTO_RAW, &raw6) != 0 ||
+        raw_fd(esp4_o, "esp4", AF_INET, IPPROTO_ESP, &esp4) != 0 ||
+        raw_fd(esp6_o, "esp6", AF_INET6, IPPROTO_ESP, &esp6) != 0 ||
+        (inject_o && inject_o != Py_None && long_in(inject_o, "inject", 0, 1 << 30, &inject) != 0) ||
         (batch_o && long_in(batch_o, "batch", 1, 256, &batch) != 0) ||
         (cap_o && long_in(cap_o, "punt_capacity", 1, 1 << 20, &cap) != 0) ||
         (cache_o && long_in(cache_o, "cache_size", 1, 1 << 24, &cache) != 0))
@@ -233,6 +241,13 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
     uint16_t encap[IPS_NFQ_ENCAP];
     uint32_t nq = 0, nencap = 0;
     if (parse_queues(queues, qs, &nq) != 0 || parse_encap(encap_o, encap, &nencap) != 0)
+        return NULL;
+    if ((esp4 >= 0 || esp6 >= 0) != (inject >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "esp4/esp6 and inject go together: the ESP the raw sockets receive "
+                                          "is decrypted into the inject TUN");
+        return NULL;
+    }
+    if (inject >= 0 && (vnet_len = ips_vnet_len_of((int)inject)) < 0)
         return NULL;
     for (uint32_t i = 0; i < nq; i++)
         if (qs[i].gso && raw4 < 0 && raw6 < 0) {
@@ -263,6 +278,11 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         f->coalesce = coalesce;
         f->nfq_raw[0] = raw4;
         f->nfq_raw[1] = raw6;
+        f->port[K_ESP4].fd = esp4;
+        f->port[K_ESP6].fd = esp6;
+        f->tun_fd = (int)inject;
+        f->tso = vnet_len > 0; /* the inject TUN: decrypted TCP coalesced into super-packets (fwd_coal.c) */
+        f->vnet_len = vnet_len;
         rc = ips_nfq_run(f, &why);
     }
     Py_END_ALLOW_THREADS

@@ -25,6 +25,11 @@ module's ``Engine.nfq_verdict`` names it:
 - ``("qseg", pkt)``: a segment of a TCP super-packet from the TCP queue (the engine cut it; the
   super-packet itself was dropped) whose flow has no cached decision: ``Datapath.outbound`` runs as for
   "qout", and what it gives leaves by the engine's raw socket (``Engine.nfq_send``); the flow is taught.
+- ``("in", spi, inner)`` and ``("outer", pkt)``: with raw ESP sockets and an inject TUN
+  (``nfq_start(esp4=, esp6=, inject=)``, ``backends/nfq_engine_io.py``) the peers' ESP reaches the
+  engine's inbound thread without a queue; these are its punts, as in tunnel mode
+  (``runtime/fastpath.py``): the §5.2 check on decrypted plaintext (then ``learn_in``), and ESP the
+  engine does not hold, for ``Datapath.inbound``. What Python accepts is written into the inject TUN.
 - ``("qouter", queue, id, pkt)``: what the engine does not handle (AH, ESP of a Python SA or an unknown
   SPI, IKE on the encapsulation port, plaintext that should have been protected): ``Datapath.inbound``
   sorts it exactly as without the engine; IKE goes to the Node's IKE handler and the packet is dropped.
@@ -68,7 +73,8 @@ class QueueForwarder(PuntEngine, Protocol):
 
     def nfq_start(self, queues: Sequence[tuple[str, int, int, int | None]], *, batch: int = ...,
                   encap_ports: Sequence[int] = ..., coalesce: bool = ..., raw4: int | None = ...,
-                  raw6: int | None = ...) -> int: ...  # fmt: skip
+                  raw6: int | None = ..., esp4: int | None = ..., esp6: int | None = ...,
+                  inject: int | None = ...) -> int: ...  # fmt: skip
 
     def nfq_verdict(self, queue_num: int, packet_id: int, payload: Buffer | None, mark: int | None = None) -> bool: ...
 
@@ -79,19 +85,32 @@ class QueueForwarder(PuntEngine, Protocol):
     def learn_in(self, spi: int, inner: Buffer) -> None: ...
 
 
+class InjectPort(Protocol):
+    """Where decrypted packets enter the host's stack (``backends/tun.py``'s TunPort)."""
+
+    def fileno(self) -> int: ...
+
+    def write_batch(self, packets: Sequence[bytes]) -> int: ...
+
+
 class QueueFastPath(PuntLoop):
     """Starts the engine's NFQUEUE threads on a Node's two queues and answers their punts (module docstring)."""
 
     def __init__(self, node: Node, engine: QueueForwarder, out_port: QueuePort, in_port: QueuePort,
                  *, coalesce: bool = True, tcp_port: QueuePort | None = None,
-                 raw_fds: Mapping[int, int] | None = None) -> None:  # fmt: skip
-        super().__init__(node, engine, ("qout", "qin", "qouter", "qseg"))
+                 raw_fds: Mapping[int, int] | None = None, esp_fds: Mapping[int, int] | None = None,
+                 inject: InjectPort | None = None) -> None:  # fmt: skip
+        super().__init__(node, engine, ("qout", "qin", "qouter", "qseg", "in", "outer"))
+        if bool(esp_fds) != (inject is not None):
+            raise ValueError("esp_fds and inject go together: the ESP read from raw sockets is decrypted into it")
         self.engine = engine
         self.coalesce = coalesce
         self.out_port = out_port
         self.in_port = in_port
         self.tcp_port = tcp_port
         self.raw_fds = dict(raw_fds or {})
+        self.esp_fds = dict(esp_fds or {})
+        self.inject = inject
         self.send_errors = 0
         self.verdict_errors = 0
         self._mtus: dict[bytes, int] = {}
@@ -108,6 +127,9 @@ class QueueFastPath(PuntLoop):
             coalesce=self.coalesce,
             raw4=self.raw_fds.get(4),
             raw6=self.raw_fds.get(6),
+            esp4=self.esp_fds.get(4),
+            esp6=self.esp_fds.get(6),
+            inject=self.inject.fileno() if self.inject is not None else None,
         )
 
     def stats(self) -> dict[str, object]:
@@ -131,8 +153,12 @@ class QueueFastPath(PuntLoop):
                 self._outer(dp, p[1], p[2], p[3], now)
             elif kind == "qseg":
                 self._segment(dp, p[1], now)
+            elif kind == "in":
+                self._raw_in(dp, p[1], p[2], now)
+            elif kind == "outer":
+                self._raw_outer(dp, p[1], now)
             else:
-                continue  # a TUN-mode punt cannot come from these threads
+                continue  # an outbound TUN-mode punt cannot come from these threads
             self.punts[kind] += 1
 
     def _verdict(self, queue: int, packet_id: int, payload: bytes | None, mark: int | None = None) -> None:
@@ -172,6 +198,22 @@ class QueueFastPath(PuntLoop):
         res = dp.inbound([pkt], now)
         self._verdict(queue, packet_id, res.to_inner[0] if res.to_inner else None)
         self.node._after(res, "in")  # IKE on the encapsulation port reaches node.on_ike here
+
+    def _raw_in(self, dp: Datapath, spi: int, inner: bytes, now: float) -> None:
+        res, ok = dp.inbound_decrypted([(spi, inner)], now)
+        self._inject(res.to_inner)
+        self.node._after(res, "in")
+        if ok:
+            self.engine.learn_in(spi, inner)
+
+    def _raw_outer(self, dp: Datapath, pkt: bytes, now: float) -> None:
+        res = dp.inbound([pkt], now)
+        self._inject(res.to_inner)
+        self.node._after(res, "in")
+
+    def _inject(self, pkts: Sequence[bytes]) -> None:
+        if pkts and self.inject is not None:
+            self.inject.write_batch(pkts)  # what the kernel refuses is counted in the port's stats
 
     def _mtu(self, dp: Datapath, pkt: bytes) -> int:
         """The link MTU towards pkt's destination (transport mode: the peer), 0 when the datapath has none."""

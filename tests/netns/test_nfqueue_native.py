@@ -51,7 +51,8 @@ def test_native_threads_carry_pings_of_all_sizes_and_tcp(tmp_path: Path) -> None
             rc_a, err_a = stop(a)
             rc_b, err_b = stop(b)
         assert rc_a == 0 and rc_b == 0, err_a[-2000:] + err_b[-2000:]
-        # b's in queue took the 3 MiB upload: in-order segments of a round were accepted as one packet
+        # b's inbound thread took the 3 MiB upload from its raw ESP socket and wrote it into the inject TUN,
+        # in-order segments of a round as one super-packet
         merged = _final_counters(err_b)["forwarder"]["coalesced"]  # type: ignore[index]
         assert merged["segments"] > merged["writes"] > 0, merged
         for err in (err_a, err_b):
@@ -67,6 +68,8 @@ def test_native_threads_carry_pings_of_all_sizes_and_tcp(tmp_path: Path) -> None
             assert fwd["out_packets"] > 200 and fwd["in_packets"] > 200, fwd
             assert nfq["python_verdicts"] < 40 and carried > 20 * nfq["python_verdicts"], fwd
             assert fwd["punt_dropped"] == 0, fwd
+            # the peers' ESP came by the raw socket, never by the in queue (each flow's first packet: "in")
+            assert nfq["qin"] == 0 and fwd["punts"]["in"] >= 1 and fwd["rx_errors"]["esp4"] == 0, fwd
             # the TCP queue took the host's TCP super-packets whole, cut them and sent the ESP packets itself
             tcpq = nfq["tcp_queue"]
             assert tcpq["segments"] > tcpq["super"] > 0 and tcpq["raw_sent"] > tcpq["segments"], fwd

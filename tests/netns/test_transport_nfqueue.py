@@ -489,3 +489,25 @@ def test_backend_errors_say_what_is_missing(tmp_path: Path) -> None:
         assert "NFQUEUE 10 is already bound" in out, out
         assert chain_rules(_save(pair.a)) == chain_rules(rules)  # the running agent's rules were left alone
         assert stop(a)[0] == 0
+
+
+def test_rules_plan_inject_dev() -> None:
+    """No root needed: with the engine's inject TUN, what it gives the host is accepted first, the peers'
+    ESP is accepted for the raw sockets instead of queued, and ESP in UDP and the rest are as before."""
+    cfg = parse(_config(nsutil.Pair(nsutil.Netns("x"), nsutil.Netns("y"), "192.0.2.1", "192.0.2.2", "", ""), "a",
+                        "esp", False, ""))  # fmt: skip
+    dp = build_datapath(cfg, 0.0)
+    out, inn = dp.spd.policies("out"), dp.spd.policies("in")
+    plain = plan_rules(out, inn, queue_out=10, queue_in=11, queue_tcp=12, encap_ports=[4500])
+    rules = plan_rules(out, inn, queue_out=10, queue_in=11, queue_tcp=12, inject_dev="ipsq11", encap_ports=[4500])
+    in_rules = [r.args for r in rules if r.chain == CHAIN_IN]
+    plain_in = [r.args for r in plain if r.chain == CHAIN_IN]
+    assert in_rules[0] == ("-i", "ipsq11", "-j", "ACCEPT")
+    esp = [a for a in in_rules if ("-p", "esp") == a[4:6]]
+    assert esp and all(a[-2:] == ("-j", "ACCEPT") for a in esp), in_rules
+    assert [a for a in in_rules if "udp" in a and "4500" in a] == [a for a in plain_in if "udp" in a and "4500" in a]
+    assert [a for a in in_rules if "udp" in a and "4500" in a][-1][-4:] == ("-j", "NFQUEUE", "--queue-num", "11")
+    # only the ESP rules' targets changed, and the inject rule came first
+    assert len(in_rules) == len(plain_in) + 1
+    assert [a for a in in_rules[1:] if a not in esp] == [a for a in plain_in if "esp" not in a[4:6]]
+    assert [r for r in rules if r.chain != CHAIN_IN] == [r for r in plain if r.chain != CHAIN_IN]
