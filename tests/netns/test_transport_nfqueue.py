@@ -503,7 +503,7 @@ def test_rules_plan_inject_dev() -> None:
     in_rules = [r.args for r in rules if r.chain == CHAIN_IN]
     plain_in = [r.args for r in plain if r.chain == CHAIN_IN]
     assert in_rules[0] == ("-i", "ipsq11", "-j", "ACCEPT")
-    esp = [a for a in in_rules if ("-p", "esp") == a[4:6]]
+    esp = [a for a in in_rules if a[4:6] == ("-p", "esp")]
     assert esp and all(a[-2:] == ("-j", "ACCEPT") for a in esp), in_rules
     assert [a for a in in_rules if "udp" in a and "4500" in a] == [a for a in plain_in if "udp" in a and "4500" in a]
     assert [a for a in in_rules if "udp" in a and "4500" in a][-1][-4:] == ("-j", "NFQUEUE", "--queue-num", "11")

@@ -1,9 +1,12 @@
-"""QueueFastPath's answer to the TCP queue's "qseg" punts (runtime/fastpath_nfq.py), with a recording engine.
+"""QueueFastPath's answer to the TCP queue's "qseg" punts and to the raw-ESP inbound thread's "in" and
+"outer" punts (runtime/fastpath_nfq.py), with a recording engine.
 
 A segment of a super-packet whose flow the engine did not know is protected by the Python datapath and sent
 on the engine's raw socket (``nfq_send``), and the flow is taught (``learn_out``) so that the next
 super-packets stay in the engine.
 The bytes sent decrypt, at the peer's datapath, to the segment; a segment no policy covers is dropped.
+Plaintext the engine decrypted from a raw ESP socket passes the RFC 4301 §5.2 check and enters the inject
+TUN (its flow taught), or is dropped; ESP the engine does not hold is decrypted by Python into the TUN.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class RecordingEngine:
     def learn_out(self, pkt: bytes, spi: int | None, *, mtu: int = 0) -> None:
         self.learnt.append((bytes(pkt), spi))
 
+    def learn_in(self, spi: int, inner: bytes) -> None:
+        self.learnt.append((bytes(inner), spi))
+
     def nfq_verdict(self, *args: Any, **kwargs: Any) -> bool:
         raise AssertionError("a segment has no packet id to give a verdict for")
 
@@ -79,3 +85,48 @@ def test_qseg_no_policy_covers_is_dropped_not_sent() -> None:
     fp = QueueFastPath(node, engine, FakeQueue(), FakeQueue())  # type: ignore[arg-type]
     fp.answer([("qseg", _segment(A, "198.51.100.7"))])  # RFC 4301 §5.1: no SPD entry -> discard
     assert fp.punts["qseg"] == 1 and engine.sent == [] and engine.learnt == []
+
+
+class Inject:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def write_batch(self, packets: list[bytes]) -> int:
+        self.written += packets
+        return len(packets)
+
+
+def _raw_path(dp: Datapath, engine: RecordingEngine, inject: Inject) -> QueueFastPath:
+    node = Node(dp, queue_out=FakeQueue(), queue_in=FakeQueue())  # type: ignore[arg-type]
+    return QueueFastPath(node, engine, FakeQueue(), FakeQueue(), esp_fds={4: -1}, inject=inject)  # type: ignore[arg-type]
+
+
+def test_raw_in_punts_enter_the_inject_tun_after_the_policy_check() -> None:
+    engine, inject = RecordingEngine(), Inject()
+    fp = _raw_path(_dp("b"), engine, inject)
+    seg = _segment(A, B)
+    fp.answer([("in", 0x1001, seg)])
+    assert inject.written == [seg] and engine.learnt == [(seg, 0x1001)] and fp.punts["in"] == 1
+    # the SA left while its packet was on its way: dropped, nothing written or taught
+    fp.answer([("in", 0x7777, seg)])
+    assert inject.written == [seg] and len(engine.learnt) == 1 and fp.punts["in"] == 2
+
+
+def test_raw_outer_punts_are_decrypted_by_python_into_the_tun() -> None:
+    dp_a, engine, inject = _dp("a"), RecordingEngine(), Inject()
+    seg = _segment(A, B)
+    esp = dp_a.outbound([seg], 0.0).to_network[0]
+    fp = _raw_path(_dp("b"), engine, inject)
+    fp.answer([("outer", esp), ("outer", esp)])  # the second is a replay (RFC 4303 §3.4.3): dropped
+    assert inject.written == [seg] and fp.punts["outer"] == 2
+
+
+def test_raw_esp_needs_the_inject_tun() -> None:
+    import pytest
+
+    node = Node(_dp("b"), queue_out=FakeQueue(), queue_in=FakeQueue())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="go together"):
+        QueueFastPath(node, RecordingEngine(), FakeQueue(), FakeQueue(), esp_fds={4: 3})  # type: ignore[arg-type]
