@@ -237,17 +237,17 @@ PyObject *ips_py_nfq_start(EngineObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "the forwarder is in use by another thread; try again");
         return NULL;
     }
-    ips_nfq_queue qs[IPS_NFQ_QUEUES];
-    uint16_t encap[IPS_NFQ_ENCAP];
-    uint32_t nq = 0, nencap = 0;
-    if (parse_queues(queues, qs, &nq) != 0 || parse_encap(encap_o, encap, &nencap) != 0)
-        return NULL;
     if ((esp4 >= 0 || esp6 >= 0) != (inject >= 0)) {
         PyErr_SetString(PyExc_ValueError, "esp4/esp6 and inject go together: the ESP the raw sockets receive "
                                           "is decrypted into the inject TUN");
         return NULL;
     }
     if (inject >= 0 && (vnet_len = ips_vnet_len_of((int)inject)) < 0)
+        return NULL;
+    ips_nfq_queue qs[IPS_NFQ_QUEUES];
+    uint16_t encap[IPS_NFQ_ENCAP];
+    uint32_t nq = 0, nencap = 0;
+    if (parse_queues(queues, qs, &nq) != 0 || parse_encap(encap_o, encap, &nencap) != 0)
         return NULL;
     for (uint32_t i = 0; i < nq; i++)
         if (qs[i].gso && raw4 < 0 && raw6 < 0) {

@@ -159,3 +159,21 @@ def test_checksum_sum_of_a_super_packet() -> None:
     for n in (65535, 65536, 1 << 20 | 3):
         data = rnd.randbytes(n)
         assert _engine().inet_sum(data) == _reference_sum(data, 0)
+
+
+def test_nfq_start_refuses_raw_esp_without_the_inject_tun_and_sockets_of_the_wrong_kind() -> None:
+    """nfq_start's raw-ESP arguments are checked before anything starts (pynfq.c): esp4/esp6 and inject
+    go together, and esp4 must be a raw IPPROTO_ESP socket of its family."""
+    import socket
+
+    from ipsecstack import native
+
+    eng = native.Engine()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with pytest.raises(ValueError, match="is not an IPPROTO_ESP socket"):
+            eng.nfq_start([], esp4=udp.fileno(), inject=udp.fileno())
+        with pytest.raises(ValueError, match="go together"):
+            eng.nfq_start([], inject=udp.fileno())
+    finally:
+        udp.close()
